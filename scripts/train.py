@@ -1,0 +1,44 @@
+"""Train a text classifier, with or without DP, from a config file.
+
+  python scripts/train.py --config configs/dp_intents.py [--config.train.epochs=2 ...]
+
+Writes results/<run_name>/: config.json, tokenizer.json, metrics.jsonl, report.md, summary.json,
+plots/training.png, checkpoints/ (a rerun with the same run_name resumes from the last one).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+from trustjax import experiments
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cfg = _CONFIG.value
+  if cfg is None:
+    raise app.UsageError("--config is required, e.g. --config configs/dp_intents.py")
+  summary = experiments.run(cfg, show_progress=sys.stderr.isatty() or "TQDM_FORCE" in os.environ)
+  out = os.path.join(cfg.train.results_dir, cfg.train.run_name)
+  print(f"\nresults: {out}")
+  print(f"eval accuracy: {summary['eval_accuracy']:.4f}  ({summary['eval_examples']} examples)")
+  if "epsilon" in summary:
+    print(f"privacy: epsilon = {summary['epsilon']:.3f} at delta = {summary['delta_total']:.3g} "
+          f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, "
+          f"q = {summary['sampling_rate']:.4g}, {summary['steps']} steps)")
+  if "dp_step_s" in summary:
+    print(f"step time: DP {summary['dp_step_s'] * 1e3:.1f} ms vs non-DP "
+          f"{summary['nondp_step_s'] * 1e3:.1f} ms  (x{summary['dp_over_nondp']:.2f})")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,132 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+from trustjax import privacy, sharding, training
+from trustjax.data import gather_batch
+from tests.privacy.helpers import tiny_transformer_problem
+
+
+def _config(**kw):
+  base = dict(l2_clip=0.5, noise_multiplier=0.0, sampling_rate=0.25, num_examples=32,
+              max_batch_size=16)
+  base.update(kw)
+  return privacy.DPConfig(**base)
+
+
+def test_dp_step_without_noise_is_sgd_on_clipped_sum_over_expected_batch():
+  loss_fn, params, batch = tiny_transformer_problem(batch_size=8, scale=3.0)
+  cfg = _config(num_examples=40, sampling_rate=0.2, max_batch_size=8)  # expected batch 8
+  opt = optax.sgd(1.0)
+  new, _, metrics = privacy.dp_sgd_step(params, opt.init(params), batch, jax.random.key(0),
+                                        loss_fn=loss_fn, optimizer=opt, config=cfg)
+  total, _ = privacy.clipped_grad_sum(loss_fn, params, batch, l2_clip=0.5)
+  chex.assert_trees_all_close(new, jax.tree_util.tree_map(lambda p, g: p - g / 8.0, params,
+                                                          total), atol=1e-6)
+  assert float(metrics["count"]) == float(batch["mask"].sum())
+
+
+def test_noise_std_through_the_step():
+  """With a loss whose gradient is zero, the update is pure noise of std sigma*C/(qN)."""
+  params = {"w": jnp.zeros((20000,))}
+  loss_fn = lambda p, b: 0.0 * jnp.sum(p["w"]) + 0.0 * b["x"]
+  batch = {"x": jnp.ones((4,)), "mask": jnp.ones((4,), bool)}
+  cfg = _config(l2_clip=2.0, noise_multiplier=1.5, sampling_rate=0.1, num_examples=100,
+                max_batch_size=4)
+  opt = optax.sgd(1.0)
+  new, _, _ = privacy.dp_sgd_step(params, opt.init(params), batch, jax.random.key(1),
+                                  loss_fn=loss_fn, optimizer=opt, config=cfg)
+  std = 1.5 * 2.0 / 10.0
+  x = -np.asarray(new["w"])
+  assert scipy.stats.kstest(x, "norm", args=(0, std)).pvalue > 1e-3
+  assert scipy.stats.kstest(x, "norm", args=(0, 1.5 * std)).pvalue < 1e-6
+  assert scipy.stats.kstest(x, "norm", args=(0, std / 1.5)).pvalue < 1e-6
+
+
+def test_one_trace_for_all_poisson_batches():
+  loss_fn, params, _ = tiny_transformer_problem()
+  rng = np.random.default_rng(0)
+  arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
+            "label": rng.integers(0, 3, 64).astype(np.int32)}
+  cfg = _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24)
+  opt = optax.adam(1e-3)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, opt_state, batch, key):
+    return privacy.dp_sgd_step(params, opt_state, batch, key, loss_fn=loss_fn, optimizer=opt,
+                               config=cfg)
+
+  opt_state = opt.init(params)
+  sizes = set()
+  for t, pb in enumerate(privacy.poisson_batches(0, 64, 0.2, 24, num_steps=8)):
+    sizes.add(pb.size)
+    params, opt_state, _ = step(params, opt_state, gather_batch(arrays, pb.indices, pb.mask),
+                                jax.random.key(t))
+  assert len(sizes) > 2  # the realised batch sizes varied; the program did not
+
+
+def test_virtual_batches_add_noise_once():
+  loss_fn, params, batch = tiny_transformer_problem(batch_size=9, scale=2.0)
+  cfg = _config(noise_multiplier=0.8, sampling_rate=0.3, num_examples=30, max_batch_size=9)
+  opt = optax.sgd(0.5)
+  key = jax.random.key(5)
+  direct, _, m1 = privacy.dp_sgd_step(params, opt.init(params), batch, key, loss_fn=loss_fn,
+                                      optimizer=opt, config=cfg)
+  acc = privacy.virtual_batch_init(params)
+  for s in (slice(0, 3), slice(3, 6), slice(6, 9)):
+    acc = privacy.virtual_batch_accumulate(acc, params, {k: v[s] for k, v in batch.items()},
+                                           loss_fn=loss_fn, config=cfg)
+  virtual, _, m2 = privacy.virtual_batch_apply(acc, params, opt.init(params), key,
+                                               optimizer=opt, config=cfg)
+  chex.assert_trees_all_close(virtual, direct, atol=1e-5)
+  chex.assert_trees_all_close(m1, m2, rtol=1e-5)
+
+
+def test_microbatching_gives_the_same_step():
+  loss_fn, params, batch = tiny_transformer_problem(batch_size=8, scale=2.0)
+  opt = optax.sgd(0.5)
+  outs = [privacy.dp_sgd_step(params, opt.init(params), batch, jax.random.key(2), loss_fn=loss_fn,
+                              optimizer=opt, config=_config(noise_multiplier=1.0,
+                                                            microbatch_size=m))[0]
+          for m in (None, 3)]
+  chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5)
+
+
+def test_sharded_over_8_devices_equals_single_device():
+  assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
+  loss_fn, params, _ = tiny_transformer_problem()
+  rng = np.random.default_rng(1)
+  arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
+            "label": rng.integers(0, 3, 64).astype(np.int32)}
+  cfg = _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24)
+  opt = optax.adam(1e-2)
+  schedule = training.PoissonSchedule(arrays, cfg, seed=0)
+  results = []
+  for mesh in (None, sharding.data_mesh(8)):
+    step = training.make_train_step(loss_fn, opt, cfg, donate=False)
+    state = training.create_state(params, opt, jax.random.key(0))
+    if mesh is not None:
+      state = sharding.replicate(state, mesh)
+    for t in range(3):
+      batch, _ = schedule(t)
+      if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
+        assert len(batch["tokens"].sharding.device_set) == 8
+      state, _ = step(state, batch)
+    results.append(jax.device_get(state.params))
+  chex.assert_trees_all_close(results[0], results[1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("field,value", [("l2_clip", 0.0), ("l2_clip", -1.0),
+                                         ("noise_multiplier", -0.1), ("sampling_rate", 0.0),
+                                         ("sampling_rate", 1.01), ("num_examples", 0),
+                                         ("max_batch_size", 0), ("method", "ghosts"),
+                                         ("microbatch_size", 0)])
+def test_dpconfig_rejects_bad_values(field, value):
+  with pytest.raises(ValueError, match=field):
+    _config(**{field: value})

@@ -1,0 +1,106 @@
+"""The training loop, the experiment runner and scripts/train.py end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from trustjax import experiments, training
+from tests.conftest import REPO
+
+
+def _cfg(tmp_path, **overrides):
+  sys.path.insert(0, str(REPO))
+  from configs import dp_intents  # pylint: disable=import-outside-toplevel
+  cfg = dp_intents.get_config("runlocal")
+  cfg.unlock()
+  cfg.train.results_dir = str(tmp_path)
+  cfg.dp.noise_multiplier = 1.0  # skip calibration: these tests are about the loop
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  cfg.lock()
+  return cfg
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  base = dict(**{"model.name": "bag_of_embeddings", "data.num_examples": 800,
+                 "train.batch_size": 64, "train.checkpoint_every": 5})
+  full_cfg = _cfg(tmp_path, **base, **{"train.epochs": 2.0, "train.run_name": "full"})
+  full = experiments.run(full_cfg, show_progress=False)
+  # The same run interrupted after one epoch, then resumed with the full length.
+  experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 1.0, "train.run_name": "split"}),
+                  show_progress=False)
+  resumed = experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 2.0,
+                                                      "train.run_name": "split"}),
+                            show_progress=False)
+  assert resumed["steps"] == full["steps"]
+  assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
+  assert resumed["eval_accuracy"] == full["eval_accuracy"]
+  setup = experiments.Setup(full_cfg)
+  template = setup.init_state()
+  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(template)
+            for name in ("full", "split")]
+  chex.assert_trees_all_equal(states[0][0], states[1][0])
+  assert states[0][1]["ledger"] == states[1][1]["ledger"]
+  lines = [open(tmp_path / n / "metrics.jsonl").read().splitlines() for n in ("full", "split")]
+  assert [json.loads(x)["step"] for x in lines[0]] == [json.loads(x)["step"] for x in lines[1]]
+
+
+def test_short_dp_run_learns(tmp_path):
+  cfg = _cfg(tmp_path, **{"model.name": "bag_of_embeddings", "data.num_examples": 6000,
+                          "data.num_devices": 100, "train.batch_size": 256, "train.epochs": 4.0,
+                          "optimizer.learning_rate": 0.01, "dp.noise_multiplier": None,
+                          "dp.target_epsilon": 8.0})
+  summary = experiments.run(cfg, show_progress=False)
+  assert summary["epsilon"] <= 8.0 and summary["delta_total"] < 1.0 / 5400
+  assert summary["eval_accuracy"] > 0.5, summary  # 30 intents: chance is about 0.05
+  run = tmp_path / cfg.train.run_name
+  for name in ("config.json", "tokenizer.json", "metrics.jsonl", "report.md", "summary.json",
+               "plots/training.png"):
+    assert (run / name).exists(), name
+  records = [json.loads(x) for x in open(run / "metrics.jsonl")]
+  assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0, 4.0]
+  assert all(np.diff([r["epsilon"] for r in records]) > 0)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+  experiments.run(_cfg(tmp_path, **{"data.num_examples": 300, "model.name": "bag_of_embeddings"}),
+                  show_progress=False)
+  with pytest.raises(ValueError, match="dp.l2_clip"):
+    experiments.run(_cfg(tmp_path, **{"data.num_examples": 300, "dp.l2_clip": 2.0,
+                                      "model.name": "bag_of_embeddings"}), show_progress=False)
+
+
+def _script(tmp_path, *args):
+  return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config",
+                         str(REPO / "configs" / "dp_intents.py:runlocal"),
+                         f"--config.train.results_dir={tmp_path}", *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.dp.l2_clip=-1"], "l2_clip must be positive"),
+    (["--config.dp.noise_multiplier=-0.5"], "noise_multiplier must be >= 0"),
+    (["--config.dp.delta=1.5"], "delta must lie in (0, 1)"),
+    (["--config.dp.delta=1.5", "--config.dp.noise_multiplier=1.0"], "delta must lie in (0, 1)"),
+    (["--config.dp.accountant=gdp", "--config.dp.noise_multiplier=1.0"], "accountant must be"),
+    (["--config.train.batch_size=5000"], "must be <= the 1800 training examples"),
+    (["--config.dp.no_such_key=1"], "no_such_key"),
+    (["--config.data.name=snips", "--config.data.data_dir=/nonexistent/snips"],
+     "SNIPS folder not found"),
+    (["--config.data.num_examples=0"], "num_examples must be >= 1"),
+])
+def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
+  proc = _script(tmp_path, *args)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert os.listdir(tmp_path) == []

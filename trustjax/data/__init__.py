@@ -1,0 +1,9 @@
+"""Data: tokenizers, the synthetic NLU corpus, SNIPS, TFDS sources and padded batching."""
+
+from trustjax.data.batching import gather_batch, num_batches, padded_batches
+from trustjax.data.corpus import TextDataset
+from trustjax.data.snips import SNIPS_INTENTS, load_snips
+from trustjax.data.synthetic import INTENTS, synthetic_nlu
+from trustjax.data.tfds_source import TEXT_DATASETS, load_tfds_text
+from trustjax.data.tokenizers import (Tokenizer, build_char_tokenizer, build_hash_tokenizer,
+                                      build_word_tokenizer, word_split)

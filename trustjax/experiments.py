@@ -1,0 +1,301 @@
+"""Config -> data, tokenizer, model, mechanism -> `training.fit` -> a results folder.
+
+This is what `scripts/train.py` runs; it lives here so tests can import it. Every input is
+validated (and the noise multiplier calibrated) before the run folder is created, so bad input
+leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from trustjax import data as tjdata
+from trustjax import models, reporting, sharding, training
+from trustjax.privacy import accounting, sampling
+from trustjax.privacy.dp_sgd import DPConfig
+
+
+def load_datasets(cfg: ml_collections.ConfigDict):
+  """(train, eval) TextDatasets for `cfg.data`."""
+  d = cfg.data
+  if d.name == "synthetic_nlu":
+    corpus = tjdata.synthetic_nlu(d.num_examples, num_devices=d.num_devices, seed=cfg.seed)
+    return corpus.split(d.eval_fraction, seed=cfg.seed)
+  if d.name == "snips":
+    if not d.data_dir:
+      raise ValueError("data.data_dir is required for SNIPS (a clone of sonos/nlu-benchmark's "
+                       "2017-06-custom-intent-engines folder)")
+    train, evals = tjdata.load_snips(d.data_dir, "train"), tjdata.load_snips(d.data_dir, "validate")
+  elif d.name == "tfds":
+    limit = d.max_examples or None
+    train = tjdata.load_tfds_text(d.tfds_name, d.train_split, data_dir=d.data_dir or None,
+                                  max_examples=limit)
+    evals = tjdata.load_tfds_text(d.tfds_name, d.eval_split, data_dir=d.data_dir or None,
+                                  label_names=train.label_names, max_examples=limit)
+  else:
+    raise ValueError(f"unknown data.name={d.name!r}; expected synthetic_nlu, snips or tfds")
+  return train, evals
+
+
+def build_tokenizer(cfg: ml_collections.ConfigDict, train: tjdata.TextDataset) -> tjdata.Tokenizer:
+  d = cfg.data
+  if d.tokenizer == "hash":
+    return tjdata.build_hash_tokenizer(d.vocab_size - 2)
+  if cfg.dp.enabled:
+    raise ValueError(f"data.tokenizer={d.tokenizer!r} builds its vocabulary from the private "
+                     "training set, which DP does not cover; use data.tokenizer='hash' for DP runs")
+  if d.tokenizer == "word":
+    return tjdata.build_word_tokenizer(train.texts, max_vocab=d.vocab_size, min_freq=2)
+  if d.tokenizer == "char":
+    return tjdata.build_char_tokenizer(train.texts, max_vocab=d.vocab_size)
+  raise ValueError(f"unknown data.tokenizer={d.tokenizer!r}; expected hash, word or char")
+
+
+def default_delta(num_examples: int) -> float:
+  """The largest power of ten strictly below 1/N."""
+  return 10.0 ** math.floor(math.log10(1.0 / num_examples) - 1e-9)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  o = cfg.optimizer
+  if o.name == "adam":
+    return optax.adam(o.learning_rate)
+  if o.name == "sgd":
+    return optax.sgd(o.learning_rate, momentum=o.momentum or None)
+  raise ValueError(f"unknown optimizer.name={o.name!r}; expected adam or sgd")
+
+
+class Setup:
+  """Everything a run needs, validated; no files written."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.cfg = cfg
+    t = cfg.train
+    if t.epochs <= 0 or t.batch_size <= 0:
+      raise ValueError(f"train.epochs and train.batch_size must be positive, got "
+                       f"{t.epochs=}, {t.batch_size=}")
+    self.train_data, self.eval_data = load_datasets(cfg)
+    self.tokenizer = build_tokenizer(cfg, self.train_data)
+    enc = lambda ds: {"tokens": self.tokenizer.encode(ds.texts, cfg.data.max_length),
+                      "label": np.asarray(ds.labels, np.int32)}
+    self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
+    n = len(self.train_data)
+    self.num_devices = t.num_devices or 1
+    self.mesh = sharding.data_mesh(self.num_devices) if self.num_devices > 1 else None
+    m = cfg.model
+    kwargs = dict(embed_dim=m.embed_dim)
+    if m.name == "transformer":
+      kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+    else:
+      kwargs.update(hidden_dim=m.mlp_dim)
+    self.model = models.build_classifier(m.name, vocab_size=self.tokenizer.vocab_size,
+                                         num_classes=self.train_data.num_classes,
+                                         max_length=cfg.data.max_length, **kwargs)
+    self.loss_fn = models.classification_loss(self.model)
+    self.optimizer = make_optimizer(cfg)
+    self.dp_config, self.delta = None, None
+    if cfg.dp.enabled:
+      q = t.batch_size / n
+      if not 0 < q <= 1:
+        raise ValueError(f"train.batch_size={t.batch_size} must be <= the {n} training examples")
+      self.num_steps = max(1, round(t.epochs / q))
+      self.delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n)
+      accounting.validate(delta=self.delta, accountant=cfg.dp.accountant,
+                          target_epsilon=cfg.dp.target_epsilon)
+      sigma = cfg.dp.noise_multiplier
+      if sigma is None:
+        sigma = accounting.calibrate_noise_multiplier(
+            target_epsilon=cfg.dp.target_epsilon, sampling_rate=q, steps=self.num_steps,
+            delta=self.delta, accountant=cfg.dp.accountant)
+      max_b = cfg.dp.max_batch_size or sampling.default_max_batch_size(
+          n, q, self.num_steps, multiple_of=8 * self.num_devices)
+      self.dp_config = DPConfig(l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=q,
+                                num_examples=n, max_batch_size=max_b,
+                                microbatch_size=cfg.dp.microbatch_size or None)
+      self.schedule = training.PoissonSchedule(self.train_arrays, self.dp_config, cfg.seed)
+    else:
+      bs = -(-t.batch_size // self.num_devices) * self.num_devices
+      self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
+      self.num_steps = int(t.epochs * self.schedule.steps_per_epoch)
+
+  def init_state(self) -> training.TrainState:
+    key = jax.random.key(self.cfg.seed)
+    init_key, train_key = jax.random.split(key)
+    tokens = jnp.zeros((1, self.cfg.data.max_length), jnp.int32)
+    params = self.model.init(init_key, tokens)["params"]
+    return training.create_state(params, self.optimizer, train_key)
+
+
+def _step_times(setup: Setup, state: training.TrainState) -> dict:
+  """Median DP and non-DP step time on the same model and padded batch (no donation)."""
+  batch, _ = setup.schedule(0)
+  if setup.mesh is not None:
+    batch = sharding.shard_batch(batch, setup.mesh)
+  out = {"nondp_step_s": training.time_step(
+      training.make_train_step(setup.loss_fn, setup.optimizer, donate=False), state, batch)}
+  if setup.dp_config is not None:
+    out["dp_step_s"] = training.time_step(training.make_train_step(
+        setup.loss_fn, setup.optimizer, setup.dp_config, donate=False), state, batch)
+    out["dp_over_nondp"] = out["dp_step_s"] / out["nondp_step_s"]
+  return out
+
+
+def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
+  """Trains per `cfg` and writes results/<run_name>/. Returns the summary dict."""
+  setup = Setup(cfg)  # Raises on bad input before anything is written.
+  workdir = os.path.join(cfg.train.results_dir, cfg.train.run_name)
+  fresh = not os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if not fresh:
+    _check_resumable(workdir, cfg)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  try:
+    if fresh:
+      reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+      setup.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    eval_step = training.make_eval_step(models.classification_metrics(setup.model))
+    eval_fn = lambda p: training.evaluate(eval_step, p, setup.eval_arrays,
+                                          cfg.train.eval_batch_size, setup.mesh)
+    state = setup.init_state()
+    train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config)
+    t0 = time.time()
+    result = training.fit(state, train_step=train_step, schedule=setup.schedule,
+                          num_steps=setup.num_steps, eval_fn=eval_fn, dp_config=setup.dp_config,
+                          delta=setup.delta, accountant=cfg.dp.accountant, workdir=workdir,
+                          checkpoint_every=cfg.train.checkpoint_every or None, mesh=setup.mesh,
+                          show_progress=show_progress)
+    wall = time.time() - t0
+  except BaseException:
+    if fresh:  # A run that failed before its first checkpoint leaves nothing behind.
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+  final = result.history[-1]
+  summary = {"run": cfg.train.run_name, "steps": setup.num_steps, "train_examples":
+             len(setup.train_data), "eval_examples": len(setup.eval_data),
+             "eval_accuracy": final.get("eval_accuracy"), "eval_loss": final.get("eval_loss"),
+             "wall_seconds_this_session": wall, "devices": setup.num_devices,
+             "backend": jax.default_backend(), "python": platform.python_version(),
+             "jax": jax.__version__}
+  if setup.dp_config is not None:
+    summary.update(result.ledger.report(setup.delta, cfg.dp.accountant))
+    summary.update(noise_multiplier=setup.dp_config.noise_multiplier,
+                   sampling_rate=setup.dp_config.sampling_rate, l2_clip=setup.dp_config.l2_clip,
+                   max_batch_size=setup.dp_config.max_batch_size,
+                   overflow_total=sum(r.get("overflow", 0) for r in result.history))
+  if cfg.train.measure_step_time:
+    summary.update(_step_times(setup, setup.init_state()))
+  reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+  reporting.plot_curves(result.history, os.path.join(workdir, "plots", "training.png"),
+                        panels=[("loss", ("train_loss", "eval_loss")),
+                                ("accuracy", ("eval_accuracy",)), ("privacy", ("epsilon",))]
+                        if setup.dp_config else [("loss", ("train_loss", "eval_loss")),
+                                                 ("accuracy", ("eval_accuracy",))])
+  _write_report(workdir, cfg, summary, result.history)
+  return summary
+
+
+# Fields a resumed run may change: how long to train and what to measure at the end.
+_RESUMABLE_CHANGES = {"train.epochs", "train.measure_step_time", "train.results_dir"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _check_resumable(workdir: str, cfg) -> None:
+  import json  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{workdir} has checkpoints but no config.json; delete it or pick another "
+                     "train.run_name")
+  with open(path, encoding="utf-8") as f:
+    old = _flatten(json.load(f))
+  new = _flatten(cfg.to_dict())
+  changed = sorted(k for k in set(old) | set(new)
+                   if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+  if changed:
+    raise ValueError(f"cannot resume {workdir}: its config differs in {changed}; pick another "
+                     "train.run_name or delete the folder")
+
+
+def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
+  lines = [f"# Run {cfg.train.run_name}", "",
+           f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
+           reporting.markdown_table(["key", "value"], sorted(summary.items())), "",
+           "## Per-epoch metrics", "",
+           reporting.markdown_table(
+               ["step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "epsilon"],
+               [[r.get(k, "") for k in ("step", "epoch", "train_loss", "eval_loss",
+                                        "eval_accuracy", "epsilon")] for r in history]),
+           "", "![training curves](plots/training.png)", ""]
+  if cfg.dp.enabled:
+    lines += ["Privacy: Poisson sampling at rate q with padded batches; Gaussian noise on the "
+              "clipped sum; epsilon from dp_accounting's "
+              f"{summary['accountant'].upper()} accountant over every step in the ledger "
+              "(resumes included). delta_total adds the batch-truncation bound. The vocabulary "
+              "is a data-independent hash, so it reveals nothing about the training set.", ""]
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults; configs/*.py start from this and override."""
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds data generation/splits, init, sampling and noise
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "synthetic_nlu"  # synthetic_nlu | snips | tfds
+  c.data.data_dir = ""  # folder for snips / tfds
+  c.data.tfds_name = ""  # e.g. glue/sst2 (data.name == "tfds")
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.max_examples = 0  # 0 = all (tfds)
+  c.data.num_examples = 20000  # synthetic corpus size
+  c.data.num_devices = 500  # synthetic corpus devices
+  c.data.eval_fraction = 0.1  # synthetic held-out fraction
+  c.data.tokenizer = "hash"  # hash (data-independent; required for DP) | word | char
+  c.data.vocab_size = 4096  # ids incl. pad and OOV
+  c.data.max_length = 24  # tokens per example
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "transformer"  # transformer | bag_of_embeddings
+  c.model.embed_dim = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.mlp_dim = 128  # also the hidden width of bag_of_embeddings
+  c.dp = ml_collections.ConfigDict()
+  c.dp.enabled = True
+  c.dp.l2_clip = 1.0
+  c.dp.noise_multiplier = config_dict.placeholder(float)  # None = calibrate to target_epsilon
+  c.dp.target_epsilon = 8.0
+  c.dp.delta = config_dict.placeholder(float)  # None = largest power of ten below 1/N
+  c.dp.accountant = "pld"  # pld | rdp
+  c.dp.max_batch_size = 0  # 0 = overflow probability <= 1e-12 over the run
+  c.dp.microbatch_size = 0  # 0 = whole batch at once
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"  # adam | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.momentum = 0.0  # sgd only
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256  # expected batch size under DP (q = batch_size / N)
+  c.train.epochs = 3.0
+  c.train.eval_batch_size = 512
+  c.train.checkpoint_every = 0  # steps; 0 = every epoch
+  c.train.num_devices = 1  # data-parallel devices (mesh axis "data")
+  c.train.results_dir = "results"
+  c.train.run_name = "run"
+  c.train.measure_step_time = True  # time DP vs non-DP steps after training
+  return c

@@ -1,0 +1,6 @@
+"""Flax Linen models and their task heads."""
+
+from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClassifier,
+                                         TransformerClassifier,
+                                         build_classifier, classification_loss,
+                                         classification_metrics)

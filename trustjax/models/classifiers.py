@@ -1,0 +1,142 @@
+"""Text classifiers in Flax Linen, built only from standard layers (Embed, Dense, DenseGeneral
+through MultiHeadDotProductAttention, LayerNorm), so per-layer DP rules can recognise them.
+
+Inputs are token ids `tokens: [batch, length]` with 0 as padding; outputs `logits: [batch, classes]`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from trustjax.types import Batch, Params
+
+
+def _masked_mean(x: jax.Array, token_mask: jax.Array) -> jax.Array:
+  """Mean over the length axis of `x: [B, L, D]` using `token_mask: [B, L]`."""
+  m = token_mask.astype(x.dtype)[..., None]
+  return (x * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+
+
+class BagOfEmbeddings(nn.Module):
+  """Mean of token embeddings, one hidden layer, linear output.
+
+  Reference: Joulin et al., "Bag of Tricks for Efficient Text Classification" (fastText), 2017.
+  """
+
+  vocab_size: int
+  num_classes: int
+  embed_dim: int = 64
+  hidden_dim: int = 128
+  pad_id: int = 0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
+    h = _masked_mean(x, tokens != self.pad_id)
+    h = nn.relu(nn.Dense(self.hidden_dim, name="hidden")(h))
+    return nn.Dense(self.num_classes, name="out")(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm transformer encoder block (self-attention + MLP, both residual)."""
+
+  num_heads: int
+  mlp_dim: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    h = nn.LayerNorm(name="ln_attn")(x)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d,
+                                        name="attn")(h, h, mask=attn_mask)
+    x = x + h
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h))
+    return x + nn.Dense(d, name="mlp_out")(h)
+
+
+class TransformerClassifier(nn.Module):
+  """Transformer encoder text classifier: token + learned position embeddings, `num_layers`
+  pre-LN blocks, final LayerNorm, masked mean pooling, linear head.
+
+  Reference: Vaswani et al., "Attention Is All You Need", 2017; pre-LN placement from
+  Xiong et al., "On Layer Normalization in the Transformer Architecture", 2020.
+  """
+
+  vocab_size: int
+  num_classes: int
+  max_length: int
+  embed_dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 128
+  pad_id: int = 0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    length = tokens.shape[1]
+    if length > self.max_length:
+      raise ValueError(f"sequence length {length} exceeds {self.max_length=}")
+    token_mask = tokens != self.pad_id
+    x = nn.Embed(self.vocab_size, self.embed_dim, name="token_embed")(tokens)
+    x = x + nn.Embed(self.max_length, self.embed_dim, name="pos_embed")(jnp.arange(length))[None]
+    attn_mask = nn.make_attention_mask(token_mask, token_mask)
+    for i in range(self.num_layers):
+      x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x, attn_mask)
+    x = nn.LayerNorm(name="ln_final")(x)
+    return nn.Dense(self.num_classes, name="head")(_masked_mean(x, token_mask))
+
+
+class MLPClassifier(nn.Module):
+  """A ReLU multilayer perceptron on dense features `x: [batch, features]` (the MNIST-style
+  784-512-512-10 network is the standard DP-SGD speed reference)."""
+
+  hidden: tuple[int, ...] = (512, 512)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
+    return nn.Dense(self.num_classes, name="out")(x)
+
+
+def classification_loss(model: nn.Module, input_key: str = "tokens") -> Callable[[Params, Batch], jax.Array]:
+  """`loss_fn(params, batch) -> [B]` softmax cross-entropy; batch has `input_key` and "label"."""
+
+  def loss_fn(params: Params, batch: Batch) -> jax.Array:
+    logits = model.apply({"params": params}, batch[input_key])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["label"])
+
+  return loss_fn
+
+
+def classification_metrics(model: nn.Module) -> Callable[[Params, Batch], dict]:
+  """`metrics_fn(params, batch)` -> sums with a denominator: loss_sum, correct, count."""
+
+  def metrics_fn(params: Params, batch: Batch) -> dict:
+    logits = model.apply({"params": params}, batch["tokens"]).astype(jnp.float32)
+    mask = batch.get("mask", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+    return {"loss_sum": (loss * mask).sum(), "correct": (correct * mask).sum(),
+            "count": mask.sum()}
+
+  return metrics_fn
+
+
+def build_classifier(name: str, *, vocab_size: int, num_classes: int, max_length: int,
+                     **kwargs) -> nn.Module:
+  """Builds a classifier by name ("transformer" or "bag_of_embeddings")."""
+  if name == "transformer":
+    return TransformerClassifier(vocab_size=vocab_size, num_classes=num_classes,
+                                 max_length=max_length, **kwargs)
+  if name == "bag_of_embeddings":
+    return BagOfEmbeddings(vocab_size=vocab_size, num_classes=num_classes, **kwargs)
+  raise ValueError(f"unknown model {name=}; expected 'transformer' or 'bag_of_embeddings'")

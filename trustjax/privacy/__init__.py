@@ -1,0 +1,9 @@
+"""Differential privacy: per-example clipping, noise, Poisson sampling, accounting, DP-SGD."""
+
+from trustjax.privacy import accounting
+from trustjax.privacy.clipping import clipped_grad_sum, per_example_grads
+from trustjax.privacy.dp_sgd import (DPConfig, VirtualBatch, dp_sgd_step, virtual_batch_accumulate,
+                                     virtual_batch_apply, virtual_batch_init)
+from trustjax.privacy.noise import privatize
+from trustjax.privacy.sampling import (PoissonBatch, default_max_batch_size, overflow_probability,
+                                       poisson_batch, poisson_batches)

@@ -1,0 +1,206 @@
+"""Privacy accounting for Poisson-subsampled Gaussian mechanisms, through dp_accounting.
+
+Host-side (plain Python/numpy): never call from jitted code.
+
+References:
+  Mironov, "Renyi Differential Privacy", CSF 2017 (RDP accountant);
+  Koskela et al., "Computing Tight Differential Privacy Guarantees Using FFT", AISTATS 2020, and
+  Doroshenko et al., "Connect the Dots: Tighter Discrete Approximations of Privacy Loss
+  Distributions", PETS 2022 (PLD accountant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from typing import Sequence
+
+from absl import logging
+import dp_accounting
+from dp_accounting import pld, rdp
+
+ACCOUNTANTS = ("pld", "rdp")
+
+
+def validate(*, noise_multiplier=None, sampling_rate=None, steps=None, delta=None,
+             accountant=None, target_epsilon=None):
+  """Raises ValueError naming the first argument outside its domain (None = not checked)."""
+  if noise_multiplier is not None and not noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
+  if sampling_rate is not None and not 0.0 < sampling_rate <= 1.0:
+    raise ValueError(f"sampling_rate must lie in (0, 1], got {sampling_rate=}")
+  if steps is not None and (int(steps) != steps or steps < 0):
+    raise ValueError(f"steps must be a non-negative integer, got {steps=}")
+  if delta is not None and not 0.0 < delta < 1.0:
+    raise ValueError(f"delta must lie in (0, 1), got {delta=}")
+  if accountant is not None and accountant not in ACCOUNTANTS:
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant=}")
+  if target_epsilon is not None and not target_epsilon > 0:
+    raise ValueError(f"target_epsilon must be positive, got {target_epsilon=}")
+
+
+def make_accountant(accountant: str = "pld") -> dp_accounting.PrivacyAccountant:
+  """A fresh dp_accounting accountant (add/remove-one neighbouring relation)."""
+  validate(accountant=accountant)
+  if accountant == "pld":
+    return pld.PLDAccountant()
+  return rdp.RdpAccountant()
+
+
+def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
+  """The DpEvent of `steps` Poisson-subsampled Gaussian steps."""
+  validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(sampling_rate,
+                                          dp_accounting.GaussianDpEvent(noise_multiplier)),
+      int(steps))
+
+
+@contextlib.contextmanager
+def _quiet_rdp():
+  """dp_accounting's RDP code logs a warning for every fractional order it drops (orders near 1
+  at small sigma); the dropped orders only make its bound more conservative."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
+def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
+  acc = make_accountant(accountant)
+  with _quiet_rdp():
+    acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon(*, noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+            accountant: str = "pld") -> float:
+  """Epsilon of DP-SGD after `steps` Poisson-sampled steps (inf if noise_multiplier == 0)."""
+  validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps,
+            delta=delta, accountant=accountant)
+  if steps == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  return _epsilon_of_event(dp_sgd_event(noise_multiplier, sampling_rate, steps), delta, accountant)
+
+
+def calibrate_noise_multiplier(*, target_epsilon: float, sampling_rate: float, steps: int,
+                               delta: float, accountant: str = "pld", tol: float = 1e-3) -> float:
+  """Smallest noise multiplier, to relative precision `tol`, whose epsilon is <= target_epsilon.
+
+  Sound: the returned sigma is always the upper end of a bisection bracket, so its epsilon
+  never exceeds `target_epsilon`; tight: sigma * (1 - tol) exceeds the target. For "pld" the
+  bracket starts from the RDP answer (RDP's epsilon upper-bounds PLD's, so that sigma is feasible)
+  and each PLD evaluation takes about a second.
+  """
+  validate(sampling_rate=sampling_rate, steps=steps, delta=delta, accountant=accountant,
+            target_epsilon=target_epsilon)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 to calibrate, got {steps=}")
+  if not 0 < tol < 0.5:
+    raise ValueError(f"tol must lie in (0, 0.5), got {tol=}")
+
+  def ok(sigma: float, acc: str) -> bool:
+    return epsilon(noise_multiplier=sigma, sampling_rate=sampling_rate, steps=steps, delta=delta,
+                   accountant=acc) <= target_epsilon
+
+  def bisect(lo: float, hi: float, acc: str) -> float:
+    while hi - lo > tol * hi:
+      mid = 0.5 * (lo + hi)
+      lo, hi = (lo, mid) if ok(mid, acc) else (mid, hi)
+    return hi
+
+  # RDP bracket by doubling/halving (cheap), then bisection.
+  hi = 1.0
+  while not ok(hi, "rdp"):
+    hi *= 2.0
+    if hi > 1e6:
+      raise ValueError(f"no noise multiplier reaches {target_epsilon=} at {delta=}")
+  lo = hi / 2.0
+  while ok(lo, "rdp") and lo > 1e-3:
+    hi, lo = lo, lo / 2.0
+  sigma = bisect(lo, hi, "rdp")
+  if accountant == "rdp":
+    return sigma
+  lo = 0.8 * sigma
+  while ok(lo, "pld"):
+    sigma, lo = lo, 0.8 * lo
+  return bisect(lo, sigma, "pld")
+
+
+def rdp_curve(*, noise_multiplier: float, sampling_rate: float, steps: int,
+              orders: Sequence[float]) -> list[float]:
+  """The RDP of DP-SGD at each order (for inspection and custom conversions)."""
+  acc = rdp.RdpAccountant(list(orders))
+  acc.compose(dp_sgd_event(noise_multiplier, sampling_rate, steps))
+  return [float(x) for x in acc._rdp]  # pylint: disable=protected-access
+
+
+@dataclasses.dataclass
+class LedgerEntry:
+  noise_multiplier: float
+  sampling_rate: float
+  steps: int
+  overflow_probability: float = 0.0  # per-step truncation bound (see privacy.sampling)
+
+
+@dataclasses.dataclass
+class PrivacyLedger:
+  """Every privacy-consuming step a run has taken. Saved with each checkpoint so that a resumed
+  run reports the true total, not the budget of its last segment.
+
+  Consecutive steps with the same mechanism are stored as one entry with a count.
+  """
+
+  entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
+
+  def record(self, *, noise_multiplier: float, sampling_rate: float, steps: int = 1,
+             overflow_probability: float = 0.0) -> None:
+    validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
+    last = self.entries[-1] if self.entries else None
+    if last and (last.noise_multiplier, last.sampling_rate, last.overflow_probability) == (
+        noise_multiplier, sampling_rate, overflow_probability):
+      last.steps += int(steps)
+    else:
+      self.entries.append(LedgerEntry(float(noise_multiplier), float(sampling_rate), int(steps),
+                                      float(overflow_probability)))
+
+  @property
+  def steps(self) -> int:
+    return sum(e.steps for e in self.entries)
+
+  def dp_event(self) -> dp_accounting.DpEvent:
+    return dp_accounting.ComposedDpEvent(
+        [dp_sgd_event(e.noise_multiplier, e.sampling_rate, e.steps) for e in self.entries])
+
+  def epsilon(self, delta: float, accountant: str = "pld") -> float:
+    """Epsilon of everything recorded, at `delta` for the untruncated mechanism."""
+    validate(delta=delta, accountant=accountant)
+    if self.steps == 0:
+      return 0.0
+    if any(e.noise_multiplier == 0 for e in self.entries):
+      return math.inf
+    return _epsilon_of_event(self.dp_event(), delta, accountant)
+
+  def truncation_delta(self, eps: float) -> float:
+    """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds."""
+    mass = sum(e.steps * e.overflow_probability for e in self.entries)
+    return 0.0 if mass == 0 else (1.0 + math.exp(min(eps, 700.0))) * mass
+
+  def report(self, delta: float, accountant: str = "pld") -> dict:
+    """{"epsilon", "delta", "delta_total" (with truncation), "steps", "accountant"}."""
+    eps = self.epsilon(delta, accountant)
+    return {"epsilon": eps, "delta": delta, "delta_total": delta + self.truncation_delta(eps),
+            "steps": self.steps, "accountant": accountant}
+
+  def to_json(self) -> str:
+    return json.dumps([dataclasses.asdict(e) for e in self.entries])
+
+  @classmethod
+  def from_json(cls, s: str) -> "PrivacyLedger":
+    return cls([LedgerEntry(**e) for e in json.loads(s)])

@@ -1,0 +1,143 @@
+"""DP-SGD: clipped sum -> Gaussian noise on the sum -> any optax optimizer.
+
+The mechanism's parameters live in one frozen `DPConfig`; the step, the sampler and the ledger all
+read them from there, so the numbers the accountant sees are the numbers the step used.
+
+Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from trustjax.privacy import accounting, sampling
+from trustjax.privacy.clipping import METHODS, clipped_grad_sum
+from trustjax.privacy.noise import privatize
+from trustjax.types import Batch, LossFn, Params, PRNGKey
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPConfig:
+  """The DP-SGD mechanism.
+
+  Attributes:
+    l2_clip: per-example clipping norm C (the sum's L2 sensitivity under add/remove-one).
+    noise_multiplier: sigma; noise std on the clipped sum is sigma * C.
+    sampling_rate: Poisson sampling probability q.
+    num_examples: N, the training-set size (expected batch size = q * N).
+    max_batch_size: static padded batch size for Poisson batches (see privacy.sampling).
+    method: clipping method (see clipping.clipped_grad_sum).
+    microbatch_size: rows per chunk when computing the clipped sum (bounds memory).
+  """
+
+  l2_clip: float
+  noise_multiplier: float
+  sampling_rate: float
+  num_examples: int
+  max_batch_size: int
+  method: str = "vmap"
+  microbatch_size: int | None = None
+
+  def __post_init__(self):
+    if not self.l2_clip > 0:
+      raise ValueError(f"l2_clip must be positive, got l2_clip={self.l2_clip}")
+    if not self.noise_multiplier >= 0:
+      raise ValueError(f"noise_multiplier must be >= 0, got noise_multiplier={self.noise_multiplier}")
+    if not 0.0 < self.sampling_rate <= 1.0:
+      raise ValueError(f"sampling_rate must lie in (0, 1], got sampling_rate={self.sampling_rate}")
+    if self.num_examples <= 0:
+      raise ValueError(f"num_examples must be positive (empty dataset?), got "
+                       f"num_examples={self.num_examples}")
+    if self.max_batch_size <= 0:
+      raise ValueError(f"max_batch_size must be positive, got max_batch_size={self.max_batch_size}")
+    if self.method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
+    if self.microbatch_size is not None and self.microbatch_size <= 0:
+      raise ValueError(f"microbatch_size must be positive, got microbatch_size={self.microbatch_size}")
+
+  @property
+  def expected_batch_size(self) -> float:
+    return self.sampling_rate * self.num_examples
+
+  @property
+  def overflow_probability(self) -> float:
+    return sampling.overflow_probability(self.num_examples, self.sampling_rate, self.max_batch_size)
+
+  def record(self, ledger: accounting.PrivacyLedger, steps: int = 1) -> None:
+    """Records `steps` steps of this mechanism in `ledger`."""
+    ledger.record(noise_multiplier=self.noise_multiplier, sampling_rate=self.sampling_rate,
+                  steps=steps, overflow_probability=self.overflow_probability)
+
+
+def _metrics(aux: dict, mask: jax.Array, l2_clip: float) -> dict:
+  m = mask.astype(jnp.float32)
+  return {"loss_sum": aux["losses"].sum(), "count": m.sum(),
+          "clipped": ((aux["norms"] > l2_clip) * m).sum(), "norm_sum": aux["norms"].sum()}
+
+
+def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PRNGKey, *,
+                loss_fn: LossFn, optimizer: optax.GradientTransformation, config: DPConfig):
+  """One DP-SGD step on a (Poisson-sampled, padded) batch.
+
+  Args:
+    params, opt_state: current parameters and optimizer state.
+    batch: dict of arrays [max_batch_size, ...] with "mask".
+    key: PRNG key for this step's noise (fold the step number in; never reuse).
+    loss_fn: per-example loss.
+    optimizer: any optax transformation; it receives the privatized mean gradient.
+    config: the mechanism.
+
+  Returns:
+    (params, opt_state, metrics) with metrics as sums: loss_sum, count, clipped, norm_sum.
+  """
+  grad_sum, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip,
+                                   method=config.method, microbatch_size=config.microbatch_size)
+  grads = privatize(grad_sum, key, l2_clip=config.l2_clip,
+                    noise_multiplier=config.noise_multiplier,
+                    expected_batch_size=config.expected_batch_size)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, _metrics(aux, batch["mask"], config.l2_clip)
+
+
+class VirtualBatch(NamedTuple):
+  """Accumulator of a logical batch split over physical batches."""
+
+  grad_sum: Params  # float32, structure of params: the running clipped sum
+  metrics: dict  # running metric sums
+
+
+def virtual_batch_init(params: Params) -> VirtualBatch:
+  zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  z = jnp.zeros((), jnp.float32)
+  return VirtualBatch(zeros, {"loss_sum": z, "count": z, "clipped": z, "norm_sum": z})
+
+
+def virtual_batch_accumulate(acc: VirtualBatch, params: Params, batch: Batch, *,
+                             loss_fn: LossFn, config: DPConfig) -> VirtualBatch:
+  """Adds one physical batch's clipped sum; no noise yet."""
+  grad_sum, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip,
+                                   method=config.method, microbatch_size=config.microbatch_size)
+  metrics = _metrics(aux, batch["mask"], config.l2_clip)
+  return VirtualBatch(jax.tree_util.tree_map(jnp.add, acc.grad_sum, grad_sum),
+                      jax.tree_util.tree_map(jnp.add, acc.metrics, metrics))
+
+
+def virtual_batch_apply(acc: VirtualBatch, params: Params, opt_state: optax.OptState,
+                        key: PRNGKey, *, optimizer: optax.GradientTransformation,
+                        config: DPConfig):
+  """Adds noise ONCE to the logical batch's clipped sum and applies the update.
+
+  The physical batches of one logical step must together be one Poisson sample (for example the
+  rows of one `poisson_batch` split into chunks), and the ledger records one step.
+  """
+  grads = privatize(acc.grad_sum, key, l2_clip=config.l2_clip,
+                    noise_multiplier=config.noise_multiplier,
+                    expected_batch_size=config.expected_batch_size)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, acc.metrics

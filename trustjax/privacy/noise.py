@@ -1,0 +1,40 @@
+"""The Gaussian mechanism on the clipped gradient sum."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from trustjax.types import Params, PRNGKey
+
+
+def privatize(grad_sum: Params, key: PRNGKey, *, l2_clip: float, noise_multiplier: float,
+              expected_batch_size: float) -> Params:
+  """Adds N(0, (noise_multiplier * l2_clip)^2) to every coordinate of the clipped SUM, then
+  divides by the expected batch size (a public constant under Poisson sampling; dividing by the
+  realised batch size would leak it).
+
+  Args:
+    grad_sum: sum of clipped per-example gradients (sensitivity `l2_clip`).
+    key: PRNG key, used once.
+    l2_clip: clipping norm C.
+    noise_multiplier: sigma; the noise standard deviation is sigma * C on the sum.
+    expected_batch_size: q * N.
+
+  Returns:
+    The noisy mean gradient, whose per-coordinate noise std is sigma * C / expected_batch_size.
+
+  Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
+  """
+  if not l2_clip > 0:
+    raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
+  if not noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
+  if not expected_batch_size > 0:
+    raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size=}")
+  leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
+  keys = jax.random.split(key, len(leaves))
+  std = noise_multiplier * l2_clip
+  noisy = [(g + std * jax.random.normal(k, g.shape, jnp.float32)) / expected_batch_size
+           for g, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, noisy)

@@ -1,0 +1,82 @@
+"""Metrics sinks: JSON lines, Markdown reports, training-curve plots and progress bars."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Sequence
+
+import tqdm
+
+
+def _clean(v):
+  if hasattr(v, "item"):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to `path`; each record has a "step"."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+  def read(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records with step > `step` (used when resuming from a checkpoint at `step`)."""
+    kept = [r for r in self.read() if r.get("step", 0) <= step]
+    with open(self.path, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_clean)
+  os.replace(tmp, path)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def plot_curves(records: Sequence[dict], path: str, *, x: str = "step",
+                panels: Sequence[tuple[str, Sequence[str]]] = ()) -> None:
+  """One panel per (title, keys) with a line per key present in the records."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+  for ax, (title, keys) in zip(axes[0], panels):
+    for key in keys:
+      pts = [(r[x], r[key]) for r in records if key in r and isinstance(r[key], (int, float))]
+      if pts:
+        ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, label=key)
+    ax.set_title(title)
+    ax.set_xlabel(x)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def progress(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:
+  """A tqdm bar (to stderr; updated at most every 0.5 s)."""
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, mininterval=0.5, dynamic_ncols=True)

@@ -1,0 +1,37 @@
+"""Device meshes and batch sharding with jax.sharding (data parallelism).
+
+The same programs run on one device, many local devices, or many hosts: on a multi-host cluster
+call `jax.distributed.initialize()` first, then `data_mesh()` spans every process's devices and
+each host feeds its own slice of the global batch (see the README).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def data_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (default: all)."""
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f"num_devices must lie in [1, {len(devices)}], got {num_devices=}")
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (axis,))
+
+
+def shard_batch(batch, mesh: Mesh, axis: str = "data"):
+  """Places every array of `batch` split along its leading axis over `axis`."""
+  n = mesh.shape[axis]
+  for k, v in batch.items():
+    if v.shape[0] % n:
+      raise ValueError(f"batch axis of {k!r} ({v.shape[0]}) is not divisible by the {n} devices "
+                       f"of mesh axis {axis!r}; pad the batch to a multiple of {n}")
+  return jax.device_put(dict(batch), NamedSharding(mesh, P(axis)))
+
+
+def replicate(tree, mesh: Mesh):
+  """Places a pytree fully replicated over `mesh`."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))

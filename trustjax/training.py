@@ -1,0 +1,272 @@
+"""Train state, train steps (non-DP and DP), batch schedules, evaluation, checkpoints, the loop.
+
+Every step is a pure function of (state, batch); the batch of step t is a pure function of
+(seed, t), and the noise key of step t is fold_in(rng, t). A run restored from the checkpoint of
+step t therefore continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from trustjax import reporting, sharding
+from trustjax.data.batching import gather_batch
+from trustjax.privacy import accounting, sampling
+from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
+from trustjax.types import Batch, LossFn, Params, PRNGKey
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], number of steps taken
+  params: Params  # model parameters
+  opt_state: optax.OptState  # optimizer state
+  rng: jax.Array  # uint32 [2], raw key data; step t uses fold_in(rng, t)
+
+
+def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
+
+
+def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation):
+  """One ordinary step on the masked mean loss. Returns (params, opt_state, metric sums)."""
+  mask = batch["mask"].astype(jnp.float32)
+
+  def mean_loss(p):
+    losses = loss_fn(p, batch).astype(jnp.float32) * mask
+    return losses.sum() / jnp.maximum(mask.sum(), 1.0), losses.sum()
+
+  (_, loss_sum), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, {"loss_sum": loss_sum,
+                                                           "count": mask.sum()}
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    dp_config: DPConfig | None = None, *, donate: bool = True) -> Callable:
+  """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is given."""
+
+  def step(state: TrainState, batch: Batch):
+    if dp_config is None:
+      params, opt_state, metrics = nondp_step(state.params, state.opt_state, batch,
+                                              loss_fn=loss_fn, optimizer=optimizer)
+    else:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      params, opt_state, metrics = dp_sgd_step(state.params, state.opt_state, batch, key,
+                                               loss_fn=loss_fn, optimizer=optimizer,
+                                               config=dp_config)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(step, donate_argnums=0 if donate else ())
+
+
+# ----------------------------------------------------------------------------- batch schedules
+
+
+class PoissonSchedule:
+  """Step t's batch is the Poisson sample `sampling.poisson_batch(seed, t, ...)`, padded."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], config: DPConfig, seed: int):
+    self.arrays, self.config, self.seed = arrays, config, seed
+    self.steps_per_epoch = max(1, round(1.0 / config.sampling_rate))
+
+  def __call__(self, step: int) -> tuple[dict, int]:
+    pb = sampling.poisson_batch(self.seed, step, self.config.num_examples,
+                                self.config.sampling_rate, self.config.max_batch_size)
+    return gather_batch(self.arrays, pb.indices, pb.mask), pb.overflow
+
+
+class EpochSchedule:
+  """Shuffled epochs of fixed-size batches (the last one padded); step t -> (epoch, batch)."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int):
+    self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+    self.n = len(next(iter(arrays.values())))
+    self.steps_per_epoch = -(-self.n // batch_size)
+    self._perm = (None, None)
+
+  def __call__(self, step: int) -> tuple[dict, int]:
+    epoch, b = divmod(step, self.steps_per_epoch)
+    if self._perm[0] != epoch:
+      self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+    idx = self._perm[1][b * self.batch_size:(b + 1) * self.batch_size]
+    mask = np.zeros(self.batch_size, bool)
+    mask[:len(idx)] = True
+    return gather_batch(self.arrays, np.pad(idx, (0, self.batch_size - len(idx))), mask), 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_eval_step(metrics_fn: Callable[[Params, Batch], dict]) -> Callable:
+  return jax.jit(metrics_fn)
+
+
+def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
+             batch_size: int, mesh=None) -> dict:
+  """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}."""
+  n = len(next(iter(arrays.values())))
+  totals: dict[str, float] = {}
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    mask = np.zeros(batch_size, bool)
+    mask[:len(idx)] = True
+    batch = gather_batch(arrays, np.pad(idx, (0, batch_size - len(idx))), mask)
+    if mesh is not None:
+      batch = sharding.shard_batch(batch, mesh)
+    for k, v in eval_step(params, batch).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  count = max(totals.get("count", 0.0), 1.0)
+  out = {"count": totals.get("count", 0.0), "loss": totals["loss_sum"] / count}
+  if "correct" in totals:
+    out["accuracy"] = totals["correct"] / count
+  return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+  """Orbax checkpoints of the TrainState plus JSON metadata (ledger, data position, metrics)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+  def save(self, step: int, state: TrainState, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)),
+                      force=True)
+    self.manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    step = self.latest_step() if step is None else step
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, jax.device_get(template))
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: TrainState
+  ledger: accounting.PrivacyLedger
+  history: list  # metrics records written this run and before (after resume)
+  dp_step_seconds: float  # median wall time of a training step after compilation
+
+
+def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
+        eval_fn: Callable[[Params], dict] | None = None, dp_config: DPConfig | None = None,
+        delta: float | None = None, accountant: str = "pld", workdir: str | None = None,
+        checkpoint_every: int | None = None, mesh=None, show_progress: bool = True,
+        ledger: accounting.PrivacyLedger | None = None) -> FitResult:
+  """Runs `num_steps` steps (total, counting steps already in a restored checkpoint).
+
+  Evaluates at the end of each epoch (`schedule.steps_per_epoch`) and at the end; writes
+  `metrics.jsonl` and checkpoints under `workdir` when given, and resumes from the latest
+  checkpoint found there. Every DP step is recorded in the ledger right after it runs, and the
+  ledger is saved with each checkpoint.
+  """
+  ledger = ledger or accounting.PrivacyLedger()
+  writer = ckpt = None
+  if workdir is not None:
+    writer = reporting.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(state)
+      ledger = accounting.PrivacyLedger.from_json(meta["ledger"])
+      writer.truncate_after(int(meta["step"]))
+  start = int(state.step)
+  if mesh is not None:
+    state = sharding.replicate(state, mesh)
+  spe = schedule.steps_per_epoch
+  checkpoint_every = checkpoint_every or spe
+  history = writer.read() if writer else []
+  sums: dict[str, float] = {}
+  overflow_total = 0
+  last_eval: dict = {}
+  times = []
+  bar = reporting.progress(num_steps, start) if show_progress else None
+
+  def privacy_report():
+    return ledger.report(delta, accountant) if dp_config is not None else {}
+
+  for step in range(start, num_steps):
+    batch, overflow = schedule(step)
+    overflow_total += overflow
+    if mesh is not None:
+      batch = sharding.shard_batch(batch, mesh)
+    t0 = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    if dp_config is not None:
+      dp_config.record(ledger)
+    metrics = jax.device_get(metrics)
+    times.append(time.perf_counter() - t0)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    done = step + 1
+    if done % spe == 0 or done == num_steps:
+      count = max(sums.get("count", 0.0), 1.0)
+      record = {"step": done, "epoch": done / spe, "train_loss": sums.get("loss_sum", 0.0) / count,
+                "overflow": overflow_total}
+      if "clipped" in sums:
+        record["clipped_fraction"] = sums["clipped"] / count
+        record["mean_grad_norm"] = sums["norm_sum"] / count
+      if eval_fn is not None:
+        last_eval = {f"eval_{k}": v for k, v in eval_fn(state.params).items()}
+        record.update(last_eval)
+      rep = privacy_report()
+      if rep:
+        record.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
+      history.append(record)
+      if writer:
+        writer.write(record)
+      sums, overflow_total = {}, 0
+      if bar is not None:
+        bar.set_postfix({k: f"{v:.3g}" for k, v in (("loss", record["train_loss"]),
+                         ("acc", last_eval.get("eval_accuracy")), ("eps", rep.get("epsilon")))
+                         if v is not None})
+    if ckpt is not None and (done % checkpoint_every == 0 or done == num_steps):
+      ckpt.save(done, state, {"step": done, "ledger": ledger.to_json()})
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  steady = times[2:] if len(times) > 4 else times
+  return FitResult(state=state, ledger=ledger, history=history,
+                   dp_step_seconds=float(np.median(steady)) if steady else float("nan"))
+
+
+def time_step(step_fn: Callable, state, batch, *, repeats: int = 10, warmup: int = 2) -> float:
+  """Median seconds of `step_fn(state, batch)` after `warmup` calls (blocks on results)."""
+  out = None
+  for _ in range(warmup):
+    out = step_fn(state, batch)
+    jax.block_until_ready(out)
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = step_fn(state, batch)
+    jax.block_until_ready(out)
+    ts.append(time.perf_counter() - t0)
+  del out
+  return float(np.median(ts))
