@@ -104,3 +104,18 @@ def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, messa
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr[-2000:]
   assert os.listdir(tmp_path) == []
+
+
+def test_sst2_config_runs_on_tfds_mock_data(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from configs import dp_sst2  # pylint: disable=import-outside-toplevel
+  cfg = dp_sst2.get_config("runlocal")
+  cfg.unlock()
+  cfg.train.results_dir = str(tmp_path)
+  cfg.dp.noise_multiplier = 1.0
+  cfg.model.name = "bag_of_embeddings"
+  cfg.lock()
+  with tfds.testing.mock_data(num_examples=64):
+    summary = experiments.run(cfg, show_progress=False)
+  assert summary["train_examples"] == 64 and summary["steps"] == 4
+  assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["epsilon"] > 0

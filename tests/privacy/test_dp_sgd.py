@@ -8,7 +8,8 @@ import scipy.stats
 
 from trustjax import privacy, sharding, training
 from trustjax.data import gather_batch
-from tests.privacy.helpers import tiny_transformer_problem
+from tests.privacy.helpers import (clipped_grad_sum, dp_sgd_step, tiny_problem,
+                                   virtual_batch_accumulate, virtual_batch_apply)
 
 
 def _config(**kw):
@@ -19,12 +20,12 @@ def _config(**kw):
 
 
 def test_dp_step_without_noise_is_sgd_on_clipped_sum_over_expected_batch():
-  loss_fn, params, batch = tiny_transformer_problem(batch_size=8, scale=3.0)
+  loss_fn, params, batch = tiny_problem(batch_size=8, scale=3.0, model="bag")
   cfg = _config(num_examples=40, sampling_rate=0.2, max_batch_size=8)  # expected batch 8
   opt = optax.sgd(1.0)
-  new, _, metrics = privacy.dp_sgd_step(params, opt.init(params), batch, jax.random.key(0),
+  new, _, metrics = dp_sgd_step(params, opt.init(params), batch, jax.random.key(0),
                                         loss_fn=loss_fn, optimizer=opt, config=cfg)
-  total, _ = privacy.clipped_grad_sum(loss_fn, params, batch, l2_clip=0.5)
+  total, _ = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.5)
   chex.assert_trees_all_close(new, jax.tree_util.tree_map(lambda p, g: p - g / 8.0, params,
                                                           total), atol=1e-6)
   assert float(metrics["count"]) == float(batch["mask"].sum())
@@ -38,7 +39,7 @@ def test_noise_std_through_the_step():
   cfg = _config(l2_clip=2.0, noise_multiplier=1.5, sampling_rate=0.1, num_examples=100,
                 max_batch_size=4)
   opt = optax.sgd(1.0)
-  new, _, _ = privacy.dp_sgd_step(params, opt.init(params), batch, jax.random.key(1),
+  new, _, _ = dp_sgd_step(params, opt.init(params), batch, jax.random.key(1),
                                   loss_fn=loss_fn, optimizer=opt, config=cfg)
   std = 1.5 * 2.0 / 10.0
   x = -np.asarray(new["w"])
@@ -48,7 +49,7 @@ def test_noise_std_through_the_step():
 
 
 def test_one_trace_for_all_poisson_batches():
-  loss_fn, params, _ = tiny_transformer_problem()
+  loss_fn, params, _ = tiny_problem(model="bag")
   rng = np.random.default_rng(0)
   arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
             "label": rng.integers(0, 3, 64).astype(np.int32)}
@@ -71,26 +72,26 @@ def test_one_trace_for_all_poisson_batches():
 
 
 def test_virtual_batches_add_noise_once():
-  loss_fn, params, batch = tiny_transformer_problem(batch_size=9, scale=2.0)
+  loss_fn, params, batch = tiny_problem(batch_size=9, scale=2.0, model="bag")
   cfg = _config(noise_multiplier=0.8, sampling_rate=0.3, num_examples=30, max_batch_size=9)
   opt = optax.sgd(0.5)
   key = jax.random.key(5)
-  direct, _, m1 = privacy.dp_sgd_step(params, opt.init(params), batch, key, loss_fn=loss_fn,
+  direct, _, m1 = dp_sgd_step(params, opt.init(params), batch, key, loss_fn=loss_fn,
                                       optimizer=opt, config=cfg)
   acc = privacy.virtual_batch_init(params)
   for s in (slice(0, 3), slice(3, 6), slice(6, 9)):
-    acc = privacy.virtual_batch_accumulate(acc, params, {k: v[s] for k, v in batch.items()},
+    acc = virtual_batch_accumulate(acc, params, {k: v[s] for k, v in batch.items()},
                                            loss_fn=loss_fn, config=cfg)
-  virtual, _, m2 = privacy.virtual_batch_apply(acc, params, opt.init(params), key,
+  virtual, _, m2 = virtual_batch_apply(acc, params, opt.init(params), key,
                                                optimizer=opt, config=cfg)
   chex.assert_trees_all_close(virtual, direct, atol=1e-5)
   chex.assert_trees_all_close(m1, m2, rtol=1e-5)
 
 
 def test_microbatching_gives_the_same_step():
-  loss_fn, params, batch = tiny_transformer_problem(batch_size=8, scale=2.0)
+  loss_fn, params, batch = tiny_problem(batch_size=8, scale=2.0, model="bag")
   opt = optax.sgd(0.5)
-  outs = [privacy.dp_sgd_step(params, opt.init(params), batch, jax.random.key(2), loss_fn=loss_fn,
+  outs = [dp_sgd_step(params, opt.init(params), batch, jax.random.key(2), loss_fn=loss_fn,
                               optimizer=opt, config=_config(noise_multiplier=1.0,
                                                             microbatch_size=m))[0]
           for m in (None, 3)]
@@ -99,7 +100,7 @@ def test_microbatching_gives_the_same_step():
 
 def test_sharded_over_8_devices_equals_single_device():
   assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
-  loss_fn, params, _ = tiny_transformer_problem()
+  loss_fn, params, _ = tiny_problem(model="bag")
   rng = np.random.default_rng(1)
   arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
             "label": rng.integers(0, 3, 64).astype(np.int32)}
