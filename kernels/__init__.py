@@ -1,6 +1,6 @@
 """Hand-written accelerator kernels (Pallas), each beside its jnp reference.
 
-Empty so far: the per-example-norm and weighted clipped-sum kernels belong to the eDP-SGD work
-(ghost clipping and book-keeping), which has not landed yet. The library runs everything through
-jnp/XLA until then.
+Empty so far. Ghost clipping and book-keeping (`trustjax.privacy.ghost`) run as jnp einsums on
+every backend; Pallas kernels for the sequence-Dense per-example norm and the weighted clipped-sum
+product are planned, with the einsums as their references.
 """

@@ -2,14 +2,15 @@
 
   python scripts/benchmark_dp.py [--repeats 10] [--only mlp,encoder] [--no-write]
 
-For each model: the non-DP step (mean loss, one backward) and the DP step (vmap per-example
-gradients, clip, sum, Gaussian noise), same model, batch and sequence length, same optimizer
-(Adam). Reports the median wall time over `--repeats` calls after 2 warm-up calls, the ratio to
+For each model: the non-DP step (mean loss, one backward) and the DP step (clip, sum, Gaussian
+noise) with each clipped-sum method (vmap per-example gradients; ghost norms + second backward;
+book-keeping), same model, batch and sequence length, same optimizer (Adam). Reports the median wall time over `--repeats` calls after 2 warm-up calls, the ratio to
 non-DP, and XLA's peak buffer estimate for the compiled step (arguments + outputs + temporaries,
 from `compiled.memory_analysis()`). Writes the table into BENCHMARKS.md between markers.
 """
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -78,7 +79,8 @@ def run(names, repeats):
     state = training.create_state(params, opt, jax.random.key(1))
     dp = DPConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.01, num_examples=100 * b,
                   max_batch_size=b)
-    variants = [("non-DP", None), ("DP vmap", dp)]
+    variants = [("non-DP", None)] + [
+        (f"DP {m}", dataclasses.replace(dp, method=m)) for m in ("vmap", "ghost", "bookkeeping")]
     base = None
     for label, cfg in variants:
       step = training.make_train_step(loss_fn, opt, cfg, donate=False)

@@ -59,7 +59,7 @@ def test_short_dp_run_learns(tmp_path):
   cfg = _cfg(tmp_path, **{"model.name": "bag_of_embeddings", "data.num_examples": 6000,
                           "data.num_devices": 100, "train.batch_size": 256, "train.epochs": 4.0,
                           "optimizer.learning_rate": 0.01, "dp.noise_multiplier": None,
-                          "dp.target_epsilon": 8.0})
+                          "dp.target_epsilon": 8.0, "dp.method": "bookkeeping"})
   summary = experiments.run(cfg, show_progress=False)
   assert summary["epsilon"] <= 8.0 and summary["delta_total"] < 1.0 / 5400
   assert summary["eval_accuracy"] > 0.5, summary  # 30 intents: chance is about 0.05

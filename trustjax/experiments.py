@@ -122,7 +122,9 @@ class Setup:
           n, q, self.num_steps, multiple_of=8 * self.num_devices)
       self.dp_config = DPConfig(l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=q,
                                 num_examples=n, max_batch_size=max_b,
-                                microbatch_size=cfg.dp.microbatch_size or None)
+                                microbatch_size=cfg.dp.microbatch_size or None,
+                                method=cfg.dp.method, normalization=cfg.dp.normalization,
+                                auto_s_gamma=cfg.dp.auto_s_gamma)
       self.schedule = training.PoissonSchedule(self.train_arrays, self.dp_config, cfg.seed)
     else:
       bs = -(-t.batch_size // self.num_devices) * self.num_devices
@@ -285,6 +287,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.accountant = "pld"  # pld | rdp
   c.dp.max_batch_size = 0  # 0 = overflow probability <= 1e-12 over the run
   c.dp.microbatch_size = 0  # 0 = whole batch at once
+  c.dp.method = "vmap"  # clipped-sum method: vmap | ghost | bookkeeping
+  c.dp.normalization = "clip"  # clip (min(1, C/|g|)) | auto_s (C / (|g| + gamma))
+  c.dp.auto_s_gamma = 0.01
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | sgd
   c.optimizer.learning_rate = 1e-3

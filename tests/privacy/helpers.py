@@ -9,7 +9,8 @@ from trustjax import models, privacy
 # The library's functions compose inside the caller's jit; tests jit them the same way, since
 # op-by-op (eager) execution of vmapped transformer gradients is slow.
 clipped_grad_sum = jax.jit(privacy.clipped_grad_sum, static_argnums=0,
-                           static_argnames=("l2_clip", "method", "microbatch_size"))
+                           static_argnames=("l2_clip", "method", "microbatch_size",
+                                            "normalization", "gamma"))
 dp_sgd_step = jax.jit(privacy.dp_sgd_step, static_argnames=("loss_fn", "optimizer", "config"))
 virtual_batch_accumulate = jax.jit(privacy.virtual_batch_accumulate,
                                    static_argnames=("loss_fn", "config"))

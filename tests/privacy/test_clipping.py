@@ -100,3 +100,29 @@ def test_bad_input():
     privacy.clipped_grad_sum(loss_fn, params, batch, l2_clip=1.0, method="magic")
   with pytest.raises(ValueError, match="empty"):
     privacy.per_example_grads(loss_fn, params, {})
+
+
+@pytest.mark.parametrize("method", ["vmap", "bookkeeping"])
+def test_auto_s_weights_and_sensitivity(method):
+  """AUTO-S: sum_i C g_i / (||g_i|| + gamma); removing one example moves it by less than C."""
+  loss_fn, params, batch = tiny_problem(batch_size=8, scale=2.0)
+  clip, gamma = 0.7, 0.05
+  total, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=clip, method=method,
+                                normalization="auto_s", gamma=gamma)
+  mask = np.asarray(batch["mask"])
+  ref = None
+  for i, g in enumerate(_loop_grads(loss_fn, params, batch)):
+    flat = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(g)]
+    w = mask[i] * clip / (np.sqrt(sum((x ** 2).sum() for x in flat)) + gamma)
+    ref = [w * x for x in flat] if ref is None else [r + w * x for r, x in zip(ref, flat)]
+  for got, want in zip(jax.tree_util.tree_leaves(total), ref):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=3e-5)
+  i = int(np.flatnonzero(mask)[0])
+  other, _ = clipped_grad_sum(loss_fn, params, dict(batch, mask=batch["mask"].at[i].set(False)),
+                              l2_clip=clip, method=method, normalization="auto_s", gamma=gamma)
+  dist = np.sqrt(sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
+      jax.tree_util.tree_leaves(total), jax.tree_util.tree_leaves(other))))
+  norm_i = float(aux["norms"][i])
+  assert dist == pytest.approx(clip * norm_i / (norm_i + gamma), rel=1e-3) and dist < clip
+  with pytest.raises(ValueError, match="normalization"):
+    privacy.clipped_grad_sum(loss_fn, params, batch, l2_clip=1.0, normalization="tanh")

@@ -48,12 +48,15 @@ def test_noise_std_through_the_step():
   assert scipy.stats.kstest(x, "norm", args=(0, std / 1.5)).pvalue < 1e-6
 
 
-def test_one_trace_for_all_poisson_batches():
+@pytest.mark.parametrize("method", ["vmap", "bookkeeping"])
+def test_one_trace_for_all_poisson_batches(method):
+  chex.clear_trace_counter()
   loss_fn, params, _ = tiny_problem(model="bag")
   rng = np.random.default_rng(0)
   arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
             "label": rng.integers(0, 3, 64).astype(np.int32)}
-  cfg = _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24)
+  cfg = _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24,
+                method=method)
   opt = optax.adam(1e-3)
 
   @jax.jit
@@ -127,7 +130,8 @@ def test_sharded_over_8_devices_equals_single_device():
                                          ("noise_multiplier", -0.1), ("sampling_rate", 0.0),
                                          ("sampling_rate", 1.01), ("num_examples", 0),
                                          ("max_batch_size", 0), ("method", "ghosts"),
-                                         ("microbatch_size", 0)])
+                                         ("microbatch_size", 0), ("normalization", "tanh"),
+                                         ("auto_s_gamma", 0.0)])
 def test_dpconfig_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field):
     _config(**{field: value})

@@ -84,7 +84,10 @@ class TransformerClassifier(nn.Module):
       raise ValueError(f"sequence length {length} exceeds {self.max_length=}")
     token_mask = tokens != self.pad_id
     x = nn.Embed(self.vocab_size, self.embed_dim, name="token_embed")(tokens)
-    x = x + nn.Embed(self.max_length, self.embed_dim, name="pos_embed")(jnp.arange(length))[None]
+    # Position ids carry the batch axis (like token ids) so per-example DP rules see each
+    # example's use of the position table.
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    x = x + nn.Embed(self.max_length, self.embed_dim, name="pos_embed")(positions)
     attn_mask = nn.make_attention_mask(token_mask, token_mask)
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x, attn_mask)

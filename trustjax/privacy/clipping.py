@@ -9,12 +9,14 @@ Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from trustjax.types import Batch, LossFn, Params, batch_size_of
 
-METHODS = ("vmap",)
+METHODS = ("vmap", "ghost", "bookkeeping")
 
 
 def _single_example(loss_fn: LossFn):
@@ -39,18 +41,45 @@ def tree_sq_norms(grads: Params) -> jax.Array:
              for g in leaves)
 
 
-def clip_factors(norms: jax.Array, l2_clip: float, mask: jax.Array) -> jax.Array:
-  """min(1, C / ||g||) for real rows, 0 for padded rows. [B] f32."""
-  factor = jnp.where(norms > l2_clip, l2_clip / jnp.maximum(norms, 1e-30), 1.0)
+NORMALIZATIONS = ("clip", "auto_s")
+
+
+def clip_factors(norms: jax.Array, l2_clip: float, mask: jax.Array, *,
+                 normalization: str = "clip", gamma: float = 0.01) -> jax.Array:
+  """Per-example weights c_i of the clipped sum sum_i c_i g_i; 0 for padded rows. [B] f32.
+
+  "clip": c = min(1, C / ||g||) (Abadi et al. 2016).
+  "auto_s": c = C / (||g|| + gamma), automatic clipping (Bu et al., "Automatic Clipping:
+  Differentially Private Deep Learning Made Easier and Stronger", NeurIPS 2023): every gradient
+  is normalised, so C only rescales the update and needs no tuning. ||c_i g_i|| < C in both
+  cases, so the sum's add/remove-one sensitivity is C.
+  """
+  if normalization == "clip":
+    factor = jnp.where(norms > l2_clip, l2_clip / jnp.maximum(norms, 1e-30), 1.0)
+  elif normalization == "auto_s":
+    if not gamma > 0:
+      raise ValueError(f"gamma must be positive for auto_s, got {gamma=}")
+    factor = l2_clip / (norms + gamma)
+  else:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization=}")
   return factor * mask.astype(jnp.float32)
 
 
-def _vmap_chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float):
+def _factors(norms, mask, *, l2_clip, normalization, gamma):
+  return clip_factors(norms, l2_clip, mask, normalization=normalization, gamma=gamma)
+
+
+def _chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float, method: str,
+           factors_fn):
+  if method != "vmap":
+    from trustjax.privacy import ghost  # pylint: disable=import-outside-toplevel
+    return ghost.clipped_grad_sum_fast(loss_fn, params, batch, method=method,
+                                       factors_fn=factors_fn)
   mask = batch["mask"]
   losses, grads = jax.vmap(jax.value_and_grad(_single_example(loss_fn)), in_axes=(None, 0))(
       params, batch)
   norms = jnp.sqrt(tree_sq_norms(grads))
-  factors = clip_factors(norms, l2_clip, mask)
+  factors = factors_fn(norms, mask)
   summed = jax.tree_util.tree_map(
       lambda g: jnp.einsum("b,b...->...", factors, g.astype(jnp.float32)), grads)
   m = mask.astype(jnp.float32)
@@ -58,7 +87,8 @@ def _vmap_chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float):
 
 
 def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: float,
-                     method: str = "vmap", microbatch_size: int | None = None):
+                     method: str = "vmap", microbatch_size: int | None = None,
+                     normalization: str = "clip", gamma: float = 0.01):
   """Sum over real rows of per-example gradients, each clipped to L2 norm `l2_clip`.
 
   Args:
@@ -66,11 +96,15 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
     params: model parameters.
     batch: dict of arrays [B, ...]; `batch["mask"]` (bool [B]) marks real rows (default: all).
     l2_clip: clipping norm C > 0.
-    method: "vmap" (per-example gradients by `jax.vmap`, the reference). Faster methods that
-      avoid per-example gradients are planned (ghost clipping, book-keeping).
+    method: "vmap" (per-example gradients by `jax.vmap`, the reference), "ghost" (per-example
+      norms from layer inputs and output gradients, then a second backward pass on the
+      clip-weighted loss) or "bookkeeping" (the clipped sum from the same recorded inputs and
+      output gradients, no second backward). See `privacy.ghost` for the layer rules.
     microbatch_size: if set, the batch is processed in chunks of this many rows by `lax.scan`
       (padded with masked rows to a multiple), bounding memory to one chunk of per-example
       gradients. The result is the same sum.
+    normalization: "clip" (min(1, C/||g||)) or "auto_s" (C / (||g|| + gamma)); see clip_factors.
+    gamma: the AUTO-S stability constant.
 
   Returns:
     (clipped_sum, aux): clipped_sum has the structure of `params` in float32; aux has "norms"
@@ -80,11 +114,14 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
     raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
   if method not in METHODS:
     raise ValueError(f"unknown clipping {method=}; implemented: {METHODS}")
+  factors_fn = functools.partial(_factors, l2_clip=l2_clip, normalization=normalization,
+                                 gamma=gamma)
+  factors_fn(jnp.zeros((1,)), jnp.ones((1,)))  # validates normalization and gamma eagerly
   b = batch_size_of(batch)
   batch = dict(batch)
   batch["mask"] = batch.get("mask", jnp.ones((b,), bool))
   if microbatch_size is None or microbatch_size >= b:
-    return _vmap_chunk(loss_fn, params, batch, l2_clip)
+    return _chunk(loss_fn, params, batch, l2_clip, method, factors_fn)
   if microbatch_size <= 0:
     raise ValueError(f"microbatch_size must be positive, got {microbatch_size=}")
   chunks = -(-b // microbatch_size)
@@ -98,9 +135,11 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
   zero = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
   def body(acc, chunk):
-    summed, aux = _vmap_chunk(loss_fn, params, chunk, l2_clip)
+    summed, aux = _chunk(loss_fn, params, chunk, l2_clip, method, factors_fn)
     return jax.tree_util.tree_map(jnp.add, acc, summed), aux
 
   total, aux = jax.lax.scan(body, zero, stacked)
-  aux = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:b], aux)
+  # Per-example entries [chunks, m] -> [B]; per-chunk scalars (same in every chunk) -> one.
+  aux = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:b] if x.ndim > 1
+                               else x[0], aux)
   return total, aux

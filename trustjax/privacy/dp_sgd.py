@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from trustjax.privacy import accounting, sampling
-from trustjax.privacy.clipping import METHODS, clipped_grad_sum
+from trustjax.privacy.clipping import METHODS, NORMALIZATIONS, clipped_grad_sum
 from trustjax.privacy.noise import privatize
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -33,6 +33,9 @@ class DPConfig:
     max_batch_size: static padded batch size for Poisson batches (see privacy.sampling).
     method: clipping method (see clipping.clipped_grad_sum).
     microbatch_size: rows per chunk when computing the clipped sum (bounds memory).
+    normalization: "clip" (min(1, C/||g||)) or "auto_s" (C / (||g|| + gamma), Bu et al. 2023);
+      both bound each example's contribution by C, so the accounting is the same.
+    auto_s_gamma: gamma of AUTO-S.
   """
 
   l2_clip: float
@@ -42,6 +45,8 @@ class DPConfig:
   max_batch_size: int
   method: str = "vmap"
   microbatch_size: int | None = None
+  normalization: str = "clip"
+  auto_s_gamma: float = 0.01
 
   def __post_init__(self):
     if not self.l2_clip > 0:
@@ -57,6 +62,11 @@ class DPConfig:
       raise ValueError(f"max_batch_size must be positive, got max_batch_size={self.max_batch_size}")
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
+    if self.normalization not in NORMALIZATIONS:
+      raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got "
+                       f"normalization={self.normalization!r}")
+    if not self.auto_s_gamma > 0:
+      raise ValueError(f"auto_s_gamma must be positive, got auto_s_gamma={self.auto_s_gamma}")
     if self.microbatch_size is not None and self.microbatch_size <= 0:
       raise ValueError(f"microbatch_size must be positive, got microbatch_size={self.microbatch_size}")
 
@@ -72,6 +82,12 @@ class DPConfig:
     """Records `steps` steps of this mechanism in `ledger`."""
     ledger.record(noise_multiplier=self.noise_multiplier, sampling_rate=self.sampling_rate,
                   steps=steps, overflow_probability=self.overflow_probability)
+
+
+def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig):
+  return clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip, method=config.method,
+                          microbatch_size=config.microbatch_size,
+                          normalization=config.normalization, gamma=config.auto_s_gamma)
 
 
 def _metrics(aux: dict, mask: jax.Array, l2_clip: float) -> dict:
@@ -95,8 +111,7 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   Returns:
     (params, opt_state, metrics) with metrics as sums: loss_sum, count, clipped, norm_sum.
   """
-  grad_sum, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip,
-                                   method=config.method, microbatch_size=config.microbatch_size)
+  grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
   grads = privatize(grad_sum, key, l2_clip=config.l2_clip,
                     noise_multiplier=config.noise_multiplier,
                     expected_batch_size=config.expected_batch_size)
@@ -121,8 +136,7 @@ def virtual_batch_init(params: Params) -> VirtualBatch:
 def virtual_batch_accumulate(acc: VirtualBatch, params: Params, batch: Batch, *,
                              loss_fn: LossFn, config: DPConfig) -> VirtualBatch:
   """Adds one physical batch's clipped sum; no noise yet."""
-  grad_sum, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip,
-                                   method=config.method, microbatch_size=config.microbatch_size)
+  grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
   metrics = _metrics(aux, batch["mask"], config.l2_clip)
   return VirtualBatch(jax.tree_util.tree_map(jnp.add, acc.grad_sum, grad_sum),
                       jax.tree_util.tree_map(jnp.add, acc.metrics, metrics))
