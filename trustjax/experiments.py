@@ -7,6 +7,7 @@ leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -218,7 +219,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def _check_resumable(workdir: str, cfg) -> None:
-  import json  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has checkpoints but no config.json; delete it or pick another "

@@ -21,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from trustjax import reporting, sharding
-from trustjax.data.batching import gather_batch
+from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
 from trustjax.types import Batch, LossFn, Params, PRNGKey
@@ -103,9 +103,7 @@ class EpochSchedule:
     if self._perm[0] != epoch:
       self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
     idx = self._perm[1][b * self.batch_size:(b + 1) * self.batch_size]
-    mask = np.zeros(self.batch_size, bool)
-    mask[:len(idx)] = True
-    return gather_batch(self.arrays, np.pad(idx, (0, self.batch_size - len(idx))), mask), 0
+    return gather_batch(self.arrays, *pad_indices(idx, self.batch_size)), 0
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -121,10 +119,8 @@ def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarra
   n = len(next(iter(arrays.values())))
   totals: dict[str, float] = {}
   for start in range(0, n, batch_size):
-    idx = np.arange(start, min(start + batch_size, n))
-    mask = np.zeros(batch_size, bool)
-    mask[:len(idx)] = True
-    batch = gather_batch(arrays, np.pad(idx, (0, batch_size - len(idx))), mask)
+    batch = gather_batch(arrays, *pad_indices(np.arange(start, min(start + batch_size, n)),
+                                              batch_size))
     if mesh is not None:
       batch = sharding.shard_batch(batch, mesh)
     for k, v in eval_step(params, batch).items():

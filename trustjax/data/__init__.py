@@ -1,6 +1,6 @@
 """Data: tokenizers, the synthetic NLU corpus, SNIPS, TFDS sources and padded batching."""
 
-from trustjax.data.batching import gather_batch, num_batches, padded_batches
+from trustjax.data.batching import gather_batch, num_batches, pad_indices, padded_batches
 from trustjax.data.corpus import TextDataset
 from trustjax.data.snips import SNIPS_INTENTS, load_snips
 from trustjax.data.synthetic import INTENTS, synthetic_nlu

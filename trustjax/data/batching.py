@@ -22,6 +22,13 @@ def gather_batch(arrays: Mapping[str, np.ndarray], indices: np.ndarray,
   return out
 
 
+def pad_indices(idx: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(indices [batch_size], mask [batch_size]): `idx` followed by masked-out padding."""
+  mask = np.zeros(batch_size, bool)
+  mask[:len(idx)] = True
+  return np.pad(np.asarray(idx), (0, batch_size - len(idx))), mask
+
+
 def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, shuffle: bool = False,
                    seed: int = 0, epoch: int = 0, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Iterates over one epoch in batches of exactly `batch_size` rows; the last one padded.
@@ -42,10 +49,8 @@ def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, shuffle
   order = (np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n))
   num_batches = -(-n // batch_size)
   for b in range(start, num_batches):
-    idx = order[b * batch_size:(b + 1) * batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[:len(idx)] = True
-    yield gather_batch(arrays, np.pad(idx, (0, batch_size - len(idx))), mask)
+    yield gather_batch(arrays, *pad_indices(order[b * batch_size:(b + 1) * batch_size],
+                                            batch_size))
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:
