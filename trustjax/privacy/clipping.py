@@ -44,6 +44,14 @@ def tree_sq_norms(grads: Params) -> jax.Array:
 NORMALIZATIONS = ("clip", "auto_s")
 
 
+def check_normalization(normalization: str, gamma: float) -> None:
+  """Raises ValueError for an unknown normalization, or a non-positive gamma with auto_s."""
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization=}")
+  if normalization == "auto_s" and not gamma > 0:
+    raise ValueError(f"gamma must be positive for auto_s, got {gamma=}")
+
+
 def clip_factors(norms: jax.Array, l2_clip: float, mask: jax.Array, *,
                  normalization: str = "clip", gamma: float = 0.01) -> jax.Array:
   """Per-example weights c_i of the clipped sum sum_i c_i g_i; 0 for padded rows. [B] f32.
@@ -54,14 +62,11 @@ def clip_factors(norms: jax.Array, l2_clip: float, mask: jax.Array, *,
   is normalised, so C only rescales the update and needs no tuning. ||c_i g_i|| < C in both
   cases, so the sum's add/remove-one sensitivity is C.
   """
+  check_normalization(normalization, gamma)
   if normalization == "clip":
     factor = jnp.where(norms > l2_clip, l2_clip / jnp.maximum(norms, 1e-30), 1.0)
-  elif normalization == "auto_s":
-    if not gamma > 0:
-      raise ValueError(f"gamma must be positive for auto_s, got {gamma=}")
-    factor = l2_clip / (norms + gamma)
   else:
-    raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization=}")
+    factor = l2_clip / (norms + gamma)
   return factor * mask.astype(jnp.float32)
 
 
@@ -114,9 +119,9 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
     raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
   if method not in METHODS:
     raise ValueError(f"unknown clipping {method=}; implemented: {METHODS}")
+  check_normalization(normalization, gamma)
   factors_fn = functools.partial(_factors, l2_clip=l2_clip, normalization=normalization,
                                  gamma=gamma)
-  factors_fn(jnp.zeros((1,)), jnp.ones((1,)))  # validates normalization and gamma eagerly
   b = batch_size_of(batch)
   batch = dict(batch)
   batch["mask"] = batch.get("mask", jnp.ones((b,), bool))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from trustjax.privacy import accounting, sampling
-from trustjax.privacy.clipping import METHODS, NORMALIZATIONS, clipped_grad_sum
+from trustjax.privacy.clipping import METHODS, check_normalization, clipped_grad_sum
 from trustjax.privacy.noise import privatize
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -62,9 +62,7 @@ class DPConfig:
       raise ValueError(f"max_batch_size must be positive, got max_batch_size={self.max_batch_size}")
     if self.method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
-    if self.normalization not in NORMALIZATIONS:
-      raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got "
-                       f"normalization={self.normalization!r}")
+    check_normalization(self.normalization, self.auto_s_gamma)
     if not self.auto_s_gamma > 0:
       raise ValueError(f"auto_s_gamma must be positive, got auto_s_gamma={self.auto_s_gamma}")
     if self.microbatch_size is not None and self.microbatch_size <= 0:

@@ -32,7 +32,6 @@ References:
 from __future__ import annotations
 
 import collections
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,7 +83,7 @@ def _make_interceptor(taps: list, perturb: dict | None):
     else:
       kind = "dense"
     taps.append(_Tap(kind, path, mod, x, y.shape, extra))
-    key = f"{'/'.join(path)}#{counts[path]}"
+    key = _tap_key(path, counts[path])
     if perturb is not None and key in perturb:
       y = y + perturb[key].astype(y.dtype)
     return y
@@ -92,8 +91,9 @@ def _make_interceptor(taps: list, perturb: dict | None):
   return interceptor
 
 
-def _tap_key(tap, index_of_path):
-  return f"{'/'.join(tap.path)}#{index_of_path}"
+def _tap_key(path, call_number):
+  """The key of the `call_number`-th call (from 1) of the module at `path` in one forward pass."""
+  return f"{'/'.join(path)}#{call_number}"
 
 
 def _keys(taps):
@@ -101,7 +101,7 @@ def _keys(taps):
   keys = []
   for t in taps:
     seen[t.path] += 1
-    keys.append(_tap_key(t, seen[t.path]))
+    keys.append(_tap_key(t.path, seen[t.path]))
   return keys
 
 
@@ -225,27 +225,21 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   Called by `clipping.clipped_grad_sum`, which supplies `factors_fn(norms, mask) -> c` (the
   clipping rule). Same contract: returns (clipped_sum, {"norms", "losses",
   "vmap_fallback_leaves"}), padded rows contribute nothing; the last counts the parameter leaves
-  no rule covered (their per-example gradients came from vmap). Assumes each example's loss depends only on that example's inputs
-  (no cross-example layers such as batch norm), and that every intercepted layer's input has
-  the batch as its leading axis.
+  no rule covered (their per-example gradients came from vmap). Assumes each example's loss
+  depends only on that example's inputs (no cross-example layers such as batch norm), and that
+  every intercepted layer's input has the batch as its leading axis.
   """
   mask = batch["mask"].astype(jnp.float32)
   b = mask.shape[0]
 
   # 1) Discover which layers are called, and their output shapes, by abstract evaluation.
-  def discover(p):
-    taps = []
-    with nn.intercept_methods(_make_interceptor(taps, None)):
-      loss_fn(p, batch)
-    return taps
-
   shape_taps: list = []
 
-  def record_shapes(p):
-    shape_taps.extend(discover(p))
-    return 0.0
+  def discover(p):
+    with nn.intercept_methods(_make_interceptor(shape_taps, None)):
+      return loss_fn(p, batch)
 
-  jax.eval_shape(record_shapes, params)
+  jax.eval_shape(discover, params)
   keys = _keys(shape_taps)
   calls = collections.Counter(t.path for t in shape_taps)
   zeros = {k: jnp.zeros(t.out_shape, jnp.float32) for k, t in zip(keys, shape_taps)
