@@ -4,3 +4,4 @@ from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClass
                                          TransformerClassifier,
                                          build_classifier, classification_loss,
                                          classification_metrics)
+from trustjax.models.language import CharLSTM, lm_loss, lm_metrics

@@ -17,7 +17,7 @@ def privatize(grad_sum: Params, key: PRNGKey, *, l2_clip: float, noise_multiplie
   Args:
     grad_sum: sum of clipped per-example gradients (sensitivity `l2_clip`).
     key: PRNG key, used once.
-    l2_clip: clipping norm C.
+    l2_clip: clipping norm C (a float, or a scalar array when the clip adapts).
     noise_multiplier: sigma; the noise standard deviation is sigma * C on the sum.
     expected_batch_size: q * N.
 
@@ -26,7 +26,7 @@ def privatize(grad_sum: Params, key: PRNGKey, *, l2_clip: float, noise_multiplie
 
   Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1.
   """
-  if not l2_clip > 0:
+  if isinstance(l2_clip, (int, float)) and not l2_clip > 0:  # arrays: adaptive clipping
     raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
   if not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")

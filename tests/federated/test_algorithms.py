@@ -1,0 +1,265 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+from tests.federated import helpers
+from trustjax import federated as fl
+from trustjax.federated import selection
+from trustjax.privacy import quantile
+
+tmap = jax.tree_util.tree_map
+
+
+def _all_clients(store, weights=None):
+  ids = np.arange(store.num_clients)
+  w = store.counts / store.counts.sum() if weights is None else weights
+  return fl.make_cohort(store, fl.Selection(ids, np.asarray(w, np.float32)))
+
+
+def _close(a, b, **kw):
+  chex.assert_trees_all_close(a, b, **({"atol": 2e-6, "rtol": 2e-5} | kw))
+
+
+def test_fedavg_one_client_one_step_is_one_sgd_step():
+  store, data = helpers.store(sizes=(8,))
+  params = helpers.init_params()
+  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.3, batch_size=8)
+  state, _ = fl.run_round(alg, alg.init(params), _all_clients(store), jax.random.key(0))
+  grad = jax.grad(lambda p: helpers.LOSS(p, data).mean())(params)
+  _close(state.params, tmap(lambda p, g: p - 0.3 * g, params, grad))
+
+
+def test_full_participation_iid_one_step_equals_centralized_sgd():
+  store, data = helpers.iid_store(num_clients=4, per_client=6)
+  params = helpers.init_params()
+  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.5, batch_size=6)
+  state, m = fl.run_round(alg, alg.init(params), _all_clients(store), jax.random.key(1))
+  opt = optax.sgd(0.5)
+  grad = jax.grad(lambda p: helpers.LOSS(p, data).mean())(params)
+  upd, _ = opt.update(grad, opt.init(params))
+  _close(state.params, optax.apply_updates(params, upd))
+  assert float(m["clients_accepted"]) == 4
+
+
+def test_local_train_full_batch_is_gradient_descent_with_prox():
+  store, data = helpers.store(sizes=(7,))
+  params = helpers.init_params()
+  shift = tmap(lambda p: p + 0.1, params)  # start away from the global model
+  co = _all_clients(store)
+  ex = {k: v[0] for k, v in co.examples.items()}
+  res = jax.jit(lambda p: fl.local_train(
+      p, ex, jnp.int32(7), jax.random.key(0), jnp.float32(1.0), loss_fn=helpers.LOSS,
+      client_lr=0.2, batch_size=8, local_epochs=3, prox_mu=0.5))(params)
+  # Reference: three full-batch steps on loss + mu/2 ||w - w0||^2, w0 = params (the start).
+  p = params
+  for _ in range(3):
+    g = jax.grad(lambda q: helpers.LOSS(q, data).mean())(p)
+    p = tmap(lambda pi, gi, wi: pi - 0.2 * (gi + 0.5 * (pi - wi)), p, g, params)
+  _close(res.params, p)
+  assert int(res.steps) == 3
+  del shift
+
+
+def _loop_round(alg_name, params, cohort, key, *, client_lr, batch_size, local_epochs, mu=0.0,
+                controls=None, num_clients=None):
+  """Reference: a Python loop over clients, each trained alone, aggregated in float64 numpy."""
+  k = cohort.counts.shape[0]
+  keys = jax.random.split(key, k)
+  one = jax.jit(lambda p, ex, n, kk, w, corr: fl.local_train(
+      p, ex, n, kk, w, corr, loss_fn=helpers.LOSS, client_lr=client_lr, batch_size=batch_size,
+      local_epochs=local_epochs, prox_mu=mu))
+  flat0, unravel = jax.flatten_util.ravel_pytree(params)
+  flat0 = np.asarray(flat0, np.float64)
+  agg = np.zeros_like(flat0)
+  dcs = []
+  for i in range(k):
+    ex = {n: v[i] for n, v in cohort.examples.items()}
+    corr = None
+    if controls is not None:
+      c, cis = controls
+      corr = unravel(jnp.asarray(c - cis[cohort.ids[i]], jnp.float32))
+    res = one(params, ex, cohort.counts[i], keys[i], cohort.work[i], corr)
+    d = np.asarray(jax.flatten_util.ravel_pytree(res.params)[0], np.float64) - flat0
+    agg += cohort.weights[i] * d
+    if controls is not None:
+      c, cis = controls
+      dcs.append((cohort.ids[i], -c - d / (int(res.steps) * client_lr)))
+  agg = agg / cohort.weights.sum()
+  new = unravel(jnp.asarray(flat0 + agg, jnp.float32))
+  if controls is None:
+    return new
+  c, cis = controls
+  cis = cis.copy()
+  for cid, dc in dcs:
+    cis[cid] += dc
+  return new, c + sum(dc for _, dc in dcs) / num_clients, cis
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_vmapped_round_equals_python_loop_over_clients(name):
+  store, _ = helpers.store()
+  params = helpers.init_params()
+  kw = dict(client_lr=0.1, batch_size=4, local_epochs=2)
+  alg = fl.algorithms.build(name, loss_fn=helpers.LOSS, mu=0.3, **kw)
+  cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 4))
+  state, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(5))
+  ref = _loop_round(name, params, cohort, jax.random.key(5), mu=0.3 if name == "fedprox" else 0.0,
+                    **kw)
+  _close(state.params, ref, atol=1e-5)
+
+
+def test_scaffold_matches_a_loop_reference_over_two_rounds():
+  store, _ = helpers.store()
+  params = helpers.init_params()
+  n = store.num_clients
+  kw = dict(client_lr=0.1, batch_size=4, local_epochs=1)
+  alg = fl.scaffold(loss_fn=helpers.LOSS, num_clients=n, **kw)
+  state = alg.init(params)
+  dim = jax.flatten_util.ravel_pytree(params)[0].shape[0]
+  c, cis, p_ref = np.zeros(dim), np.zeros((n, dim)), params
+  for r in range(2):
+    cohort = fl.make_cohort(store, selection.uniform(1, r, store.counts, 3))
+    state, _ = fl.run_round(alg, state, cohort, jax.random.key(r))
+    p_ref, c, cis = _loop_round("scaffold", p_ref, cohort, jax.random.key(r), controls=(c, cis),
+                                num_clients=n, **kw)
+    _close(state.params, p_ref, atol=1e-5)
+  got_c = np.asarray(jax.flatten_util.ravel_pytree(state.extra.server_control)[0])
+  np.testing.assert_allclose(got_c, c, atol=1e-4, rtol=1e-4)
+  assert np.abs(c).sum() > 0  # the controls did move
+
+
+def test_stragglers_do_less_work_and_dropped_clients_change_nothing():
+  store, _ = helpers.store(sizes=(16, 16, 16))
+  params = helpers.init_params()
+  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, local_epochs=2)
+  sel = fl.Selection(np.arange(3, dtype=np.int32), np.full(3, 1 / 3, np.float32))
+  full = fl.make_cohort(store, sel, np.array([1.0, 0.5, 0.0], np.float32))
+  # local_train's step count: 8 full, ceil(0.5 * 8) = 4 for the straggler, 0 when dropped.
+  res = jax.vmap(lambda ex, n, k, w: fl.local_train(
+      params, ex, n, k, w, loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, local_epochs=2))(
+          full.examples, full.counts, jax.random.split(jax.random.key(0), 3), full.work)
+  assert res.steps.tolist() == [8, 4, 0]
+  s1, m = fl.run_round(alg, alg.init(params), full, jax.random.key(0))
+  assert float(m["clients_dropped"]) == 1 and float(m["clients_accepted"]) == 2
+  # Same as the round in which the dropped client was never selected (same per-slot keys) and the
+  # other two share its weight (the server keeps the selected total weight).
+  without = full._replace(weights=np.array([0.5, 0.5, 0], np.float32))
+  s2, _ = fl.run_round(alg, alg.init(params), without, jax.random.key(0))
+  _close(s1.params, s2.params)
+
+
+def test_nonfinite_client_update_is_rejected_and_counted():
+  store, data = helpers.store(sizes=(8, 8, 8))
+  data["x"][8:16] = np.nan  # client 1 has corrupt features -> NaN update
+  bad = fl.ClientStore(data, [np.arange(0, 8), np.arange(8, 16), np.arange(16, 24)],
+                       min_capacity=8)
+  params = helpers.init_params()
+  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4)
+  cohort = _all_clients(bad, np.full(3, 1 / 3))
+  state, m = fl.run_round(alg, alg.init(params), cohort, jax.random.key(0))
+  assert float(m["clients_rejected_nonfinite"]) == 1 and float(m["clients_accepted"]) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
+  ref, _ = fl.run_round(alg, alg.init(params), cohort._replace(
+      weights=np.array([0.5, 0.0, 0.5], np.float32)), jax.random.key(0))
+  _close(state.params, ref.params)
+
+
+def test_one_compilation_per_round_shape_whatever_the_client_sizes():
+  store, _ = helpers.store(sizes=(3, 4, 5, 6, 7, 8, 2, 1), min_capacity=8)
+  alg = fl.fedprox(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, mu=0.1)
+  traced = chex.assert_max_traces(alg.apply, n=1)
+  alg = fl.FederatedAlgorithm(alg.init, traced)
+  state = alg.init(helpers.init_params())
+  for r in range(6):
+    cohort = fl.make_cohort(store, selection.uniform(0, r, store.counts, 3))
+    assert cohort.examples["x"].shape[:2] == (3, 8)
+    state, _ = fl.run_round(alg, state, cohort, jax.random.key(r))
+
+
+def test_sharded_over_8_devices_equals_one_device():
+  assert jax.device_count() >= 8
+  store, _ = helpers.store(sizes=(5, 9, 16, 3, 12, 7, 4, 6, 10, 2))
+  params = helpers.init_params()
+  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4)
+  cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 6), multiple_of=8)
+  assert cohort.counts.shape[0] == 8
+  one, m1 = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
+                         mesh=fl.client_mesh(1))
+  eight, m8 = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
+                           mesh=fl.client_mesh(8))
+  _close(one.params, eight.params, atol=1e-6)
+  assert float(m1["clients_accepted"]) == float(m8["clients_accepted"]) == 6
+  with pytest.raises(ValueError, match="divisible"):
+    fl.run_round(alg, alg.init(params), fl.make_cohort(
+        store, selection.uniform(0, 0, store.counts, 6)), jax.random.key(2),
+                 mesh=fl.client_mesh(8))
+
+
+# ----------------------------------------------------------------------------- DP-FedAvg
+
+
+def _dp(noise_multiplier=0.0, clip=0.05, **kw):
+  return fl.dp_fedavg(loss_fn=helpers.LOSS, client_lr=0.5, batch_size=4, l2_clip=clip,
+                      noise_multiplier=noise_multiplier, expected_clients=3.0, **kw)
+
+
+def test_dp_fedavg_sensitivity_one_client_moves_the_model_by_at_most_clip_over_denominator():
+  store, _ = helpers.store(sizes=(8, 8, 8, 8))
+  params = helpers.init_params()
+  alg = _dp()
+  flat = lambda s: np.asarray(jax.flatten_util.ravel_pytree(s.params)[0], np.float64)
+  full = _all_clients(store, np.ones(4))
+  base, m = fl.run_round(alg, alg.init(params), full, jax.random.key(0))
+  assert float(m["clients_clipped"]) == 4  # the bound is tight only when clipping is active
+  for j in range(4):
+    w = np.ones(4, np.float32)
+    w[j] = 0
+    nb, _ = fl.run_round(alg, alg.init(params), full._replace(weights=w), jax.random.key(0))
+    diff = np.linalg.norm(flat(base) - flat(nb))
+    assert diff <= 0.05 / 3.0 * (1 + 1e-5)
+    assert diff > 0.05 / 3.0 * 0.99  # a clipped client contributes exactly C / denominator
+
+
+def test_dp_fedavg_noise_std_on_the_sum_is_sigma_clip_over_denominator():
+  store, _ = helpers.store(sizes=(8,))
+  params = helpers.init_params()
+  alg = _dp(noise_multiplier=2.0, clip=0.5)
+  nobody = _all_clients(store, np.zeros(1))  # padding slot only: the update is pure noise
+  state, _ = fl.run_round(alg, alg.init(params), nobody, jax.random.key(3))
+  noise = np.concatenate([np.ravel(a - b) for a, b in zip(
+      jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params))])
+  std = 2.0 * 0.5 / 3.0
+  assert scipy.stats.kstest(noise / std, "norm").pvalue > 1e-3
+  assert len(noise) > 80
+
+
+def test_dp_fedavg_adaptive_clip_tracks_the_target_quantile():
+  store, _ = helpers.store(sizes=(8,) * 10)
+  params = helpers.init_params()
+  cfg = quantile.QuantileClipping(target_quantile=0.5, learning_rate=0.3,
+                                  count_noise_multiplier=0.5, initial_clip=0.1)
+  alg = fl.dp_fedavg(loss_fn=helpers.LOSS, client_lr=0.5, batch_size=4, l2_clip=1.0,
+                     noise_multiplier=0.2, expected_clients=10.0, adaptive=cfg,
+                     server_optimizer=optax.sgd(0.0))  # frozen model: fixed update norms
+  state = alg.init(params)
+  cohort = _all_clients(store, np.ones(10))
+  for r in range(60):
+    state, m = fl.run_round(alg, state, cohort, jax.random.key(r))
+  deltas = jax.vmap(lambda ex, n, k: fl.local_train(
+      params, ex, n, k, jnp.float32(1), loss_fn=helpers.LOSS, client_lr=0.5, batch_size=4,
+      local_epochs=1).params)(cohort.examples, cohort.counts, jax.random.split(
+          jax.random.split(jax.random.key(59), 3)[0], 10))
+  norms = np.sqrt(sum(np.sum((np.asarray(a) - np.asarray(b)[None]) ** 2, axis=tuple(
+      range(1, a.ndim))) for a, b in zip(jax.tree_util.tree_leaves(deltas),
+                                         jax.tree_util.tree_leaves(params))))
+  clip = float(state.extra)
+  assert np.quantile(norms, 0.2) <= clip <= np.quantile(norms, 0.8), (clip, np.sort(norms))
+  # The sum's noise is raised so that sum + count together cost sigma = 0.2.
+  s = quantile.sum_noise_multiplier(0.2, 0.5)
+  assert s > 0.2 and quantile.effective_noise_multiplier(s, 0.5) == pytest.approx(0.2)
+  with pytest.raises(ValueError, match="too small"):
+    quantile.sum_noise_multiplier(2.0, 0.5)

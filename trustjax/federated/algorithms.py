@@ -1,0 +1,393 @@
+"""Federated algorithms in optax's shape: `FederatedAlgorithm(init, apply)`.
+
+`init(params) -> ServerState`; `apply(state, cohort, key) -> (state, metrics)` runs one round:
+every client of the cohort trains locally (`lax.scan` over its padded batches inside `vmap` over
+clients: one compiled program for the whole cohort), the server rejects non-finite updates,
+aggregates the rest with the selection's weights and applies its optimizer to the pseudo-gradient
+-(aggregate update).
+
+Clients run plain SGD (learning rate `client_lr`) on minibatches of `batch_size` for
+`local_epochs` passes over their data; padded rows and padded steps change nothing.
+
+References:
+  McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+  AISTATS 2017 (FedAvg).
+  Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020 (FedProx).
+  Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (FedOpt: FedAdam, FedYogi, FedAdagrad).
+  Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML 2020.
+  McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018 (DP-FedAvg).
+  Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from trustjax.privacy import noise, quantile
+from trustjax.types import LossFn, Params, PRNGKey
+
+tmap = jax.tree_util.tree_map
+
+
+class Cohort(NamedTuple):
+  """The clients of one round (leading axis k = slots).
+
+  Attributes:
+    examples: name -> [k, capacity, ...] padded examples.
+    counts: int32 [k] real examples per client.
+    ids: int32 [k] client ids (index into per-client server state, e.g. SCAFFOLD controls).
+    weights: float32 [k] aggregation weights (0 = padding slot).
+    work: float32 [k] fraction of local steps the client completes: 1 = all, in (0, 1) = a
+      straggler, 0 = dropped out (no update).
+  """
+
+  examples: dict
+  counts: jax.Array
+  ids: jax.Array
+  weights: jax.Array
+  work: jax.Array
+
+
+class ServerState(NamedTuple):
+  params: Params  # the global model
+  opt_state: optax.OptState  # server optimizer state
+  round: jax.Array  # int32 []: rounds applied so far
+  extra: Any  # algorithm-specific: SCAFFOLD controls, DP-FedAvg clip norm; () otherwise
+
+
+class FederatedAlgorithm(NamedTuple):
+  init: Callable[[Params], ServerState]
+  apply: Callable[[ServerState, Cohort, PRNGKey], tuple[ServerState, dict]]
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+class LocalResult(NamedTuple):
+  params: Params  # the client's model after local training
+  loss_sum: jax.Array  # sum over its local steps of the minibatch mean loss
+  steps: jax.Array  # int32: local steps taken
+
+
+def local_train(params: Params, examples: dict, count: jax.Array, key: PRNGKey, work: jax.Array,
+                correction: Params | None = None, *, loss_fn: LossFn, client_lr: float,
+                batch_size: int, local_epochs: int, prox_mu: float = 0.0) -> LocalResult:
+  """Local SGD of one client (no client axis; vmap this).
+
+  The scan has local_epochs * ceil(capacity / batch_size) steps; a client with n examples takes
+  ceil(n / batch_size) of them per epoch (each epoch a fresh permutation of its n examples), and a
+  straggler only the first ceil(work * all) of those. Inactive steps leave the parameters as they are.
+
+  Args:
+    params: the global model (the starting point).
+    examples: name -> [capacity, ...].
+    count: number of real examples n.
+    key: the client's PRNG key for this round.
+    work: fraction of its steps the client completes (0 = none).
+    correction: optional pytree added to every gradient (SCAFFOLD's c - c_i).
+    loss_fn: `loss_fn(params, batch) -> [b]` per-example losses.
+    client_lr: SGD learning rate.
+    batch_size: local minibatch size.
+    local_epochs: passes over the client's data.
+    prox_mu: FedProx proximal weight: the gradient gains mu * (w - w_global).
+  """
+  examples = tmap(jnp.asarray, examples)
+  capacity = next(iter(examples.values())).shape[0]
+  spe = -(-capacity // batch_size)  # scan steps per epoch
+  count = count.astype(jnp.int32)
+  own = (count + batch_size - 1) // batch_size  # this client's steps per epoch
+  limit = jnp.where(work > 0, jnp.maximum(1, jnp.ceil(work * local_epochs * own)), 0).astype(
+      jnp.int32)
+  keys = jax.random.split(key, local_epochs)
+  pos = jnp.arange(spe * batch_size)
+
+  def perm(k):
+    u = jnp.where(pos < count, jax.random.uniform(k, pos.shape), 2.0 + pos)
+    return jnp.argsort(u).astype(jnp.int32)
+
+  perms = jax.vmap(perm)(keys)  # [epochs, spe * batch]; real rows first
+  w0 = params
+
+  def step(carry, s):
+    p, loss_acc, taken = carry
+    epoch, i = s // spe, s % spe
+    rows = jax.lax.dynamic_slice(perms[epoch], (i * batch_size,), (batch_size,))
+    mask = (i * batch_size + jnp.arange(batch_size)) < count
+    rows = jnp.where(mask, rows, 0)
+    batch = tmap(lambda x: x[rows], examples)
+    active = (i < own) & (epoch * own + i < limit)
+
+    def mean_loss(q):
+      per = loss_fn(q, batch)
+      m = mask.astype(per.dtype)
+      return (per * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+    loss, g = jax.value_and_grad(mean_loss)(p)
+    if prox_mu:
+      g = tmap(lambda gi, pi, wi: gi + prox_mu * (pi - wi), g, p, w0)
+    if correction is not None:
+      g = tmap(jnp.add, g, correction)
+    p_new = tmap(lambda pi, gi: pi - client_lr * gi.astype(pi.dtype), p, g)
+    p = tmap(lambda a, b: jnp.where(active, a, b), p_new, p)
+    return (p, loss_acc + jnp.where(active, loss, 0.0), taken + active.astype(jnp.int32)), None
+
+  init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (p, loss_sum, steps), _ = jax.lax.scan(step, init, jnp.arange(local_epochs * spe))
+  return LocalResult(p, loss_sum, steps)
+
+
+def _tree_sq_norm(tree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _weighted_sum(deltas: Params, w: jax.Array) -> Params:
+  """sum_i w_i delta_i over the leading axis; zero-weight rows (maybe NaN) contribute exactly 0."""
+  return tmap(lambda d: jnp.tensordot(w, jnp.where(
+      (w > 0).reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0).astype(jnp.float32), axes=1), deltas)
+
+
+def _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu=0.0):
+  return functools.partial(local_train, loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
+                           local_epochs=local_epochs, prox_mu=prox_mu)
+
+
+def _check_client(client_lr, batch_size, local_epochs):
+  if not client_lr > 0:
+    raise ValueError(f"client_lr must be positive, got {client_lr=}")
+  if batch_size < 1 or local_epochs < 1:
+    raise ValueError(f"batch_size and local_epochs must be >= 1, got {batch_size=}, {local_epochs=}")
+
+
+def _run_clients(local, params, cohort: Cohort, key, corrections=None):
+  """vmaps `local` over the cohort; returns (deltas [k, ...], LocalResult, accepted [k], finite [k])."""
+  keys = jax.random.split(key, cohort.counts.shape[0])
+  in_axes = (None, 0, 0, 0, 0, None if corrections is None else 0)
+  res = jax.vmap(local, in_axes=in_axes)(params, cohort.examples, cohort.counts, keys, cohort.work,
+                                         corrections)
+  deltas = tmap(lambda new, old: new - old[None], res.params, params)
+  finite = jax.vmap(_finite)(deltas) & jnp.isfinite(res.loss_sum)
+  accepted = finite & (cohort.weights > 0) & (cohort.work > 0) & (res.steps > 0)
+  return deltas, res, accepted, finite
+
+
+def _round_metrics(cohort, res, accepted, finite, agg) -> dict:
+  real = cohort.weights > 0
+  fa = accepted.astype(jnp.float32)
+  return {
+      "clients_accepted": fa.sum(),
+      "clients_rejected_nonfinite": (real & (cohort.work > 0) & ~finite).sum().astype(jnp.float32),
+      "clients_dropped": (real & (cohort.work <= 0)).sum().astype(jnp.float32),
+      "train_loss_sum": jnp.where(accepted, res.loss_sum, 0.0).sum(),
+      "train_loss_steps": jnp.where(accepted, res.steps, 0).sum().astype(jnp.float32),
+      "update_norm": jnp.sqrt(_tree_sq_norm(agg)),
+  }
+
+
+def aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array) -> Params:
+  """sum_{accepted} w_i delta_i, rescaled by (sum of all weights) / (sum of accepted weights) so
+  that dropped or rejected clients do not shrink the step; 0 when nobody is accepted."""
+  w_acc = jnp.where(accepted, weights, 0.0)
+  scale = jnp.where(w_acc.sum() > 0, weights.sum() / jnp.maximum(w_acc.sum(), 1e-30), 0.0)
+  return _weighted_sum(deltas, w_acc * scale)
+
+
+# ----------------------------------------------------------------------------- server algorithms
+
+
+def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, client_lr: float,
+           batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0) -> FederatedAlgorithm:
+  """FedOpt: the server applies `server_optimizer` to the pseudo-gradient -(weighted mean update).
+
+  FedAvg is FedOpt with optax.sgd(1.0); FedAdam / FedYogi / FedAdagrad use optax.adam / yogi /
+  adagrad (Reddi et al. 2021). prox_mu > 0 adds FedProx's proximal term to the clients.
+  """
+  _check_client(client_lr, batch_size, local_epochs)
+  if prox_mu < 0:
+    raise ValueError(f"prox_mu must be >= 0, got {prox_mu=}")
+  local = _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu)
+
+  def init(params):
+    return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), ())
+
+  def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key)
+    agg = aggregate(deltas, cohort.weights, accepted)
+    pseudo_grad = tmap(jnp.negative, agg)
+    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return (ServerState(params, opt_state, state.round + 1, state.extra),
+            _round_metrics(cohort, res, accepted, finite, agg))
+
+  return FederatedAlgorithm(init, apply)
+
+
+def fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
+           server_lr: float = 1.0) -> FederatedAlgorithm:
+  """FedAvg (McMahan et al. 2017): the new model is the weighted mean of the clients' models
+  (server_lr 1)."""
+  return fedopt(loss_fn=loss_fn, server_optimizer=optax.sgd(server_lr), client_lr=client_lr,
+                batch_size=batch_size, local_epochs=local_epochs)
+
+
+def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
+            local_epochs: int = 1, server_lr: float = 1.0) -> FederatedAlgorithm:
+  """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2."""
+  if not mu > 0:
+    raise ValueError(f"FedProx needs mu > 0, got {mu=}")
+  return fedopt(loss_fn=loss_fn, server_optimizer=optax.sgd(server_lr), client_lr=client_lr,
+                batch_size=batch_size, local_epochs=local_epochs, prox_mu=mu)
+
+
+class ScaffoldState(NamedTuple):
+  server_control: Params  # c
+  client_controls: Params  # c_i for every client, leaves [num_clients, ...]
+
+
+def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients: int,
+             local_epochs: int = 1, server_lr: float = 1.0) -> FederatedAlgorithm:
+  """SCAFFOLD (Karimireddy et al. 2020, option II): clients correct each gradient by c - c_i and
+  update c_i+ = c_i - c + (x - y_i) / (K_i * client_lr) after K_i local steps; the server moves
+  x by server_lr * (weighted mean of y_i - x) and c by (1/N) * sum of the accepted c_i+ - c_i.
+  Client controls are server state of shape [num_clients, ...] (stateful clients)."""
+  _check_client(client_lr, batch_size, local_epochs)
+  if num_clients < 1:
+    raise ValueError(f"num_clients must be >= 1, got {num_clients=}")
+  local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
+  opt = optax.sgd(server_lr)
+
+  def init(params):
+    zeros = tmap(jnp.zeros_like, params)
+    controls = tmap(lambda p: jnp.zeros((num_clients,) + p.shape, p.dtype), params)
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32),
+                       ScaffoldState(zeros, controls))
+
+  def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
+    c, cis = state.extra
+    ci = tmap(lambda x: x[cohort.ids], cis)
+    corr = tmap(lambda a, b: a[None] - b, c, ci)
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key, corr)
+    k_lr = jnp.maximum(res.steps, 1).astype(jnp.float32) * client_lr
+    ci_new = tmap(lambda cii, cc, d: cii - cc[None] - d / k_lr.reshape((-1,) + (1,) * (d.ndim - 1)),
+                  ci, c, deltas)
+    ok = accepted.reshape(-1)
+    dci = tmap(lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a - b, 0.0),
+               ci_new, ci)
+    agg = aggregate(deltas, cohort.weights, accepted)
+    updates, opt_state = opt.update(tmap(jnp.negative, agg), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    c = tmap(lambda cc, d: cc + d.sum(0) / num_clients, c, dci)
+    cis = tmap(lambda all_, d: all_.at[cohort.ids].add(d), cis, dci)
+    return (ServerState(params, opt_state, state.round + 1, ScaffoldState(c, cis)),
+            _round_metrics(cohort, res, accepted, finite, agg))
+
+  return FederatedAlgorithm(init, apply)
+
+
+def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: float,
+              noise_multiplier: float, expected_clients: float, local_epochs: int = 1,
+              server_optimizer: optax.GradientTransformation | None = None,
+              adaptive: quantile.QuantileClipping | None = None) -> FederatedAlgorithm:
+  """DP-FedAvg (McMahan et al. 2018): user-level DP with Poisson-sampled clients.
+
+  Each client's model update is clipped to L2 norm C (over all parameters); the server sums the
+  clipped updates of the sampled clients (every client weight 1), adds N(0, (sigma C)^2) to the sum,
+  divides by the *fixed* denominator expected_clients = q N, and applies `server_optimizer`
+  (default SGD with learning rate 1) to minus that. Adding or removing one client changes the sum
+  by at most C, so each round is a Poisson-subsampled Gaussian mechanism with multiplier sigma,
+  which the caller records in the PrivacyLedger. Non-finite client updates are replaced by zeros
+  before clipping (counted in the metrics), which keeps the bound.
+
+  Args:
+    l2_clip: C (with `adaptive`, ignored in favour of adaptive.initial_clip).
+    noise_multiplier: sigma, the effective multiplier the accountant uses. With adaptive clipping
+      the sum gets sigma_sum = (sigma^-2 - (2 sigma_b)^-2)^(-1/2) so that the sum and the clip
+      update together cost sigma (Andrew et al. 2021).
+    expected_clients: q * N.
+    adaptive: optional QuantileClipping; the clip norm is server state.
+  """
+  _check_client(client_lr, batch_size, local_epochs)
+  quantile.check_expected_count(expected_clients)
+  if not noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
+  if adaptive is None and not l2_clip > 0:
+    raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
+  sum_sigma = noise_multiplier
+  if adaptive is not None:
+    sum_sigma = quantile.sum_noise_multiplier(noise_multiplier, adaptive.count_noise_multiplier)
+  opt = server_optimizer or optax.sgd(1.0)
+  local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
+  clip0 = adaptive.initial_clip if adaptive is not None else l2_clip
+
+  def init(params):
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32),
+                       jnp.asarray(clip0, jnp.float32))
+
+  def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
+    k_clients, k_noise, k_count = jax.random.split(key, 3)
+    clip = state.extra
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients)
+    real = (cohort.weights > 0).astype(jnp.float32)
+    use = accepted.astype(jnp.float32)  # 1 for clients that contribute, 0 otherwise
+    norms = jnp.sqrt(jax.vmap(_tree_sq_norm)(tmap(
+        lambda d: jnp.where(accepted.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)))
+    factors = use * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
+    clipped_sum = _weighted_sum(deltas, factors)
+    mean = noise.privatize(clipped_sum, k_noise, l2_clip=clip, noise_multiplier=sum_sigma,
+                           expected_batch_size=expected_clients)
+    updates, opt_state = opt.update(tmap(jnp.negative, mean), state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _round_metrics(cohort, res, accepted, finite, mean)
+    metrics["clip"] = clip
+    metrics["clients_clipped"] = (use * (norms > clip)).sum()
+    new_clip = clip
+    if adaptive is not None:
+      new_clip, frac = quantile.update_clip(clip, norms, real, k_count,
+                                            expected_count=expected_clients, config=adaptive)
+      metrics["unclipped_fraction_noisy"] = frac
+    return ServerState(params, opt_state, state.round + 1, new_clip), metrics
+
+  return FederatedAlgorithm(init, apply)
+
+
+SERVER_OPTIMIZERS = {"sgd": optax.sgd, "adam": functools.partial(optax.adam, b1=0.9, b2=0.99,
+                                                                  eps=1e-3),
+                     "yogi": functools.partial(optax.yogi, b1=0.9, b2=0.99, eps=1e-3),
+                     "adagrad": functools.partial(optax.adagrad, eps=1e-3),
+                     "momentum": functools.partial(optax.sgd, momentum=0.9)}
+
+
+def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
+          server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
+          server_optimizer: str = "adam") -> FederatedAlgorithm:
+  """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
+  SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold"."""
+  common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
+                local_epochs=local_epochs)
+  alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+  if name == "fedavg":
+    return fedavg(server_lr=server_lr, **common)
+  if name == "fedprox":
+    return fedprox(mu=mu, server_lr=server_lr, **common)
+  if name in alias or name == "fedopt":
+    key = alias.get(name, server_optimizer)
+    if key not in SERVER_OPTIMIZERS:
+      raise ValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}, got {key!r}")
+    return fedopt(server_optimizer=SERVER_OPTIMIZERS[key](server_lr), **common)
+  if name == "scaffold":
+    if num_clients is None:
+      raise ValueError("scaffold needs num_clients (it keeps a control variate per client)")
+    return scaffold(num_clients=num_clients, server_lr=server_lr, **common)
+  raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGORITHMS}")
+
+
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedadam", "fedyogi", "fedadagrad", "scaffold")
