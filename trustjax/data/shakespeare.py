@@ -66,6 +66,26 @@ def fetch_shakespeare(cache_dir: str | None = None) -> str:
   return texts
 
 
+def _strip_directions(line: str, in_direction: bool) -> tuple[str, bool]:
+  """Removes [bracketed] stage directions, which may span lines; returns (text, still inside)."""
+  out = []
+  i = 0
+  while i < len(line):
+    if in_direction:
+      j = line.find("]", i)
+      if j < 0:
+        return "".join(out).strip(), True
+      in_direction, i = False, j + 1
+    else:
+      j = line.find("[", i)
+      if j < 0:
+        out.append(line[i:])
+        break
+      out.append(line[i:j])
+      in_direction, i = True, j + 1
+  return " ".join("".join(out).split()), in_direction
+
+
 def parse_play(text: str) -> list[tuple[str, str]]:
   """Splits a play into (speaker, speech) pairs in order of appearance.
 
@@ -73,27 +93,31 @@ def parse_play(text: str) -> list[tuple[str, str]]:
     text: the contents of one `_gut.txt` play.
 
   Returns:
-    A list of (speaker name upper-cased, speech text with lines joined by newlines).
+    A list of (speaker name upper-cased, speech text with lines joined by newlines); stage
+    directions in square brackets are removed.
   """
   lines = text.replace("\r\n", "\n").split("\n")
   speeches: list[tuple[str, list[str]]] = []
   speaker = None
   prev_blank = True
+  in_direction = False
   for i, raw in enumerate(lines):
-    line = raw.strip()
-    if not line:
+    if not raw.strip():
       prev_blank = True
       continue
+    line, in_direction_after = _strip_directions(raw.strip(), in_direction)
+    was_direction = in_direction or raw.strip().startswith("[")
+    in_direction = in_direction_after
+    if not line:
+      continue  # a stage direction only: the current speaker goes on
     nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
     m = _SPEAKER_RE.match(line)
-    if (prev_blank and m and nxt and not nxt.startswith("[") and not _NOT_SPEAKERS.match(line)
+    if (prev_blank and not was_direction and m and nxt and not _NOT_SPEAKERS.match(line)
         and len(line.split()) <= 4):
       speaker = m.group(1).upper().strip()
       speeches.append((speaker, []))
-    elif line.startswith("["):
-      pass  # stage direction
     elif speaker is not None and speeches:
-      if prev_blank and speeches[-1][0] != speaker:
+      if speeches[-1][0] != speaker:
         speeches.append((speaker, []))
       speeches[-1][1].append(line)
     prev_blank = False

@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, shared_data
+from trustjax.federated import experiments, simulate
+from trustjax.privacy import accounting
+
+sys.path.insert(0, str(REPO))
+from configs import fl_dp, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _cfg(module, arg, tmp_path, **overrides):
+  cfg = module.get_config(arg)
+  cfg.unlock()
+  cfg.results_dir = str(tmp_path)
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  cfg.lock()
+  return cfg
+
+
+def test_snips_strategies_write_a_run_folder(tmp_path):
+  cfg = _cfg(fl_snips, "iid,runlocal", tmp_path, **{"data.data_dir": str(shared_data("snips"))})
+  summary = experiments.run(cfg, show_progress=False)
+  run = tmp_path / cfg.run_name
+  names = {s["strategy"] for s in summary["strategies"]}
+  assert names == {"fedavg", "fedprox", "fedadam", "scaffold", "centralized"}
+  for name in names:
+    recs = [json.loads(l) for l in (run / name / "metrics.jsonl").read_text().splitlines()]
+    assert recs and "eval_accuracy" in recs[-1]
+  for f in ("summary.json", "report.md", "config.json", "plots/accuracy.png"):
+    assert (run / f).exists(), f
+  assert "fedadam" in (run / "report.md").read_text()
+  for s in summary["strategies"]:
+    assert s["final_eval_accuracy"] > 0.25  # chance is 1/7; iid clients, 3 rounds
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  over = {"fl.rounds": 4, "fl.checkpoint_every": 2, "fl.straggler": 0.3, "fl.dropout": 0.2}
+  full = experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path / "a", **over),
+                         show_progress=False)
+  experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path / "b", **dict(over, **{
+      "fl.rounds": 2})), show_progress=False)
+  resumed = experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path / "b", **over),
+                            show_progress=False)
+  for a, b in zip(full["strategies"], resumed["strategies"]):
+    assert a["final_eval_loss"] == pytest.approx(b["final_eval_loss"], rel=1e-6)
+    assert a["clients_dropped"] == b["clients_dropped"]
+  read = lambda root: (root / "fl_selection_nlu_runlocal" / "uniform" / "metrics.jsonl").read_text()
+  strip = lambda t: [{k: v for k, v in json.loads(l).items() if k != "stage"}
+                     for l in t.splitlines()]
+  assert [r["round"] for r in strip(read(tmp_path / "b"))] == [1, 2, 3, 4]
+  for ra, rb in zip(strip(read(tmp_path / "a")), strip(read(tmp_path / "b"))):
+    assert ra == pytest.approx(rb, rel=1e-5)
+
+
+def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path):
+  over = {"fl.rounds": 3, "data.max_client_examples": 16}  # one size bucket: one compilation
+  experiments.run(_cfg(fl_dp, "runlocal", tmp_path, **over), show_progress=False)
+  summary = experiments.run(_cfg(fl_dp, "runlocal", tmp_path, **dict(over, **{"fl.rounds": 6})),
+                            show_progress=False)
+  dp = [s for s in summary["strategies"] if s["algorithm"] == "dp_fedavg"]
+  assert len(dp) == 2  # fixed and adaptive clipping
+  for s in dp:
+    assert s["steps"] == 6
+    expected = accounting.epsilon(noise_multiplier=s["noise_multiplier"],
+                                  sampling_rate=s["sampling_rate"], steps=6, delta=s["delta"])
+    assert s["epsilon"] == pytest.approx(expected, rel=1e-6)
+    assert s["delta_total"] >= s["delta"]
+
+
+def test_continual_setting_evaluates_on_each_next_period(tmp_path):
+  cfg = _cfg(fl_selection, "nlu,continual,runlocal", tmp_path)
+  summary = experiments.run(cfg, show_progress=False)
+  for s in summary["strategies"]:
+    accs = s["continual_next_period_accuracy"]
+    assert len(accs) == cfg.continual.num_periods - 1 and all(0 <= a <= 1 for a in accs)
+
+
+def test_continual_storage_keeps_newest_or_a_random_subset():
+  client = np.array([0, 0, 1, 0, 0, 1, 0])
+  period = np.array([0, 0, 0, 1, 1, 1, 2])
+  fifo = simulate.continual_parts(client, period, 1, budget=3, policy="fifo")
+  assert fifo[0].tolist() == [1, 3, 4] and fifo[1].tolist() == [2, 5]
+  fifo2 = simulate.continual_parts(client, period, 2, budget=3, policy="fifo")
+  assert fifo2[0].tolist() == [3, 4, 6]
+  rnd = simulate.continual_parts(client, period, 2, budget=2, policy="random", seed=1)
+  assert len(rnd[0]) == 2 and set(rnd[0]) <= {0, 1, 3, 4, 6}
+  assert np.array_equal(rnd[0], simulate.continual_parts(client, period, 2, budget=2,
+                                                         policy="random", seed=1)[0])
+  with pytest.raises(ValueError, match="storage budget must be >= 1"):
+    simulate.continual_parts(client, period, 1, budget=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.partition": "dirichlet_label", "data.alpha": 0.0}, "alpha must be > 0"),
+    ({"data.partition": "quantity_skew", "data.beta": -1.0}, "beta must be > 0"),
+    ({"data.partition": "iid", "data.num_clients": 10 ** 6}, "more clients than examples"),
+    ({"fl.clients_per_round": 10 ** 4}, "more clients per round than clients"),
+    ({"continual.enabled": True, "continual.budget": 0}, "storage budget must be >= 1"),
+    ({"strategies.uniform.selection": "best"}, "fl.selection must be one of"),
+    ({"fl.dropout": 1.5}, "dropout probability must lie in"),
+])
+def test_bad_input_names_the_value(tmp_path, overrides, message):
+  cfg = _cfg(fl_selection, "nlu,runlocal", tmp_path, **overrides)
+  with pytest.raises(ValueError, match=message):
+    experiments.run(cfg, show_progress=False)
+
+
+def test_script_reports_bad_input_and_writes_nothing(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "federated.py"), "--config",
+       str(REPO / "configs" / "fl_selection.py:nlu,runlocal"), f"--config.results_dir={tmp_path}",
+       "--config.data.partition=dirichlet_label", "--config.data.alpha=-0.5"],
+      capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert proc.returncode != 0
+  assert "alpha must be > 0, got alpha=-0.5" in proc.stderr
+  assert not os.listdir(tmp_path)

