@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import os
 import platform
-import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -26,9 +25,6 @@ import optax
 
 from trustjax import models, reporting, training
 from trustjax.privacy import DPConfig
-
-BEGIN, END = "<!-- benchmark_dp:begin -->", "<!-- benchmark_dp:end -->"
-
 
 def _mlp(batch_size):
   model = models.MLPClassifier(hidden=(512, 512), num_classes=10)
@@ -107,20 +103,14 @@ def main():
       ["model", "step", "median ms", "ratio to non-DP", "peak MiB (XLA estimate)"], rows)
   cmd = "python scripts/benchmark_dp.py" + (f" --only {args.only}" if args.only != ",".join(
       CASES) else "") + (f" --repeats {args.repeats}" if args.repeats != 10 else "")
-  block = (f"{BEGIN}\nMeasured {datetime.date.today()} on {platform.machine()} "
-           f"({os.cpu_count()} CPU cores, backend {jax.default_backend()}, jax {jax.__version__})"
-           f" with `{cmd}`:\n\n{table}\n{END}")
+  body = (f"Measured {datetime.date.today()} on {platform.machine()} "
+          f"({os.cpu_count()} CPU cores, backend {jax.default_backend()}, jax {jax.__version__})"
+          f" with `{cmd}`:\n\n{table}")
   print("\n" + table)
   if args.no_write:
     return
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-  text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
-  if BEGIN in text:
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-  else:
-    text = text.rstrip() + "\n\n## DP-SGD vs non-DP step\n\n" + block + "\n"
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
+  reporting.write_marked_block(path, "benchmark_dp", "DP-SGD vs non-DP step", body)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Iterable, Sequence
 
 import tqdm
@@ -80,3 +81,17 @@ def plot_curves(records: Sequence[dict], path: str, *, x: str = "step",
 def progress(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:
   """A tqdm bar (to stderr; updated at most every 0.5 s)."""
   return tqdm.tqdm(total=total, initial=initial, desc=desc, mininterval=0.5, dynamic_ncols=True)
+
+
+def write_marked_block(path: str, name: str, title: str, body: str) -> None:
+  """Replaces the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in the Markdown
+  file `path` with `body` (appending a `## {title}` section with the markers if absent)."""
+  begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+  block = f"{begin}\n{body}\n{end}"
+  text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
+  if begin in text:
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+  else:
+    text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)

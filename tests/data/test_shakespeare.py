@@ -76,3 +76,13 @@ def test_real_package_parses_into_leaf_sized_federation():
   assert corpus.speeches[i][0] == "A little more than kin, and less than kind!"  # "[Aside.]" gone
   sizes = [sum(len(s) for s in sp) for sp in corpus.speeches]
   assert corpus.roles[int(np.argmax(sizes))] == "hamlet/HAM"  # the longest role in Shakespeare
+
+
+def test_word_level_windows_predict_the_next_word(tmp_path):
+  (tmp_path / "testing_gut.txt").write_text(PLAY, encoding="latin-1")
+  corpus = data.load_shakespeare(str(tmp_path))
+  tok = data.build_word_tokenizer([corpus.text()])
+  ex = data.lm_examples(corpus, tok, seq_len=4)
+  words = [w for s in corpus.speeches[0] for w in data.word_split(s)]
+  assert tok.decode(ex["inputs"][0]).split() == words[:4]
+  assert tok.decode(ex["targets"][0]).split() == words[1:5]

@@ -263,3 +263,18 @@ def test_dp_fedavg_adaptive_clip_tracks_the_target_quantile():
   assert s > 0.2 and quantile.effective_noise_multiplier(s, 0.5) == pytest.approx(0.2)
   with pytest.raises(ValueError, match="too small"):
     quantile.sum_noise_multiplier(2.0, 0.5)
+
+
+def test_federated_evaluation_equals_pooled_evaluation():
+  store, data = helpers.store(sizes=(5, 9, 16, 3, 12, 7))
+  params = helpers.init_params(1)
+  fed = fl.federated_evaluate(helpers.metrics_fn, params, store, clients_per_call=4)
+  pooled = helpers.metrics_fn(params, dict(data, mask=np.ones(len(data["label"]), bool)))
+  count = float(pooled["count"])
+  assert fed["count"] == count == 52
+  assert fed["loss"] == pytest.approx(float(pooled["loss_sum"]) / count, rel=1e-5)
+  assert fed["accuracy"] == pytest.approx(float(pooled["correct"]) / count, rel=1e-6)
+  per_client = [float(np.mean(np.argmax(helpers.MODEL.apply({"params": params}, x), -1) == y))
+                for x, y in ((data["x"][p], data["label"][p]) for p in np.split(
+                    np.arange(52), np.cumsum([5, 9, 16, 3, 12])))]
+  assert fed["client_accuracy_mean"] == pytest.approx(np.mean(per_client), rel=1e-5)

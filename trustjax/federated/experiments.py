@@ -55,6 +55,7 @@ class FederatedTask:
   vocab_size: int
   num_classes: int
   describe: str
+  test_parts: list | None = None  # held-out examples per client (index into test), if per-client
 
 
 def _embed_bow(tokens: np.ndarray, vocab_size: int, dim: int = 64, seed: int = 0) -> np.ndarray:
@@ -121,10 +122,12 @@ def load_task(cfg: ml_collections.ConfigDict) -> FederatedTask:
     test = {k: v[te] for k, v in arrays.items()}
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in train_idx])])
     parts = [np.arange(a, b) for a, b in zip(offsets[:-1], offsets[1:])]
+    toff = np.concatenate([[0], np.cumsum([len(p) for p in test_idx])])
+    test_parts = [np.arange(a, b) for a, b in zip(toff[:-1], toff[1:]) if b > a]
     return FederatedTask(train, parts, [corpus.roles[i] for i in names], test, ex["time"][tr],
                          "lm", tok.vocab_size, 0,
                          f"Shakespeare ({len(parts)} roles, {d.unit}-level, {tr.size} train / "
-                         f"{te.size} test windows of {d.seq_len})")
+                         f"{te.size} test windows of {d.seq_len})", test_parts)
   if d.name == "synthetic_nlu":
     corpus = tjdata.synthetic_nlu(d.num_examples, num_devices=d.num_devices, seed=cfg.seed)
     tr_ds, te_ds = corpus.split(d.test_fraction, seed=cfg.seed)
@@ -442,6 +445,11 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
              "clients_dropped": sum(h.get("clients_dropped", 0) for h in history),
              "median_round_seconds": float(np.median(round_times)) if round_times else None,
              "seconds": time.perf_counter() - t_start}
+  if task.test_parts and not cfg.continual.enabled:
+    # Federated evaluation on each client's own held-out data: sums per client, then reduced.
+    test_store = ClientStore(task.test, task.test_parts, min_capacity=16)
+    fed = simulate.federated_evaluate(metrics_fn, state.params, test_store)
+    summary.update({f"federated_eval_{k}": v for k, v in fed.items()})
   if cfg.continual.enabled:
     per_stage = [h for h in history if h["round"] % s.rounds == 0 and "eval_loss" in h]
     summary["continual_next_period_accuracy"] = [h.get("eval_accuracy") for h in per_stage]

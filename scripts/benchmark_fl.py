@@ -1,0 +1,159 @@
+"""One federated round: trustjax's vmapped clients vs a sequential jitted loop vs centralized SGD.
+
+  python scripts/benchmark_fl.py [--clients 100] [--repeats 3] [--no-write]
+
+Task: next-character prediction on Shakespeare speaking roles (LEAF), a character LSTM
+(embedding 8, one LSTM layer of `--hidden`), `--clients` roles drawn at random, each role's first
+`--max-windows` windows of 80 characters, one local epoch of SGD with batch 16.
+
+Rows, all on the same examples in one process:
+- trustjax: `run_round` with every client in one cohort (vmap over clients, lax.scan over local
+  steps, one compiled program, padded to the cohort's size bucket);
+- sequential: the usual simulator design (FedJAX's or Flower's simulation loop): for each client,
+  a Python loop over its minibatches calling one jitted SGD step (batches padded to 16 with a
+  mask, so it also compiles once), then the weighted average of the client models;
+- centralized: one epoch of SGD over the union of the clients' examples, batch 16, jitted step
+  (the same number of example-gradients as the round).
+Reports the median wall time of `--repeats` rounds after a warm-up, clients per second, the
+speed-up of trustjax over the sequential loop and the efficiency = centralized time / round time.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trustjax import data as tjdata
+from trustjax import models, reporting
+from trustjax import federated as fl
+
+
+def _problem(num_clients, max_windows, seed=0):
+  corpus = tjdata.load_shakespeare()
+  rng = np.random.default_rng(seed)
+  keep = np.sort(rng.choice(len(corpus), num_clients, replace=False))
+  corpus = tjdata.RoleCorpus(tuple(corpus.roles[i] for i in keep),
+                             tuple(corpus.speeches[i] for i in keep),
+                             tuple(corpus.times[i] for i in keep))
+  tok = tjdata.build_char_tokenizer([corpus.text(), "\n"], max_vocab=100)
+  ex = tjdata.lm_examples(corpus, tok, 80)
+  arrays = {k: ex[k] for k in ("inputs", "targets", "target_mask")}
+  parts, _ = fl.partition.natural(ex["client"])
+  store = fl.ClientStore(arrays, parts, min_capacity=16, max_capacity=max_windows)
+  return store, tok.vocab_size
+
+
+def _median_time(fn, repeats):
+  jax.block_until_ready(fn())  # warm-up (compiles)
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def run(num_clients, max_windows, hidden, repeats, batch_size=16, lr=1.0):
+  store, vocab = _problem(num_clients, max_windows)
+  model = models.CharLSTM(vocab_size=vocab, embed_dim=8, hidden=hidden)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 80), jnp.int32))["params"]
+  loss_fn = models.lm_loss(model)
+  ids = np.arange(store.num_clients)
+  weights = (store.counts / store.counts.sum()).astype(np.float32)
+  sel = fl.Selection(ids.astype(np.int32), weights)
+  cohort = fl.make_cohort(store, sel)
+  alg = fl.fedavg(loss_fn=loss_fn, client_lr=lr, batch_size=batch_size)
+  state = alg.init(params)
+
+  def vmapped():
+    return fl.run_round(alg, state, cohort, jax.random.key(0))[0].params
+
+  @jax.jit
+  def sgd_step(p, batch):
+    def mean_loss(q):
+      per = loss_fn(q, batch)
+      m = batch["mask"].astype(per.dtype)
+      return (per * m).sum() / jnp.maximum(m.sum(), 1.0)
+    g = jax.grad(mean_loss)(p)
+    return jax.tree_util.tree_map(lambda a, b: a - lr * b, p, g)
+
+  @jax.jit
+  def weighted_avg(models_, w):
+    return jax.tree_util.tree_map(lambda *xs: sum(wi * x for wi, x in zip(w, xs)), *models_)
+
+  client_batches = []
+  for i in ids:
+    arrays = store.client_examples(i)
+    client_batches.append([jax.device_put(b) for b in tjdata.padded_batches(
+        arrays, batch_size, shuffle=True, seed=int(i))])
+
+  def sequential():
+    outs = []
+    for batches in client_batches:
+      p = params
+      for b in batches:
+        p = sgd_step(p, b)
+      outs.append(p)
+    return weighted_avg(outs, list(weights))
+
+  pooled = {k: np.concatenate([store.client_examples(i)[k] for i in ids]) for k in store.flat}
+  central_batches = [jax.device_put(b) for b in tjdata.padded_batches(
+      pooled, batch_size, shuffle=True, seed=0)]
+
+  def centralized():
+    p = params
+    for b in central_batches:
+      p = sgd_step(p, b)
+    return p
+
+  t_v = _median_time(vmapped, repeats)
+  t_s = _median_time(sequential, repeats)
+  t_c = _median_time(centralized, repeats)
+  desc = (f"{store.num_clients} Shakespeare roles, {store.num_examples} windows of 80 chars "
+          f"(cohort padded to {cohort.examples['inputs'].shape[1]} per client), CharLSTM hidden {hidden}, "
+          f"1 local epoch, batch {batch_size}")
+  rows = [
+      ["trustjax (vmap + scan, one program)", f"{t_v * 1e3:.0f}",
+       f"{store.num_clients / t_v:.1f}", f"{t_s / t_v:.2f}x", f"{t_c / t_v:.2f}"],
+      ["sequential jitted loop over clients", f"{t_s * 1e3:.0f}",
+       f"{store.num_clients / t_s:.1f}", "1.00x", f"{t_c / t_s:.2f}"],
+      ["centralized SGD, same examples (1 epoch)", f"{t_c * 1e3:.0f}", "-", "-", "1.00"],
+  ]
+  return desc, rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--clients", type=int, default=100)
+  ap.add_argument("--max-windows", type=int, default=32)
+  ap.add_argument("--hidden", type=int, default=128)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
+  args = ap.parse_args()
+  desc, rows = run(args.clients, args.max_windows, args.hidden, args.repeats)
+  table = reporting.markdown_table(
+      ["round", "median ms", "clients / s", "speed-up vs sequential",
+       "efficiency (centralized / this)"], rows)
+  cmd = "python scripts/benchmark_fl.py" + "".join(
+      f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+      if k != "no_write" and v != ap.get_default(k))
+  body = (f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, "
+          f"backend {jax.default_backend()}, jax {jax.__version__}) with `{cmd}`; {desc}:\n\n"
+          f"{table}")
+  print(body)
+  if not args.no_write:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
+    reporting.write_marked_block(path, "benchmark_fl", "One federated round (100 clients)", body)
+
+
+if __name__ == "__main__":
+  main()
