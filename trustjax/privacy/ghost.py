@@ -37,6 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import kernels
+
 from trustjax.types import Batch, LossFn, Params
 
 _RULES = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.LayerNorm)
@@ -137,7 +139,7 @@ def _pairwise_sq_norm(a, g):
   if t * t * (i + o) <= t * i * o:
     return jnp.einsum("bts,bts->b", jnp.einsum("bti,bsi->bts", a, a),
                       jnp.einsum("bto,bso->bts", g, g))
-  return jnp.sum(jnp.square(jnp.einsum("bti,bto->bio", a, g)), axis=(1, 2))
+  return kernels.seq_dense_sq_norms(a, g)  # Pallas on GPU/TPU, the same einsum on CPU
 
 
 def _layer_terms(tap, g):
@@ -176,7 +178,7 @@ def _layer_clipped_sum(tap, g, c, layer_params):
   if tap.kind in ("dense", "dense_general"):
     a, gg = _dense_ops(tap, g)
     kshape = layer_params["kernel"].shape
-    out = {"kernel": jnp.einsum("bti,bto->io", a * c[:, None, None], gg).reshape(kshape)}
+    out = {"kernel": kernels.weighted_outer_sum(a, gg, c).reshape(kshape)}
     if tap.module.use_bias:
       bshape = layer_params["bias"].shape
       out["bias"] = jnp.einsum("bto,b->o", gg, c).reshape(bshape)
