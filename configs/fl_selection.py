@@ -33,9 +33,10 @@ def get_config(arg: str = "nlu"):
     c.data.num_examples = 20000
     c.data.num_devices = 500
     c.model.name = "bag_of_embeddings"
-    c.fl.client_lr = 0.3
+    c.fl.client_lr = 0.5
     c.fl.batch_size = 16
-    c.fl.rounds = 40
+    c.fl.local_epochs = 2
+    c.fl.rounds = 100
     c.continual.budget = 32  # utterances per device
   else:
     raise ValueError(f"unknown dataset {name!r}; expected shakespeare or nlu")

@@ -1,19 +1,25 @@
-"""DP-SGD vs non-DP step time and memory, side by side in one process.
+"""DP-SGD vs non-DP step time and memory, and Opacus on the same models, in one run.
 
-  python scripts/benchmark_dp.py [--repeats 10] [--only mlp,encoder] [--no-write]
+  python scripts/benchmark_dp.py [--repeats 10] [--only mlp,encoder] [--no-opacus] [--no-write]
 
 For each model: the non-DP step (mean loss, one backward) and the DP step (clip, sum, Gaussian
 noise) with each clipped-sum method (vmap per-example gradients; ghost norms + second backward;
-book-keeping), same model, batch and sequence length, same optimizer (Adam). Reports the median wall time over `--repeats` calls after 2 warm-up calls, the ratio to
-non-DP, and XLA's peak buffer estimate for the compiled step (arguments + outputs + temporaries,
-from `compiled.memory_analysis()`). Writes the table into BENCHMARKS.md between markers.
+book-keeping), same model, batch and sequence length, same optimizer (Adam). Reports the median
+wall time over `--repeats` calls after 2 warm-up calls, the ratio to non-DP, and XLA's peak
+buffer estimate for the compiled step (arguments + outputs + temporaries, from
+`compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a subprocess (its own
+threads) for PyTorch's non-DP step and Opacus's hooks and ghost modes on the same architecture
+and batch (Opacus rows: ratio to trustjax's non-DP step; memory not measured). A second table
+checks the targets. Writes both into BENCHMARKS.md between markers.
 """
 
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import platform
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -52,7 +58,20 @@ CASES = {
                 lambda: _encoder(32, 2, 128, 64)),
     "encoder256": ("Encoder 2x128, 4 heads, seq 64, vocab 10k, batch 256",
                    lambda: _encoder(256, 2, 128, 64)),
+    "encoder_large": ("Encoder 4x256, 4 heads, seq 128, vocab 10k, batch 64",
+                      lambda: _encoder(64, 4, 256, 128)),
 }
+
+
+def _opacus(name, repeats):
+  """Runs scripts/opacus_step.py in a subprocess; None if PyTorch/Opacus are not installed."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opacus_step.py")
+  proc = subprocess.run([sys.executable, script, "--case", name, "--repeats", str(repeats)],
+                        capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    print(f"Opacus run for {name} failed:\n{proc.stderr[-1500:]}", flush=True)
+    return None
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _peak_mib(step, state, batch) -> float:
@@ -64,8 +83,8 @@ def _peak_mib(step, state, batch) -> float:
   return total / 2 ** 20
 
 
-def run(names, repeats):
-  rows = []
+def run(names, repeats, opacus=True):
+  rows, summary = [], []
   for name in names:
     title, make = CASES[name]
     loss_fn, params, batch = make()
@@ -77,15 +96,33 @@ def run(names, repeats):
                   max_batch_size=b)
     variants = [("non-DP", None)] + [
         (f"DP {m}", dataclasses.replace(dp, method=m)) for m in ("vmap", "ghost", "bookkeeping")]
-    base = None
+    base = base_mem = None
+    dp_rows = []
     for label, cfg in variants:
       step = training.make_train_step(loss_fn, opt, cfg, donate=False)
       seconds = training.time_step(step, state, batch, repeats=repeats)
-      base = base or seconds
-      rows.append([title, label, seconds * 1e3, seconds / base, _peak_mib(step, state, batch)])
-      print(f"{title:55s} {label:8s} {seconds * 1e3:9.2f} ms  x{seconds / base:6.2f}  "
-            f"{rows[-1][-1]:8.1f} MiB", flush=True)
-  return rows
+      mem = _peak_mib(step, state, batch)
+      base, base_mem = base or seconds, base_mem or mem
+      rows.append([title, label, seconds * 1e3, seconds / base, mem])
+      if cfg is not None:
+        dp_rows.append((seconds, label, mem))
+      print(f"{title:55s} {label:18s} {seconds * 1e3:9.2f} ms  x{seconds / base:6.2f}  "
+            f"{mem:8.1f} MiB", flush=True)
+    best_s, best_label, best_mem = min(dp_rows)
+    line = [title, best_label.replace("DP ", ""), best_s / base, best_mem / base_mem]
+    op = _opacus(name, repeats) if opacus else None
+    if op is not None:
+      for key, label in (("nondp_ms", "PyTorch non-DP"), ("hooks_ms", "Opacus hooks"),
+                         ("ghost_ms", "Opacus ghost")):
+        rows.append([title, label, op[key], op[key] / (base * 1e3), "-"])
+        print(f"{title:55s} {label:18s} {op[key]:9.2f} ms  x{op[key] / (base * 1e3):6.2f}",
+              flush=True)
+      line.append(min(op["hooks_ms"], op["ghost_ms"]) / (best_s * 1e3))
+    else:
+      line.append(float("nan"))
+    ok = line[2] <= 1.25 and line[3] <= 1.2 and (line[4] != line[4] or line[4] >= 2)
+    summary.append(line + ["yes" if ok else "no"])
+  return rows, summary
 
 
 def main():
@@ -93,16 +130,23 @@ def main():
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--only", default=",".join(CASES), help=f"comma list of {list(CASES)}")
   ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
+  ap.add_argument("--no-opacus", action="store_true", help="skip the PyTorch/Opacus rows")
   args = ap.parse_args()
   names = [n for n in args.only.split(",") if n]
   unknown = sorted(set(names) - set(CASES))
   if unknown:
     ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
-  rows = run(names, args.repeats)
+  rows, summary = run(names, args.repeats, opacus=not args.no_opacus)
   table = reporting.markdown_table(
-      ["model", "step", "median ms", "ratio to non-DP", "peak MiB (XLA estimate)"], rows)
+      ["model", "step", "median ms", "ratio to non-DP (trustjax)", "peak MiB (XLA estimate)"],
+      rows)
+  table += "\n\nTargets (best DP method <= 1.25x non-DP time and <= 1.2x its peak memory, and >= 2x " \
+           "faster than Opacus's best mode):\n\n" + reporting.markdown_table(
+               ["model", "best DP method", "time ratio", "memory ratio",
+                "speed-up over Opacus's best", "all targets met"], summary)
   cmd = "python scripts/benchmark_dp.py" + (f" --only {args.only}" if args.only != ",".join(
-      CASES) else "") + (f" --repeats {args.repeats}" if args.repeats != 10 else "")
+      CASES) else "") + (f" --repeats {args.repeats}" if args.repeats != 10 else "") + (
+          " --no-opacus" if args.no_opacus else "")
   body = (f"Measured {datetime.date.today()} on {platform.machine()} "
           f"({os.cpu_count()} CPU cores, backend {jax.default_backend()}, jax {jax.__version__})"
           f" with `{cmd}`:\n\n{table}")

@@ -23,7 +23,7 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, reporting, sharding, training
-from trustjax.privacy import accounting, sampling
+from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.dp_sgd import DPConfig
 
 
@@ -121,11 +121,18 @@ class Setup:
             delta=self.delta, accountant=cfg.dp.accountant)
       max_b = cfg.dp.max_batch_size or sampling.default_max_batch_size(
           n, q, self.num_steps, multiple_of=8 * self.num_devices)
+      adaptive = None
+      if cfg.dp.adaptive:
+        adaptive = quantile.QuantileClipping(target_quantile=cfg.dp.target_quantile,
+                                             learning_rate=cfg.dp.clip_learning_rate,
+                                             count_noise_multiplier=cfg.dp.count_noise_multiplier,
+                                             initial_clip=cfg.dp.l2_clip)
       self.dp_config = DPConfig(l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=q,
                                 num_examples=n, max_batch_size=max_b,
                                 microbatch_size=cfg.dp.microbatch_size or None,
                                 method=cfg.dp.method, normalization=cfg.dp.normalization,
-                                auto_s_gamma=cfg.dp.auto_s_gamma)
+                                auto_s_gamma=cfg.dp.auto_s_gamma,
+                                per_layer=cfg.dp.per_layer or None, adaptive=adaptive)
       self.schedule = training.PoissonSchedule(self.train_arrays, self.dp_config, cfg.seed)
     else:
       bs = -(-t.batch_size // self.num_devices) * self.num_devices
@@ -137,7 +144,7 @@ class Setup:
     init_key, train_key = jax.random.split(key)
     tokens = jnp.zeros((1, self.cfg.data.max_length), jnp.int32)
     params = self.model.init(init_key, tokens)["params"]
-    return training.create_state(params, self.optimizer, train_key)
+    return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
 
 
 def _step_times(setup: Setup, state: training.TrainState) -> dict:
@@ -287,7 +294,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.accountant = "pld"  # pld | rdp
   c.dp.max_batch_size = 0  # 0 = overflow probability <= 1e-12 over the run
   c.dp.microbatch_size = 0  # 0 = whole batch at once
-  c.dp.method = "vmap"  # clipped-sum method: vmap | ghost | bookkeeping
+  c.dp.method = "auto"  # clipped-sum method: auto (= bookkeeping) | vmap | ghost | bookkeeping
+  c.dp.per_layer = ""  # "" (flat clip) | equal | by_size: per-layer thresholds, sum C_l^2 = C^2
+  c.dp.adaptive = False  # adaptive quantile clipping (Andrew et al. 2021); l2_clip = initial clip
+  c.dp.target_quantile = 0.5
+  c.dp.clip_learning_rate = 0.2
+  c.dp.count_noise_multiplier = 10.0  # sigma_b of the count; the sum's noise rises to compensate
   c.dp.normalization = "clip"  # clip (min(1, C/|g|)) | auto_s (C / (|g| + gamma))
   c.dp.auto_s_gamma = 0.01
   c.optimizer = ml_collections.ConfigDict()

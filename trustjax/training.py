@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from trustjax import reporting, sharding
 from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.privacy import accounting, sampling
-from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
+from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step, dp_sgd_step_adaptive
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
 
@@ -33,11 +33,14 @@ class TrainState:
   params: Params  # model parameters
   opt_state: optax.OptState  # optimizer state
   rng: jax.Array  # uint32 [2], raw key data; step t uses fold_in(rng, t)
+  clip: jax.Array  # float32 []: the current clip norm (adaptive clipping; else unused)
 
 
-def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey) -> TrainState:
+def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey,
+                 clip: float = 0.0) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=jax.random.key_data(rng))
+                    opt_state=optimizer.init(params), rng=jax.random.key_data(rng),
+                    clip=jnp.asarray(clip, jnp.float32))
 
 
 def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_fn: LossFn,
@@ -63,6 +66,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     if dp_config is None:
       params, opt_state, metrics = nondp_step(state.params, state.opt_state, batch,
                                               loss_fn=loss_fn, optimizer=optimizer)
+    elif dp_config.adaptive is not None:
+      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      params, opt_state, clip, metrics = dp_sgd_step_adaptive(
+          state.params, state.opt_state, state.clip, batch, key, loss_fn=loss_fn,
+          optimizer=optimizer, config=dp_config)
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                           clip=clip), metrics
     else:
       key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
       params, opt_state, metrics = dp_sgd_step(state.params, state.opt_state, batch, key,
@@ -198,6 +208,7 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
   checkpoint_every = checkpoint_every or spe
   history = writer.read() if writer else []
   sums: dict[str, float] = {}
+  latest: dict[str, float] = {}
   overflow_total = 0
   last_eval: dict = {}
   times = []
@@ -218,7 +229,10 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
     metrics = jax.device_get(metrics)
     times.append(time.perf_counter() - t0)
     for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
+      if k in ("clip", "unclipped_fraction"):  # state-like: keep the latest value
+        latest[k] = float(v)
+      else:
+        sums[k] = sums.get(k, 0.0) + float(v)
     done = step + 1
     if done % spe == 0 or done == num_steps:
       count = max(sums.get("count", 0.0), 1.0)
@@ -227,6 +241,7 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
       if "clipped" in sums:
         record["clipped_fraction"] = sums["clipped"] / count
         record["mean_grad_norm"] = sums["norm_sum"] / count
+      record.update(latest)
       if eval_fn is not None:
         last_eval = {f"eval_{k}": v for k, v in eval_fn(state.params).items()}
         record.update(last_eval)

@@ -10,7 +10,7 @@ from trustjax import models, privacy
 # op-by-op (eager) execution of vmapped transformer gradients is slow.
 clipped_grad_sum = jax.jit(privacy.clipped_grad_sum, static_argnums=0,
                            static_argnames=("l2_clip", "method", "microbatch_size",
-                                            "normalization", "gamma"))
+                                            "normalization", "gamma", "per_layer"))
 dp_sgd_step = jax.jit(privacy.dp_sgd_step, static_argnames=("loss_fn", "optimizer", "config"))
 virtual_batch_accumulate = jax.jit(privacy.virtual_batch_accumulate,
                                    static_argnames=("loss_fn", "config"))

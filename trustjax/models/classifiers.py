@@ -33,13 +33,14 @@ class BagOfEmbeddings(nn.Module):
   embed_dim: int = 64
   hidden_dim: int = 128
   pad_id: int = 0
+  dtype: jnp.dtype = jnp.float32  # computation dtype (bfloat16 = mixed precision; params f32)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
+    x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="embed")(tokens)
     h = _masked_mean(x, tokens != self.pad_id)
-    h = nn.relu(nn.Dense(self.hidden_dim, name="hidden")(h))
-    return nn.Dense(self.num_classes, name="out")(h)
+    h = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="hidden")(h))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="out")(h)
 
 
 class EncoderBlock(nn.Module):
@@ -47,17 +48,18 @@ class EncoderBlock(nn.Module):
 
   num_heads: int
   mlp_dim: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    h = nn.LayerNorm(name="ln_attn")(x)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d,
-                                        name="attn")(h, h, mask=attn_mask)
+                                        dtype=self.dtype, name="attn")(h, h, mask=attn_mask)
     x = x + h
-    h = nn.LayerNorm(name="ln_mlp")(x)
-    h = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(h))
-    return x + nn.Dense(d, name="mlp_out")(h)
+    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
+    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(h))
+    return x + nn.Dense(d, dtype=self.dtype, name="mlp_out")(h)
 
 
 class TransformerClassifier(nn.Module):
@@ -76,6 +78,7 @@ class TransformerClassifier(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 128
   pad_id: int = 0
+  dtype: jnp.dtype = jnp.float32  # computation dtype (bfloat16 = mixed precision; params f32)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -83,16 +86,17 @@ class TransformerClassifier(nn.Module):
     if length > self.max_length:
       raise ValueError(f"sequence length {length} exceeds {self.max_length=}")
     token_mask = tokens != self.pad_id
-    x = nn.Embed(self.vocab_size, self.embed_dim, name="token_embed")(tokens)
+    x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="token_embed")(tokens)
     # Position ids carry the batch axis (like token ids) so per-example DP rules see each
     # example's use of the position table.
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    x = x + nn.Embed(self.max_length, self.embed_dim, name="pos_embed")(positions)
+    x = x + nn.Embed(self.max_length, self.embed_dim, dtype=self.dtype,
+                     name="pos_embed")(positions)
     attn_mask = nn.make_attention_mask(token_mask, token_mask)
     for i in range(self.num_layers):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"block_{i}")(x, attn_mask)
-    x = nn.LayerNorm(name="ln_final")(x)
-    return nn.Dense(self.num_classes, name="head")(_masked_mean(x, token_mask))
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x, attn_mask)
+    x = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(_masked_mean(x, token_mask))
 
 
 class MLPClassifier(nn.Module):
@@ -101,12 +105,13 @@ class MLPClassifier(nn.Module):
 
   hidden: tuple[int, ...] = (512, 512)
   num_classes: int = 10
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width, name=f"dense_{i}")(x))
-    return nn.Dense(self.num_classes, name="out")(x)
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f"dense_{i}")(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="out")(x)
 
 
 def classification_loss(model: nn.Module, input_key: str = "tokens") -> Callable[[Params, Batch], jax.Array]:

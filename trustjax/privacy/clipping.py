@@ -16,7 +16,15 @@ import jax.numpy as jnp
 
 from trustjax.types import Batch, LossFn, Params, batch_size_of
 
-METHODS = ("vmap", "ghost", "bookkeeping")
+METHODS = ("auto", "vmap", "ghost", "bookkeeping")
+
+
+def resolve_method(method: str) -> str:
+  """"auto" -> the fastest method that supports every model: book-keeping (layers without a rule
+  fall back to vmap one parameter at a time). scripts/benchmark_dp.py measures the choice."""
+  if method not in METHODS:
+    raise ValueError(f"unknown clipping {method=}; implemented: {METHODS}")
+  return "bookkeeping" if method == "auto" else method
 
 
 def _single_example(loss_fn: LossFn):
@@ -74,26 +82,66 @@ def _factors(norms, mask, *, l2_clip, normalization, gamma):
   return clip_factors(norms, l2_clip, mask, normalization=normalization, gamma=gamma)
 
 
+PER_LAYER = ("equal", "by_size")
+
+
+def layer_groups(params: Params) -> dict:
+  """{top-level module name: group index} in sorted order: the layers of per-layer clipping."""
+  return {name: i for i, name in enumerate(sorted(params))}
+
+
+def layer_clips(params: Params, l2_clip, split: str):
+  """Per-group thresholds C_l with sum_l C_l^2 = C^2, so each example's clipped gradient has
+  total norm <= sqrt(sum_l C_l^2) = C and the sum's add/remove-one sensitivity stays C.
+
+  "equal": C_l = C / sqrt(L); "by_size": C_l = C * sqrt(d_l / D) (d_l parameters in group l).
+  Returns float32 [L] in the order of `layer_groups`.
+
+  Reference: McMahan et al., "Learning Differentially Private Recurrent Language Models",
+  ICLR 2018 (per-layer clipping with sum_l C_l^2 = C^2).
+  """
+  if split not in PER_LAYER:
+    raise ValueError(f"per_layer must be one of {PER_LAYER} or None, got {split=}")
+  names = sorted(params)
+  if split == "equal":
+    w = jnp.ones(len(names), jnp.float32)
+  else:
+    w = jnp.asarray([sum(x.size for x in jax.tree_util.tree_leaves(params[n])) for n in names],
+                    jnp.float32)
+  return l2_clip * jnp.sqrt(w / w.sum())
+
+
 def _chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float, method: str,
-           factors_fn):
+           factors_fn, per_layer: str | None = None):
+  group_of = layer_groups(params) if per_layer else None
   if method != "vmap":
     from trustjax.privacy import ghost  # pylint: disable=import-outside-toplevel
     return ghost.clipped_grad_sum_fast(loss_fn, params, batch, method=method,
-                                       factors_fn=factors_fn)
+                                       factors_fn=factors_fn, group_of=group_of)
   mask = batch["mask"]
+  m = mask.astype(jnp.float32)
   losses, grads = jax.vmap(jax.value_and_grad(_single_example(loss_fn)), in_axes=(None, 0))(
       params, batch)
-  norms = jnp.sqrt(tree_sq_norms(grads))
-  factors = factors_fn(norms, mask)
-  summed = jax.tree_util.tree_map(
-      lambda g: jnp.einsum("b,b...->...", factors, g.astype(jnp.float32)), grads)
-  m = mask.astype(jnp.float32)
+  if group_of is None:
+    norms = jnp.sqrt(tree_sq_norms(grads))
+    factors = factors_fn(norms, mask)
+    summed = jax.tree_util.tree_map(
+        lambda g: jnp.einsum("b,b...->...", factors, g.astype(jnp.float32)), grads)
+  else:
+    names = sorted(group_of)
+    group_sq = jnp.stack([tree_sq_norms(grads[n]) for n in names], axis=1)  # [B, L]
+    norms = jnp.sqrt(group_sq.sum(1))
+    factors = factors_fn(jnp.sqrt(group_sq) * m[:, None], mask[:, None])
+    summed = {n: jax.tree_util.tree_map(
+        lambda g, j=group_of[n]: jnp.einsum("b,b...->...", factors[:, j], g.astype(jnp.float32)),
+        grads[n]) for n in names}
   return summed, {"norms": norms * m, "losses": losses.astype(jnp.float32) * m}
 
 
 def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: float,
-                     method: str = "vmap", microbatch_size: int | None = None,
-                     normalization: str = "clip", gamma: float = 0.01):
+                     method: str = "auto", microbatch_size: int | None = None,
+                     normalization: str = "clip", gamma: float = 0.01,
+                     per_layer: str | None = None):
   """Sum over real rows of per-example gradients, each clipped to L2 norm `l2_clip`.
 
   Args:
@@ -101,7 +149,8 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
     params: model parameters.
     batch: dict of arrays [B, ...]; `batch["mask"]` (bool [B]) marks real rows (default: all).
     l2_clip: clipping norm C > 0.
-    method: "vmap" (per-example gradients by `jax.vmap`, the reference), "ghost" (per-example
+    method: "auto" (= "bookkeeping", the fastest here), "vmap" (per-example gradients by
+      `jax.vmap`, the reference), "ghost" (per-example
       norms from layer inputs and output gradients, then a second backward pass on the
       clip-weighted loss) or "bookkeeping" (the clipped sum from the same recorded inputs and
       output gradients, no second backward). See `privacy.ghost` for the layer rules.
@@ -110,23 +159,28 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
       gradients. The result is the same sum.
     normalization: "clip" (min(1, C/||g||)) or "auto_s" (C / (||g|| + gamma)); see clip_factors.
     gamma: the AUTO-S stability constant.
+    per_layer: None (one flat clip over all parameters), or "equal" / "by_size": each top-level
+      layer l is clipped separately to C_l (see `layer_clips`; sum_l C_l^2 = C^2, so the
+      sensitivity is still C). With methods "vmap" and "bookkeeping".
 
   Returns:
     (clipped_sum, aux): clipped_sum has the structure of `params` in float32; aux has "norms"
     [B] (unclipped per-example gradient norms) and "losses" [B], both 0 on padded rows.
   """
-  if not l2_clip > 0:
+  if isinstance(l2_clip, (int, float)) and not l2_clip > 0:  # arrays: adaptive clipping
     raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
-  if method not in METHODS:
-    raise ValueError(f"unknown clipping {method=}; implemented: {METHODS}")
+  method = resolve_method(method)
   check_normalization(normalization, gamma)
-  factors_fn = functools.partial(_factors, l2_clip=l2_clip, normalization=normalization,
+  if per_layer is not None and method == "ghost":
+    raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap', got 'ghost'")
+  clip = layer_clips(params, l2_clip, per_layer) if per_layer else l2_clip
+  factors_fn = functools.partial(_factors, l2_clip=clip, normalization=normalization,
                                  gamma=gamma)
   b = batch_size_of(batch)
   batch = dict(batch)
   batch["mask"] = batch.get("mask", jnp.ones((b,), bool))
   if microbatch_size is None or microbatch_size >= b:
-    return _chunk(loss_fn, params, batch, l2_clip, method, factors_fn)
+    return _chunk(loss_fn, params, batch, l2_clip, method, factors_fn, per_layer)
   if microbatch_size <= 0:
     raise ValueError(f"microbatch_size must be positive, got {microbatch_size=}")
   chunks = -(-b // microbatch_size)
@@ -140,7 +194,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
   zero = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
   def body(acc, chunk):
-    summed, aux = _chunk(loss_fn, params, chunk, l2_clip, method, factors_fn)
+    summed, aux = _chunk(loss_fn, params, chunk, l2_clip, method, factors_fn, per_layer)
     return jax.tree_util.tree_map(jnp.add, acc, summed), aux
 
   total, aux = jax.lax.scan(body, zero, stacked)

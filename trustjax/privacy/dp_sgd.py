@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from trustjax.privacy import accounting, sampling
-from trustjax.privacy.clipping import METHODS, check_normalization, clipped_grad_sum
+from trustjax.privacy import accounting, quantile, sampling
+from trustjax.privacy.clipping import METHODS, PER_LAYER, check_normalization, clipped_grad_sum
 from trustjax.privacy.noise import privatize
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -31,11 +31,18 @@ class DPConfig:
     sampling_rate: Poisson sampling probability q.
     num_examples: N, the training-set size (expected batch size = q * N).
     max_batch_size: static padded batch size for Poisson batches (see privacy.sampling).
-    method: clipping method (see clipping.clipped_grad_sum).
+    method: clipping method (see clipping.clipped_grad_sum); "auto" = book-keeping.
     microbatch_size: rows per chunk when computing the clipped sum (bounds memory).
     normalization: "clip" (min(1, C/||g||)) or "auto_s" (C / (||g|| + gamma), Bu et al. 2023);
       both bound each example's contribution by C, so the accounting is the same.
     auto_s_gamma: gamma of AUTO-S.
+    per_layer: None, "equal" or "by_size": clip each top-level layer separately with thresholds
+      C_l, sum_l C_l^2 = C^2 (clipping.layer_clips); the sensitivity stays C.
+    adaptive: optional `quantile.QuantileClipping`: the clip norm follows a private estimate of a
+      quantile of the per-example norms (Andrew et al. 2021) and is state (`dp_sgd_step_adaptive`);
+      `noise_multiplier` is then the effective multiplier of the sum and the count together, the
+      one the ledger records, and the sum's own noise is raised to
+      `sum_noise_multiplier` accordingly. `l2_clip` is ignored in favour of adaptive.initial_clip.
   """
 
   l2_clip: float
@@ -43,10 +50,12 @@ class DPConfig:
   sampling_rate: float
   num_examples: int
   max_batch_size: int
-  method: str = "vmap"
+  method: str = "auto"
   microbatch_size: int | None = None
   normalization: str = "clip"
   auto_s_gamma: float = 0.01
+  per_layer: str | None = None
+  adaptive: quantile.QuantileClipping | None = None
 
   def __post_init__(self):
     if not self.l2_clip > 0:
@@ -67,6 +76,20 @@ class DPConfig:
       raise ValueError(f"auto_s_gamma must be positive, got auto_s_gamma={self.auto_s_gamma}")
     if self.microbatch_size is not None and self.microbatch_size <= 0:
       raise ValueError(f"microbatch_size must be positive, got microbatch_size={self.microbatch_size}")
+    if self.per_layer is not None and self.per_layer not in PER_LAYER:
+      raise ValueError(f"per_layer must be one of {PER_LAYER} or None, got per_layer={self.per_layer!r}")
+    if self.per_layer is not None and self.method == "ghost":  # "auto" is book-keeping
+      raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap', got 'ghost'")
+    if self.adaptive is not None:
+      self.sum_noise_multiplier  # pylint: disable=pointless-statement  (validates the split)
+
+  @property
+  def sum_noise_multiplier(self) -> float:
+    """The noise multiplier applied to the clipped sum (raised when the clip is adaptive)."""
+    if self.adaptive is None:
+      return self.noise_multiplier
+    return quantile.sum_noise_multiplier(self.noise_multiplier,
+                                         self.adaptive.count_noise_multiplier)
 
   @property
   def expected_batch_size(self) -> float:
@@ -82,10 +105,12 @@ class DPConfig:
                   steps=steps, overflow_probability=self.overflow_probability)
 
 
-def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig):
-  return clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip, method=config.method,
+def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig, clip=None):
+  return clipped_grad_sum(loss_fn, params, batch,
+                          l2_clip=config.l2_clip if clip is None else clip, method=config.method,
                           microbatch_size=config.microbatch_size,
-                          normalization=config.normalization, gamma=config.auto_s_gamma)
+                          normalization=config.normalization, gamma=config.auto_s_gamma,
+                          per_layer=config.per_layer)
 
 
 def _metrics(aux: dict, mask: jax.Array, l2_clip: float) -> dict:
@@ -109,6 +134,8 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   Returns:
     (params, opt_state, metrics) with metrics as sums: loss_sum, count, clipped, norm_sum.
   """
+  if config.adaptive is not None:
+    raise ValueError("config.adaptive is set: use dp_sgd_step_adaptive, which carries the clip")
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
   grads = privatize(grad_sum, key, l2_clip=config.l2_clip,
                     noise_multiplier=config.noise_multiplier,
@@ -116,6 +143,37 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   updates, opt_state = optimizer.update(grads, opt_state, params)
   params = optax.apply_updates(params, updates)
   return params, opt_state, _metrics(aux, batch["mask"], config.l2_clip)
+
+
+def dp_sgd_step_adaptive(params: Params, opt_state: optax.OptState, clip: jax.Array, batch: Batch,
+                         key: PRNGKey, *, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                         config: DPConfig):
+  """DP-SGD with adaptive quantile clipping (Andrew et al., NeurIPS 2021).
+
+  The batch's gradients are clipped to the current `clip`; the sum gets noise with multiplier
+  `config.sum_noise_multiplier`; the fraction of norms <= clip is released with noise
+  (quantile.update_clip) and moves the clip for the next step. Sum and count together cost one
+  Gaussian mechanism with multiplier `config.noise_multiplier`, which `config.record` puts in the
+  ledger, so the reported epsilon includes the clip's estimate.
+
+  Returns:
+    (params, opt_state, next clip, metrics) with metrics as in dp_sgd_step plus "clip" (the
+    clip used this step) and "unclipped_fraction" (the noisy estimate).
+  """
+  if config.adaptive is None:
+    raise ValueError("dp_sgd_step_adaptive needs config.adaptive (a QuantileClipping)")
+  k_sum, k_count = jax.random.split(key)
+  grad_sum, aux = _clipped_sum(loss_fn, params, batch, config, clip)
+  grads = privatize(grad_sum, k_sum, l2_clip=clip, noise_multiplier=config.sum_noise_multiplier,
+                    expected_batch_size=config.expected_batch_size)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  new_clip, frac = quantile.update_clip(clip, aux["norms"], batch["mask"], k_count,
+                                        expected_count=config.expected_batch_size,
+                                        config=config.adaptive)
+  metrics = _metrics(aux, batch["mask"], clip)
+  metrics.update(clip=clip, unclipped_fraction=frac)
+  return params, opt_state, new_clip, metrics
 
 
 class VirtualBatch(NamedTuple):

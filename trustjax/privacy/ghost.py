@@ -221,11 +221,13 @@ def _set(tree, path, value):
 
 
 def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, method: str,
-                          factors_fn):
+                          factors_fn, group_of: dict | None = None):
   """The clipped sum by "ghost" or "bookkeeping" (see the module docstring).
 
   Called by `clipping.clipped_grad_sum`, which supplies `factors_fn(norms, mask) -> c` (the
-  clipping rule). Same contract: returns (clipped_sum, {"norms", "losses",
+  clipping rule). With `group_of` (top-level module name -> group index; per-layer clipping,
+  book-keeping only) norms and factors are [B, groups] and each layer is weighted by its group's
+  factor. Same contract: returns (clipped_sum, {"norms", "losses",
   "vmap_fallback_leaves"}), padded rows contribute nothing; the last counts the parameter leaves
   no rule covered (their per-example gradients came from vmap). Assumes each example's loss
   depends only on that example's inputs (no cross-example layers such as batch norm), and that
@@ -263,7 +265,12 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   by_key = dict(zip(_keys(taps), taps))
 
   # 3) Per-example squared norms, rule by rule; which params each rule covered.
-  sq = jnp.zeros((b,), jnp.float32)
+  if group_of is not None and method == "ghost":
+    raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap' (ghost's second "
+                     "backward pass can weight each example by one factor only)")
+  num_groups = 1 if group_of is None else max(group_of.values()) + 1
+  gid = (lambda path: 0) if group_of is None else (lambda path: group_of[path[0]])
+  sq = jnp.zeros((b, num_groups), jnp.float32)
   covered = set()
   terms = {}
   for key, g in out_grads.items():
@@ -273,7 +280,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
       continue
     terms[key] = tap
     for name, v in t.items():
-      sq = sq + v
+      sq = sq.at[:, gid(tap.path)].add(v)
       covered.add(tap.path + (name,))
 
   # 4) Vmap fallback for every parameter no rule covered.
@@ -289,11 +296,17 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
 
     sub = [_get(params, p) for p in rest]
     rest_grads = jax.vmap(jax.grad(loss_rest), in_axes=(None, 0))(sub, batch)
-    for gr in rest_grads:
-      sq = sq + jnp.sum(jnp.square(gr.astype(jnp.float32)).reshape(b, -1), axis=1)
+    for path, gr in zip(rest, rest_grads):
+      sq = sq.at[:, gid(path)].add(jnp.sum(jnp.square(gr.astype(jnp.float32)).reshape(b, -1),
+                                           axis=1))
 
-  norms = jnp.sqrt(sq) * mask
-  c = factors_fn(norms, mask)
+  norms = jnp.sqrt(sq.sum(1)) * mask
+  if group_of is None:
+    c = factors_fn(norms, mask)
+    c_of = lambda path: c
+  else:
+    c = factors_fn(jnp.sqrt(sq) * mask[:, None], mask[:, None])  # [B, groups]
+    c_of = lambda path: c[:, gid(path)]
 
   # 5) The clipped sum.
   if method == "ghost":
@@ -302,9 +315,10 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   else:
     total = _copy(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params))
     for key, tap in terms.items():
-      for name, v in _layer_clipped_sum(tap, out_grads[key], c, _get(params, tap.path)).items():
+      for name, v in _layer_clipped_sum(tap, out_grads[key], c_of(tap.path),
+                                        _get(params, tap.path)).items():
         _set(total, tap.path + (name,), v)
     for path, gr in zip(rest, rest_grads or []):
-      _set(total, path, jnp.einsum("b,b...->...", c, gr.astype(jnp.float32)))
+      _set(total, path, jnp.einsum("b,b...->...", c_of(path), gr.astype(jnp.float32)))
   return total, {"norms": norms, "losses": losses * mask,
                  "vmap_fallback_leaves": jnp.asarray(len(rest), jnp.int32)}

@@ -1,0 +1,80 @@
+"""Prints the README's federated result tables from finished run folders.
+
+  python scripts/fl_tables.py [--results results]
+
+Reads results/fl_snips_<partition>[_seed<s>]/summary.json (mean and sample std over the seeds
+found) and results/fl_selection_*/summary.json.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from trustjax import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PARTITIONS = (("iid", "iid"), ("10", "Dir alpha=10"), ("1", "Dir alpha=1"), ("0.1", "Dir alpha=0.1"))
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "scaffold", "centralized")
+
+
+def _load(path):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def snips_table(root):
+  rows = []
+  for part, label in PARTITIONS:
+    runs = sorted(glob.glob(os.path.join(root, f"fl_snips_{part}")) +
+                  glob.glob(os.path.join(root, f"fl_snips_{part}_seed*")))
+    runs = [r for r in runs if os.path.exists(os.path.join(r, "summary.json"))]
+    if not runs:
+      continue
+    acc = {s: [] for s in STRATEGIES}
+    for r in runs:
+      for st in _load(os.path.join(r, "summary.json"))["strategies"]:
+        acc[st["strategy"]].append(100 * st["final_eval_accuracy"])
+    cell = lambda v: (f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else
+                      f"{v[0]:.1f}" if v else "-")
+    rows.append([label, len(runs)] + [cell(acc[s]) for s in STRATEGIES])
+  return reporting.markdown_table(["partition", "seeds"] + list(STRATEGIES), rows)
+
+
+def selection_table(root):
+  rows = []
+  for name, label in (("shakespeare", "Shakespeare roles"), ("nlu", "NLU corpus by device")):
+    for setting in ("", "_continual"):
+      path = os.path.join(root, f"fl_selection_{name}{setting}", "summary.json")
+      if not os.path.exists(path):
+        continue
+      by = {s["strategy"]: s for s in _load(path)["strategies"]}
+      for strategy in ("uniform", "by_activity"):
+        s = by[strategy]
+        if setting:
+          per = ", ".join(f"{100 * a:.1f}" for a in s["continual_next_period_accuracy"])
+          rows.append([label, "continual", strategy, f"{100 * s['continual_mean_accuracy']:.1f}",
+                       per])
+        else:
+          extra = (f"client p10 {100 * s['federated_eval_client_accuracy_p10']:.1f}"
+                   if "federated_eval_client_accuracy_p10" in s else "")
+          rows.append([label, "static", strategy, f"{100 * s['final_eval_accuracy']:.1f}", extra])
+  return reporting.markdown_table(
+      ["data", "setting", "selection", "accuracy %", "next-period accuracies % / notes"], rows)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--results", default="results")
+  args = ap.parse_args()
+  print(snips_table(args.results))
+  print()
+  print(selection_table(args.results))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,152 @@
+"""Times one Opacus DP-SGD step (and a plain PyTorch step) for benchmark_dp.py; run in its own
+process so PyTorch and JAX do not share threads.
+
+  python scripts/opacus_step.py --case mlp --repeats 10
+
+Prints one JSON line: {"case", "nondp_ms", "hooks_ms", "ghost_ms", "torch", "opacus"}. The models
+mirror benchmark_dp.py's: the MLP 784-512-512-10 and a pre-LN transformer encoder classifier
+(token + position embeddings, blocks of LayerNorm -> multi-head self-attention -> residual,
+LayerNorm -> GELU MLP (4x) -> residual, final LayerNorm, masked mean pooling, linear head), with
+Opacus's DPMultiheadAttention (what `ModuleValidator.fix` puts in place of nn.MultiheadAttention).
+Same optimizer (Adam), batch and sequence length. CPU threads = the machine's cores.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import opacus
+import torch
+from opacus.layers import DPMultiheadAttention
+
+
+class MLP(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(),
+                                   torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                   torch.nn.Linear(512, 10))
+
+  def forward(self, x):
+    return self.net(x)
+
+
+class Block(torch.nn.Module):
+
+  def __init__(self, d, heads):
+    super().__init__()
+    self.ln1 = torch.nn.LayerNorm(d)
+    self.attn = DPMultiheadAttention(d, heads, batch_first=True)
+    self.ln2 = torch.nn.LayerNorm(d)
+    self.mlp_in = torch.nn.Linear(d, 4 * d)
+    self.mlp_out = torch.nn.Linear(4 * d, d)
+
+  def forward(self, x, pad):
+    h = self.ln1(x)
+    h, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
+    x = x + h
+    return x + self.mlp_out(torch.nn.functional.gelu(self.mlp_in(self.ln2(x))))
+
+
+class Encoder(torch.nn.Module):
+
+  def __init__(self, vocab, seq, d, layers, heads, classes=2):
+    super().__init__()
+    self.tok = torch.nn.Embedding(vocab, d)
+    self.pos = torch.nn.Embedding(seq, d)
+    self.blocks = torch.nn.ModuleList([Block(d, heads) for _ in range(layers)])
+    self.ln = torch.nn.LayerNorm(d)
+    self.head = torch.nn.Linear(d, classes)
+
+  def forward(self, tokens):
+    pad = tokens == 0
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+    x = self.tok(tokens) + self.pos(pos)
+    for blk in self.blocks:
+      x = blk(x, pad)
+    x = self.ln(x)
+    m = (~pad).float().unsqueeze(-1)
+    return self.head((x * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+
+CASES = {
+    "mlp": (lambda: MLP(), 256, None),
+    "encoder": (lambda: Encoder(10000, 64, 128, 2, 4), 32, 64),
+    "encoder256": (lambda: Encoder(10000, 64, 128, 2, 4), 256, 64),
+    "encoder_large": (lambda: Encoder(10000, 128, 256, 4, 4), 64, 128),
+}
+
+
+def _data(case, batch, seq):
+  g = torch.Generator().manual_seed(0)
+  if seq is None:
+    x = torch.randn(batch, 784, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+  else:
+    x = torch.randint(1, 10000, (batch, seq), generator=g)
+    y = torch.randint(0, 2, (batch,), generator=g)
+  return x, y
+
+
+def _time(step, repeats):
+  for _ in range(2):
+    step()
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    step()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts)) * 1e3
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--case", choices=list(CASES), required=True)
+  ap.add_argument("--repeats", type=int, default=10)
+  args = ap.parse_args()
+  build, batch, seq = CASES[args.case]
+  x, y = _data(args.case, batch, seq)
+  dataset = torch.utils.data.TensorDataset(x, y)
+  out = {"case": args.case, "torch": torch.__version__, "opacus": opacus.__version__,
+         "threads": torch.get_num_threads()}
+
+  torch.manual_seed(0)
+  model = build()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def plain():
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()
+
+  out["nondp_ms"] = _time(plain, args.repeats)
+
+  for mode in ("hooks", "ghost"):
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch)
+    engine = opacus.PrivacyEngine()
+    made = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+                               criterion=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0,
+                               max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode)
+    if mode == "ghost":
+      dp_model, dp_opt, criterion, _ = made
+    else:
+      dp_model, dp_opt, _ = made
+      criterion = torch.nn.CrossEntropyLoss()
+
+    def step(dp_model=dp_model, dp_opt=dp_opt, criterion=criterion):
+      dp_opt.zero_grad()
+      criterion(dp_model(x), y).backward()
+      dp_opt.step()
+
+    out[f"{mode}_ms"] = _time(step, args.repeats)
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
