@@ -125,3 +125,14 @@ def test_script_reports_bad_input_and_writes_nothing(tmp_path):
   assert proc.returncode != 0
   assert "alpha must be > 0, got alpha=-0.5" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_resume_refuses_changed_hyperparameters(tmp_path):
+  experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path, **{"fl.rounds": 1}),
+                  show_progress=False)
+  with pytest.raises(ValueError, match="fl.client_lr"):
+    experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path, **{"fl.client_lr": 0.01}),
+                    show_progress=False)
+  # More rounds is a resume.
+  experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path, **{"fl.rounds": 2}),
+                  show_progress=False)

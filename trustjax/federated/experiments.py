@@ -483,12 +483,12 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.exists(cfg_path):
     with open(cfg_path, encoding="utf-8") as f:
-      old = json.load(f)
-    new = json.loads(cfg.to_json_best_effort())
-    for k in ("data", "model", "continual", "seed"):
-      if old.get(k) != new.get(k):
-        raise ValueError(f"{workdir} holds a run with a different config.{k}; resume needs the "
-                         f"same data, model and seed (or pick another run_name)")
+      old = _resume_view(json.load(f))
+    new = _resume_view(json.loads(cfg.to_json_best_effort()))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+      raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
+                       "a resume may only change fl.rounds (pick another run_name)")
   with open(cfg_path, "w", encoding="utf-8") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   summaries = []
@@ -501,6 +501,22 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   _plot(workdir, cfg)
   _report(workdir, summary)
   return summary
+
+
+def _resume_view(cfg: dict) -> dict:
+  """The config minus what a resume may change: the number of rounds and the results folder."""
+  cfg = copy.deepcopy(cfg)
+  cfg.pop("results_dir", None)
+  cfg.get("fl", {}).pop("rounds", None)
+  for over in cfg.get("strategies", {}).values():
+    over.pop("rounds", None)
+  flat = {}
+  for k, v in cfg.items():
+    if isinstance(v, dict):
+      flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+    else:
+      flat[k] = v
+  return flat
 
 
 def _plot(workdir: str, cfg) -> None:
