@@ -35,7 +35,7 @@ def get_config(arg: str = ""):
   c.fl.dp.delta = 1e-4  # < 1 / 2000 users
   c.fl.dp.count_noise_multiplier = 10.0  # ~ expected cohort / 20 (Andrew et al.)
   c.strategies = {
-      "fedavg_nondp": {"algorithm": "fedavg", "server_lr": 1.0},
+      "fedavg_nondp": {"algorithm": "fedopt", "server_optimizer": "momentum"},  # same server
       "dp_fedavg": {"dp": {"enabled": True}},
       "dp_fedavg_adaptive": {"dp": {"enabled": True, "adaptive": True}},
   }

@@ -3,7 +3,8 @@
   python scripts/benchmark_fl.py [--clients 100] [--repeats 3] [--no-write]
 
 Task: next-character prediction on Shakespeare speaking roles (LEAF), a character LSTM
-(embedding 8, one LSTM layer of `--hidden`), `--clients` roles drawn at random, each role's first
+(embedding 8, one LSTM layer of each width in `--hidden`: 128, compute-bound on a CPU, and 16,
+where per-call overhead dominates), `--clients` roles drawn at random, each role's first
 `--max-windows` windows of 80 characters, one local epoch of SGD with batch 16.
 
 Rows, all on the same examples in one process:
@@ -119,14 +120,15 @@ def run(num_clients, max_windows, hidden, repeats, batch_size=16, lr=1.0):
   t_s = _median_time(sequential, repeats)
   t_c = _median_time(centralized, repeats)
   desc = (f"{store.num_clients} Shakespeare roles, {store.num_examples} windows of 80 chars "
-          f"(cohort padded to {cohort.examples['inputs'].shape[1]} per client), CharLSTM hidden {hidden}, "
-          f"1 local epoch, batch {batch_size}")
+          f"(cohort padded to {cohort.examples['inputs'].shape[1]} per client), 1 local epoch, "
+          f"batch {batch_size}")
+  m = f"LSTM {hidden}"
   rows = [
-      ["trustjax (vmap + scan, one program)", f"{t_v * 1e3:.0f}",
+      [m, "trustjax (vmap + scan, one program)", f"{t_v * 1e3:.0f}",
        f"{store.num_clients / t_v:.1f}", f"{t_s / t_v:.2f}x", f"{t_c / t_v:.2f}"],
-      ["sequential jitted loop over clients", f"{t_s * 1e3:.0f}",
+      [m, "sequential jitted loop over clients", f"{t_s * 1e3:.0f}",
        f"{store.num_clients / t_s:.1f}", "1.00x", f"{t_c / t_s:.2f}"],
-      ["centralized SGD, same examples (1 epoch)", f"{t_c * 1e3:.0f}", "-", "-", "1.00"],
+      [m, "centralized SGD, same examples (1 epoch)", f"{t_c * 1e3:.0f}", "-", "-", "1.00"],
   ]
   return desc, rows
 
@@ -135,13 +137,16 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--clients", type=int, default=100)
   ap.add_argument("--max-windows", type=int, default=32)
-  ap.add_argument("--hidden", type=int, default=128)
+  ap.add_argument("--hidden", default="128,16", help="comma list of LSTM widths")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
   args = ap.parse_args()
-  desc, rows = run(args.clients, args.max_windows, args.hidden, args.repeats)
+  rows = []
+  for h in [int(x) for x in args.hidden.split(",")]:
+    desc, r = run(args.clients, args.max_windows, h, args.repeats)
+    rows += r
   table = reporting.markdown_table(
-      ["round", "median ms", "clients / s", "speed-up vs sequential",
+      ["model", "round", "median ms", "clients / s", "speed-up vs sequential",
        "efficiency (centralized / this)"], rows)
   cmd = "python scripts/benchmark_fl.py" + "".join(
       f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
