@@ -38,15 +38,18 @@ class Block(torch.nn.Module):
   def __init__(self, d, heads):
     super().__init__()
     self.ln1 = torch.nn.LayerNorm(d)
-    self.attn = DPMultiheadAttention(d, heads, batch_first=True)
+    # Sequence-first: Opacus 1.6's batch_first=True path reshapes its output without moving the
+    # head axis back (mixing heads and positions); same FLOPs, but the sequence-first path is the
+    # same function as the JAX model.
+    self.attn = DPMultiheadAttention(d, heads)
     self.ln2 = torch.nn.LayerNorm(d)
     self.mlp_in = torch.nn.Linear(d, 4 * d)
     self.mlp_out = torch.nn.Linear(4 * d, d)
 
   def forward(self, x, pad):
-    h = self.ln1(x)
+    h = self.ln1(x).transpose(0, 1)
     h, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
-    x = x + h
+    x = x + h.transpose(0, 1)
     return x + self.mlp_out(torch.nn.functional.gelu(self.mlp_in(self.ln2(x))))
 
 

@@ -88,3 +88,105 @@ def test_sequence_model_norms_equal_opacus(method):
   _dense_to_torch(tm.out, params["out"])
   ref = _opacus_norms(tm, torch.tensor(tokens), torch.tensor(y))
   np.testing.assert_allclose(aux["norms"], ref, rtol=1e-4)
+
+
+class _TorchAttention(torch.nn.Module):
+  """Multi-head self-attention from four nn.Linear layers (batch first), the layout of Flax's
+  MultiHeadDotProductAttention; Opacus computes their per-sample gradients natively. (Opacus
+  1.6's DPMultiheadAttention(batch_first=True) reshapes its [batch * heads, length, head_dim]
+  output straight to [batch, length, dim], mixing heads and positions, so it is not used here.)"""
+
+  def __init__(self, d, heads):
+    super().__init__()
+    self.heads = heads
+    self.qlinear, self.klinear, self.vlinear, self.out_proj = (
+        torch.nn.Linear(d, d) for _ in range(4))
+
+  def forward(self, x):
+    b, t, d = x.shape
+    split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+    q, k, v = split(self.qlinear(x)), split(self.klinear(x)), split(self.vlinear(x))
+    a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+    return self.out_proj((a @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _TorchBlock(torch.nn.Module):
+  """The pre-LN encoder block of models.EncoderBlock in PyTorch, with Opacus's attention."""
+
+  def __init__(self, d, heads, mlp):
+    super().__init__()
+    self.ln_attn = torch.nn.LayerNorm(d, eps=1e-6)
+    self.attn = _TorchAttention(d, heads)
+    self.ln_mlp = torch.nn.LayerNorm(d, eps=1e-6)
+    self.mlp_in = torch.nn.Linear(d, mlp)
+    self.mlp_out = torch.nn.Linear(mlp, d)
+
+  def forward(self, x):
+    x = x + self.attn(self.ln_attn(x))
+    h = torch.nn.functional.gelu(self.mlp_in(self.ln_mlp(x)), approximate="tanh")
+    return x + self.mlp_out(h)
+
+
+class _TorchEncoder(torch.nn.Module):
+
+  def __init__(self, vocab, length, d, heads, mlp, classes):
+    super().__init__()
+    self.tok = torch.nn.Embedding(vocab, d)
+    self.pos = torch.nn.Embedding(length, d)
+    self.block = _TorchBlock(d, heads, mlp)
+    self.ln = torch.nn.LayerNorm(d, eps=1e-6)
+    self.head = torch.nn.Linear(d, classes)
+
+  def forward(self, tokens):
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+    x = self.ln(self.block(self.tok(tokens) + self.pos(pos)))
+    return self.head(x.mean(1))  # no padding in this test: the masked mean is the mean
+
+
+def _ln_to_torch(layer, p):
+  layer.weight.data = torch.tensor(np.asarray(p["scale"]).copy())
+  layer.bias.data = torch.tensor(np.asarray(p["bias"]).copy())
+
+
+def _qkv_to_torch(layer, p, d):
+  layer.weight.data = torch.tensor(np.asarray(p["kernel"]).reshape(d, d).T.copy())
+  layer.bias.data = torch.tensor(np.asarray(p["bias"]).reshape(d).copy())
+
+
+@pytest.mark.parametrize("method", ["vmap", "bookkeeping"])
+def test_transformer_encoder_norms_equal_opacus(method):
+  """The attention encoder (Embed, LayerNorm, DenseGeneral q/k/v/out, Dense MLP and head):
+  per-example norms equal Opacus's per-sample gradients of the same network in PyTorch."""
+  vocab, length, d, heads, mlp = 25, 6, 8, 2, 16
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(1, vocab, (5, length))  # no padding id
+  y = rng.integers(0, 3, 5)
+  model = models.TransformerClassifier(vocab_size=vocab, num_classes=3, max_length=length,
+                                       embed_dim=d, num_layers=1, num_heads=heads, mlp_dim=mlp)
+  params = model.init(jax.random.key(3), jnp.asarray(tokens, jnp.int32))["params"]
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # LayerNorm biases away from 0
+  batch = {"tokens": jnp.asarray(tokens, jnp.int32), "label": jnp.asarray(y),
+           "mask": jnp.ones(5, bool)}
+  _, aux = clipped_grad_sum(models.classification_loss(model), params, batch, l2_clip=1e9,
+                            method=method)
+  tm = _TorchEncoder(vocab, length, d, heads, mlp, 3)
+  tm.tok.weight.data = torch.tensor(np.asarray(params["token_embed"]["embedding"]).copy())
+  tm.pos.weight.data = torch.tensor(np.asarray(params["pos_embed"]["embedding"]).copy())
+  blk = params["block_0"]
+  _ln_to_torch(tm.block.ln_attn, blk["ln_attn"])
+  _ln_to_torch(tm.block.ln_mlp, blk["ln_mlp"])
+  for name, layer in (("query", tm.block.attn.qlinear), ("key", tm.block.attn.klinear),
+                      ("value", tm.block.attn.vlinear)):
+    _qkv_to_torch(layer, blk["attn"][name], d)
+  tm.block.attn.out_proj.weight.data = torch.tensor(
+      np.asarray(blk["attn"]["out"]["kernel"]).reshape(d, d).T.copy())
+  tm.block.attn.out_proj.bias.data = torch.tensor(np.asarray(blk["attn"]["out"]["bias"]).copy())
+  _dense_to_torch(tm.block.mlp_in, blk["mlp_in"])
+  _dense_to_torch(tm.block.mlp_out, blk["mlp_out"])
+  _ln_to_torch(tm.ln, params["ln_final"])
+  _dense_to_torch(tm.head, params["head"])
+  logits = model.apply({"params": params}, batch["tokens"])
+  np.testing.assert_allclose(tm(torch.tensor(tokens)).detach().numpy(), logits, rtol=1e-4,
+                             atol=1e-5)  # same function first
+  ref = _opacus_norms(tm, torch.tensor(tokens), torch.tensor(y))
+  np.testing.assert_allclose(aux["norms"], ref, rtol=2e-4)
