@@ -25,3 +25,16 @@ def shared_data(name: str) -> pathlib.Path:
 @pytest.fixture
 def snips_dir():
   return shared_data("snips")
+
+
+def override(cfg, **overrides):
+  """Sets dotted config fields ("fl.rounds"=3) on an unlocked copy and locks it again."""
+  cfg.unlock()
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  cfg.lock()
+  return cfg

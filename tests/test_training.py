@@ -11,24 +11,15 @@ import numpy as np
 import pytest
 
 from trustjax import experiments, training
-from tests.conftest import REPO
+from tests.conftest import REPO, override
 
 
 def _cfg(tmp_path, **overrides):
   sys.path.insert(0, str(REPO))
   from configs import dp_intents  # pylint: disable=import-outside-toplevel
-  cfg = dp_intents.get_config("runlocal")
-  cfg.unlock()
-  cfg.train.results_dir = str(tmp_path)
-  cfg.dp.noise_multiplier = 1.0  # skip calibration: these tests are about the loop
-  for key, value in overrides.items():
-    node = cfg
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  cfg.lock()
-  return cfg
+  # noise_multiplier given: skip calibration, these tests are about the loop.
+  return override(dp_intents.get_config("runlocal"), **{
+      "train.results_dir": str(tmp_path), "dp.noise_multiplier": 1.0, **overrides})
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):

@@ -121,12 +121,7 @@ class Setup:
             delta=self.delta, accountant=cfg.dp.accountant)
       max_b = cfg.dp.max_batch_size or sampling.default_max_batch_size(
           n, q, self.num_steps, multiple_of=8 * self.num_devices)
-      adaptive = None
-      if cfg.dp.adaptive:
-        adaptive = quantile.QuantileClipping(target_quantile=cfg.dp.target_quantile,
-                                             learning_rate=cfg.dp.clip_learning_rate,
-                                             count_noise_multiplier=cfg.dp.count_noise_multiplier,
-                                             initial_clip=cfg.dp.l2_clip)
+      adaptive = quantile.from_config(cfg.dp) if cfg.dp.adaptive else None
       self.dp_config = DPConfig(l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=q,
                                 num_examples=n, max_batch_size=max_b,
                                 microbatch_size=cfg.dp.microbatch_size or None,

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, shared_data
+from tests.conftest import REPO, override, shared_data
 from trustjax.federated import experiments, simulate
 from trustjax.privacy import accounting
 
@@ -15,17 +15,7 @@ from configs import fl_dp, fl_selection, fl_snips  # pylint: disable=g-import-no
 
 
 def _cfg(module, arg, tmp_path, **overrides):
-  cfg = module.get_config(arg)
-  cfg.unlock()
-  cfg.results_dir = str(tmp_path)
-  for key, value in overrides.items():
-    node = cfg
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  cfg.lock()
-  return cfg
+  return override(module.get_config(arg), results_dir=str(tmp_path), **overrides)
 
 
 def test_snips_strategies_write_a_run_folder(tmp_path):

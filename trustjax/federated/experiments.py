@@ -224,12 +224,7 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
 def build_algorithm(s, loss_fn, num_clients: int):
   if s.dp.enabled:
     q = min(1.0, s.clients_per_round / num_clients)
-    adaptive = None
-    if s.dp.adaptive:
-      adaptive = quantile.QuantileClipping(target_quantile=s.dp.target_quantile,
-                                           learning_rate=s.dp.clip_learning_rate,
-                                           count_noise_multiplier=s.dp.count_noise_multiplier,
-                                           initial_clip=s.dp.l2_clip)
+    adaptive = quantile.from_config(s.dp) if s.dp.adaptive else None
     return algorithms.dp_fedavg(
         loss_fn=loss_fn, client_lr=s.client_lr, batch_size=s.batch_size,
         local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,

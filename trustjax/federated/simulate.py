@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from trustjax import sharding
 from trustjax.federated.algorithms import Cohort, FederatedAlgorithm, ServerState
 from trustjax.federated.client_data import ClientData, ClientStore
 from trustjax.federated.selection import Selection
@@ -29,12 +30,7 @@ CLIENTS_AXIS = "clients"
 
 def client_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D mesh named "clients" over the first `num_devices` devices (default: all)."""
-  devices = jax.devices()
-  if num_devices is not None:
-    if not 1 <= num_devices <= len(devices):
-      raise ValueError(f"num_devices must lie in [1, {len(devices)}], got {num_devices=}")
-    devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (CLIENTS_AXIS,))
+  return sharding.data_mesh(num_devices, axis=CLIENTS_AXIS)
 
 
 @functools.lru_cache(maxsize=64)

@@ -50,6 +50,15 @@ class QuantileClipping:
         raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
 
 
+def from_config(cfg) -> QuantileClipping:
+  """QuantileClipping from a config node with target_quantile, clip_learning_rate,
+  count_noise_multiplier and l2_clip (the initial clip): the `dp` node of both drivers."""
+  return QuantileClipping(target_quantile=cfg.target_quantile,
+                          learning_rate=cfg.clip_learning_rate,
+                          count_noise_multiplier=cfg.count_noise_multiplier,
+                          initial_clip=cfg.l2_clip)
+
+
 def sum_noise_multiplier(effective: float, count_noise_multiplier: float) -> float:
   """sigma_sum such that (sigma_sum, sigma_b) together cost one Gaussian with `effective`."""
   if not effective > 0:
