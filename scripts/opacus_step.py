@@ -7,7 +7,7 @@ Prints one JSON line: {"case", "nondp_ms", "hooks_ms", "ghost_ms", "torch", "opa
 mirror benchmark_dp.py's: the MLP 784-512-512-10 and a pre-LN transformer encoder classifier
 (token + position embeddings, blocks of LayerNorm -> multi-head self-attention -> residual,
 LayerNorm -> GELU MLP (4x) -> residual, final LayerNorm, masked mean pooling, linear head), with
-Opacus's DPMultiheadAttention (what `ModuleValidator.fix` puts in place of nn.MultiheadAttention).
+attention built from nn.Linear layers (see `Attention`).
 Same optimizer (Adam), batch and sequence length. CPU threads = the machine's cores.
 """
 
@@ -18,7 +18,6 @@ import time
 import numpy as np
 import opacus
 import torch
-from opacus.layers import DPMultiheadAttention
 
 
 class MLP(torch.nn.Module):
@@ -33,23 +32,39 @@ class MLP(torch.nn.Module):
     return self.net(x)
 
 
+class Attention(torch.nn.Module):
+  """Multi-head self-attention from four nn.Linear layers, batch first (Flax's layout). Opacus
+  1.6's DPMultiheadAttention(batch_first=True) reshapes its [batch * heads, length, head_dim]
+  output straight to [batch, length, dim], mixing heads and positions, and its sequence-first form
+  breaks Opacus's batch-first per-sample hooks; nn.Linear layers are handled natively by both
+  Opacus modes."""
+
+  def __init__(self, d, heads):
+    super().__init__()
+    self.heads = heads
+    self.q, self.k, self.v, self.out = (torch.nn.Linear(d, d) for _ in range(4))
+
+  def forward(self, x, pad):
+    b, t, d = x.shape
+    split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+    s = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+    s = s.masked_fill(pad[:, None, None, :], float("-inf"))
+    return self.out((torch.softmax(s, -1) @ v).transpose(1, 2).reshape(b, t, d))
+
+
 class Block(torch.nn.Module):
 
   def __init__(self, d, heads):
     super().__init__()
     self.ln1 = torch.nn.LayerNorm(d)
-    # Sequence-first: Opacus 1.6's batch_first=True path reshapes its output without moving the
-    # head axis back (mixing heads and positions); same FLOPs, but the sequence-first path is the
-    # same function as the JAX model.
-    self.attn = DPMultiheadAttention(d, heads)
+    self.attn = Attention(d, heads)
     self.ln2 = torch.nn.LayerNorm(d)
     self.mlp_in = torch.nn.Linear(d, 4 * d)
     self.mlp_out = torch.nn.Linear(4 * d, d)
 
   def forward(self, x, pad):
-    h = self.ln1(x).transpose(0, 1)
-    h, _ = self.attn(h, h, h, key_padding_mask=pad, need_weights=False)
-    x = x + h.transpose(0, 1)
+    x = x + self.attn(self.ln1(x), pad)
     return x + self.mlp_out(torch.nn.functional.gelu(self.mlp_in(self.ln2(x))))
 
 
