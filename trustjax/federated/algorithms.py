@@ -336,7 +336,6 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     k_clients, k_noise, k_count = jax.random.split(key, 3)
     clip = state.extra
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients)
-    real = (cohort.weights > 0).astype(jnp.float32)
     use = accepted.astype(jnp.float32)  # 1 for clients that contribute, 0 otherwise
     norms = jnp.sqrt(jax.vmap(_tree_sq_norm)(tmap(
         lambda d: jnp.where(accepted.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)))
@@ -351,7 +350,8 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     metrics["clients_clipped"] = (use * (norms > clip)).sum()
     new_clip = clip
     if adaptive is not None:
-      new_clip, frac = quantile.update_clip(clip, norms, real, k_count,
+      # Count only clients that sent an update (a dropped client has no norm to compare).
+      new_clip, frac = quantile.update_clip(clip, norms, use, k_count,
                                             expected_count=expected_clients, config=adaptive)
       metrics["unclipped_fraction_noisy"] = frac
     return ServerState(params, opt_state, state.round + 1, new_clip), metrics
