@@ -8,7 +8,6 @@ step t therefore continues exactly as the uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 from typing import Callable, Mapping
