@@ -62,22 +62,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is given."""
 
   def step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    clip = state.clip
     if dp_config is None:
       params, opt_state, metrics = nondp_step(state.params, state.opt_state, batch,
                                               loss_fn=loss_fn, optimizer=optimizer)
     elif dp_config.adaptive is not None:
-      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
       params, opt_state, clip, metrics = dp_sgd_step_adaptive(
           state.params, state.opt_state, state.clip, batch, key, loss_fn=loss_fn,
           optimizer=optimizer, config=dp_config)
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                           clip=clip), metrics
     else:
-      key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
       params, opt_state, metrics = dp_sgd_step(state.params, state.opt_state, batch, key,
                                                loss_fn=loss_fn, optimizer=optimizer,
                                                config=dp_config)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         clip=clip), metrics
 
   return jax.jit(step, donate_argnums=0 if donate else ())
 

@@ -203,6 +203,12 @@ def aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array) -> Params
 # ----------------------------------------------------------------------------- server algorithms
 
 
+def _server_step(optimizer: optax.GradientTransformation, state: ServerState, update: Params):
+  """Applies `optimizer` to the pseudo-gradient -update. Returns (params, opt_state)."""
+  updates, opt_state = optimizer.update(tmap(jnp.negative, update), state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), opt_state
+
+
 def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, client_lr: float,
            batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0) -> FederatedAlgorithm:
   """FedOpt: the server applies `server_optimizer` to the pseudo-gradient -(weighted mean update).
@@ -221,9 +227,7 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key)
     agg = aggregate(deltas, cohort.weights, accepted)
-    pseudo_grad = tmap(jnp.negative, agg)
-    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = _server_step(server_optimizer, state, agg)
     return (ServerState(params, opt_state, state.round + 1, state.extra),
             _round_metrics(cohort, res, accepted, finite, agg))
 
@@ -282,8 +286,7 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
     dci = tmap(lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a - b, 0.0),
                ci_new, ci)
     agg = aggregate(deltas, cohort.weights, accepted)
-    updates, opt_state = opt.update(tmap(jnp.negative, agg), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = _server_step(opt, state, agg)
     c = tmap(lambda cc, d: cc + d.sum(0) / num_clients, c, dci)
     cis = tmap(lambda all_, d: all_.at[cohort.ids].add(d), cis, dci)
     return (ServerState(params, opt_state, state.round + 1, ScaffoldState(c, cis)),
@@ -342,8 +345,7 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     clipped_sum = _weighted_sum(deltas, factors)
     mean = noise.privatize(clipped_sum, k_noise, l2_clip=clip, noise_multiplier=sum_sigma,
                            expected_batch_size=expected_clients)
-    updates, opt_state = opt.update(tmap(jnp.negative, mean), state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = _server_step(opt, state, mean)
     metrics = _round_metrics(cohort, res, accepted, finite, mean)
     metrics["clip"] = clip
     metrics["clients_clipped"] = (use * (norms > clip)).sum()

@@ -20,6 +20,7 @@ checkpoint (server state, round, privacy ledger); finished strategies are not re
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import json
 import math
@@ -33,11 +34,13 @@ import numpy as np
 import optax
 
 from trustjax import data as tjdata
-from trustjax import models, reporting
+from trustjax import models, reporting, training
 from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.client_data import ClientStore
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.training import Checkpointer
+
+EVAL_BATCH = 256  # rows per evaluation batch (pooled held-out data)
 
 # ----------------------------------------------------------------------------- data
 
@@ -240,29 +243,6 @@ def build_algorithm(s, loss_fn, num_clients: int):
 # ----------------------------------------------------------------------------- running
 
 
-def _evaluate_pooled(metrics_fn, params, arrays: dict, batch_size: int = 256) -> dict:
-  """Example-weighted metrics over pooled held-out arrays (sums with a denominator)."""
-  fn = _pooled_fn(metrics_fn)
-  tot: dict = {}
-  for batch in tjdata.padded_batches(arrays, batch_size):
-    for k, v in jax.device_get(fn(params, batch)).items():
-      tot[k] = tot.get(k, 0.0) + float(v)
-  count = max(tot.get("count", 0.0), 1.0)
-  out = {"loss": tot["loss_sum"] / count}
-  if "correct" in tot:
-    out["accuracy"] = tot["correct"] / count
-  return out
-
-
-_POOLED: dict = {}
-
-
-def _pooled_fn(metrics_fn):
-  if metrics_fn not in _POOLED:
-    _POOLED[metrics_fn] = jax.jit(metrics_fn)
-  return _POOLED[metrics_fn]
-
-
 def _subset(arrays: dict, idx: np.ndarray) -> dict:
   return {k: v[idx] for k, v in arrays.items()}
 
@@ -313,21 +293,12 @@ def _stages(cfg, task: FederatedTask, s) -> list[_Stage]:
   return stages
 
 
-def _centralized(cfg, s, task, params, loss_fn, metrics_fn, workdir, show_progress) -> list:
+def _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress) -> list:
   """Centralized SGD baseline on the pooled training data (same model, batch and learning rate),
   `s.rounds` epochs; evaluated after each epoch."""
   opt = optax.sgd(s.client_lr)
   opt_state = opt.init(params)
-
-  @jax.jit
-  def step(p, o, batch):
-    def mean_loss(q):
-      per = loss_fn(q, batch)
-      m = batch["mask"].astype(per.dtype)
-      return (per * m).sum() / jnp.maximum(m.sum(), 1.0)
-    loss, g = jax.value_and_grad(mean_loss)(p)
-    u, o = opt.update(g, o, p)
-    return optax.apply_updates(p, u), o, loss
+  step = jax.jit(functools.partial(training.nondp_step, loss_fn=loss_fn, optimizer=opt))
 
   writer = reporting.MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
   if os.path.exists(writer.path):
@@ -338,9 +309,9 @@ def _centralized(cfg, s, task, params, loss_fn, metrics_fn, workdir, show_progre
     losses = []
     for batch in tjdata.padded_batches(task.train, s.batch_size, shuffle=True, seed=cfg.seed,
                                        epoch=epoch):
-      params, opt_state, loss = step(params, opt_state, batch)
-      losses.append(float(loss))
-    ev = _evaluate_pooled(metrics_fn, params, task.test)
+      params, opt_state, m = step(params, opt_state, batch)
+      losses.append(float(m["loss_sum"]) / max(float(m["count"]), 1.0))
+    ev = training.evaluate(eval_step, params, task.test, EVAL_BATCH)
     rec = {"round": epoch + 1, "train_loss": float(np.mean(losses)),
            **{f"eval_{k}": v for k, v in ev.items()}}
     history.append(rec)
@@ -357,10 +328,11 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   """Runs (or resumes) one strategy; returns its summary."""
   s = strategy_config(cfg, name)
   model, params, loss_fn, metrics_fn = build_model(cfg, task)
+  eval_step = training.make_eval_step(metrics_fn)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
   if s.algorithm == "centralized":
-    history = _centralized(cfg, s, task, params, loss_fn, metrics_fn, workdir, show_progress)
+    history = _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress)
     last = history[-1]
     return {"strategy": name, "algorithm": "centralized", "epochs": s.rounds,
             "final_eval_accuracy": last.get("eval_accuracy"), "final_eval_loss": last["eval_loss"],
@@ -416,7 +388,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
            "train_loss": m.pop("train_loss_sum") / max(m.pop("train_loss_steps"), 1.0), **m}
     last_of_stage = done % s.rounds == 0
     if done % s.eval_every == 0 or last_of_stage or done == total_rounds:
-      ev = _evaluate_pooled(metrics_fn, state.params, stage.eval_arrays)
+      ev = training.evaluate(eval_step, state.params, stage.eval_arrays, EVAL_BATCH)
       rec.update({f"eval_{k}": v for k, v in ev.items()})
       if s.dp.enabled:
         rep = ledger.report(delta)

@@ -85,6 +85,17 @@ def _factors(norms, mask, *, l2_clip, normalization, gamma):
 PER_LAYER = ("equal", "by_size")
 
 
+def check_per_layer(per_layer: str | None, method: str) -> None:
+  """Raises ValueError for an unknown per-layer split, or per-layer clipping with "ghost" (whose
+  second backward pass can weight each example by one factor only)."""
+  if per_layer is None:
+    return
+  if per_layer not in PER_LAYER:
+    raise ValueError(f"per_layer must be one of {PER_LAYER} or None, got {per_layer=}")
+  if resolve_method(method) == "ghost":
+    raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap', got 'ghost'")
+
+
 def layer_groups(params: Params) -> dict:
   """{top-level module name: group index} in sorted order: the layers of per-layer clipping."""
   return {name: i for i, name in enumerate(sorted(params))}
@@ -100,8 +111,9 @@ def layer_clips(params: Params, l2_clip, split: str):
   Reference: McMahan et al., "Learning Differentially Private Recurrent Language Models",
   ICLR 2018 (per-layer clipping with sum_l C_l^2 = C^2).
   """
-  if split not in PER_LAYER:
-    raise ValueError(f"per_layer must be one of {PER_LAYER} or None, got {split=}")
+  if split is None:
+    raise ValueError(f"per_layer must be one of {PER_LAYER}, got {split=}")
+  check_per_layer(split, "vmap")
   names = sorted(params)
   if split == "equal":
     w = jnp.ones(len(names), jnp.float32)
@@ -171,8 +183,7 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
     raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
   method = resolve_method(method)
   check_normalization(normalization, gamma)
-  if per_layer is not None and method == "ghost":
-    raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap', got 'ghost'")
+  check_per_layer(per_layer, method)
   clip = layer_clips(params, l2_clip, per_layer) if per_layer else l2_clip
   factors_fn = functools.partial(_factors, l2_clip=clip, normalization=normalization,
                                  gamma=gamma)

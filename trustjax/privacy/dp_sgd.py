@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from trustjax.privacy import accounting, quantile, sampling
-from trustjax.privacy.clipping import METHODS, PER_LAYER, check_normalization, clipped_grad_sum
+from trustjax.privacy.clipping import (METHODS, check_normalization, check_per_layer,
+                                       clipped_grad_sum)
 from trustjax.privacy.noise import privatize
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -76,10 +77,7 @@ class DPConfig:
       raise ValueError(f"auto_s_gamma must be positive, got auto_s_gamma={self.auto_s_gamma}")
     if self.microbatch_size is not None and self.microbatch_size <= 0:
       raise ValueError(f"microbatch_size must be positive, got microbatch_size={self.microbatch_size}")
-    if self.per_layer is not None and self.per_layer not in PER_LAYER:
-      raise ValueError(f"per_layer must be one of {PER_LAYER} or None, got per_layer={self.per_layer!r}")
-    if self.per_layer is not None and self.method == "ghost":  # "auto" is book-keeping
-      raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap', got 'ghost'")
+    check_per_layer(self.per_layer, self.method)
     if self.adaptive is not None:
       self.sum_noise_multiplier  # pylint: disable=pointless-statement  (validates the split)
 
@@ -113,6 +111,16 @@ def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig
                           per_layer=config.per_layer)
 
 
+def _noisy_update(grad_sum: Params, key: PRNGKey, params: Params, opt_state: optax.OptState, *,
+                  l2_clip, noise_multiplier: float, optimizer: optax.GradientTransformation,
+                  config: DPConfig):
+  """Noise on the clipped sum (privatize), then one optimizer step. Returns (params, opt_state)."""
+  grads = privatize(grad_sum, key, l2_clip=l2_clip, noise_multiplier=noise_multiplier,
+                    expected_batch_size=config.expected_batch_size)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
 def _metrics(aux: dict, mask: jax.Array, l2_clip: float) -> dict:
   m = mask.astype(jnp.float32)
   return {"loss_sum": aux["losses"].sum(), "count": m.sum(),
@@ -137,11 +145,9 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   if config.adaptive is not None:
     raise ValueError("config.adaptive is set: use dp_sgd_step_adaptive, which carries the clip")
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
-  grads = privatize(grad_sum, key, l2_clip=config.l2_clip,
-                    noise_multiplier=config.noise_multiplier,
-                    expected_batch_size=config.expected_batch_size)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+  params, opt_state = _noisy_update(grad_sum, key, params, opt_state, l2_clip=config.l2_clip,
+                                    noise_multiplier=config.noise_multiplier,
+                                    optimizer=optimizer, config=config)
   return params, opt_state, _metrics(aux, batch["mask"], config.l2_clip)
 
 
@@ -164,10 +170,9 @@ def dp_sgd_step_adaptive(params: Params, opt_state: optax.OptState, clip: jax.Ar
     raise ValueError("dp_sgd_step_adaptive needs config.adaptive (a QuantileClipping)")
   k_sum, k_count = jax.random.split(key)
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config, clip)
-  grads = privatize(grad_sum, k_sum, l2_clip=clip, noise_multiplier=config.sum_noise_multiplier,
-                    expected_batch_size=config.expected_batch_size)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+  params, opt_state = _noisy_update(grad_sum, k_sum, params, opt_state, l2_clip=clip,
+                                    noise_multiplier=config.sum_noise_multiplier,
+                                    optimizer=optimizer, config=config)
   new_clip, frac = quantile.update_clip(clip, aux["norms"], batch["mask"], k_count,
                                         expected_count=config.expected_batch_size,
                                         config=config.adaptive)
@@ -206,8 +211,8 @@ def virtual_batch_apply(acc: VirtualBatch, params: Params, opt_state: optax.OptS
   The physical batches of one logical step must together be one Poisson sample (for example the
   rows of one `poisson_batch` split into chunks), and the ledger records one step.
   """
-  grads = privatize(acc.grad_sum, key, l2_clip=config.l2_clip,
-                    noise_multiplier=config.noise_multiplier,
-                    expected_batch_size=config.expected_batch_size)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, acc.metrics
+  params, opt_state = _noisy_update(acc.grad_sum, key, params, opt_state,
+                                    l2_clip=config.l2_clip,
+                                    noise_multiplier=config.noise_multiplier,
+                                    optimizer=optimizer, config=config)
+  return params, opt_state, acc.metrics

@@ -226,7 +226,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
 
   Called by `clipping.clipped_grad_sum`, which supplies `factors_fn(norms, mask) -> c` (the
   clipping rule). With `group_of` (top-level module name -> group index; per-layer clipping,
-  book-keeping only) norms and factors are [B, groups] and each layer is weighted by its group's
+  book-keeping only, checked by the caller) norms and factors are [B, groups] and each layer is weighted by its group's
   factor. Same contract: returns (clipped_sum, {"norms", "losses",
   "vmap_fallback_leaves"}), padded rows contribute nothing; the last counts the parameter leaves
   no rule covered (their per-example gradients came from vmap). Assumes each example's loss
@@ -265,9 +265,6 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   by_key = dict(zip(_keys(taps), taps))
 
   # 3) Per-example squared norms, rule by rule; which params each rule covered.
-  if group_of is not None and method == "ghost":
-    raise ValueError("per-layer clipping needs method 'bookkeeping' or 'vmap' (ghost's second "
-                     "backward pass can weight each example by one factor only)")
   num_groups = 1 if group_of is None else max(group_of.values()) + 1
   gid = (lambda path: 0) if group_of is None else (lambda path: group_of[path[0]])
   sq = jnp.zeros((b, num_groups), jnp.float32)
