@@ -99,12 +99,14 @@ def _loop_round(alg_name, params, cohort, key, *, client_lr, batch_size, local_e
   return new, c + sum(dc for _, dc in dcs) / num_clients, cis
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
-def test_vmapped_round_equals_python_loop_over_clients(name):
+@pytest.mark.parametrize("name,chunk", [("fedavg", None), ("fedprox", None), ("fedavg", 2),
+                                        ("fedprox", 3)])
+def test_vmapped_round_equals_python_loop_over_clients(name, chunk):
+  # chunk: clients sorted by size and trained `chunk` at a time (lax.map over vmapped chunks).
   store, _ = helpers.store()
   params = helpers.init_params()
   kw = dict(client_lr=0.1, batch_size=4, local_epochs=2)
-  alg = fl.algorithms.build(name, loss_fn=helpers.LOSS, mu=0.3, **kw)
+  alg = fl.algorithms.build(name, loss_fn=helpers.LOSS, mu=0.3, client_chunk=chunk, **kw)
   cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 4))
   state, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(5))
   ref = _loop_round(name, params, cohort, jax.random.key(5), mu=0.3 if name == "fedprox" else 0.0,
@@ -112,12 +114,13 @@ def test_vmapped_round_equals_python_loop_over_clients(name):
   _close(state.params, ref, atol=1e-5)
 
 
-def test_scaffold_matches_a_loop_reference_over_two_rounds():
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_scaffold_matches_a_loop_reference_over_two_rounds(chunk):
   store, _ = helpers.store()
   params = helpers.init_params()
   n = store.num_clients
   kw = dict(client_lr=0.1, batch_size=4, local_epochs=1)
-  alg = fl.scaffold(loss_fn=helpers.LOSS, num_clients=n, **kw)
+  alg = fl.scaffold(loss_fn=helpers.LOSS, num_clients=n, client_chunk=chunk, **kw)
   state = alg.init(params)
   dim = jax.flatten_util.ravel_pytree(params)[0].shape[0]
   c, cis, p_ref = np.zeros(dim), np.zeros((n, dim)), params
@@ -145,6 +148,10 @@ def test_stragglers_do_less_work_and_dropped_clients_change_nothing():
   assert res.steps.tolist() == [8, 4, 0]
   s1, m = fl.run_round(alg, alg.init(params), full, jax.random.key(0))
   assert float(m["clients_dropped"]) == 1 and float(m["clients_accepted"]) == 2
+  chunked = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, local_epochs=2,
+                      client_chunk=1)
+  _close(fl.run_round(chunked, chunked.init(params), full, jax.random.key(0))[0].params,
+         s1.params)
   # Same as the round in which the dropped client was never selected (same per-slot keys) and the
   # other two share its weight (the server keeps the selected total weight).
   without = full._replace(weights=np.array([0.5, 0.5, 0], np.float32))
@@ -180,11 +187,12 @@ def test_one_compilation_per_round_shape_whatever_the_client_sizes():
     state, _ = fl.run_round(alg, state, cohort, jax.random.key(r))
 
 
-def test_sharded_over_8_devices_equals_one_device():
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_sharded_over_8_devices_equals_one_device(chunk):
   assert jax.device_count() >= 8
   store, _ = helpers.store(sizes=(5, 9, 16, 3, 12, 7, 4, 6, 10, 2))
   params = helpers.init_params()
-  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4)
+  alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, client_chunk=chunk)
   cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 6), multiple_of=8)
   assert cohort.counts.shape[0] == 8
   one, m1 = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
@@ -278,3 +286,12 @@ def test_federated_evaluation_equals_pooled_evaluation():
                 for x, y in ((data["x"][p], data["label"][p]) for p in np.split(
                     np.arange(52), np.cumsum([5, 9, 16, 3, 12])))]
   assert fed["client_accuracy_mean"] == pytest.approx(np.mean(per_client), rel=1e-5)
+
+
+@pytest.mark.parametrize("kw,match", [({"client_lr": 0.0}, "client_lr"),
+                                      ({"batch_size": 0}, "batch_size"),
+                                      ({"client_chunk": 0}, "client_chunk")])
+def test_bad_client_settings_are_named(kw, match):
+  args = dict(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4) | kw
+  with pytest.raises(ValueError, match=match):
+    fl.fedavg(**args)

@@ -1,8 +1,8 @@
 """Federated algorithms in optax's shape: `FederatedAlgorithm(init, apply)`.
 
 `init(params) -> ServerState`; `apply(state, cohort, key) -> (state, metrics)` runs one round:
-every client of the cohort trains locally (`lax.scan` over its padded batches inside `vmap` over
-clients: one compiled program for the whole cohort), the server rejects non-finite updates,
+every client of the cohort trains locally (a loop over its padded batches inside `vmap` over
+clients, optionally over size-sorted chunks of clients: one compiled program for the whole cohort), the server rejects non-finite updates,
 aggregates the rest with the selection's weights and applies its optimizer to the pseudo-gradient
 -(aggregate update).
 
@@ -79,9 +79,9 @@ def local_train(params: Params, examples: dict, count: jax.Array, key: PRNGKey, 
                 batch_size: int, local_epochs: int, prox_mu: float = 0.0) -> LocalResult:
   """Local SGD of one client (no client axis; vmap this).
 
-  The scan has local_epochs * ceil(capacity / batch_size) steps; a client with n examples takes
-  ceil(n / batch_size) of them per epoch (each epoch a fresh permutation of its n examples), and a
-  straggler only the first ceil(work * all) of those. Inactive steps leave the parameters as they are.
+  A client with n examples takes ceil(n / batch_size) steps per epoch (each epoch a fresh
+  permutation of its n examples) for local_epochs epochs, and a straggler only the first
+  ceil(work * all) of those; a client with no examples or no work takes none.
 
   Args:
     params: the global model (the starting point).
@@ -98,11 +98,11 @@ def local_train(params: Params, examples: dict, count: jax.Array, key: PRNGKey, 
   """
   examples = tmap(jnp.asarray, examples)
   capacity = next(iter(examples.values())).shape[0]
-  spe = -(-capacity // batch_size)  # scan steps per epoch
+  spe = -(-capacity // batch_size)  # most steps per epoch any client of this capacity takes
   count = count.astype(jnp.int32)
   own = (count + batch_size - 1) // batch_size  # this client's steps per epoch
-  limit = jnp.where(work > 0, jnp.maximum(1, jnp.ceil(work * local_epochs * own)), 0).astype(
-      jnp.int32)
+  limit = jnp.where((work > 0) & (own > 0), jnp.maximum(1, jnp.ceil(work * local_epochs * own)),
+                    0).astype(jnp.int32)
   keys = jax.random.split(key, local_epochs)
   pos = jnp.arange(spe * batch_size)
 
@@ -112,15 +112,16 @@ def local_train(params: Params, examples: dict, count: jax.Array, key: PRNGKey, 
 
   perms = jax.vmap(perm)(keys)  # [epochs, spe * batch]; real rows first
   w0 = params
+  safe_own = jnp.maximum(own, 1)
 
-  def step(carry, s):
-    p, loss_acc, taken = carry
-    epoch, i = s // spe, s % spe
+  def step(carry):
+    p, loss_acc, t = carry
+    # The t-th step the client takes: epoch t // own, minibatch t % own of that epoch's permutation.
+    epoch, i = t // safe_own, t % safe_own
     rows = jax.lax.dynamic_slice(perms[epoch], (i * batch_size,), (batch_size,))
     mask = (i * batch_size + jnp.arange(batch_size)) < count
     rows = jnp.where(mask, rows, 0)
     batch = tmap(lambda x: x[rows], examples)
-    active = (i < own) & (epoch * own + i < limit)
 
     def mean_loss(q):
       per = loss_fn(q, batch)
@@ -132,12 +133,14 @@ def local_train(params: Params, examples: dict, count: jax.Array, key: PRNGKey, 
       g = tmap(lambda gi, pi, wi: gi + prox_mu * (pi - wi), g, p, w0)
     if correction is not None:
       g = tmap(jnp.add, g, correction)
-    p_new = tmap(lambda pi, gi: pi - client_lr * gi.astype(pi.dtype), p, g)
-    p = tmap(lambda a, b: jnp.where(active, a, b), p_new, p)
-    return (p, loss_acc + jnp.where(active, loss, 0.0), taken + active.astype(jnp.int32)), None
+    p = tmap(lambda pi, gi: pi - client_lr * gi.astype(pi.dtype), p, g)
+    return p, loss_acc + loss, t + 1
 
+  # A while loop of exactly `limit` steps: under vmap it runs as many iterations as the busiest
+  # client of the batch needs (the others are masked by the batching rule), so a cohort whose
+  # clients are processed in size-sorted chunks (see `_run_clients`) does not pay for padding.
   init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-  (p, loss_sum, steps), _ = jax.lax.scan(step, init, jnp.arange(local_epochs * spe))
+  p, loss_sum, steps = jax.lax.while_loop(lambda c: c[2] < limit, step, init)
   return LocalResult(p, loss_sum, steps)
 
 
@@ -160,19 +163,36 @@ def _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu=0.0):
                            local_epochs=local_epochs, prox_mu=prox_mu)
 
 
-def _check_client(client_lr, batch_size, local_epochs):
+def _check_client(client_lr, batch_size, local_epochs, client_chunk=None):
   if not client_lr > 0:
     raise ValueError(f"client_lr must be positive, got {client_lr=}")
   if batch_size < 1 or local_epochs < 1:
     raise ValueError(f"batch_size and local_epochs must be >= 1, got {batch_size=}, {local_epochs=}")
+  if client_chunk is not None and client_chunk < 1:
+    raise ValueError(f"client_chunk must be >= 1 or None, got {client_chunk=}")
 
 
-def _run_clients(local, params, cohort: Cohort, key, corrections=None):
-  """vmaps `local` over the cohort; returns (deltas [k, ...], LocalResult, accepted [k], finite [k])."""
-  keys = jax.random.split(key, cohort.counts.shape[0])
+def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_chunk=None):
+  """Runs `local` on every client of the cohort; returns (deltas [k, ...], LocalResult, accepted
+  [k], finite [k]).
+
+  client_chunk None (or >= k): one vmap over all k clients. Otherwise the clients are sorted by
+  their number of local steps and run `client_chunk` at a time (`lax.map` with vmap inside), so
+  each chunk's loop runs only as long as its busiest client (padding steps are not computed) and
+  only one chunk's models are live at once (bounds memory; keeps the chunk's weights in cache on a
+  CPU). Each client gets the same key and the same result either way.
+  """
+  k = cohort.counts.shape[0]
+  keys = jax.random.split(key, k)
   in_axes = (None, 0, 0, 0, 0, None if corrections is None else 0)
-  res = jax.vmap(local, in_axes=in_axes)(params, cohort.examples, cohort.counts, keys, cohort.work,
-                                         corrections)
+  args = (cohort.examples, cohort.counts, keys, cohort.work, corrections)
+  if client_chunk is None or client_chunk >= k:
+    res = jax.vmap(local, in_axes=in_axes)(params, *args)
+  else:
+    order = jnp.argsort(-(cohort.counts * (cohort.work > 0)), stable=True)
+    sorted_args = tmap(lambda x: x[order], args)
+    res_sorted = jax.lax.map(lambda a: local(params, *a), sorted_args, batch_size=client_chunk)
+    res = tmap(lambda x: jnp.zeros_like(x).at[order].set(x), res_sorted)
   deltas = tmap(lambda new, old: new - old[None], res.params, params)
   finite = jax.vmap(_finite)(deltas) & jnp.isfinite(res.loss_sum)
   accepted = finite & (cohort.weights > 0) & (cohort.work > 0) & (res.steps > 0)
@@ -210,13 +230,16 @@ def _server_step(optimizer: optax.GradientTransformation, state: ServerState, up
 
 
 def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, client_lr: float,
-           batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0) -> FederatedAlgorithm:
+           batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0,
+           client_chunk: int | None = None) -> FederatedAlgorithm:
   """FedOpt: the server applies `server_optimizer` to the pseudo-gradient -(weighted mean update).
 
   FedAvg is FedOpt with optax.sgd(1.0); FedAdam / FedYogi / FedAdagrad use optax.adam / yogi /
   adagrad (Reddi et al. 2021). prox_mu > 0 adds FedProx's proximal term to the clients.
+  client_chunk (every builder): clients trained together per vmap, see `_run_clients`; None = the
+  whole cohort at once. It changes speed and memory, not results.
   """
-  _check_client(client_lr, batch_size, local_epochs)
+  _check_client(client_lr, batch_size, local_epochs, client_chunk)
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu=}")
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu)
@@ -225,7 +248,8 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
     return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), ())
 
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
-    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key)
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key,
+                                                 client_chunk=client_chunk)
     agg = aggregate(deltas, cohort.weights, accepted)
     params, opt_state = _server_step(server_optimizer, state, agg)
     return (ServerState(params, opt_state, state.round + 1, state.extra),
@@ -235,20 +259,22 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
 
 
 def fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
-           server_lr: float = 1.0) -> FederatedAlgorithm:
+           server_lr: float = 1.0, client_chunk: int | None = None) -> FederatedAlgorithm:
   """FedAvg (McMahan et al. 2017): the new model is the weighted mean of the clients' models
   (server_lr 1)."""
   return fedopt(loss_fn=loss_fn, server_optimizer=optax.sgd(server_lr), client_lr=client_lr,
-                batch_size=batch_size, local_epochs=local_epochs)
+                batch_size=batch_size, local_epochs=local_epochs, client_chunk=client_chunk)
 
 
 def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
-            local_epochs: int = 1, server_lr: float = 1.0) -> FederatedAlgorithm:
+            local_epochs: int = 1, server_lr: float = 1.0,
+            client_chunk: int | None = None) -> FederatedAlgorithm:
   """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2."""
   if not mu > 0:
     raise ValueError(f"FedProx needs mu > 0, got {mu=}")
   return fedopt(loss_fn=loss_fn, server_optimizer=optax.sgd(server_lr), client_lr=client_lr,
-                batch_size=batch_size, local_epochs=local_epochs, prox_mu=mu)
+                batch_size=batch_size, local_epochs=local_epochs, prox_mu=mu,
+                client_chunk=client_chunk)
 
 
 class ScaffoldState(NamedTuple):
@@ -257,12 +283,13 @@ class ScaffoldState(NamedTuple):
 
 
 def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients: int,
-             local_epochs: int = 1, server_lr: float = 1.0) -> FederatedAlgorithm:
+             local_epochs: int = 1, server_lr: float = 1.0,
+             client_chunk: int | None = None) -> FederatedAlgorithm:
   """SCAFFOLD (Karimireddy et al. 2020, option II): clients correct each gradient by c - c_i and
   update c_i+ = c_i - c + (x - y_i) / (K_i * client_lr) after K_i local steps; the server moves
   x by server_lr * (weighted mean of y_i - x) and c by (1/N) * sum of the accepted c_i+ - c_i.
   Client controls are server state of shape [num_clients, ...] (stateful clients)."""
-  _check_client(client_lr, batch_size, local_epochs)
+  _check_client(client_lr, batch_size, local_epochs, client_chunk)
   if num_clients < 1:
     raise ValueError(f"num_clients must be >= 1, got {num_clients=}")
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
@@ -278,7 +305,8 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
     c, cis = state.extra
     ci = tmap(lambda x: x[cohort.ids], cis)
     corr = tmap(lambda a, b: a[None] - b, c, ci)
-    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key, corr)
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key, corr,
+                                                 client_chunk=client_chunk)
     k_lr = jnp.maximum(res.steps, 1).astype(jnp.float32) * client_lr
     ci_new = tmap(lambda cii, cc, d: cii - cc[None] - d / k_lr.reshape((-1,) + (1,) * (d.ndim - 1)),
                   ci, c, deltas)
@@ -298,7 +326,8 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
 def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: float,
               noise_multiplier: float, expected_clients: float, local_epochs: int = 1,
               server_optimizer: optax.GradientTransformation | None = None,
-              adaptive: quantile.QuantileClipping | None = None) -> FederatedAlgorithm:
+              adaptive: quantile.QuantileClipping | None = None,
+              client_chunk: int | None = None) -> FederatedAlgorithm:
   """DP-FedAvg (McMahan et al. 2018): user-level DP with Poisson-sampled clients.
 
   Each client's model update is clipped to L2 norm C (over all parameters); the server sums the
@@ -317,7 +346,7 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     expected_clients: q * N.
     adaptive: optional QuantileClipping; the clip norm is server state.
   """
-  _check_client(client_lr, batch_size, local_epochs)
+  _check_client(client_lr, batch_size, local_epochs, client_chunk)
   quantile.check_expected_count(expected_clients)
   if not noise_multiplier >= 0:
     raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
@@ -337,7 +366,8 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     k_clients, k_noise, k_count = jax.random.split(key, 3)
     clip = state.extra
-    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients)
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients,
+                                                 client_chunk=client_chunk)
     use = accepted.astype(jnp.float32)  # 1 for clients that contribute, 0 otherwise
     norms = jnp.sqrt(jax.vmap(_tree_sq_norm)(tmap(
         lambda d: jnp.where(accepted.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)))
@@ -369,11 +399,11 @@ SERVER_OPTIMIZERS = {"sgd": optax.sgd, "adam": functools.partial(optax.adam, b1=
 
 def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
           server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
-          server_optimizer: str = "adam") -> FederatedAlgorithm:
+          server_optimizer: str = "adam", client_chunk: int | None = None) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
   SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold"."""
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
-                local_epochs=local_epochs)
+                local_epochs=local_epochs, client_chunk=client_chunk)
   alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
   if name == "fedavg":
     return fedavg(server_lr=server_lr, **common)

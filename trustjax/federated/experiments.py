@@ -224,6 +224,14 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
                      "changing client sets would misalign; use it in the static setting")
 
 
+def client_chunk(s) -> int | None:
+  """fl.client_chunk, with 0 = automatic: chunks of 8 clients on a CPU (keeps a chunk's models in
+  cache and skips padded steps; see algorithms._run_clients), the whole cohort at once elsewhere."""
+  if s.client_chunk:
+    return int(s.client_chunk)
+  return 8 if jax.default_backend() == "cpu" else None
+
+
 def build_algorithm(s, loss_fn, num_clients: int):
   if s.dp.enabled:
     q = min(1.0, s.clients_per_round / num_clients)
@@ -233,11 +241,12 @@ def build_algorithm(s, loss_fn, num_clients: int):
         local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
         expected_clients=q * num_clients,
         server_optimizer=algorithms.SERVER_OPTIMIZERS[s.server_optimizer](s.server_lr),
-        adaptive=adaptive), q
+        adaptive=adaptive, client_chunk=client_chunk(s)), q
   return algorithms.build(s.algorithm, loss_fn=loss_fn, client_lr=s.client_lr,
                           batch_size=s.batch_size, local_epochs=s.local_epochs,
                           server_lr=s.server_lr, mu=s.mu, num_clients=num_clients,
-                          server_optimizer=s.server_optimizer), None
+                          server_optimizer=s.server_optimizer,
+                          client_chunk=client_chunk(s)), None
 
 
 # ----------------------------------------------------------------------------- running
@@ -455,7 +464,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
       raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
-                       "a resume may only change fl.rounds (pick another run_name)")
+                       "a resume may only change fl.rounds and fl.client_chunk (pick another "
+                       "run_name)")
   with open(cfg_path, "w", encoding="utf-8") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   summaries = []
@@ -471,12 +481,13 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
 
 
 def _resume_view(cfg: dict) -> dict:
-  """The config minus what a resume may change: the number of rounds and the results folder."""
+  """The config minus what a resume may change: the number of rounds, the client chunk and the
+  results folder."""
   cfg = copy.deepcopy(cfg)
   cfg.pop("results_dir", None)
-  cfg.get("fl", {}).pop("rounds", None)
-  for over in cfg.get("strategies", {}).values():
-    over.pop("rounds", None)
+  for section in [cfg.get("fl", {}), *cfg.get("strategies", {}).values()]:
+    section.pop("rounds", None)
+    section.pop("client_chunk", None)  # speed only: every client's result is the same
   flat = {}
   for k, v in cfg.items():
     if isinstance(v, dict):
@@ -575,6 +586,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.eval_every = 5
   c.fl.checkpoint_every = 10
   c.fl.num_devices = 1  # shard clients over this many devices (mesh axis "clients")
+  c.fl.client_chunk = 0  # clients per vmap, in size-sorted chunks; 0 = 8 on a CPU, all elsewhere
   c.fl.dp = ml_collections.ConfigDict()
   c.fl.dp.enabled = False  # DP-FedAvg with Poisson client sampling (rate clients_per_round / N)
   c.fl.dp.noise_multiplier = 1.0
