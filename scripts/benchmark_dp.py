@@ -4,14 +4,20 @@
 
 For each model: the non-DP step (mean loss, one backward) and the DP step (clip, sum, Gaussian
 noise) with each clipped-sum method (vmap per-example gradients; ghost norms + second backward;
-book-keeping), same model, batch and sequence length, same optimizer (Adam). Reports the median
-wall time over `--repeats` calls after 2 warm-up calls, the ratio to non-DP, and XLA's peak
+book-keeping), same model, batch and sequence length, same optimizer (Adam). The variants are
+timed interleaved (one call of each per round, `--repeats` rounds after 2 warm-up calls each), so
+that the machine's load drifts over all of them alike. Reports the median wall time, the ratio to
+non-DP, and XLA's peak
 buffer estimate for the compiled step (arguments + outputs + temporaries, from
 `compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a subprocess (its own
 threads) for PyTorch's non-DP step and Opacus's hooks and ghost modes on the same architecture
 and batch (Opacus rows: ratio to trustjax's non-DP step; memory not measured). A second table
-checks the targets. Writes both into BENCHMARKS.md between markers.
+checks the targets. A last row per model times the Gaussian noise alone (`noise.privatize` of a
+zero sum: one normal draw per parameter), the part of the DP step that no clipping method
+changes. Writes both into BENCHMARKS.md between markers.
 """
+
+import time
 
 import argparse
 import dataclasses
@@ -30,7 +36,7 @@ import numpy as np
 import optax
 
 from trustjax import models, reporting, training
-from trustjax.privacy import DPConfig
+from trustjax.privacy import DPConfig, noise
 
 def _mlp(batch_size):
   model = models.MLPClassifier(hidden=(512, 512), num_classes=10)
@@ -83,6 +89,20 @@ def _peak_mib(step, state, batch) -> float:
   return total / 2 ** 20
 
 
+def _interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
+  """Median seconds of each zero-argument call, timed one call of each per round."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, fn in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def run(names, repeats, opacus=True):
   rows, summary = [], []
   for name in names:
@@ -96,20 +116,31 @@ def run(names, repeats, opacus=True):
                   max_batch_size=b)
     variants = [("non-DP", None)] + [
         (f"DP {m}", dataclasses.replace(dp, method=m)) for m in ("vmap", "ghost", "bookkeeping")]
-    base = base_mem = None
+    steps = {label: training.make_train_step(loss_fn, opt, cfg, donate=False)
+             for label, cfg in variants}
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    noise_only = jax.jit(lambda z, k: noise.privatize(
+        z, k, l2_clip=dp.l2_clip, noise_multiplier=dp.noise_multiplier,
+        expected_batch_size=dp.expected_batch_size))
+    calls = {label: (lambda s=s: s(state, batch)) for label, s in steps.items()}
+    calls["noise"] = lambda: noise_only(zeros, jax.random.key(2))
+    secs = _interleaved(calls, repeats)
+    base, base_mem = secs["non-DP"], _peak_mib(steps["non-DP"], state, batch)
     dp_rows = []
     for label, cfg in variants:
-      step = training.make_train_step(loss_fn, opt, cfg, donate=False)
-      seconds = training.time_step(step, state, batch, repeats=repeats)
-      mem = _peak_mib(step, state, batch)
-      base, base_mem = base or seconds, base_mem or mem
+      seconds = secs[label]
+      mem = _peak_mib(steps[label], state, batch)
       rows.append([title, label, seconds * 1e3, seconds / base, mem])
       if cfg is not None:
         dp_rows.append((seconds, label, mem))
       print(f"{title:55s} {label:18s} {seconds * 1e3:9.2f} ms  x{seconds / base:6.2f}  "
             f"{mem:8.1f} MiB", flush=True)
+    n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
+    rows.append([title, f"Gaussian noise alone ({n_params / 1e6:.2f}M draws)",
+                 secs["noise"] * 1e3, secs["noise"] / base, "-"])
     best_s, best_label, best_mem = min(dp_rows)
-    line = [title, best_label.replace("DP ", ""), best_s / base, best_mem / base_mem]
+    line = [title, best_label.replace("DP ", ""), best_s / base, 1 + secs["noise"] / base,
+            best_mem / base_mem]
     op = _opacus(name, repeats) if opacus else None
     if op is not None:
       for key, label in (("nondp_ms", "PyTorch non-DP"), ("hooks_ms", "Opacus hooks"),
@@ -120,7 +151,7 @@ def run(names, repeats, opacus=True):
       line.append(min(op["hooks_ms"], op["ghost_ms"]) / (best_s * 1e3))
     else:
       line.append(float("nan"))
-    ok = line[2] <= 1.25 and line[3] <= 1.2 and (line[4] != line[4] or line[4] >= 2)
+    ok = line[2] <= 1.25 and line[4] <= 1.2 and (line[5] != line[5] or line[5] >= 2)
     summary.append(line + ["yes" if ok else "no"])
   return rows, summary
 
@@ -142,7 +173,8 @@ def main():
       rows)
   table += "\n\nTargets (best DP method <= 1.25x non-DP time and <= 1.2x its peak memory, and >= 2x " \
            "faster than Opacus's best mode):\n\n" + reporting.markdown_table(
-               ["model", "best DP method", "time ratio", "memory ratio",
+               ["model", "best DP method", "time ratio",
+                "noise floor: (non-DP + noise alone) / non-DP", "memory ratio",
                 "speed-up over Opacus's best", "all targets met"], summary)
   cmd = "python scripts/benchmark_dp.py" + (f" --only {args.only}" if args.only != ",".join(
       CASES) else "") + (f" --repeats {args.repeats}" if args.repeats != 10 else "") + (
