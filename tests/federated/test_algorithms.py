@@ -94,6 +94,8 @@ def _loop_round(alg_name, params, cohort, key, *, client_lr, batch_size, local_e
     return new
   c, cis = controls
   cis = cis.copy()
+  mult = {cid: sum(1 for other, _ in dcs if other == cid) for cid, _ in dcs}
+  dcs = [(cid, dc / mult[cid]) for cid, dc in dcs]  # a client drawn twice updates once (the mean)
   for cid, dc in dcs:
     cis[cid] += dc
   return new, c + sum(dc for _, dc in dcs) / num_clients, cis
@@ -133,6 +135,29 @@ def test_scaffold_matches_a_loop_reference_over_two_rounds(chunk):
   got_c = np.asarray(jax.flatten_util.ravel_pytree(state.extra.server_control)[0])
   np.testing.assert_allclose(got_c, c, atol=1e-4, rtol=1e-4)
   assert np.abs(c).sum() > 0  # the controls did move
+
+
+def test_scaffold_client_drawn_twice_updates_its_control_once():
+  store, _ = helpers.store()
+  params = helpers.init_params()
+  n = store.num_clients
+  kw = dict(client_lr=0.1, batch_size=4, local_epochs=1)
+  alg = fl.scaffold(loss_fn=helpers.LOSS, num_clients=n, **kw)
+  dim = jax.flatten_util.ravel_pytree(params)[0].shape[0]
+  # by_activity-style cohort: client 2 in two slots (different keys), importance weights.
+  cohort = fl.make_cohort(store, fl.Selection(np.array([2, 0, 2], np.int32),
+                                              np.array([0.3, 0.4, 0.3], np.float32)))
+  state, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(4))
+  p_ref, c, cis = _loop_round("scaffold", params, cohort, jax.random.key(4),
+                              controls=(np.zeros(dim), np.zeros((n, dim))), num_clients=n, **kw)
+  _close(state.params, p_ref, atol=1e-5)
+  got = np.asarray(jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(
+      state.extra.client_controls))
+  np.testing.assert_allclose(got, cis, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(
+      state.extra.server_control)[0]), c, atol=1e-4, rtol=1e-4)
+  # The mean of two different slot updates: not either slot's update alone, nor their sum.
+  assert np.abs(got[2]).sum() > 0 and np.abs(got[1]).sum() == 0
 
 
 def test_stragglers_do_less_work_and_dropped_clients_change_nothing():

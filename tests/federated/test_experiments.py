@@ -46,11 +46,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert a["final_eval_loss"] == pytest.approx(b["final_eval_loss"], rel=1e-6)
     assert a["clients_dropped"] == b["clients_dropped"]
   read = lambda root: (root / "fl_selection_nlu_runlocal" / "uniform" / "metrics.jsonl").read_text()
-  strip = lambda t: [{k: v for k, v in json.loads(l).items() if k != "stage"}
+  strip = lambda t: [{k: v for k, v in json.loads(l).items() if k not in ("stage", "round_seconds")}
                      for l in t.splitlines()]
   assert [r["round"] for r in strip(read(tmp_path / "b"))] == [1, 2, 3, 4]
   for ra, rb in zip(strip(read(tmp_path / "a")), strip(read(tmp_path / "b"))):
     assert ra == pytest.approx(rb, rel=1e-5)
+  # The training time counts the rounds of both invocations.
+  secs = [json.loads(l)["round_seconds"] for l in read(tmp_path / "b").splitlines()]
+  uniform = next(s for s in resumed["strategies"] if s["strategy"] == "uniform")
+  assert uniform["round_seconds_total"] == pytest.approx(sum(secs))
+  assert uniform["round_seconds_total"] > sum(secs[2:]) > 0
 
 
 def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path):

@@ -287,7 +287,8 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
              client_chunk: int | None = None) -> FederatedAlgorithm:
   """SCAFFOLD (Karimireddy et al. 2020, option II): clients correct each gradient by c - c_i and
   update c_i+ = c_i - c + (x - y_i) / (K_i * client_lr) after K_i local steps; the server moves
-  x by server_lr * (weighted mean of y_i - x) and c by (1/N) * sum of the accepted c_i+ - c_i.
+  x by server_lr * (weighted mean of y_i - x) and c by (1/N) * sum of the accepted c_i+ - c_i
+  (a client selected in several slots contributes the mean of its slots' c_i+ - c_i, once).
   Client controls are server state of shape [num_clients, ...] (stateful clients)."""
   _check_client(client_lr, batch_size, local_epochs, client_chunk)
   if num_clients < 1:
@@ -310,9 +311,12 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
     k_lr = jnp.maximum(res.steps, 1).astype(jnp.float32) * client_lr
     ci_new = tmap(lambda cii, cc, d: cii - cc[None] - d / k_lr.reshape((-1,) + (1,) * (d.ndim - 1)),
                   ci, c, deltas)
-    ok = accepted.reshape(-1)
-    dci = tmap(lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a - b, 0.0),
-               ci_new, ci)
+    # A client drawn more than once (selection with replacement) updates its control once, by the
+    # mean of its accepted slots' updates.
+    mult = jnp.zeros((num_clients,), jnp.float32).at[cohort.ids].add(accepted.astype(jnp.float32))
+    share = jnp.where(accepted, 1.0 / jnp.maximum(mult[cohort.ids], 1.0), 0.0)
+    dci = tmap(lambda a, b: share.reshape((-1,) + (1,) * (a.ndim - 1)) * jnp.where(
+        accepted.reshape((-1,) + (1,) * (a.ndim - 1)), a - b, 0.0), ci_new, ci)
     agg = aggregate(deltas, cohort.weights, accepted)
     params, opt_state = _server_step(opt, state, agg)
     c = tmap(lambda cc, d: cc + d.sum(0) / num_clients, c, dci)
