@@ -5,10 +5,11 @@ import numpy as np
 import optax
 import pytest
 import scipy.stats
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.federated import helpers
 from trustjax import federated as fl
-from trustjax.federated import selection
+from trustjax.federated import selection, simulate
 from trustjax.privacy import quantile
 
 tmap = jax.tree_util.tree_map
@@ -212,20 +213,29 @@ def test_one_compilation_per_round_shape_whatever_the_client_sizes():
     state, _ = fl.run_round(alg, state, cohort, jax.random.key(r))
 
 
-@pytest.mark.parametrize("chunk", [None, 3])
-def test_sharded_over_8_devices_equals_one_device(chunk):
+@pytest.mark.parametrize("chunk,m,slots", [(None, 6, 8), (1, 10, 16)])
+def test_sharded_over_8_devices_equals_one_device(chunk, m, slots):
+  # chunk=1: each device sorts and chunks its own 2 slots (no client moves between devices).
   assert jax.device_count() >= 8
   store, _ = helpers.store(sizes=(5, 9, 16, 3, 12, 7, 4, 6, 10, 2))
   params = helpers.init_params()
   alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, client_chunk=chunk)
-  cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 6), multiple_of=8)
-  assert cohort.counts.shape[0] == 8
+  cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, m), multiple_of=8)
+  assert cohort.counts.shape[0] == slots
   one, m1 = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
                          mesh=fl.client_mesh(1))
   eight, m8 = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
                            mesh=fl.client_mesh(8))
   _close(one.params, eight.params, atol=1e-6)
-  assert float(m1["clients_accepted"]) == float(m8["clients_accepted"]) == 6
+  assert float(m1["clients_accepted"]) == float(m8["clients_accepted"]) == m
+  if chunk is not None:  # the same round without chunks
+    plain = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4)
+    _close(fl.run_round(plain, plain.init(params), cohort, jax.random.key(2))[0].params,
+           eight.params, atol=1e-6)
+    hlo = jax.jit(lambda st, co: simulate._jitted(alg.apply, 8)(st, co, jax.random.key(2))).lower(
+        jax.device_put(alg.init(params), NamedSharding(fl.client_mesh(8), P())),
+        simulate.shard_cohort(cohort, fl.client_mesh(8))).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo  # chunks stay on their device
   with pytest.raises(ValueError, match="divisible"):
     fl.run_round(alg, alg.init(params), fl.make_cohort(
         store, selection.uniform(0, 0, store.counts, 6)), jax.random.key(2),

@@ -21,6 +21,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -172,15 +174,32 @@ def _check_client(client_lr, batch_size, local_epochs, client_chunk=None):
     raise ValueError(f"client_chunk must be >= 1 or None, got {client_chunk=}")
 
 
+_CLIENT_SHARDS = contextvars.ContextVar("trustjax_client_shards", default=1)
+
+
+@contextlib.contextmanager
+def sharded_clients(num_shards: int):
+  """While a round is traced inside this context, `client_chunk` chunks each of `num_shards` equal
+  contiguous blocks of the cohort separately (one block per device of a "clients" mesh), so that
+  sorting and chunking never move clients between devices. `simulate.run_round` sets it."""
+  token = _CLIENT_SHARDS.set(int(num_shards))
+  try:
+    yield
+  finally:
+    _CLIENT_SHARDS.reset(token)
+
+
 def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_chunk=None):
   """Runs `local` on every client of the cohort; returns (deltas [k, ...], LocalResult, accepted
   [k], finite [k]).
 
   client_chunk None (or >= k): one vmap over all k clients. Otherwise the clients are sorted by
-  their number of local steps and run `client_chunk` at a time (`lax.map` with vmap inside), so
+  their amount of local work and run `client_chunk` at a time (`lax.map` with vmap inside), so
   each chunk's loop runs only as long as its busiest client (padding steps are not computed) and
   only one chunk's models are live at once (bounds memory; keeps the chunk's weights in cache on a
-  CPU). Each client gets the same key and the same result either way.
+  CPU). Under `sharded_clients(n)` this happens within each of n blocks of k / n clients (vmapped
+  over the blocks, which the mesh places one per device). Each client gets the same key and the
+  same result either way.
   """
   k = cohort.counts.shape[0]
   keys = jax.random.split(key, k)
@@ -189,10 +208,19 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
   if client_chunk is None or client_chunk >= k:
     res = jax.vmap(local, in_axes=in_axes)(params, *args)
   else:
-    order = jnp.argsort(-(cohort.counts * (cohort.work > 0)), stable=True)
-    sorted_args = tmap(lambda x: x[order], args)
-    res_sorted = jax.lax.map(lambda a: local(params, *a), sorted_args, batch_size=client_chunk)
-    res = tmap(lambda x: jnp.zeros_like(x).at[order].set(x), res_sorted)
+    shards = _CLIENT_SHARDS.get()
+    shards = shards if k % shards == 0 else 1
+    per = k // shards
+
+    def one_block(block):
+      _, counts, _, work, _ = block
+      order = jnp.argsort(-(counts * (work > 0)), stable=True)
+      res_sorted = jax.lax.map(lambda a: local(params, *a), tmap(lambda x: x[order], block),
+                               batch_size=min(client_chunk, per))
+      return tmap(lambda x: jnp.zeros_like(x).at[order].set(x), res_sorted)
+
+    blocks = tmap(lambda x: x.reshape((shards, per) + x.shape[1:]), args)
+    res = tmap(lambda x: x.reshape((k,) + x.shape[2:]), jax.vmap(one_block)(blocks))
   deltas = tmap(lambda new, old: new - old[None], res.params, params)
   finite = jax.vmap(_finite)(deltas) & jnp.isfinite(res.loss_sum)
   accepted = finite & (cohort.weights > 0) & (cohort.work > 0) & (res.steps > 0)

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from trustjax import sharding
+from trustjax.federated import algorithms
 from trustjax.federated.algorithms import Cohort, FederatedAlgorithm, ServerState
 from trustjax.federated.client_data import ClientData, ClientStore
 from trustjax.federated.selection import Selection
@@ -34,8 +35,12 @@ def client_mesh(num_devices: int | None = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(apply: Callable) -> Callable:
-  return jax.jit(apply)
+def _jitted(apply: Callable, shards: int = 1) -> Callable:
+  def traced(state, clients, rng):
+    with algorithms.sharded_clients(shards):
+      return apply(state, clients, rng)
+
+  return jax.jit(traced)
 
 
 def run_round(algorithm: FederatedAlgorithm, state: ServerState, clients: Cohort, rng: PRNGKey, *,
@@ -49,10 +54,12 @@ def run_round(algorithm: FederatedAlgorithm, state: ServerState, clients: Cohort
     rng: the round's key.
     mesh: optional mesh with axis "clients".
   """
+  shards = 1
   if mesh is not None:
     clients = shard_cohort(clients, mesh)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  return _jitted(algorithm.apply)(state, clients, rng)
+    shards = mesh.shape[CLIENTS_AXIS]
+  return _jitted(algorithm.apply, shards)(state, clients, rng)
 
 
 def shard_cohort(cohort: Cohort, mesh: Mesh) -> Cohort:
