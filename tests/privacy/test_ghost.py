@@ -37,11 +37,20 @@ def _problems():
   custom_batch = {"tokens": tokens, "label": jnp.asarray(rng.integers(0, 3, 6)),
                   "mask": jnp.asarray([1, 0, 1, 1, 1, 1], bool)}
   custom_params = custom.init(jax.random.key(1), tokens)["params"]
+  lstm = models.CharLSTM(vocab_size=20, embed_dim=4, hidden=6)
+  toks = jnp.asarray(rng.integers(0, 20, (5, 9)), jnp.int32)
+  lstm_batch = {"inputs": toks, "targets": jnp.roll(toks, -1, 1),
+                "target_mask": jnp.asarray(rng.random((5, 9)) < 0.8),
+                "mask": jnp.asarray([1, 1, 0, 1, 1], bool)}
+  lstm_params = lstm.init(jax.random.key(2), toks)["params"]
   return {
       "mlp": (models.classification_loss(mlp, input_key="x"), mlp_params, mlp_batch),
       "transformer": tiny_problem(batch_size=7, scale=2.0),
       "bag": tiny_problem(batch_size=7, seed=3, model="bag"),
       "custom_param_fallback": (models.classification_loss(custom), custom_params, custom_batch),
+      # The LSTM cell's Dense layers run once per time step inside a scan: they fall back to
+      # vmap; the embedding and the output layer use their rules.
+      "lstm": (models.lm_loss(lstm), lstm_params, lstm_batch),
   }
 
 
@@ -56,8 +65,12 @@ def test_matches_vmap_reference(name, method):
   np.testing.assert_allclose(got_aux["norms"], ref_aux["norms"], rtol=2e-4, atol=1e-6)
   np.testing.assert_allclose(got_aux["losses"], ref_aux["losses"], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(got_sum, ref_sum, rtol=2e-4, atol=2e-5)
-  # Rules cover every layer of the library's models; only the custom parameter falls back.
-  assert int(got_aux["vmap_fallback_leaves"]) == (1 if name == "custom_param_fallback" else 0)
+  # Rules cover every feed-forward layer of the library's models; the custom parameter and the
+  # recurrent cell fall back.
+  expected = {"custom_param_fallback": 1, "lstm": 12}.get(name, 0)  # 12: the cell's leaves
+  if name == "lstm":
+    assert len(jax.tree_util.tree_leaves(params["OptimizedLSTMCell_0"])) == 12
+  assert int(got_aux["vmap_fallback_leaves"]) == expected
 
 
 def test_microbatched_bookkeeping_matches():
