@@ -35,6 +35,12 @@ def privatize(grad_sum: Params, key: PRNGKey, *, l2_clip: float, noise_multiplie
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
   keys = jax.random.split(key, len(leaves))
   std = noise_multiplier * l2_clip
-  noisy = [(g + std * jax.random.normal(k, g.shape, jnp.float32)) / expected_batch_size
-           for g, k in zip(leaves, keys)]
+  # Threefry's non-partitionable counter layout: two 32-bit draws per hash evaluation instead of
+  # one (the same generator and key; a different, equally valid stream). Measured in the full DP
+  # step on a 2-core CPU: 1.73x -> 1.51x of non-DP on the MLP of benchmark_dp.py, 1.21x -> 1.18x
+  # on the batch-32 encoder. It generates each leaf whole on every device, which suits
+  # replicated parameters (data parallelism), the only layout trustjax uses.
+  with jax.threefry_partitionable(False):
+    noisy = [(g + std * jax.random.normal(k, g.shape, jnp.float32)) / expected_batch_size
+             for g, k in zip(leaves, keys)]
   return jax.tree_util.tree_unflatten(treedef, noisy)
