@@ -3,8 +3,8 @@
 `init(params) -> ServerState`; `apply(state, cohort, key) -> (state, metrics)` runs one round:
 every client of the cohort trains locally (a loop over its padded batches inside `vmap` over
 clients, optionally over size-sorted chunks of clients: one compiled program for the whole
-cohort), the server rejects non-finite updates, aggregates the rest with the selection's weights and applies its optimizer to the pseudo-gradient
--(aggregate update).
+cohort), the server rejects non-finite updates, aggregates the rest with the selection's weights
+and applies its optimizer to the pseudo-gradient -(aggregate update).
 
 Clients run plain SGD (learning rate `client_lr`) on minibatches of `batch_size` for
 `local_epochs` passes over their data; padded rows and padded steps change nothing.
