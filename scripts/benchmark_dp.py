@@ -7,19 +7,16 @@ noise) with each clipped-sum method (vmap per-example gradients; ghost norms + s
 book-keeping), same model, batch and sequence length, same optimizer (Adam). The variants are
 timed interleaved (one call of each per round, `--repeats` rounds after 2 warm-up calls each), so
 that the machine's load drifts over all of them alike. Reports the median wall time, the ratio to
-non-DP, and XLA's peak
-buffer estimate for the compiled step (arguments + outputs + temporaries, from
-`compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a subprocess (its own
+non-DP, and XLA's peak buffer estimate for the compiled step (arguments + outputs + temporaries,
+from `compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a subprocess (its own
 threads) for PyTorch's non-DP step and Opacus's hooks and ghost modes on the same architecture
 and batch (Opacus rows: ratio to trustjax's non-DP step; memory not measured). A second table
 checks the targets. A last trustjax row per model is a breakdown, not a private method: the
-book-keeping step with the Gaussian noise left out (the clipped sum divided by the expected batch
-size), so that the table shows how much of the DP overhead is clipping and how much is drawing
+book-keeping step with noise_multiplier 0 (`privatize` then draws nothing and returns the
+clipped sum divided by the expected batch size), so that the table shows how much of the DP overhead is clipping and how much is drawing
 one normal value per parameter, which no clipping method changes. Writes both into BENCHMARKS.md
 between markers.
 """
-
-import time
 
 import argparse
 import dataclasses
@@ -29,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -38,7 +36,7 @@ import numpy as np
 import optax
 
 from trustjax import models, reporting, training
-from trustjax.privacy import DPConfig, dp_sgd
+from trustjax.privacy import DPConfig
 
 def _mlp(batch_size):
   model = models.MLPClassifier(hidden=(512, 512), num_classes=10)
@@ -105,27 +103,6 @@ def _interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def _step_without_noise(loss_fn, opt, cfg, state, batch):
-  """The DP step with `privatize` replaced by the noiseless mean (NOT private; breakdown only).
-
-  The replacement is in place while the step is traced and compiled (its first call); the
-  compiled step keeps it, and the module is restored before anything else is traced.
-  """
-  real = dp_sgd.privatize
-
-  def noiseless(grad_sum, key, *, l2_clip, noise_multiplier, expected_batch_size):
-    del key, l2_clip, noise_multiplier
-    return jax.tree_util.tree_map(lambda g: g / expected_batch_size, grad_sum)
-
-  dp_sgd.privatize = noiseless
-  try:
-    step = training.make_train_step(loss_fn, opt, cfg, donate=False)
-    jax.block_until_ready(step(state, batch))
-  finally:
-    dp_sgd.privatize = real
-  return step
-
-
 def run(names, repeats, opacus=True):
   rows, summary = [], []
   for name in names:
@@ -141,8 +118,10 @@ def run(names, repeats, opacus=True):
         (f"DP {m}", dataclasses.replace(dp, method=m)) for m in ("vmap", "ghost", "bookkeeping")]
     steps = {label: training.make_train_step(loss_fn, opt, cfg, donate=False)
              for label, cfg in variants}
-    noiseless = _step_without_noise(loss_fn, opt, dataclasses.replace(dp, method="bookkeeping"),
-                                    state, batch)
+    # Breakdown only, NOT private: the book-keeping step without its noise draws.
+    noiseless = training.make_train_step(
+        loss_fn, opt, dataclasses.replace(dp, method="bookkeeping", noise_multiplier=0.0),
+        donate=False)
     calls = {label: (lambda s=s: s(state, batch)) for label, s in steps.items()}
     calls["noiseless"] = lambda: noiseless(state, batch)
     secs = _interleaved(calls, repeats)

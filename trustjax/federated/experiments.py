@@ -20,8 +20,8 @@ checkpoint (server state, round, privacy ledger); finished strategies are not re
 from __future__ import annotations
 
 import copy
-import functools
 import dataclasses
+import functools
 import json
 import math
 import os

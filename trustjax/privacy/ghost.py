@@ -226,8 +226,8 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
 
   Called by `clipping.clipped_grad_sum`, which supplies `factors_fn(norms, mask) -> c` (the
   clipping rule). With `group_of` (top-level module name -> group index; per-layer clipping,
-  book-keeping only, checked by the caller) norms and factors are [B, groups] and each layer is weighted by its group's
-  factor. Same contract: returns (clipped_sum, {"norms", "losses",
+  book-keeping only, checked by the caller) norms and factors are [B, groups] and each layer is
+  weighted by its group's factor. Same contract: returns (clipped_sum, {"norms", "losses",
   "vmap_fallback_leaves"}), padded rows contribute nothing; the last counts the parameter leaves
   no rule covered (their per-example gradients came from vmap). Assumes each example's loss
   depends only on that example's inputs (no cross-example layers such as batch norm), and that

@@ -33,6 +33,8 @@ def privatize(grad_sum: Params, key: PRNGKey, *, l2_clip: float, noise_multiplie
   if not expected_batch_size > 0:
     raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size=}")
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
+  if noise_multiplier == 0:  # no noise: nothing to draw (the same result as adding 0 * N(0, 1))
+    return jax.tree_util.tree_unflatten(treedef, [g / expected_batch_size for g in leaves])
   keys = jax.random.split(key, len(leaves))
   std = noise_multiplier * l2_clip
   # Threefry's non-partitionable counter layout: two 32-bit draws per hash evaluation instead of
