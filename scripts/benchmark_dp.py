@@ -6,7 +6,8 @@ For each model: the non-DP step (mean loss, one backward) and the DP step (clip,
 noise) with each clipped-sum method (vmap per-example gradients; ghost norms + second backward;
 book-keeping), same model, batch and sequence length, same optimizer (Adam). The variants are
 timed interleaved (one call of each per round, `--repeats` rounds after 2 warm-up calls each), so
-that the machine's load drifts over all of them alike. Reports the median wall time, the ratio to
+that the machine's load drifts over all of them alike; the slow vmap reference is timed on its own
+after them, because its large temporaries slow down whatever step runs next. Reports the median wall time, the ratio to
 non-DP, and XLA's peak buffer estimate for the compiled step (arguments + outputs + temporaries,
 from `compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a subprocess (its own
 threads) for PyTorch's non-DP step and Opacus's hooks and ghost modes on the same architecture
@@ -124,7 +125,10 @@ def run(names, repeats, opacus=True):
         donate=False)
     calls = {label: (lambda s=s: s(state, batch)) for label, s in steps.items()}
     calls["noiseless"] = lambda: noiseless(state, batch)
-    secs = _interleaved(calls, repeats)
+    # The vmap reference is timed on its own afterwards: interleaved, its large temporaries (1 GiB
+    # on the MLP) doubled the time of the millisecond steps that ran after it.
+    secs = _interleaved({k: v for k, v in calls.items() if k != "DP vmap"}, repeats)
+    secs.update(_interleaved({"DP vmap": calls["DP vmap"]}, repeats))
     base, base_mem = secs["non-DP"], _peak_mib(steps["non-DP"], state, batch)
     dp_rows = []
     for label, cfg in variants:

@@ -44,3 +44,43 @@ def test_bad_input():
                   (dict(l2_clip=1.0, noise_multiplier=1.0, expected_batch_size=0.0), "expected")]:
     with pytest.raises(ValueError, match=msg):
       privacy.privatize(g, jax.random.key(0), **kw)
+
+
+def _jax_normal(key, shape):
+  with jax.threefry_partitionable(False):
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (2,), (7,), (3, 5, 7), (784, 512), (512, 10),
+                                   (100_001,)])
+def test_standard_normal_equals_jax_random_normal_bit_for_bit(shape):
+  for seed in (0, 1, 2 ** 31 + 5):
+    key = jax.random.key(seed)
+    mine = jax.jit(privacy.noise.standard_normal, static_argnums=1)(key, shape)
+    ref = _jax_normal(key, shape)
+    assert mine.shape == ref.shape == shape and mine.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))
+
+
+def test_standard_normal_raw_keys_vmap_and_other_generators():
+  raw = jax.random.PRNGKey(11)  # legacy uint32[2] key
+  np.testing.assert_array_equal(privacy.noise.standard_normal(raw, (9, 4)),
+                                _jax_normal(raw, (9, 4)))
+  keys = jax.random.split(jax.random.key(4), 5)
+  batched = jax.vmap(lambda k: privacy.noise.standard_normal(k, (33,)))(keys)
+  np.testing.assert_array_equal(batched, jnp.stack([_jax_normal(k, (33,)) for k in keys]))
+  # Another implementation is drawn by jax.random.normal itself (same values, its own stream).
+  rbg = jax.random.key(3, impl="rbg")
+  np.testing.assert_array_equal(privacy.noise.standard_normal(rbg, (6,)), _jax_normal(rbg, (6,)))
+  assert privacy.noise.standard_normal(jax.random.key(0), (0, 3)).shape == (0, 3)
+
+
+def test_privatize_noise_is_the_non_partitionable_threefry_stream():
+  """privatize's noise on each leaf is jax.random.normal of that leaf's split key."""
+  g = {"a": jnp.zeros((5, 3)), "b": jnp.zeros((4,))}
+  key = jax.random.key(8)
+  out = privacy.privatize(g, key, l2_clip=2.0, noise_multiplier=1.5, expected_batch_size=3.0)
+  leaves, _ = jax.tree_util.tree_flatten(g)
+  keys = jax.random.split(key, len(leaves))
+  for got, leaf, k in zip(jax.tree_util.tree_leaves(out), leaves, keys):
+    np.testing.assert_allclose(got, 1.5 * 2.0 * _jax_normal(k, leaf.shape) / 3.0, rtol=1e-6)
