@@ -21,7 +21,8 @@ def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array):
   Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011
   (Threefry-2x32-20: key injection every four rounds). JAX's CPU lowering of the same function
   runs the five four-round groups as a `while` loop, which writes both words to memory after
-  every group; written out, XLA fuses the whole cipher with its consumers into one loop.
+  every group; written out, XLA fuses all the rounds (and the ops that use the result) into one
+  pass over the counters.
   """
   ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(_KEY_PARITY))
   x0, x1 = x0 + ks[0], x1 + ks[1]
@@ -37,7 +38,7 @@ def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array):
 
 def standard_normal(key: PRNGKey, shape: tuple[int, ...]) -> jax.Array:
   """float32 N(0, 1) draws, equal bit for bit to `jax.random.normal(key, shape)` under
-  `jax.threefry_partitionable(False)`, computed in one fused loop.
+  `jax.threefry_partitionable(False)`, with the cipher's 20 rounds in one fused pass.
 
   Same generator, key, counter layout (counters 0..n-1 split into two halves that form the
   cipher's two words; an odd count padded with a 0) and transform (23 random mantissa bits to a
