@@ -111,9 +111,8 @@ def layer_clips(params: Params, l2_clip, split: str):
   Reference: McMahan et al., "Learning Differentially Private Recurrent Language Models",
   ICLR 2018 (per-layer clipping with sum_l C_l^2 = C^2).
   """
-  if split is None:
+  if split not in PER_LAYER:
     raise ValueError(f"per_layer must be one of {PER_LAYER}, got {split=}")
-  check_per_layer(split, "vmap")
   names = sorted(params)
   if split == "equal":
     w = jnp.ones(len(names), jnp.float32)
