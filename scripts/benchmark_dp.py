@@ -4,19 +4,19 @@
 
 For each model: the non-DP step (mean loss, one backward) and the DP step (clip, sum, Gaussian
 noise) with each clipped-sum method (vmap per-example gradients; ghost norms + second backward;
-book-keeping), same model, batch and sequence length, same optimizer (Adam). The variants are
-timed interleaved (one call of each per round, `--repeats` rounds after 2 warm-up calls each), so
-that the machine's load drifts over all of them alike; the slow vmap reference is timed on its own
-after them, because its large temporaries slow down whatever step runs next. Reports the median wall time, the ratio to
-non-DP, and XLA's peak buffer estimate for the compiled step (arguments + outputs + temporaries,
-from `compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a subprocess (its own
-threads) for PyTorch's non-DP step and Opacus's hooks and ghost modes on the same architecture
-and batch (Opacus rows: ratio to trustjax's non-DP step; memory not measured). A second table
-checks the targets. A last trustjax row per model is a breakdown, not a private method: the
-book-keeping step with noise_multiplier 0 (`privatize` then draws nothing and returns the
-clipped sum divided by the expected batch size), so that the table shows how much of the DP overhead is clipping and how much is drawing
-one normal value per parameter, which no clipping method changes. Writes both into BENCHMARKS.md
-between markers.
+book-keeping), same model, batch and sequence length, same optimizer (Adam). The variants are timed
+interleaved (one call of each per round, `--repeats` rounds after 2 warm-up calls each), so that
+the machine's load drifts over all of them alike; the slow vmap reference is timed on its own after
+them, because its large temporaries slow down whatever step runs next. Reports the median wall
+time, the ratio to non-DP, and XLA's peak buffer estimate for the compiled step (arguments +
+outputs + temporaries, from `compiled.memory_analysis()`). Then `scripts/opacus_step.py` runs in a
+subprocess (its own threads) for PyTorch's non-DP step and Opacus's hooks and ghost modes on the
+same architecture and batch (Opacus rows: ratio to trustjax's non-DP step; memory not measured). A
+second table checks the targets. A last trustjax row per model is a breakdown, not a private
+method: the book-keeping step with noise_multiplier 0 (`privatize` then draws nothing and returns
+the clipped sum divided by the expected batch size), so that the table shows how much of the DP
+overhead is clipping and how much is drawing one normal value per parameter, which no clipping
+method changes. Writes both into BENCHMARKS.md between markers.
 """
 
 import argparse
