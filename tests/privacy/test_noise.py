@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 
 from trustjax import privacy
@@ -51,39 +52,81 @@ def _jax_normal(key, shape):
     return jax.random.normal(key, shape, jnp.float32)
 
 
+_LOW = np.nextafter(np.float32(-1.0), np.float32(0.0))
+
+
+def _jax_uniform(key, shape):
+  """The uniforms jax.random.normal transforms."""
+  with jax.threefry_partitionable(False):
+    return jax.random.uniform(key, shape, jnp.float32, _LOW, 1.0)
+
+
+def _f64_normal(u):
+  """Independent float64 reference: sqrt(2) * erfinv(u) by scipy."""
+  return np.sqrt(2.0) * scipy.special.erfinv(np.asarray(u, np.float64))
+
+
 @pytest.mark.parametrize("shape", [(), (1,), (2,), (7,), (3, 5, 7), (784, 512), (512, 10),
                                    (100_001,)])
-def test_standard_normal_equals_jax_random_normal_bit_for_bit(shape):
+def test_uniforms_equal_jax_random_uniform_bit_for_bit(shape):
   for seed in (0, 1, 2 ** 31 + 5):
     key = jax.random.key(seed)
-    mine = jax.jit(privacy.noise.standard_normal, static_argnums=1)(key, shape)
-    ref = _jax_normal(key, shape)
+    mine = jax.jit(privacy.noise._uniform, static_argnums=1)(key, shape)  # pylint: disable=protected-access
+    ref = _jax_uniform(key, shape)
     assert mine.shape == ref.shape == shape and mine.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))
 
 
+def test_erfinv_against_float64_scipy_and_xla():
+  """Giles' polynomials with w = -log(1 - x^2): within 1e-6 relative of float64 erfinv from the
+  centre to the uniform's extreme values (where |z| reaches 5.4), and close to XLA's erf_inv."""
+  erfinv = jax.jit(privacy.noise._erfinv)  # pylint: disable=protected-access
+  x = np.concatenate([np.linspace(-1, 1, 2_000_001, dtype=np.float32)[1:-1],
+                      np.float32([_LOW, -_LOW, 1e-30, -1e-7, 0.0, 0.5, -0.999999])])
+  got = np.asarray(erfinv(x), np.float64)
+  ref = scipy.special.erfinv(x.astype(np.float64))
+  rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-300)
+  assert rel.max() < 1e-6, (rel.max(), x[rel.argmax()])
+  assert np.all(np.sign(got) == np.sign(ref))
+  np.testing.assert_allclose(got, np.asarray(jax.lax.erf_inv(x)), rtol=2e-5, atol=1e-30)
+  assert np.asarray(erfinv(np.float32([1.0, -1.0]))).tolist() == [np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 5, 7), (784, 512)])
+def test_standard_normal_is_sqrt2_erfinv_of_jax_uniforms(shape):
+  key = jax.random.key(5)
+  mine = np.asarray(jax.jit(privacy.noise.standard_normal, static_argnums=1)(key, shape))
+  u = _jax_uniform(key, shape)
+  np.testing.assert_allclose(mine, _f64_normal(u), rtol=2e-6, atol=1e-7)
+  np.testing.assert_allclose(mine, _jax_normal(key, shape), rtol=2e-5, atol=1e-6)
+
+
 def test_standard_normal_raw_keys_vmap_and_other_generators():
   raw = jax.random.PRNGKey(11)  # legacy uint32[2] key
-  np.testing.assert_array_equal(privacy.noise.standard_normal(raw, (9, 4)),
-                                _jax_normal(raw, (9, 4)))
+  np.testing.assert_array_equal(privacy.noise._uniform(raw, (9, 4)), _jax_uniform(raw, (9, 4)))  # pylint: disable=protected-access
+  np.testing.assert_allclose(privacy.noise.standard_normal(raw, (9, 4)),
+                             _f64_normal(_jax_uniform(raw, (9, 4))), rtol=2e-6, atol=1e-7)
   keys = jax.random.split(jax.random.key(4), 5)
-  batched = jax.vmap(lambda k: privacy.noise.standard_normal(k, (33,)))(keys)
-  np.testing.assert_array_equal(batched, jnp.stack([_jax_normal(k, (33,)) for k in keys]))
-  # Another implementation is drawn by jax.random.normal itself (same values, its own stream).
+  batched = jax.vmap(lambda k: privacy.noise._uniform(k, (33,)))(keys)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(batched, jnp.stack([_jax_uniform(k, (33,)) for k in keys]))
+  # Another implementation's uniforms come from jax.random.uniform itself (its own stream).
   rbg = jax.random.key(3, impl="rbg")
-  np.testing.assert_array_equal(privacy.noise.standard_normal(rbg, (6,)), _jax_normal(rbg, (6,)))
+  np.testing.assert_allclose(privacy.noise.standard_normal(rbg, (6,)),
+                             _f64_normal(_jax_uniform(rbg, (6,))), rtol=2e-6, atol=1e-7)
   assert privacy.noise.standard_normal(jax.random.key(0), (0, 3)).shape == (0, 3)
 
 
 def test_privatize_noise_is_the_non_partitionable_threefry_stream():
-  """privatize's noise on each leaf is jax.random.normal of that leaf's split key."""
+  """privatize's noise on each leaf is sqrt(2) erfinv of jax.random.normal's uniforms for that
+  leaf's split key."""
   g = {"a": jnp.zeros((5, 3)), "b": jnp.zeros((4,))}
   key = jax.random.key(8)
   out = privacy.privatize(g, key, l2_clip=2.0, noise_multiplier=1.5, expected_batch_size=3.0)
   leaves, _ = jax.tree_util.tree_flatten(g)
   keys = jax.random.split(key, len(leaves))
   for got, leaf, k in zip(jax.tree_util.tree_leaves(out), leaves, keys):
-    np.testing.assert_allclose(got, 1.5 * 2.0 * _jax_normal(k, leaf.shape) / 3.0, rtol=1e-6)
+    np.testing.assert_allclose(got, 1.5 * 2.0 * _f64_normal(_jax_uniform(k, leaf.shape)) / 3.0,
+                               rtol=2e-6, atol=1e-7)
 
 
 def test_standard_normal_compiles_to_straight_line_code():
@@ -150,13 +193,15 @@ def test_noisy_adam_step_needs_no_more_memory_than_the_plain_step():
 
 
 @pytest.mark.parametrize("shape", [(1,), (2,), (7,), (4, 5), (3, 3, 3), (100001,)])
-def test_pairwise_noisy_leaf_draws_jax_random_normal(shape):
+def test_pairwise_noisy_leaf_draws_standard_normal(shape):
   """privatize's per-leaf path (one cipher evaluation per pair of draws, the halves added to
-  the gradient before they are joined) draws exactly jax.random.normal's values, odd sizes
-  included, and adds them as (g + std * z) / divisor."""
+  the gradient before they are joined) draws standard_normal's values, odd sizes included, and
+  adds them as (g + std * z) / divisor."""
   key = jax.random.key(11)
   add = jax.jit(privacy.noise._add_normal, static_argnums=(2, 3))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(add(jnp.zeros(shape), key, 1.0, 1.0), _jax_normal(key, shape))
+  z = np.asarray(jax.jit(privacy.noise.standard_normal, static_argnums=1)(key, shape))
+  np.testing.assert_allclose(add(jnp.zeros(shape), key, 1.0, 1.0), z, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(add(jnp.zeros(shape), key, 1.0, 1.0),
+                             _f64_normal(_jax_uniform(key, shape)), rtol=2e-6, atol=1e-7)
   g = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
-  np.testing.assert_allclose(add(g, key, 0.7, 3.0), (g + 0.7 * _jax_normal(key, shape)) / 3.0,
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(add(g, key, 0.7, 3.0), (g + 0.7 * z) / 3.0, rtol=1e-6, atol=1e-7)
