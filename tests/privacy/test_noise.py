@@ -205,3 +205,21 @@ def test_pairwise_noisy_leaf_draws_standard_normal(shape):
                              _f64_normal(_jax_uniform(key, shape)), rtol=2e-6, atol=1e-7)
   g = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
   np.testing.assert_allclose(add(g, key, 0.7, 3.0), (g + 0.7 * z) / 3.0, rtol=1e-6, atol=1e-7)
+
+
+def test_privatize_uses_its_conditional_only_on_cpu():
+  """The one-pass conditional is CPU-only: lowered for GPU or TPU (jax.export, no device
+  needed), privatize has one conditional fewer than for CPU (each lowering also keeps the
+  platform choice itself, which XLA folds), and the values on CPU are the same either way."""
+  from jax import export  # pylint: disable=import-outside-toplevel
+  g = {"a": jnp.zeros((5, 3)), "b": jnp.zeros((4,))}
+  key = jax.random.key(0)
+  f = jax.jit(_privatize)
+  count = {p: export.export(f, platforms=[p])(key, g).mlir_module().count("stablehlo.case")
+           for p in ("cpu", "cuda", "tpu")}
+  assert count["cuda"] == count["tpu"] == count["cpu"] - 1, count
+  plain = jax.jit(lambda k, g: [privacy.noise._add_normal(x, kk, 2.0, 4.0)  # pylint: disable=protected-access
+                                for x, kk in zip(jax.tree_util.tree_leaves(g),
+                                                 jax.random.split(k, 2))])
+  for got, want in zip(jax.tree_util.tree_leaves(f(key, g)), plain(key, g)):
+    np.testing.assert_array_equal(got, want)
