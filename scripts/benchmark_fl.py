@@ -1,6 +1,6 @@
 """One federated round: trustjax's vmapped clients vs a sequential jitted loop vs centralized SGD.
 
-  python scripts/benchmark_fl.py [--clients 100] [--client-chunk 8] [--repeats 3] [--no-write]
+  python scripts/benchmark_fl.py [--clients 100] [--client-chunk 8] [--repeats 5] [--no-write]
 
 Task: next-character prediction on Shakespeare speaking roles (LEAF), a character LSTM
 (embedding 8, one LSTM layer of each width in `--hidden`: 128, compute-bound on a CPU, and 16,
@@ -20,8 +20,11 @@ Rows, all on the same examples in one process:
   (`local_train`, the function trustjax vmaps) as one jitted call;
 - centralized: one epoch of SGD over the union of the clients' examples, batch 16, jitted step
   (the same number of example-gradients as the round).
-Reports the median wall time of `--repeats` rounds after a warm-up, clients per second, the
-speed-up over both sequential loops and the efficiency = centralized time / round time.
+Reports the median wall time of `--repeats` rounds after a warm-up (the variants timed in turn,
+one round of each per repeat), clients per second, the speed-up over both sequential loops and
+the efficiency = centralized time / round time. A second table sets the round's work (the LSTM's
+matmul FLOPs) against the rate of a large float32 matmul on the same machine: the rate a 5x
+speed-up over the per-batch loop would need.
 """
 
 import argparse
@@ -65,6 +68,35 @@ def _median_time(fn, repeats):
     jax.block_until_ready(fn())
     ts.append(time.perf_counter() - t0)
   return float(np.median(ts))
+
+
+def _interleaved_rounds(calls: dict, repeats: int) -> dict:
+  """Median seconds of each zero-argument call (one whole round or epoch), after one warm-up call
+  each, timed one call of each variant per repeat: the machine's drift, which here reached a
+  factor of 1.5 between consecutive runs, then falls on all variants alike."""
+  for fn in calls.values():
+    jax.block_until_ready(fn())
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, fn in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _lstm_flops_per_token(embed, hidden, vocab):
+  """Multiply-add FLOPs of one token's forward and backward pass through the gate matmul
+  ([embed + hidden] -> 4 hidden) and the output matmul (hidden -> vocab), the backward counted as
+  twice the forward; elementwise work is left out, so this is a lower bound on the work."""
+  return 3 * 2 * ((embed + hidden) * 4 * hidden + hidden * vocab)
+
+
+def _matmul_gflops(n=2048, repeats=10):
+  """GFLOP/s of one jitted float32 n x n x n matmul on this machine (the median of `repeats`)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  return 2 * n ** 3 / _median_time(lambda: f(a), repeats) / 1e9
 
 
 def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, lr=1.0):
@@ -136,11 +168,9 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
       p = sgd_step(p, b)
     return p
 
-  t_v = _median_time(vmapped, repeats)
-  t_k = _median_time(chunked, repeats)
-  t_s = _median_time(sequential, repeats)
-  t_j = _median_time(per_client_jit, repeats)
-  t_c = _median_time(centralized, repeats)
+  t = _interleaved_rounds({"v": vmapped, "k": chunked, "s": sequential, "j": per_client_jit,
+                           "c": centralized}, repeats)
+  t_v, t_k, t_s, t_j, t_c = t["v"], t["k"], t["s"], t["j"], t["c"]
   desc = (f"{store.num_clients} Shakespeare roles, {store.num_examples} windows of 80 chars "
           f"(cohort padded to {cohort.examples['inputs'].shape[1]} per client), 1 local epoch, "
           f"batch {batch_size}")
@@ -149,6 +179,10 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
     return [m, label, f"{t * 1e3:.0f}", f"{store.num_clients / t:.1f}", f"{t_s / t:.2f}x",
             f"{t_j / t:.2f}x", f"{t_c / t:.2f}"]
 
+  tokens = sum(int(b["inputs"].size) for b in central_batches)
+  gflop = _lstm_flops_per_token(8, hidden, vocab) * tokens / 1e9
+  bound = [m, f"{gflop:.1f}", f"{gflop / t_c:.0f}", f"{gflop / t_k:.0f}",
+           f"{gflop / (t_s / 5):.0f}"]
   rows = [
       row("trustjax, one vmap over all clients", t_v),
       row(f"trustjax, client_chunk={client_chunk} (size-sorted)", t_k),
@@ -156,7 +190,7 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
       row("sequential loop, one jitted local_train per client", t_j),
       [m, "centralized SGD, same examples (1 epoch)", f"{t_c * 1e3:.0f}", "-", "-", "-", "1.00"],
   ]
-  return desc, rows
+  return desc, rows, bound
 
 
 def main():
@@ -165,16 +199,23 @@ def main():
   ap.add_argument("--max-windows", type=int, default=32)
   ap.add_argument("--hidden", default="128,16", help="comma list of LSTM widths")
   ap.add_argument("--client-chunk", type=int, default=8)
-  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
   args = ap.parse_args()
-  rows = []
+  rows, bounds = [], []
   for h in [int(x) for x in args.hidden.split(",")]:
-    desc, r = run(args.clients, args.max_windows, h, args.repeats, args.client_chunk)
+    desc, r, b = run(args.clients, args.max_windows, h, args.repeats, args.client_chunk)
     rows += r
+    bounds.append(b)
+  peak = _matmul_gflops()
   table = reporting.markdown_table(
       ["model", "round", "median ms", "clients / s", "speed-up vs per-batch loop",
        "speed-up vs per-client jit", "efficiency (centralized / this)"], rows)
+  table += "\n\nThe work (matmul FLOPs of forward and backward, a lower bound) against the rate " + (
+      f"of a 2048x2048x2048 float32 matmul on this machine, {peak:.0f} GFLOP/s:\n\n")
+  table += reporting.markdown_table(
+      ["model", "GFLOP per round", "centralized GFLOP/s", f"client_chunk={args.client_chunk} "
+       "GFLOP/s", "GFLOP/s a 5x speed-up over the per-batch loop needs"], bounds)
   cmd = "python scripts/benchmark_fl.py" + "".join(
       f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
       if k != "no_write" and v != ap.get_default(k))
