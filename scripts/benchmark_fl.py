@@ -211,8 +211,8 @@ def main():
   table = reporting.markdown_table(
       ["model", "round", "median ms", "clients / s", "speed-up vs per-batch loop",
        "speed-up vs per-client jit", "efficiency (centralized / this)"], rows)
-  table += "\n\nThe work (matmul FLOPs of forward and backward, a lower bound) against the rate " + (
-      f"of a 2048x2048x2048 float32 matmul on this machine, {peak:.0f} GFLOP/s:\n\n")
+  table += ("\n\nThe work (matmul FLOPs of forward and backward, a lower bound) against the rate "
+            f"of a 2048x2048x2048 float32 matmul on this machine, {peak:.0f} GFLOP/s:\n\n")
   table += reporting.markdown_table(
       ["model", "GFLOP per round", "centralized GFLOP/s", f"client_chunk={args.client_chunk} "
        "GFLOP/s", "GFLOP/s a 5x speed-up over the per-batch loop needs"], bounds)

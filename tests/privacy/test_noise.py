@@ -1,3 +1,6 @@
+# pylint: disable=protected-access
+"""The Gaussian mechanism and its noise draw (noise.py's private helpers included)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +74,7 @@ def _f64_normal(u):
 def test_uniforms_equal_jax_random_uniform_bit_for_bit(shape):
   for seed in (0, 1, 2 ** 31 + 5):
     key = jax.random.key(seed)
-    mine = jax.jit(privacy.noise._uniform, static_argnums=1)(key, shape)  # pylint: disable=protected-access
+    mine = jax.jit(privacy.noise._uniform, static_argnums=1)(key, shape)
     ref = _jax_uniform(key, shape)
     assert mine.shape == ref.shape == shape and mine.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))
@@ -80,7 +83,7 @@ def test_uniforms_equal_jax_random_uniform_bit_for_bit(shape):
 def test_erfinv_against_float64_scipy_and_xla():
   """Giles' polynomials with w = -log(1 - x^2): within 1e-6 relative of float64 erfinv from the
   centre to the uniform's extreme values (where |z| reaches 5.4), and close to XLA's erf_inv."""
-  erfinv = jax.jit(privacy.noise._erfinv)  # pylint: disable=protected-access
+  erfinv = jax.jit(privacy.noise._erfinv)
   x = np.concatenate([np.linspace(-1, 1, 2_000_001, dtype=np.float32)[1:-1],
                       np.float32([_LOW, -_LOW, 1e-30, -1e-7, 0.0, 0.5, -0.999999])])
   got = np.asarray(erfinv(x), np.float64)
@@ -103,11 +106,11 @@ def test_standard_normal_is_sqrt2_erfinv_of_jax_uniforms(shape):
 
 def test_standard_normal_raw_keys_vmap_and_other_generators():
   raw = jax.random.PRNGKey(11)  # legacy uint32[2] key
-  np.testing.assert_array_equal(privacy.noise._uniform(raw, (9, 4)), _jax_uniform(raw, (9, 4)))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(privacy.noise._uniform(raw, (9, 4)), _jax_uniform(raw, (9, 4)))
   np.testing.assert_allclose(privacy.noise.standard_normal(raw, (9, 4)),
                              _f64_normal(_jax_uniform(raw, (9, 4))), rtol=2e-6, atol=1e-7)
   keys = jax.random.split(jax.random.key(4), 5)
-  batched = jax.vmap(lambda k: privacy.noise._uniform(k, (33,)))(keys)  # pylint: disable=protected-access
+  batched = jax.vmap(lambda k: privacy.noise._uniform(k, (33,)))(keys)
   np.testing.assert_array_equal(batched, jnp.stack([_jax_uniform(k, (33,)) for k in keys]))
   # Another implementation's uniforms come from jax.random.uniform itself (its own stream).
   rbg = jax.random.key(3, impl="rbg")
@@ -198,7 +201,7 @@ def test_pairwise_noisy_leaf_draws_standard_normal(shape):
   the gradient before they are joined) draws standard_normal's values, odd sizes included, and
   adds them as (g + std * z) / divisor."""
   key = jax.random.key(11)
-  add = jax.jit(privacy.noise._add_normal, static_argnums=(2, 3))  # pylint: disable=protected-access
+  add = jax.jit(privacy.noise._add_normal, static_argnums=(2, 3))
   z = np.asarray(jax.jit(privacy.noise.standard_normal, static_argnums=1)(key, shape))
   np.testing.assert_allclose(add(jnp.zeros(shape), key, 1.0, 1.0), z, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(add(jnp.zeros(shape), key, 1.0, 1.0),
@@ -218,7 +221,7 @@ def test_privatize_uses_its_conditional_only_on_cpu():
   count = {p: export.export(f, platforms=[p])(key, g).mlir_module().count("stablehlo.case")
            for p in ("cpu", "cuda", "tpu")}
   assert count["cuda"] == count["tpu"] == count["cpu"] - 1, count
-  plain = jax.jit(lambda k, g: [privacy.noise._add_normal(x, kk, 2.0, 4.0)  # pylint: disable=protected-access
+  plain = jax.jit(lambda k, g: [privacy.noise._add_normal(x, kk, 2.0, 4.0)
                                 for x, kk in zip(jax.tree_util.tree_leaves(g),
                                                  jax.random.split(k, 2))])
   for got, want in zip(jax.tree_util.tree_leaves(f(key, g)), plain(key, g)):
