@@ -167,6 +167,15 @@ def test_privatize_under_vmap_equals_a_loop_and_draws_once():
       for name in g:
         np.testing.assert_array_equal(out2[name][i, j], ref[name])
   assert nested.lower(keys2, g2).compile().as_text().count(" conditional(") == 1
+  # An adaptive clip is an array, batched here along with the keys.
+  clips = jnp.asarray([0.5, 1.0, 2.0, 4.0])
+  with_clip = lambda k, c: privacy.privatize(g, k, l2_clip=c, noise_multiplier=2.0,
+                                             expected_batch_size=4.0)
+  out3 = jax.jit(jax.vmap(with_clip))(keys, clips)
+  for i in range(4):
+    ref = with_clip(keys[i], clips[i])
+    for name in g:
+      np.testing.assert_array_equal(out3[name][i], ref[name])
 
 
 def test_noisy_adam_step_needs_no_more_memory_than_the_plain_step():

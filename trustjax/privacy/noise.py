@@ -198,11 +198,14 @@ def privatize(grad_sum: Params, key: PRNGKey, *, l2_clip: float, noise_multiplie
   # per cipher evaluation), generated whole on every device: that suits replicated parameters
   # (data parallelism), the only layout trustjax uses.
   def add_noise(operands):
-    return [_add_normal(g, k, std, expected_batch_size) for g, k in operands]
+    pairs, std = operands
+    return [_add_normal(g, k, std, expected_batch_size) for g, k in pairs]
 
   data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   token = jnp.asarray(data).reshape(-1)[0].astype(jnp.uint32)
-  noisy = _in_one_pass_on_cpu(add_noise, token, list(zip(leaves, keys)))
+  # std goes in as an operand, not a closure: an adaptive clip is an array, batched under vmap.
+  noisy = _in_one_pass_on_cpu(add_noise, token,
+                              (list(zip(leaves, keys)), jnp.asarray(std, jnp.float32)))
   return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
