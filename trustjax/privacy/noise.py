@@ -237,5 +237,15 @@ def _in_one_pass_on_cpu(fn, token: jax.Array, operands):
     out = _in_one_pass_on_cpu(batched_fn, token[0] if token_batched else token, operands)
     return out, jax.tree_util.tree_map(lambda _: True, out)
 
-  return jax.lax.platform_dependent(token, operands, cpu=one_pass,
-                                    default=lambda _, ops: fn(ops))
+  # custom_vmap has no autodiff rule, so derivatives are those of `fn` itself.
+  @jax.custom_jvp
+  def call(token, operands):
+    return jax.lax.platform_dependent(token, operands, cpu=one_pass,
+                                      default=lambda _, ops: fn(ops))
+
+  @call.defjvp
+  def _jvp(primals, tangents):
+    token, operands = primals
+    return call(token, operands), jax.jvp(fn, (operands,), (tangents[1],))[1]
+
+  return call(token, operands)
