@@ -27,7 +27,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -90,20 +89,6 @@ def _peak_mib(step, state, batch) -> float:
   return total / 2 ** 20
 
 
-def _interleaved(calls: dict, repeats: int, warmup: int = 2) -> dict:
-  """Median seconds of each zero-argument call, timed one call of each per round."""
-  for fn in calls.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, fn in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t0)
-  return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def run(names, repeats, opacus=True):
   rows, summary = [], []
   for name in names:
@@ -127,8 +112,9 @@ def run(names, repeats, opacus=True):
     calls["noiseless"] = lambda: noiseless(state, batch)
     # The vmap reference is timed on its own afterwards: interleaved, its large temporaries (1 GiB
     # on the MLP) doubled the time of the millisecond steps that ran after it.
-    secs = _interleaved({k: v for k, v in calls.items() if k != "DP vmap"}, repeats)
-    secs.update(_interleaved({"DP vmap": calls["DP vmap"]}, repeats))
+    secs = training.time_interleaved({k: v for k, v in calls.items() if k != "DP vmap"},
+                                     repeats=repeats)
+    secs.update(training.time_interleaved({"DP vmap": calls["DP vmap"]}, repeats=repeats))
     base, base_mem = secs["non-DP"], _peak_mib(steps["non-DP"], state, batch)
     dp_rows = []
     for label, cfg in variants:

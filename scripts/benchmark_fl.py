@@ -32,7 +32,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trustjax import data as tjdata
-from trustjax import models, reporting
+from trustjax import models, reporting, training
 from trustjax import federated as fl
 
 
@@ -60,31 +59,6 @@ def _problem(num_clients, max_windows, seed=0):
   return store, tok.vocab_size
 
 
-def _median_time(fn, repeats):
-  jax.block_until_ready(fn())  # warm-up (compiles)
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
-
-
-def _interleaved_rounds(calls: dict, repeats: int) -> dict:
-  """Median seconds of each zero-argument call (one whole round or epoch), after one warm-up call
-  each, timed one call of each variant per repeat: the machine's drift, which here reached a
-  factor of 1.5 between consecutive runs, then falls on all variants alike."""
-  for fn in calls.values():
-    jax.block_until_ready(fn())
-  times = {k: [] for k in calls}
-  for _ in range(repeats):
-    for k, fn in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[k].append(time.perf_counter() - t0)
-  return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def _lstm_flops_per_token(embed, hidden, vocab):
   """Multiply-add FLOPs of one token's forward and backward pass through the gate matmul
   ([embed + hidden] -> 4 hidden) and the output matmul (hidden -> vocab), the backward counted as
@@ -96,7 +70,8 @@ def _matmul_gflops(n=2048, repeats=10):
   """GFLOP/s of one jitted float32 n x n x n matmul on this machine (the median of `repeats`)."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  return 2 * n ** 3 / _median_time(lambda: f(a), repeats) / 1e9
+  seconds = training.time_interleaved({"mm": lambda: f(a)}, repeats=repeats)["mm"]
+  return 2 * n ** 3 / seconds / 1e9
 
 
 def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, lr=1.0):
@@ -168,8 +143,11 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
       p = sgd_step(p, b)
     return p
 
-  t = _interleaved_rounds({"v": vmapped, "k": chunked, "s": sequential, "j": per_client_jit,
-                           "c": centralized}, repeats)
+  # One warm-up call each (it compiles), then one round of each variant per repeat: this
+  # machine's speed drifted by up to 1.7x between consecutive runs.
+  t = training.time_interleaved({"v": vmapped, "k": chunked, "s": sequential,
+                                 "j": per_client_jit, "c": centralized},
+                                repeats=repeats, warmup=1)
   t_v, t_k, t_s, t_j, t_c = t["v"], t["k"], t["s"], t["j"], t["c"]
   desc = (f"{store.num_clients} Shakespeare roles, {store.num_examples} windows of 80 chars "
           f"(cohort padded to {cohort.examples['inputs'].shape[1]} per client), 1 local epoch, "

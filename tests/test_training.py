@@ -109,3 +109,12 @@ def test_sst2_config_runs_on_tfds_mock_data(tmp_path):
     summary = experiments.run(cfg, show_progress=False)
   assert summary["train_examples"] == 64 and summary["steps"] == 4
   assert 0.0 <= summary["eval_accuracy"] <= 1.0 and summary["epsilon"] > 0
+
+
+def test_time_interleaved_calls_each_variant_in_turn():
+  calls_made = []
+  calls = {name: (lambda name=name: calls_made.append(name) or np.zeros(()))
+           for name in ("a", "b", "c")}
+  secs = training.time_interleaved(calls, repeats=3, warmup=1)
+  assert set(secs) == {"a", "b", "c"} and all(s >= 0 for s in secs.values())
+  assert calls_made == ["a", "b", "c"] * 4  # one warm-up each, then rounds of one call each

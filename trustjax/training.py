@@ -279,3 +279,20 @@ def time_step(step_fn: Callable, state, batch, *, repeats: int = 10, warmup: int
     ts.append(time.perf_counter() - t0)
   del out
   return float(np.median(ts))
+
+
+def time_interleaved(calls: Mapping[str, Callable[[], object]], *, repeats: int = 10,
+                     warmup: int = 2) -> dict:
+  """Median seconds of each zero-argument call (blocks on results), after `warmup` calls of each,
+  timed one call of each per round so that a noisy machine's drift falls on all of them alike:
+  how scripts/benchmark_dp.py and benchmark_fl.py compare variants."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {k: [] for k in calls}
+  for _ in range(repeats):
+    for k, fn in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[k].append(time.perf_counter() - t0)
+  return {k: float(np.median(v)) for k, v in times.items()}
