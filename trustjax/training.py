@@ -267,18 +267,8 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
 
 def time_step(step_fn: Callable, state, batch, *, repeats: int = 10, warmup: int = 2) -> float:
   """Median seconds of `step_fn(state, batch)` after `warmup` calls (blocks on results)."""
-  out = None
-  for _ in range(warmup):
-    out = step_fn(state, batch)
-    jax.block_until_ready(out)
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = step_fn(state, batch)
-    jax.block_until_ready(out)
-    ts.append(time.perf_counter() - t0)
-  del out
-  return float(np.median(ts))
+  return time_interleaved({"step": lambda: step_fn(state, batch)}, repeats=repeats,
+                          warmup=warmup)["step"]
 
 
 def time_interleaved(calls: Mapping[str, Callable[[], object]], *, repeats: int = 10,
