@@ -172,6 +172,14 @@ def test_stragglers_do_less_work_and_dropped_clients_change_nothing():
       params, ex, n, k, w, loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, local_epochs=2))(
           full.examples, full.counts, jax.random.split(jax.random.key(0), 3), full.work)
   assert res.steps.tolist() == [8, 4, 0]
+  # The dropped client's model is the server's, bit for bit, with or without vmap (local_train
+  # computes a first step for every client and keeps it only where there is work).
+  chex.assert_trees_all_equal(tmap(lambda x: x[2], res.params), params)
+  alone = jax.jit(lambda ex, n, k, w: fl.local_train(
+      params, ex, n, k, w, loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, local_epochs=2))(
+          tmap(lambda x: x[2], full.examples), full.counts[2], jax.random.key(0), full.work[2])
+  chex.assert_trees_all_equal(alone.params, params)
+  assert int(alone.steps) == 0 and float(alone.loss_sum) == 0.0
   s1, m = fl.run_round(alg, alg.init(params), full, jax.random.key(0))
   assert float(m["clients_dropped"]) == 1 and float(m["clients_accepted"]) == 2
   chunked = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, local_epochs=2,

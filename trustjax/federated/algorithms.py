@@ -138,10 +138,16 @@ def local_train(params: Params, examples: dict, count: jax.Array, key: PRNGKey, 
     p = tmap(lambda pi, gi: pi - client_lr * gi.astype(pi.dtype), p, g)
     return p, loss_acc + loss, t + 1
 
-  # A while loop of exactly `limit` steps: under vmap it runs as many iterations as the busiest
-  # client of the batch needs (the others are masked by the batching rule), so a cohort whose
-  # clients are processed in size-sorted chunks (see `_run_clients`) does not pay for padding.
+  # The first step starts from the server's model, which every client shares: taken before the
+  # loop, its forward and input-gradient products use one weight matrix for all clients under
+  # vmap (one product for the chunk instead of one per client; 16% off a round of LSTM 128 in
+  # BENCHMARKS.md). It is computed for every client and kept where limit > 0 (a select, which is
+  # what a batched lax.cond would become). Then a while loop of exactly the remaining steps:
+  # under vmap it runs as many iterations as the busiest client of the batch needs (the others
+  # are masked by the batching rule), so a cohort whose clients are processed in size-sorted
+  # chunks (see `_run_clients`) does not pay for padding.
   init = (params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  init = tmap(lambda stepped, unchanged: jnp.where(limit > 0, stepped, unchanged), step(init), init)
   p, loss_sum, steps = jax.lax.while_loop(lambda c: c[2] < limit, step, init)
   return LocalResult(p, loss_sum, steps)
 
