@@ -203,9 +203,11 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
   their amount of local work and run `client_chunk` at a time (`lax.map` with vmap inside), so
   each chunk's loop runs only as long as its busiest client (padding steps are not computed) and
   only one chunk's models are live at once (bounds memory; keeps the chunk's weights in cache on a
-  CPU). Under `sharded_clients(n)` this happens within each of n blocks of k / n clients (vmapped
-  over the blocks, which the mesh places one per device). Each client gets the same key and the
-  same result either way.
+  CPU), and a chunk in which no client has work (dropped clients, the empty slots that pad a
+  Poisson-sampled DP-FedAvg cohort) is skipped. Under `sharded_clients(n)` this happens within
+  each of n blocks of k / n clients (vmapped over the blocks, which the mesh places one per
+  device; there the skip becomes a select). Each client gets the same key and the same result
+  either way.
   """
   k = cohort.counts.shape[0]
   keys = jax.random.split(key, k)
@@ -218,15 +220,36 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
     shards = shards if k % shards == 0 else 1
     per = k // shards
 
+    c = min(client_chunk, per)
+    n_chunks = -(-per // c)
+
+    def one_chunk(chunk):
+      _, counts, _, work, _ = chunk
+      idle = LocalResult(tmap(lambda x: jnp.broadcast_to(x, (c,) + x.shape), params),
+                         jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
+      # A chunk in which no client has work (dropped clients, empty padding slots) costs nothing;
+      # the result is what local_train returns for such clients.
+      return jax.lax.cond(jnp.any((counts > 0) & (work > 0)),
+                          lambda ch: jax.vmap(local, in_axes=in_axes)(params, *ch),
+                          lambda ch: idle, chunk)
+
     def one_block(block):
       _, counts, _, work, _ = block
       order = jnp.argsort(-(counts * (work > 0)), stable=True)
-      res_sorted = jax.lax.map(lambda a: local(params, *a), tmap(lambda x: x[order], block),
-                               batch_size=min(client_chunk, per))
-      return tmap(lambda x: jnp.zeros_like(x).at[order].set(x), res_sorted)
+      # Sorted, then padded to whole chunks of `c` with copies of the last client given no work.
+      idx = jnp.concatenate([order, jnp.full((n_chunks * c - per,), order[-1])])
+      padded = tmap(lambda x: x[idx], block)
+      padded = padded[:3] + (jnp.where(jnp.arange(n_chunks * c) < per, padded[3], 0.0),
+                             padded[4])
+      res = jax.lax.map(one_chunk, tmap(lambda x: x.reshape((n_chunks, c) + x.shape[1:]), padded))
+      res = tmap(lambda x: x.reshape((n_chunks * c,) + x.shape[2:])[:per], res)
+      return tmap(lambda x: jnp.zeros_like(x).at[order].set(x), res)
 
-    blocks = tmap(lambda x: x.reshape((shards, per) + x.shape[1:]), args)
-    res = tmap(lambda x: x.reshape((k,) + x.shape[2:]), jax.vmap(one_block)(blocks))
+    if shards == 1:  # not vmapped: under vmap the chunks' lax.cond would become a select
+      res = one_block(args)
+    else:
+      blocks = tmap(lambda x: x.reshape((shards, per) + x.shape[1:]), args)
+      res = tmap(lambda x: x.reshape((k,) + x.shape[2:]), jax.vmap(one_block)(blocks))
   deltas = tmap(lambda new, old: new - old[None], res.params, params)
   finite = jax.vmap(_finite)(deltas) & jnp.isfinite(res.loss_sum)
   accepted = finite & (cohort.weights > 0) & (cohort.work > 0) & (res.steps > 0)
