@@ -13,6 +13,11 @@ Rows, all on the same examples in one process:
 - trustjax, chunked: the same round with `client_chunk` (clients sorted by size, `--client-chunk`
   at a time under vmap, lax.map over the chunks: each chunk loops only as long as its busiest
   client, and a chunk's models stay in cache);
+- trustjax, chunked and sharded: the chunked round with the clients split over the CPU's cores
+  as JAX devices (a mesh axis "clients", `run_round(..., mesh=...)`; each device sorts and chunks
+  its own block). The script sets `--xla_force_host_platform_device_count` to the core count
+  unless XLA_FLAGS already sets it; the other rows run on one device (XLA still spreads their
+  large products over the cores);
 - sequential: the usual simulator design (FedJAX's or Flower's simulation loop): for each client,
   a Python loop over its minibatches calling one jitted SGD step (batches padded to 16 with a
   mask, so it also compiles once), then the weighted average of the client models;
@@ -34,6 +39,10 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# One JAX CPU device per core for the sharded row; set before jax is imported.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
@@ -94,6 +103,13 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
   def chunked():
     return fl.run_round(chunked_alg, state, cohort, jax.random.key(0))[0].params
 
+  devices = jax.device_count() if jax.default_backend() == "cpu" else 1
+  mesh = fl.simulate.client_mesh(devices)
+  sharded_cohort = fl.simulate.pad_cohort(cohort, devices)
+
+  def sharded():
+    return fl.run_round(chunked_alg, state, sharded_cohort, jax.random.key(0), mesh=mesh)[0].params
+
   one_client = jax.jit(lambda ex, n, k: fl.local_train(
       params, ex, n, k, jnp.float32(1.0), loss_fn=loss_fn, client_lr=lr, batch_size=batch_size,
       local_epochs=1).params)
@@ -145,10 +161,14 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
 
   # One warm-up call each (it compiles), then one round of each variant per repeat: this
   # machine's speed drifted by up to 1.7x between consecutive runs.
-  t = training.time_interleaved({"v": vmapped, "k": chunked, "s": sequential,
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(chunked()), jax.tree_util.tree_leaves(sharded())))
+  print(f"LSTM {hidden}: sharded over {devices} devices vs one device, max |difference| of the "
+        f"new model: {diff:.2g}", flush=True)
+  t = training.time_interleaved({"v": vmapped, "k": chunked, "d": sharded, "s": sequential,
                                  "j": per_client_jit, "c": centralized},
                                 repeats=repeats, warmup=1)
-  t_v, t_k, t_s, t_j, t_c = t["v"], t["k"], t["s"], t["j"], t["c"]
+  t_v, t_k, t_d, t_s, t_j, t_c = t["v"], t["k"], t["d"], t["s"], t["j"], t["c"]
   desc = (f"{store.num_clients} Shakespeare roles, {store.num_examples} windows of 80 chars "
           f"(cohort padded to {cohort.examples['inputs'].shape[1]} per client), 1 local epoch, "
           f"batch {batch_size}")
@@ -159,11 +179,13 @@ def run(num_clients, max_windows, hidden, repeats, client_chunk, batch_size=16, 
 
   tokens = sum(int(b["inputs"].size) for b in central_batches)
   gflop = _lstm_flops_per_token(8, hidden, vocab) * tokens / 1e9
-  bound = [m, f"{gflop:.1f}", f"{gflop / t_c:.0f}", f"{gflop / t_k:.0f}",
+  bound = [m, f"{gflop:.1f}", f"{gflop / t_c:.0f}", f"{gflop / t_k:.0f}", f"{gflop / t_d:.0f}",
            f"{gflop / (t_s / 5):.0f}"]
   rows = [
       row("trustjax, one vmap over all clients", t_v),
       row(f"trustjax, client_chunk={client_chunk} (size-sorted)", t_k),
+      row(f"trustjax, client_chunk={client_chunk}, sharded over {devices} CPU devices "
+          "(one per core)", t_d),
       row("sequential loop, jitted SGD step per batch", t_s),
       row("sequential loop, one jitted local_train per client", t_j),
       [m, "centralized SGD, same examples (1 epoch)", f"{t_c * 1e3:.0f}", "-", "-", "-", "1.00"],
@@ -193,7 +215,8 @@ def main():
             f"of a 2048x2048x2048 float32 matmul on this machine, {peak:.0f} GFLOP/s:\n\n")
   table += reporting.markdown_table(
       ["model", "GFLOP per round", "centralized GFLOP/s", f"client_chunk={args.client_chunk} "
-       "GFLOP/s", "GFLOP/s a 5x speed-up over the per-batch loop needs"], bounds)
+       "GFLOP/s", "sharded GFLOP/s", "GFLOP/s a 5x speed-up over the per-batch loop needs"],
+      bounds)
   cmd = "python scripts/benchmark_fl.py" + "".join(
       f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
       if k != "no_write" and v != ap.get_default(k))
