@@ -38,8 +38,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   over = {"fl.rounds": 4, "fl.checkpoint_every": 2, "fl.straggler": 0.3, "fl.dropout": 0.2}
   full = experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path / "a", **over),
                          show_progress=False)
+  # The first two rounds on one device, the resumed ones sharded over all 8 (the default): the
+  # device count may change on a resume (speed only).
   experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path / "b", **dict(over, **{
-      "fl.rounds": 2})), show_progress=False)
+      "fl.rounds": 2, "fl.num_devices": 1})), show_progress=False)
   resumed = experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path / "b", **over),
                             show_progress=False)
   for a, b in zip(full["strategies"], resumed["strategies"]):
@@ -104,6 +106,7 @@ def test_continual_storage_keeps_newest_or_a_random_subset():
     ({"continual.enabled": True, "continual.budget": 0}, "storage budget must be >= 1"),
     ({"strategies.uniform.selection": "best"}, "fl.selection must be one of"),
     ({"fl.dropout": 1.5}, "dropout probability must lie in"),
+    ({"fl.num_devices": -1}, "fl.num_devices must be >= 0"),
 ])
 def test_bad_input_names_the_value(tmp_path, overrides, message):
   cfg = _cfg(fl_selection, "nlu,runlocal", tmp_path, **overrides)

@@ -180,19 +180,21 @@ def _check_client(client_lr, batch_size, local_epochs, client_chunk=None):
     raise ValueError(f"client_chunk must be >= 1 or None, got {client_chunk=}")
 
 
-_CLIENT_SHARDS = contextvars.ContextVar("trustjax_client_shards", default=1)
+_CLIENT_MESH = contextvars.ContextVar("trustjax_client_mesh", default=None)
+CLIENTS_AXIS = "clients"
 
 
 @contextlib.contextmanager
-def sharded_clients(num_shards: int):
-  """While a round is traced inside this context, `client_chunk` chunks each of `num_shards` equal
-  contiguous blocks of the cohort separately (one block per device of a "clients" mesh), so that
-  sorting and chunking never move clients between devices. `simulate.run_round` sets it."""
-  token = _CLIENT_SHARDS.set(int(num_shards))
+def sharded_clients(mesh):
+  """While a round is traced inside this context, `client_chunk` runs on each device of `mesh`
+  (a jax.sharding.Mesh with axis "clients", or None) separately, through `jax.shard_map`: each
+  device sorts and chunks its own contiguous block of the cohort, so no client moves between
+  devices and each device's loops and skipped chunks are its own. `simulate.run_round` sets it."""
+  token = _CLIENT_MESH.set(mesh)
   try:
     yield
   finally:
-    _CLIENT_SHARDS.reset(token)
+    _CLIENT_MESH.reset(token)
 
 
 def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_chunk=None):
@@ -204,52 +206,53 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
   each chunk's loop runs only as long as its busiest client (padding steps are not computed) and
   only one chunk's models are live at once (bounds memory; keeps the chunk's weights in cache on a
   CPU), and a chunk in which no client has work (dropped clients, the empty slots that pad a
-  Poisson-sampled DP-FedAvg cohort) is skipped. Under `sharded_clients(n)` this happens within
-  each of n blocks of k / n clients (vmapped over the blocks, which the mesh places one per
-  device; there the skip becomes a select). Each client gets the same key and the same result
-  either way.
+  Poisson-sampled DP-FedAvg cohort) is skipped. Under `sharded_clients(mesh)` this happens on
+  each of the mesh's n devices for its own block of k / n clients (`jax.shard_map`). Each client
+  gets the same key and the same result either way.
   """
   k = cohort.counts.shape[0]
   keys = jax.random.split(key, k)
   in_axes = (None, 0, 0, 0, 0, None if corrections is None else 0)
   args = (cohort.examples, cohort.counts, keys, cohort.work, corrections)
-  if client_chunk is None or client_chunk >= k:
+  mesh = _CLIENT_MESH.get()
+  shards = 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
+  shards = shards if k % shards == 0 else 1
+  if client_chunk is None or client_chunk >= k // shards:
     res = jax.vmap(local, in_axes=in_axes)(params, *args)
   else:
-    shards = _CLIENT_SHARDS.get()
-    shards = shards if k % shards == 0 else 1
-    per = k // shards
-
-    c = min(client_chunk, per)
-    n_chunks = -(-per // c)
-
-    def one_chunk(chunk):
+    def one_chunk(p, chunk):
       _, counts, _, work, _ = chunk
-      idle = LocalResult(tmap(lambda x: jnp.broadcast_to(x, (c,) + x.shape), params),
+      c = counts.shape[0]
+      idle = LocalResult(tmap(lambda x: jnp.broadcast_to(x, (c,) + x.shape), p),
                          jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
       # A chunk in which no client has work (dropped clients, empty padding slots) costs nothing;
       # the result is what local_train returns for such clients.
       return jax.lax.cond(jnp.any((counts > 0) & (work > 0)),
-                          lambda ch: jax.vmap(local, in_axes=in_axes)(params, *ch),
+                          lambda ch: jax.vmap(local, in_axes=in_axes)(p, *ch),
                           lambda ch: idle, chunk)
 
-    def one_block(block):
+    def one_block(p, block):
       _, counts, _, work, _ = block
+      per = counts.shape[0]
+      c = min(client_chunk, per)
+      n_chunks = -(-per // c)
       order = jnp.argsort(-(counts * (work > 0)), stable=True)
       # Sorted, then padded to whole chunks of `c` with copies of the last client given no work.
       idx = jnp.concatenate([order, jnp.full((n_chunks * c - per,), order[-1])])
       padded = tmap(lambda x: x[idx], block)
       padded = padded[:3] + (jnp.where(jnp.arange(n_chunks * c) < per, padded[3], 0.0),
                              padded[4])
-      res = jax.lax.map(one_chunk, tmap(lambda x: x.reshape((n_chunks, c) + x.shape[1:]), padded))
+      res = jax.lax.map(lambda ch: one_chunk(p, ch),
+                        tmap(lambda x: x.reshape((n_chunks, c) + x.shape[1:]), padded))
       res = tmap(lambda x: x.reshape((n_chunks * c,) + x.shape[2:])[:per], res)
       return tmap(lambda x: jnp.zeros_like(x).at[order].set(x), res)
 
-    if shards == 1:  # not vmapped: under vmap the chunks' lax.cond would become a select
-      res = one_block(args)
-    else:
-      blocks = tmap(lambda x: x.reshape((shards, per) + x.shape[1:]), args)
-      res = tmap(lambda x: x.reshape((k,) + x.shape[2:]), jax.vmap(one_block)(blocks))
+    if shards == 1:
+      res = one_block(params, args)
+    else:  # each device runs its own block: its own loops, conditionals and skipped chunks
+      spec = jax.sharding.PartitionSpec(CLIENTS_AXIS)
+      res = jax.shard_map(one_block, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), spec),
+                          out_specs=spec, check_vma=False)(params, args)
   deltas = tmap(lambda new, old: new - old[None], res.params, params)
   finite = jax.vmap(_finite)(deltas) & jnp.isfinite(res.loss_sum)
   accepted = finite & (cohort.weights > 0) & (cohort.work > 0) & (res.steps > 0)

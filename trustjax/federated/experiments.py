@@ -232,6 +232,14 @@ def client_chunk(s) -> int | None:
   return 8 if jax.default_backend() == "cpu" else None
 
 
+def num_devices(s) -> int:
+  """fl.num_devices, with 0 = every device JAX sees (on a CPU, scripts/federated.py makes one per
+  core): the cohort's clients are sharded over them (mesh axis "clients")."""
+  if s.num_devices < 0:
+    raise ValueError(f"fl.num_devices must be >= 0 (0 = all devices), got {s.num_devices}")
+  return int(s.num_devices) or jax.device_count()
+
+
 def build_algorithm(s, loss_fn, num_clients: int):
   if s.dp.enabled:
     q = min(1.0, s.clients_per_round / num_clients)
@@ -350,8 +358,9 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   num_clients = max(st.store.num_clients for st in stages)
   alg, q = build_algorithm(s, loss_fn, num_clients)
   faults = simulate.Faults(dropout=s.dropout, straggler=s.straggler)
-  mesh = simulate.client_mesh(s.num_devices) if s.num_devices > 1 else None
-  multiple = s.num_devices if s.num_devices > 1 else 1
+  n_dev = num_devices(s)
+  mesh = simulate.client_mesh(n_dev) if n_dev > 1 else None
+  multiple = n_dev
   total_rounds = s.rounds * len(stages)
   state = alg.init(params)
   ledger = accounting.PrivacyLedger()
@@ -483,13 +492,14 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
 
 
 def _resume_view(cfg: dict) -> dict:
-  """The config minus what a resume may change: the number of rounds, the client chunk and the
-  results folder."""
+  """The config minus what a resume may change: the number of rounds, the client chunk, the
+  number of devices and the results folder."""
   cfg = copy.deepcopy(cfg)
   cfg.pop("results_dir", None)
   for section in [cfg.get("fl", {}), *cfg.get("strategies", {}).values()]:
     section.pop("rounds", None)
     section.pop("client_chunk", None)  # speed only: every client's result is the same
+    section.pop("num_devices", None)  # speed only: the same round up to float rounding (tested)
   flat = {}
   for k, v in cfg.items():
     if isinstance(v, dict):
@@ -587,7 +597,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.straggler = 0.0  # per-round straggler probability
   c.fl.eval_every = 5
   c.fl.checkpoint_every = 10
-  c.fl.num_devices = 1  # shard clients over this many devices (mesh axis "clients")
+  c.fl.num_devices = 0  # shard clients over this many devices (mesh axis "clients"); 0 = all
   c.fl.client_chunk = 0  # clients per vmap, in size-sorted chunks; 0 = 8 on a CPU, all elsewhere
   c.fl.dp = ml_collections.ConfigDict()
   c.fl.dp.enabled = False  # DP-FedAvg with Poisson client sampling (rate clients_per_round / N)

@@ -26,7 +26,7 @@ from trustjax.federated.client_data import ClientData, ClientStore
 from trustjax.federated.selection import Selection
 from trustjax.types import Params, PRNGKey
 
-CLIENTS_AXIS = "clients"
+CLIENTS_AXIS = algorithms.CLIENTS_AXIS
 
 
 def client_mesh(num_devices: int | None = None) -> Mesh:
@@ -35,9 +35,9 @@ def client_mesh(num_devices: int | None = None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(apply: Callable, shards: int = 1) -> Callable:
+def _jitted(apply: Callable, mesh: Mesh | None = None) -> Callable:
   def traced(state, clients, rng):
-    with algorithms.sharded_clients(shards):
+    with algorithms.sharded_clients(mesh):
       return apply(state, clients, rng)
 
   return jax.jit(traced)
@@ -54,12 +54,10 @@ def run_round(algorithm: FederatedAlgorithm, state: ServerState, clients: Cohort
     rng: the round's key.
     mesh: optional mesh with axis "clients".
   """
-  shards = 1
   if mesh is not None:
     clients = shard_cohort(clients, mesh)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    shards = mesh.shape[CLIENTS_AXIS]
-  return _jitted(algorithm.apply, shards)(state, clients, rng)
+  return _jitted(algorithm.apply, mesh)(state, clients, rng)
 
 
 def shard_cohort(cohort: Cohort, mesh: Mesh) -> Cohort:
