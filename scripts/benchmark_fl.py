@@ -39,10 +39,12 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-# One JAX CPU device per core for the sharded row; set before jax is imported.
+# One JAX CPU device per core this process may use, for the sharded row; set before jax is
+# imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
+                             f" --xla_force_host_platform_device_count={_CORES}").strip()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -13,11 +13,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-# On a CPU, one JAX device per core, so that fl.num_devices = 0 (all devices) trains a block of
-# clients on each core. Set before jax is imported; an XLA_FLAGS that sets it already wins.
+# On a CPU, one JAX device per core this process may use, so that fl.num_devices = 0 (all
+# devices) trains a block of clients on each core. Set before jax is imported; an XLA_FLAGS that
+# sets it already wins.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={os.cpu_count()}").strip()
+                             f" --xla_force_host_platform_device_count={_CORES}").strip()
 
 from absl import app, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
