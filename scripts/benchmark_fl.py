@@ -1,6 +1,6 @@
 """One federated round: trustjax's vmapped clients vs a sequential jitted loop vs centralized SGD.
 
-  python scripts/benchmark_fl.py [--clients 100] [--client-chunk 8] [--repeats 5] [--no-write]
+  python scripts/benchmark_fl.py [--clients 100] [--client-chunk 4] [--repeats 5] [--no-write]
 
 Task: next-character prediction on Shakespeare speaking roles (LEAF), a character LSTM
 (embedding 8, one LSTM layer of each width in `--hidden`: 128, compute-bound on a CPU, and 16,
@@ -200,7 +200,7 @@ def main():
   ap.add_argument("--clients", type=int, default=100)
   ap.add_argument("--max-windows", type=int, default=32)
   ap.add_argument("--hidden", default="128,16", help="comma list of LSTM widths")
-  ap.add_argument("--client-chunk", type=int, default=8)
+  ap.add_argument("--client-chunk", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
   args = ap.parse_args()
