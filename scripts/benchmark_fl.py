@@ -39,20 +39,16 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-# One JAX CPU device per core this process may use, for the sharded row; set before jax is
-# imported.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_CORES}").strip()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
 from trustjax import data as tjdata
-from trustjax import models, reporting, training
+from trustjax import models, reporting, sharding, training
 from trustjax import federated as fl
+
+sharding.one_cpu_device_per_core()  # for the sharded row; before the first JAX computation
 
 
 def _problem(num_clients, max_windows, seed=0):

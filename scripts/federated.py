@@ -13,18 +13,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-# On a CPU, one JAX device per core this process may use, so that fl.num_devices = 0 (all
-# devices) trains a block of clients on each core. Set before jax is imported; an XLA_FLAGS that
-# sets it already wins.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={_CORES}").strip()
 
 from absl import app, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
+from trustjax import sharding
 from trustjax.federated import experiments
+
+# On a CPU, one JAX device per core, so that fl.num_devices = 0 (all devices) trains a block of
+# clients on each core.
+sharding.one_cpu_device_per_core()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/fl_*.py file.",
                                           lock_config=True)

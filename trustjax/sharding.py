@@ -7,9 +7,26 @@ each host feeds its own slice of the global batch (see the README).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def one_cpu_device_per_core() -> None:
+  """Makes JAX's CPU backend show one device per core this process may use, so that a mesh over
+  all devices (e.g. the federated "clients" axis) runs a block on each core. An XLA_FLAGS that
+  already sets the device count wins. XLA reads the flag when the backend starts: call this
+  before the first JAX computation (importing jax is fine). Accelerator backends are unaffected.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _DEVICE_COUNT_FLAG.lstrip("-") in flags:
+    return
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={cores}".strip()
 
 
 def data_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:

@@ -240,9 +240,11 @@ def test_sharded_over_8_devices_equals_one_device(chunk, m, slots):
     plain = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4)
     _close(fl.run_round(plain, plain.init(params), cohort, jax.random.key(2))[0].params,
            eight.params, atol=1e-6)
-    hlo = jax.jit(lambda st, co: simulate._jitted(alg.apply, fl.client_mesh(8))(st, co, jax.random.key(2))).lower(
-        jax.device_put(alg.init(params), NamedSharding(fl.client_mesh(8), P())),
-        simulate.shard_cohort(cohort, fl.client_mesh(8))).compile().as_text()
+    mesh8 = fl.client_mesh(8)
+    round_fn = simulate._jitted(alg.apply, mesh8)
+    hlo = jax.jit(lambda st, co: round_fn(st, co, jax.random.key(2))).lower(
+        jax.device_put(alg.init(params), NamedSharding(mesh8, P())),
+        simulate.shard_cohort(cohort, mesh8)).compile().as_text()
     assert "all-gather" not in hlo and "all-to-all" not in hlo  # chunks stay on their device
   with pytest.raises(ValueError, match="divisible"):
     fl.run_round(alg, alg.init(params), fl.make_cohort(

@@ -212,13 +212,13 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
   """
   k = cohort.counts.shape[0]
   keys = jax.random.split(key, k)
-  in_axes = (None, 0, 0, 0, 0, None if corrections is None else 0)
+  vlocal = jax.vmap(local, in_axes=(None, 0, 0, 0, 0, None if corrections is None else 0))
   args = (cohort.examples, cohort.counts, keys, cohort.work, corrections)
   mesh = _CLIENT_MESH.get()
   shards = 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
   shards = shards if k % shards == 0 else 1
   if client_chunk is None or client_chunk >= k // shards:
-    res = jax.vmap(local, in_axes=in_axes)(params, *args)
+    res = vlocal(params, *args)
   else:
     def one_chunk(p, chunk):
       _, counts, _, work, _ = chunk
@@ -227,8 +227,7 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
                          jnp.zeros((c,), jnp.float32), jnp.zeros((c,), jnp.int32))
       # A chunk in which no client has work (dropped clients, empty padding slots) costs nothing;
       # the result is what local_train returns for such clients.
-      return jax.lax.cond(jnp.any((counts > 0) & (work > 0)),
-                          lambda ch: jax.vmap(local, in_axes=in_axes)(p, *ch),
+      return jax.lax.cond(jnp.any((counts > 0) & (work > 0)), lambda ch: vlocal(p, *ch),
                           lambda ch: idle, chunk)
 
     def one_block(p, block):
@@ -239,9 +238,9 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
       order = jnp.argsort(-(counts * (work > 0)), stable=True)
       # Sorted, then padded to whole chunks of `c` with copies of the last client given no work.
       idx = jnp.concatenate([order, jnp.full((n_chunks * c - per,), order[-1])])
-      padded = tmap(lambda x: x[idx], block)
-      padded = padded[:3] + (jnp.where(jnp.arange(n_chunks * c) < per, padded[3], 0.0),
-                             padded[4])
+      examples, counts, keys, work, corr = tmap(lambda x: x[idx], block)
+      work = jnp.where(jnp.arange(n_chunks * c) < per, work, 0.0)
+      padded = (examples, counts, keys, work, corr)
       res = jax.lax.map(lambda ch: one_chunk(p, ch),
                         tmap(lambda x: x.reshape((n_chunks, c) + x.shape[1:]), padded))
       res = tmap(lambda x: x.reshape((n_chunks * c,) + x.shape[2:])[:per], res)
