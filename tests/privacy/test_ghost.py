@@ -43,6 +43,9 @@ def _problems():
                 "target_mask": jnp.asarray(rng.random((5, 9)) < 0.8),
                 "mask": jnp.asarray([1, 1, 0, 1, 1], bool)}
   lstm_params = lstm.init(jax.random.key(2), toks)["params"]
+  gpt = models.GPTDecoder(vocab_size=20, max_length=9, embed_dim=8, num_layers=2, num_heads=2,
+                          mlp_dim=16)
+  gpt_params = gpt.init(jax.random.key(3), toks)["params"]
   return {
       "mlp": (models.classification_loss(mlp, input_key="x"), mlp_params, mlp_batch),
       "transformer": tiny_problem(batch_size=7, scale=2.0),
@@ -51,6 +54,8 @@ def _problems():
       # The LSTM cell's Dense layers run once per time step inside a scan: they fall back to
       # vmap; the embedding and the output layer use their rules.
       "lstm": (models.lm_loss(lstm), lstm_params, lstm_batch),
+      # Causal attention (DenseGeneral projections), position embeddings, an unbiased head.
+      "gpt": (models.lm_loss(gpt), gpt_params, lstm_batch),
   }
 
 

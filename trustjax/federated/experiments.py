@@ -169,8 +169,16 @@ def load_task(cfg: ml_collections.ConfigDict) -> FederatedTask:
 def build_model(cfg, task: FederatedTask):
   m = cfg.model
   if task.kind == "lm":
-    model = models.CharLSTM(vocab_size=task.vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
-                            num_layers=m.num_layers)
+    if m.name == "char_lstm":
+      model = models.CharLSTM(vocab_size=task.vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
+                              num_layers=m.num_layers)
+    elif m.name == "gpt":
+      model = models.GPTDecoder(vocab_size=task.vocab_size, max_length=cfg.data.seq_len,
+                                embed_dim=m.embed_dim, num_layers=m.num_layers,
+                                num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+    else:
+      raise ValueError(f"model.name={m.name!r} is not a language model; {task.describe} "
+                       "needs 'char_lstm' or 'gpt'")
     dummy = {"inputs": jnp.zeros((1, cfg.data.seq_len), jnp.int32)}
     params = model.init(jax.random.key(cfg.seed), dummy["inputs"])["params"]
     return model, params, models.lm_loss(model), models.lm_metrics(model)
@@ -575,7 +583,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 80  # Shakespeare window length
   c.data.max_client_examples = 0  # cap per client (0 = none)
   c.model = ml_collections.ConfigDict()
-  c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer | char_lstm
+  c.model.name = "bag_of_embeddings"  # classifiers: bag_of_embeddings | transformer; LMs: char_lstm | gpt
   c.model.embed_dim = 64
   c.model.mlp_dim = 128
   c.model.num_layers = 1

@@ -1,7 +1,7 @@
 """Flax Linen models and their task heads."""
 
 from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClassifier,
-                                         TransformerClassifier,
-                                         build_classifier, classification_loss,
-                                         classification_metrics)
-from trustjax.models.language import CharLSTM, lm_loss, lm_metrics
+                                         TransformerClassifier, build_classifier,
+                                         classification_loss, classification_metrics,
+                                         embed_with_positions)
+from trustjax.models.language import CharLSTM, GPTDecoder, lm_loss, lm_metrics

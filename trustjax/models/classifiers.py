@@ -44,22 +44,38 @@ class BagOfEmbeddings(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LayerNorm transformer encoder block (self-attention + MLP, both residual)."""
+  """Pre-LayerNorm transformer block (self-attention + MLP with GELU in its tanh form, both
+  residual). The attention mask decides encoder (padding mask) or decoder (causal mask)."""
 
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
+  layer_norm_epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
-    d = x.shape[-1]
-    h = nn.LayerNorm(dtype=self.dtype, name="ln_attn")(x)
+    d, eps = x.shape[-1], self.layer_norm_epsilon
+    h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="ln_attn")(x)
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d,
                                         dtype=self.dtype, name="attn")(h, h, mask=attn_mask)
     x = x + h
-    h = nn.LayerNorm(dtype=self.dtype, name="ln_mlp")(x)
-    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(h))
+    h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="ln_mlp")(x)
+    h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(h), approximate=True)
     return x + nn.Dense(d, dtype=self.dtype, name="mlp_out")(h)
+
+
+def embed_with_positions(tokens: jax.Array, vocab_size: int, max_length: int, embed_dim: int,
+                         dtype: jnp.dtype) -> jax.Array:
+  """Token plus learned position embeddings ("token_embed", "pos_embed"), created in the calling
+  compact module; a named error when `tokens` is longer than `max_length`."""
+  length = tokens.shape[1]
+  if length > max_length:
+    raise ValueError(f"sequence length {length} exceeds max_length={max_length}")
+  x = nn.Embed(vocab_size, embed_dim, dtype=dtype, name="token_embed")(tokens)
+  # Position ids carry the batch axis (like token ids) so per-example DP rules see each
+  # example's use of the position table.
+  positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+  return x + nn.Embed(max_length, embed_dim, dtype=dtype, name="pos_embed")(positions)
 
 
 class TransformerClassifier(nn.Module):
@@ -82,16 +98,8 @@ class TransformerClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    length = tokens.shape[1]
-    if length > self.max_length:
-      raise ValueError(f"sequence length {length} exceeds {self.max_length=}")
     token_mask = tokens != self.pad_id
-    x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="token_embed")(tokens)
-    # Position ids carry the batch axis (like token ids) so per-example DP rules see each
-    # example's use of the position table.
-    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    x = x + nn.Embed(self.max_length, self.embed_dim, dtype=self.dtype,
-                     name="pos_embed")(positions)
+    x = embed_with_positions(tokens, self.vocab_size, self.max_length, self.embed_dim, self.dtype)
     attn_mask = nn.make_attention_mask(token_mask, token_mask)
     for i in range(self.num_layers):
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x, attn_mask)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trustjax.models.classifiers import EncoderBlock, embed_with_positions
 from trustjax.types import Batch, Params
 
 
@@ -33,6 +34,39 @@ class CharLSTM(nn.Module):
     for i in range(self.num_layers):
       x = nn.RNN(nn.OptimizedLSTMCell(self.hidden), name=f"lstm_{i}")(x)
     return nn.Dense(self.vocab_size, name="out")(x)
+
+
+class GPTDecoder(nn.Module):
+  """A GPT-style causal transformer language model: token and learned position embeddings,
+  `num_layers` pre-LN blocks under a causal mask, a final LayerNorm and an untied linear head
+  without bias (so that every parameterised layer is an Embed, Dense, DenseGeneral or LayerNorm,
+  which the DP clipping rules recognise). With the same weights it computes what Hugging Face's
+  `GPT2LMHeadModel` computes with `tie_word_embeddings=False` and no dropout (tested).
+
+  Reference: Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2), 2019;
+  Vaswani et al., "Attention Is All You Need", 2017.
+  """
+
+  vocab_size: int
+  max_length: int
+  embed_dim: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 256
+  dtype: jnp.dtype = jnp.float32  # computation dtype (bfloat16 = mixed precision; params f32)
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int32 [batch, length] -> logits [batch, length, vocab]; position t sees tokens
+    0..t only, so padding after the last real token changes nothing before it."""
+    x = embed_with_positions(tokens, self.vocab_size, self.max_length, self.embed_dim, self.dtype)
+    causal = nn.make_causal_mask(tokens)
+    for i in range(self.num_layers):
+      # GPT-2's LayerNorm epsilon; the same block as the encoder's, under a causal mask.
+      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, layer_norm_epsilon=1e-5,
+                       name=f"block_{i}")(x, causal)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final")(x)
+    return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head")(x)
 
 
 def _token_terms(model: nn.Module, params: Params, batch: Batch):

@@ -1,0 +1,94 @@
+"""The GPT-style decoder: causality, and the same logits as Hugging Face's GPT-2 with the same
+weights (PyTorch on the CPU, an independent implementation)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trustjax import models
+
+
+def _gpt(**kw):
+  cfg = dict(vocab_size=40, max_length=12, embed_dim=16, num_layers=2, num_heads=4, mlp_dim=48)
+  cfg.update(kw)
+  return models.GPTDecoder(**cfg)
+
+
+def test_causal_and_length_checked():
+  model = _gpt()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (3, 10)), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  logits = model.apply({"params": params}, tokens)
+  chex.assert_shape(logits, (3, 10, 40))
+  # Changing token 6 changes no logit before position 6, and changes position 6's.
+  changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % 40)
+  other = model.apply({"params": params}, changed)
+  chex.assert_trees_all_close(other[:, :6], logits[:, :6], atol=1e-6)
+  assert float(jnp.abs(other[:, 6] - logits[:, 6]).max()) > 1e-3
+  # Trailing tokens (padding) change nothing before them.
+  chex.assert_trees_all_close(model.apply({"params": params}, tokens[:, :7]), logits[:, :7],
+                              atol=1e-5)
+  with pytest.raises(ValueError, match="max_length"):
+    model.apply({"params": params}, jnp.zeros((1, 13), jnp.int32))
+
+
+def _to_hf_state_dict(params):
+  """Flax GPTDecoder parameters -> GPT2LMHeadModel's state dict (Conv1D weights are [in, out])."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def t(x):
+    return torch.tensor(np.asarray(x, np.float32))
+
+  sd = {"transformer.wte.weight": t(params["token_embed"]["embedding"]),
+        "transformer.wpe.weight": t(params["pos_embed"]["embedding"]),
+        "transformer.ln_f.weight": t(params["ln_final"]["scale"]),
+        "transformer.ln_f.bias": t(params["ln_final"]["bias"]),
+        "lm_head.weight": t(np.asarray(params["head"]["kernel"]).T)}
+  i = 0
+  while f"block_{i}" in params:
+    b, pre = params[f"block_{i}"], f"transformer.h.{i}."
+    a = b["attn"]
+    d = a["query"]["kernel"].shape[0]
+    # DenseGeneral kernels [d, heads, head_dim] -> [d, d]; GPT-2's c_attn is [q | k | v].
+    w = [np.asarray(a[n]["kernel"]).reshape(d, d) for n in ("query", "key", "value")]
+    bias = [np.asarray(a[n]["bias"]).reshape(d) for n in ("query", "key", "value")]
+    sd[pre + "attn.c_attn.weight"] = t(np.concatenate(w, 1))
+    sd[pre + "attn.c_attn.bias"] = t(np.concatenate(bias))
+    sd[pre + "attn.c_proj.weight"] = t(np.asarray(a["out"]["kernel"]).reshape(d, d))
+    sd[pre + "attn.c_proj.bias"] = t(a["out"]["bias"])
+    for ours, theirs in (("ln_attn", "ln_1"), ("ln_mlp", "ln_2")):
+      sd[pre + theirs + ".weight"] = t(b[ours]["scale"])
+      sd[pre + theirs + ".bias"] = t(b[ours]["bias"])
+    for ours, theirs in (("mlp_in", "c_fc"), ("mlp_out", "c_proj")):
+      sd[pre + f"mlp.{theirs}.weight"] = t(b[ours]["kernel"])
+      sd[pre + f"mlp.{theirs}.bias"] = t(b[ours]["bias"])
+    i += 1
+  return sd
+
+
+def test_matches_huggingface_gpt2():
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  model = _gpt()
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 40, (3, 12)).astype(np.int32)
+  params = model.init(jax.random.key(1), jnp.asarray(tokens))["params"]
+  # Random LayerNorm parameters and biases too, so that a swapped or dropped one shows.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = jax.tree_util.tree_unflatten(tree, [
+      x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  cfg = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2, n_head=4,
+                                n_inner=48, activation_function="gelu_new",
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+  hf = transformers.GPT2LMHeadModel(cfg).eval()
+  missing, unexpected = hf.load_state_dict(_to_hf_state_dict(params), strict=False)
+  assert not unexpected
+  assert all(k.endswith("attn.bias") or k.endswith("masked_bias") for k in missing), missing
+  with torch.no_grad():
+    want = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
