@@ -583,7 +583,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 80  # Shakespeare window length
   c.data.max_client_examples = 0  # cap per client (0 = none)
   c.model = ml_collections.ConfigDict()
-  c.model.name = "bag_of_embeddings"  # classifiers: bag_of_embeddings | transformer; LMs: char_lstm | gpt
+  # Classifiers: bag_of_embeddings | transformer; language models (Shakespeare): char_lstm | gpt.
+  c.model.name = "bag_of_embeddings"
   c.model.embed_dim = 64
   c.model.mlp_dim = 128
   c.model.num_layers = 1
