@@ -28,7 +28,8 @@ def snips_dir():
 
 
 def override(cfg, **overrides):
-  """Sets dotted config fields ("fl.rounds"=3) on an unlocked copy and locks it again."""
+  """Sets dotted config fields ("fl.rounds"=3) on `cfg` itself (unlocked, then locked again) and
+  returns it."""
   cfg.unlock()
   for key, value in overrides.items():
     node = cfg

