@@ -63,16 +63,15 @@ def shakespeare_windows(cfg: ml_collections.ConfigDict):
   "char" (the characters of the text; refused under DP by `check_private_vocabulary`).
   """
   d = cfg.data
-  if d.tokenizer == "ascii":
-    tok = ascii_tokenizer()
-  elif d.tokenizer == "char":
-    check_private_vocabulary(cfg)
-    tok = None
-  else:
+  if d.tokenizer not in ("ascii", "char"):
     raise ValueError(f"data.tokenizer={d.tokenizer!r} is not a character tokenizer; Shakespeare "
                      "takes 'ascii' (fixed alphabet, DP-safe) or 'char'")
+  if d.tokenizer == "char":
+    check_private_vocabulary(cfg)  # before any text is read
   corpus = tjdata.load_shakespeare(d.data_dir or None, plays=list(d.plays) or None)
-  if tok is None:
+  if d.tokenizer == "ascii":
+    tok = ascii_tokenizer()
+  else:
     tok = tjdata.build_char_tokenizer([s for sp in corpus.speeches for s in sp] + ["\n"],
                                       max_vocab=d.vocab_size)
   ex = tjdata.lm_examples(corpus, tok, d.max_length)
@@ -140,17 +139,10 @@ class Setup:
     m = cfg.model
     if cfg.data.name == "shakespeare":  # next-character prediction
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
-      vocab = self.tokenizer.vocab_size
-      if m.name == "gpt":
-        self.model = models.GPTDecoder(vocab_size=vocab, max_length=cfg.data.max_length,
-                                       embed_dim=m.embed_dim, num_layers=m.num_layers,
-                                       num_heads=m.num_heads, mlp_dim=m.mlp_dim)
-      elif m.name == "char_lstm":
-        self.model = models.CharLSTM(vocab_size=vocab, embed_dim=m.embed_dim, hidden=m.mlp_dim,
-                                     num_layers=m.num_layers)
-      else:
-        raise ValueError(f"model.name={m.name!r} is not a language model; data.name="
-                         "'shakespeare' needs 'gpt' or 'char_lstm'")
+      self.model = models.build_language_model(
+          m.name, vocab_size=self.tokenizer.vocab_size, max_length=cfg.data.max_length,
+          embed_dim=m.embed_dim, num_layers=m.num_layers, num_heads=m.num_heads,
+          mlp_dim=m.mlp_dim, hidden=m.mlp_dim)
       self.loss_fn = models.lm_loss(self.model)
       self.metrics_fn = models.lm_metrics(self.model)
       n, self.num_eval = len(self.train_arrays["inputs"]), len(self.eval_arrays["inputs"])
@@ -297,7 +289,7 @@ def _check_resumable(workdir: str, cfg) -> None:
                      "train.run_name")
   with open(path, encoding="utf-8") as f:
     old = _flatten(json.load(f))
-  new = _flatten(json.loads(json.dumps(cfg.to_dict())))  # as stored: tuples become lists
+  new = _flatten(json.loads(cfg.to_json_best_effort()))  # as stored: tuples become lists
   changed = sorted(k for k in set(old) | set(new)
                    if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
   if changed:

@@ -169,16 +169,9 @@ def load_task(cfg: ml_collections.ConfigDict) -> FederatedTask:
 def build_model(cfg, task: FederatedTask):
   m = cfg.model
   if task.kind == "lm":
-    if m.name == "char_lstm":
-      model = models.CharLSTM(vocab_size=task.vocab_size, embed_dim=m.embed_dim, hidden=m.hidden,
-                              num_layers=m.num_layers)
-    elif m.name == "gpt":
-      model = models.GPTDecoder(vocab_size=task.vocab_size, max_length=cfg.data.seq_len,
-                                embed_dim=m.embed_dim, num_layers=m.num_layers,
-                                num_heads=m.num_heads, mlp_dim=m.mlp_dim)
-    else:
-      raise ValueError(f"model.name={m.name!r} is not a language model; {task.describe} "
-                       "needs 'char_lstm' or 'gpt'")
+    model = models.build_language_model(
+        m.name, vocab_size=task.vocab_size, max_length=cfg.data.seq_len, embed_dim=m.embed_dim,
+        num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim, hidden=m.hidden)
     dummy = {"inputs": jnp.zeros((1, cfg.data.seq_len), jnp.int32)}
     params = model.init(jax.random.key(cfg.seed), dummy["inputs"])["params"]
     return model, params, models.lm_loss(model), models.lm_metrics(model)
@@ -368,7 +361,6 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   faults = simulate.Faults(dropout=s.dropout, straggler=s.straggler)
   n_dev = num_devices(s)
   mesh = simulate.client_mesh(n_dev) if n_dev > 1 else None
-  multiple = n_dev
   total_rounds = s.rounds * len(stages)
   state = alg.init(params)
   ledger = accounting.PrivacyLedger()
@@ -385,7 +377,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   max_slots = None
   if s.dp.enabled:
     max_slots = sampling.default_max_batch_size(num_clients, q, total_rounds,
-                                                multiple_of=multiple)
+                                                multiple_of=n_dev)
   delta = s.dp.delta or (1.0 / num_clients ** 1.1 if s.dp.enabled else None)
   history = [r for r in writer.read()]
   bar = reporting.progress(total_rounds, start, desc=name) if show_progress else None
@@ -401,7 +393,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
       sel = selection.select(s.selection, cfg.seed, r, store.counts, s.clients_per_round,
                              power=s.activity_power)
     work = faults.work(cfg.seed, r, len(sel.ids))
-    cohort = simulate.make_cohort(store, sel, work, multiple_of=multiple)
+    cohort = simulate.make_cohort(store, sel, work, multiple_of=n_dev)
     t0 = time.perf_counter()
     state, m = simulate.run_round(alg, state, cohort, jax.random.fold_in(key, r), mesh=mesh)
     m = {k: float(v) for k, v in jax.device_get(m).items()}

@@ -4,4 +4,5 @@ from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClass
                                          TransformerClassifier, build_classifier,
                                          classification_loss, classification_metrics,
                                          embed_with_positions)
-from trustjax.models.language import CharLSTM, GPTDecoder, lm_loss, lm_metrics
+from trustjax.models.language import (CharLSTM, GPTDecoder, build_language_model, lm_loss,
+                                      lm_metrics)

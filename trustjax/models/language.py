@@ -69,6 +69,19 @@ class GPTDecoder(nn.Module):
     return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head")(x)
 
 
+def build_language_model(name: str, *, vocab_size: int, max_length: int, embed_dim: int,
+                         num_layers: int, num_heads: int, mlp_dim: int, hidden: int) -> nn.Module:
+  """Builds a language model by name: "gpt" (`GPTDecoder`; `hidden` unused) or "char_lstm"
+  (`CharLSTM` of width `hidden`; `num_heads`, `mlp_dim` and `max_length` unused)."""
+  if name == "gpt":
+    return GPTDecoder(vocab_size=vocab_size, max_length=max_length, embed_dim=embed_dim,
+                      num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim)
+  if name == "char_lstm":
+    return CharLSTM(vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
+                    num_layers=num_layers)
+  raise ValueError(f"model.name={name!r} is not a language model; expected 'gpt' or 'char_lstm'")
+
+
 def _token_terms(model: nn.Module, params: Params, batch: Batch):
   logits = model.apply({"params": params}, batch["inputs"]).astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
