@@ -127,6 +127,19 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer.name={o.name!r}; expected adam or sgd")
 
 
+def classifier_from_config(m: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int,
+                           max_length: int):
+  """`models.build_classifier` from a config's `model` block (`mlp_dim` is also the hidden width
+  of bag_of_embeddings)."""
+  kwargs = dict(embed_dim=m.embed_dim)
+  if m.name == "transformer":
+    kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
+  else:
+    kwargs.update(hidden_dim=m.mlp_dim)
+  return models.build_classifier(m.name, vocab_size=vocab_size, num_classes=num_classes,
+                                 max_length=max_length, **kwargs)
+
+
 class Setup:
   """Everything a run needs, validated; no files written."""
 
@@ -153,14 +166,9 @@ class Setup:
                         "label": np.asarray(ds.labels, np.int32)}
       self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
       n, self.num_eval = len(self.train_data), len(self.eval_data)
-      kwargs = dict(embed_dim=m.embed_dim)
-      if m.name == "transformer":
-        kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
-      else:
-        kwargs.update(hidden_dim=m.mlp_dim)
-      self.model = models.build_classifier(m.name, vocab_size=self.tokenizer.vocab_size,
-                                           num_classes=self.train_data.num_classes,
-                                           max_length=cfg.data.max_length, **kwargs)
+      self.model = classifier_from_config(m, vocab_size=self.tokenizer.vocab_size,
+                                          num_classes=self.train_data.num_classes,
+                                          max_length=cfg.data.max_length)
       self.loss_fn = models.classification_loss(self.model)
       self.metrics_fn = models.classification_metrics(self.model)
     self.num_train = n

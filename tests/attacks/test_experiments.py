@@ -1,0 +1,89 @@
+"""The audit driver end to end on real SNIPS queries (configs/audit_snips.py:runlocal)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, override
+from trustjax.attacks import experiments
+
+
+def _config(tmp_path, snips_dir, **kw):
+  spec = importlib.util.spec_from_file_location("audit_cfg", REPO / "configs" / "audit_snips.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return override(mod.get_config("runlocal"), results_dir=str(tmp_path),
+                  **{"data.data_dir": str(snips_dir), **kw})
+
+
+def _pld_epsilon(sigma, q, steps, delta):
+  acc = dp_accounting.pld.PLDAccountant()
+  acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+  return acc.get_epsilon(delta)
+
+
+def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, monkeypatch):
+  cfg = _config(tmp_path, snips_dir)
+  summary = experiments.run(cfg, show_progress=False)
+  work = tmp_path / cfg.run_name
+  for f in ("config.json", "summary.json", "report.md", "plots/roc.png", "levels/nondp.npz",
+            "levels/eps8.npz"):
+    assert (work / f).exists(), f
+  nondp, dp = summary["levels"]
+  assert (nondp["level"], dp["level"]) == ("nondp", "eps8")
+  # the DP level's epsilon is dp_accounting's for the mechanism that ran, and was calibrated to 8
+  eps = _pld_epsilon(dp["noise_multiplier"], summary["sampling_rate"], dp["steps"],
+                     summary["delta"])
+  assert dp["epsilon"] == pytest.approx(eps, rel=1e-3) and 7.5 < eps <= 8.0 + 1e-6
+  assert nondp["epsilon"] is None
+  # without DP the models fit their members better and the loss reveals membership
+  assert nondp["member_accuracy"] > nondp["nonmember_accuracy"]
+  assert nondp["loss_auc"] > 0.55
+  for row in summary["levels"]:
+    assert 0.0 <= row["lira_auc"] <= 1.0 and row["epsilon_lower_bound"] >= 0.0
+    assert 0.0 <= row["inversion_in"] <= 1.0 and 0.0 <= row["ranked_first_in"] <= 1.0
+    assert 0.0 <= row["exposure_in"] <= row["exposure_max_bits"] + 1e-9
+  # a DP level's audit bound can never exceed a valid epsilon by much (95% confidence)
+  assert dp["epsilon_lower_bound"] <= dp["epsilon"]
+  stats = np.load(work / "levels" / "nondp.npz")
+  assert stats["phi"].shape == (4, 304) and stats["exposure"].shape == (4, 4)
+  assert "| nondp |" in (work / "report.md").read_text()
+
+  # a rerun reuses the saved levels (no training) and reproduces the numbers
+  monkeypatch.setattr(experiments, "train_level", lambda *a, **k: pytest.fail("retrained"))
+  again = experiments.run(cfg, show_progress=False)
+  assert json.dumps(again["levels"], sort_keys=True) == json.dumps(summary["levels"],
+                                                                   sort_keys=True)
+  # dropping a level is a permitted change; a different model is not
+  assert [r["level"] for r in experiments.run(override(cfg, **{"dp.epsilons": ()}),
+                                              show_progress=False)["levels"]] == ["nondp"]
+  with pytest.raises(ValueError, match="model.embed_dim"):
+    experiments.run(override(cfg, **{"model.embed_dim": 32}), show_progress=False)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.num_models", 3, "num_models must be even"),
+    ("canaries.template", "pin{}x", "secret a word of its own"),
+    ("data.tokenizer", "word", "uses 'hash'"),
+    ("data.pool_size", 10**6, "pool_size"),
+])
+def test_bad_audit_config_is_named(tmp_path, snips_dir, field, value, message):
+  cfg = _config(tmp_path, snips_dir, **{field: value})
+  with pytest.raises(ValueError, match=message):
+    experiments.AuditSetup(cfg)
+  assert not (tmp_path / cfg.run_name).exists()
+
+
+def test_audit_script_prints_the_table(tmp_path, snips_dir):
+  out = subprocess.run(
+      [sys.executable, "scripts/audit.py", "--config", "configs/audit_snips.py:runlocal",
+       f"--config.results_dir={tmp_path}", f"--config.data.data_dir={snips_dir}",
+       "--config.dp.epsilons=()", "--config.train.epochs=2"],
+      cwd=REPO, capture_output=True, text=True, check=True)
+  assert "| nondp | none |" in out.stdout
+  assert (tmp_path / "audit_snips_runlocal" / "report.md").exists()

@@ -1,0 +1,123 @@
+"""Models trained in parallel equal the same models trained one by one, step by step."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from trustjax.attacks import shadow
+from trustjax.models import BagOfEmbeddings, classification_loss
+from trustjax.privacy import accounting
+from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
+from trustjax.training import nondp_step
+
+
+def test_membership_masks_are_balanced_and_seeded():
+  m = shadow.membership_masks(8, 300, seed=4)
+  assert m.shape == (8, 300) and (m.sum(0) == 4).all()
+  np.testing.assert_array_equal(m, shadow.membership_masks(8, 300, seed=4))
+  assert not np.array_equal(m, shadow.membership_masks(8, 300, seed=5))
+  with pytest.raises(ValueError, match="even"):
+    shadow.membership_masks(3, 10)
+
+
+def test_poisson_sample_takes_only_members_at_the_rate():
+  member = jnp.asarray(np.arange(200) % 3 == 0)  # 67 members
+  sample = jax.jit(jax.vmap(lambda k: shadow._sample(k, member, 0.2, 40)))
+  idx, mask, over = sample(jax.random.split(jax.random.key(0), 4000))
+  idx, mask = np.asarray(idx), np.asarray(mask)
+  assert (over == 0).all()
+  picked = np.zeros((4000, 200), bool)
+  for r in range(4000):
+    picked[r, idx[r][mask[r]]] = True
+  assert not picked[:, ~np.asarray(member)].any()
+  freq = picked[:, np.asarray(member)].mean(0)
+  # each member's frequency ~ Binomial(4000, 0.2) / 4000: sd 0.0063
+  assert np.abs(freq - 0.2).max() < 0.03 and abs(freq.mean() - 0.2) < 0.004
+
+
+def _setup():
+  rng = np.random.default_rng(0)
+  n = 60
+  arrays = {"tokens": rng.integers(1, 50, size=(n, 6)).astype(np.int32),
+            "label": rng.integers(0, 3, n).astype(np.int32)}
+  model = BagOfEmbeddings(vocab_size=50, num_classes=3, embed_dim=8, hidden_dim=16)
+  init = lambda k: model.init(k, jnp.zeros((1, 6), jnp.int32))["params"]
+  return arrays, model, init, classification_loss(model)
+
+
+@pytest.mark.parametrize("dp,model_chunk", [(False, 0), (True, 0), (False, 3), (False, 4)])
+def test_parallel_training_equals_a_loop_over_models(dp, model_chunk):
+  """All chunkings: 2 models per vmap (the CPU default), 3 (the last chunk padded), 4 (one)."""
+  arrays, model, init, loss_fn = _setup()
+  is_in = shadow.membership_masks(4, 60, seed=1)
+  opt = optax.adam(0.05)
+  q, b, steps = 0.25, 24, 7
+  cfg = (DPConfig(l2_clip=1.0, noise_multiplier=0.8, sampling_rate=q, num_examples=60,
+                  max_batch_size=b, method="bookkeeping") if dp else None)
+  got = shadow.train_in_parallel(init, loss_fn, opt, arrays, is_in, num_steps=steps,
+                                 sampling_rate=q, batch_size=b, seed=3, dp_config=cfg,
+                                 chunk_steps=3, model_chunk=model_chunk, show_progress=False)
+  # the reference: each model alone, one jitted step at a time, keys derived the same way
+  root = jax.random.key(3)
+  mkeys = jax.random.split(jax.random.fold_in(root, 0), 4)
+  ikeys = jax.random.split(jax.random.fold_in(root, 1), 4)
+  data = {k: jnp.asarray(v) for k, v in arrays.items()}
+
+  @jax.jit
+  def step(params, state, member, key):
+    ks, kn = jax.random.split(key)
+    idx, mask, _ = shadow._sample(ks, member, q, b)
+    batch = {k: v[idx] for k, v in data.items()} | {"mask": mask}
+    if dp:
+      params, state, _ = dp_sgd_step(params, state, batch, kn, loss_fn=loss_fn, optimizer=opt,
+                                     config=cfg)
+    else:
+      params, state, _ = nondp_step(params, state, batch, loss_fn=loss_fn, optimizer=opt)
+    return params, state
+
+  for m in range(4):
+    params = init(ikeys[m])
+    state = opt.init(params)
+    for t in range(steps):
+      params, state = step(params, state, jnp.asarray(is_in[m]), jax.random.fold_in(mkeys[m], t))
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[m], got.params), params,
+                                atol=2e-5, rtol=2e-5)
+  assert got.steps == steps and got.overflow.shape == (4,)
+  if dp:
+    ledger = shadow.ledger_for(cfg, steps)
+    eps = ledger.report(1e-5, "rdp")["epsilon"]
+    assert eps == pytest.approx(accounting.epsilon(noise_multiplier=0.8, sampling_rate=q,
+                                                   steps=steps, delta=1e-5, accountant="rdp"),
+                                rel=1e-6)
+
+
+def test_training_fits_members_better_than_non_members():
+  arrays, model, init, loss_fn = _setup()
+  is_in = shadow.membership_masks(4, 60, seed=2)
+  got = shadow.train_in_parallel(init, loss_fn, optax.adam(0.05), arrays, is_in, num_steps=150,
+                                 sampling_rate=0.3, batch_size=24, seed=0, show_progress=False)
+  logits = shadow.logits_of_all(lambda p, t: model.apply({"params": p}, t), got.params,
+                                arrays["tokens"], batch_size=16)
+  assert logits.shape == (4, 60, 3)
+  ref = model.apply({"params": jax.tree.map(lambda x: x[1], got.params)}, arrays["tokens"])
+  np.testing.assert_allclose(logits[1], ref, rtol=1e-5, atol=1e-5)
+  loss = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+      jnp.asarray(logits), jnp.asarray(arrays["label"])[None]))
+  assert loss[is_in].mean() < 0.2 < 1.0 < loss[~is_in].mean()  # random labels: memorised
+
+
+def test_bad_arguments_are_named():
+  arrays, _, init, loss_fn = _setup()
+  is_in = shadow.membership_masks(2, 60)
+  kw = dict(num_steps=2, sampling_rate=0.5, batch_size=40, show_progress=False)
+  with pytest.raises(ValueError, match="rows"):
+    shadow.train_in_parallel(init, loss_fn, optax.sgd(0.1), arrays, is_in[:, :50], **kw)
+  bad = DPConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, num_examples=10,
+                 max_batch_size=40)
+  with pytest.raises(ValueError, match="model_chunk"):
+    shadow.train_in_parallel(init, loss_fn, optax.sgd(0.1), arrays, is_in, model_chunk=-1, **kw)
+  with pytest.raises(ValueError, match="num_examples"):
+    shadow.train_in_parallel(init, loss_fn, optax.sgd(0.1), arrays, is_in, dp_config=bad, **kw)

@@ -1,0 +1,392 @@
+"""Config -> a privacy audit of a text classifier -> a results folder (`scripts/audit.py`).
+
+The audit trains `num_models` classifiers on random halves of one pool of examples (real SNIPS
+queries plus planted canaries), all in parallel (`shadow.train_in_parallel`), once without DP
+and once per target epsilon. Every model is in turn the target and the others its shadow
+models; on the target it measures:
+
+- membership inference: LiRA (leave-one-out, Carlini et al. 2022) and the loss threshold
+  (Yeom et al. 2018): ROC AUC and TPR at low FPR, pooled over targets;
+- an empirical epsilon lower bound (Jagielski et al. 2020) from LiRA's scores, its threshold
+  chosen on the first half of the targets and the bound taken on the second half;
+- canary exposure (Carlini et al. 2019) over the whole secret space, for canaries the target
+  trained on and (as the baseline) for those it did not, and how often the secret has the
+  lowest loss of all (extraction by enumerating the space);
+- canary extraction by model inversion (ModIvA, Parikh et al. 2022): the secret token
+  recovered from the weights, the template and the label.
+
+Each privacy level's statistics are saved in `levels/<name>.npz` when it finishes; a rerun of
+the same config skips the levels already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from trustjax import data as tjdata
+from trustjax import models, reporting
+from trustjax.attacks import canaries, inversion, membership, metrics, shadow
+from trustjax.experiments import _flatten, classifier_from_config, default_delta
+from trustjax.privacy import accounting, sampling
+from trustjax.privacy.dp_sgd import DPConfig
+
+
+class AuditSetup:
+  """Data, canaries, model and mechanisms, validated; no files written."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict):
+    self.cfg = cfg
+    d, c, t = cfg.data, cfg.canaries, cfg.train
+    if t.num_models < 2 or t.num_models % 2:
+      raise ValueError(f"train.num_models must be even and >= 2, got {t.num_models}")
+    if t.epochs <= 0 or t.batch_size <= 0:
+      raise ValueError(f"train.epochs and train.batch_size must be positive, got "
+                       f"{t.epochs=}, {t.batch_size=}")
+    if cfg.data.tokenizer != "hash":
+      raise ValueError(f"data.tokenizer={d.tokenizer!r}: the audit uses 'hash', a vocabulary "
+                       "fixed without the data, so the DP levels cover everything learned")
+    self.tokenizer = tjdata.build_hash_tokenizer(d.vocab_size - 2)
+    rng = np.random.default_rng(cfg.seed)
+    if d.name == "snips":
+      if not d.data_dir:
+        raise ValueError("data.data_dir is required for SNIPS")
+      train, self.eval_data = tjdata.load_snips(d.data_dir, "train"), tjdata.load_snips(
+          d.data_dir, "validate")
+    elif d.name == "synthetic_nlu":
+      train, self.eval_data = tjdata.synthetic_nlu(
+          d.num_examples, num_devices=d.num_devices, seed=cfg.seed).split(0.1, seed=cfg.seed)
+    else:
+      raise ValueError(f"unknown data.name={d.name!r}; expected snips or synthetic_nlu")
+    if d.pool_size:
+      if d.pool_size > len(train):
+        raise ValueError(f"data.pool_size={d.pool_size} exceeds the {len(train)} training "
+                         "examples")
+      train = train.subset(np.sort(rng.choice(len(train), d.pool_size, replace=False)))
+    # canaries: one random secret each, inserted once, with a random label
+    self.secrets = canaries.make_secrets(c.num, digits=c.digits, seed=cfg.seed)
+    texts = canaries.fill(c.template, self.secrets)
+    self.canary_labels = rng.integers(0, train.num_classes, c.num).astype(np.int32)
+    self.pool, rows = canaries.insert_canaries(train, texts, self.canary_labels)
+    self.canary_rows = rows[:, 0]
+    words = tjdata.word_split(c.template.format(self.secrets[0]))
+    if self.secrets[0] not in words:
+      raise ValueError(f"canaries.template={c.template!r} must keep the secret a word of its own")
+    self.secret_position = words.index(self.secrets[0])
+    if self.secret_position >= d.max_length:
+      raise ValueError(f"the secret is word {self.secret_position}, beyond data.max_length")
+    enc = lambda texts: self.tokenizer.encode(texts, d.max_length)
+    self.arrays = {"tokens": enc(self.pool.texts), "label": self.pool.labels.astype(np.int32)}
+    self.eval_arrays = {"tokens": enc(self.eval_data.texts),
+                        "label": self.eval_data.labels.astype(np.int32)}
+    self.canary_tokens = self.arrays["tokens"][self.canary_rows]
+    space = canaries.all_secrets(c.digits)
+    self.space_ids = np.array([self.tokenizer.token_id(s) for s in space], np.int32)
+    self.secret_ids = np.array([self.tokenizer.token_id(s) for s in self.secrets], np.int32)
+    self.candidate_ids = np.unique(self.space_ids)
+
+    n = len(self.pool)
+    self.is_in = shadow.membership_masks(t.num_models, n, seed=cfg.seed)
+    self.members = int(self.is_in.sum(1).max())
+    self.sampling_rate = t.batch_size / (n / 2)
+    if not 0 < self.sampling_rate <= 1:
+      raise ValueError(f"train.batch_size={t.batch_size} exceeds half the pool ({n / 2:.0f})")
+    self.num_steps = max(1, round(t.epochs / self.sampling_rate))
+    self.delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n // 2)
+    self.batch_size = sampling.default_max_batch_size(self.members, self.sampling_rate,
+                                                      self.num_steps, multiple_of=8)
+    self.model = classifier_from_config(cfg.model, vocab_size=self.tokenizer.vocab_size,
+                                        num_classes=train.num_classes, max_length=d.max_length)
+    self.loss_fn = models.classification_loss(self.model)
+    self.apply_fn = lambda p, tokens: self.model.apply({"params": p}, tokens)
+    self.init_fn = lambda key: self.model.init(
+        key, jnp.zeros((1, d.max_length), jnp.int32))["params"]
+    self.levels = (["nondp"] if cfg.dp.nondp else []) + [f"eps{e:g}" for e in cfg.dp.epsilons]
+    if not self.levels:
+      raise ValueError("nothing to audit: dp.nondp is False and dp.epsilons is empty")
+    self.mechanisms = {}
+    for e in cfg.dp.epsilons:
+      accounting.validate(delta=self.delta, accountant=cfg.dp.accountant, target_epsilon=e)
+      sigma = accounting.calibrate_noise_multiplier(
+          target_epsilon=e, sampling_rate=self.sampling_rate, steps=self.num_steps,
+          delta=self.delta, accountant=cfg.dp.accountant)
+      self.mechanisms[f"eps{e:g}"] = DPConfig(
+          l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=self.sampling_rate,
+          num_examples=self.members, max_batch_size=self.batch_size, method=cfg.dp.method)
+
+
+def _optimizer(cfg, level: str) -> optax.GradientTransformation:
+  lr = cfg.train.learning_rate if level == "nondp" else cfg.train.dp_learning_rate
+  return optax.adam(lr)
+
+
+def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) -> dict:
+  """Trains the level's models and returns its statistics (what `levels/<name>.npz` holds)."""
+  cfg = setup.cfg
+  dp_config = setup.mechanisms.get(level)
+  t0 = time.time()
+  trained = shadow.train_in_parallel(
+      setup.init_fn, setup.loss_fn, _optimizer(cfg, level), setup.arrays, setup.is_in,
+      num_steps=setup.num_steps, sampling_rate=setup.sampling_rate,
+      batch_size=setup.batch_size, seed=cfg.seed, dp_config=dp_config,
+      chunk_steps=cfg.train.chunk_steps, model_chunk=cfg.train.model_chunk,
+      show_progress=show_progress, desc=f"train {level}")
+  train_seconds = time.time() - t0
+  params = trained.params
+  logits = shadow.logits_of_all(setup.apply_fn, params, setup.arrays["tokens"])
+  labels = setup.arrays["label"]
+  phi = np.asarray(membership.logit_confidence(logits, labels[None]))
+  loss = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+      jnp.asarray(logits), jnp.asarray(labels)[None]))
+  correct = logits.argmax(-1) == labels[None]
+  eval_logits = shadow.logits_of_all(setup.apply_fn, params, setup.eval_arrays["tokens"])
+  eval_acc = (eval_logits.argmax(-1) == setup.eval_arrays["label"][None]).mean(1)
+
+  # exposure: every secret of the space in each canary's template, scored with its label
+  num_models, num_canaries = setup.is_in.shape[0], len(setup.secrets)
+  exposure = np.zeros((num_models, num_canaries))
+  first = np.zeros((num_models, num_canaries), bool)  # the secret has the lowest loss of all
+  pos = setup.secret_position
+  for c in range(num_canaries):
+    cand = np.repeat(setup.canary_tokens[c][None], len(setup.space_ids), 0)
+    cand[:, pos] = setup.space_ids
+    cl = shadow.logits_of_all(setup.apply_fn, params, cand, batch_size=2048)
+    closs = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(cl), jnp.full(cl.shape[:2], setup.canary_labels[c])))
+    own = setup.space_ids == setup.secret_ids[c]  # the secret and its hash collisions
+    secret_idx = int(np.flatnonzero(np.array(canaries.all_secrets(cfg.canaries.digits))
+                                    == setup.secrets[c])[0])
+    for m in range(num_models):
+      exposure[m, c] = canaries.exposure(closs[m, secret_idx], closs[m, ~own])
+      first[m, c] = not (closs[m, ~own] <= closs[m, secret_idx]).any()
+
+  # model inversion of each canary's secret token from every model
+  hits = np.zeros((num_models, num_canaries), bool)
+  bar = tqdm.tqdm(total=num_models * num_canaries, desc=f"invert {level}", mininterval=0.5,
+                  disable=not show_progress)
+  for m in range(num_models):
+    p_m = jax.tree.map(lambda x, m=m: x[m], params)
+    for c in range(num_canaries):
+      inv = inversion.invert_canary(
+          setup.apply_fn, p_m, setup.canary_tokens[c], [pos], int(setup.canary_labels[c]),
+          candidates=setup.candidate_ids, steps=cfg.audit.inversion_steps,
+          learning_rate=cfg.audit.inversion_learning_rate, restarts=cfg.audit.inversion_restarts,
+          seed=cfg.seed + c)
+      hits[m, c] = int(inv.guess[0]) == setup.secret_ids[c]
+      bar.update(1)
+  bar.close()
+  return {"phi": phi, "loss": loss, "correct": correct, "eval_accuracy": eval_acc,
+          "exposure": exposure, "ranked_first": first, "inversion_hit": hits,
+          "overflow": trained.overflow, "train_seconds": np.float64(train_seconds)}
+
+
+def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.ndarray]:
+  """The audit's numbers for one level (see the module docstring), and LiRA's scores
+  [models, pool] (row t: against target t)."""
+  cfg, is_in = setup.cfg, setup.is_in
+  m = is_in.shape[0]
+  lira = membership.leave_one_out_lira(stats["phi"], is_in, online=True,
+                                       global_variance=cfg.audit.global_variance)
+  loss_scores = np.asarray(membership.loss_threshold_scores(stats["loss"]))
+  ok = np.isfinite(lira)
+  out = {"level": level, "models": m, "pool": int(is_in.shape[1]), "steps": setup.num_steps,
+         "train_seconds": float(stats["train_seconds"]),
+         "member_accuracy": float(stats["correct"][is_in].mean()),
+         "nonmember_accuracy": float(stats["correct"][~is_in].mean()),
+         "eval_accuracy": float(np.mean(stats["eval_accuracy"])),
+         "overflow": int(np.sum(stats["overflow"]))}
+  y = is_in[ok]
+  out["lira_auc"] = metrics.roc_auc(y, lira[ok])
+  out["loss_auc"] = metrics.roc_auc(is_in.ravel(), loss_scores.ravel())
+  for f in cfg.audit.fprs:
+    out[f"lira_tpr@{f:g}"] = metrics.tpr_at_fpr(y, lira[ok], f)
+    out[f"loss_tpr@{f:g}"] = metrics.tpr_at_fpr(is_in.ravel(), loss_scores.ravel(), f)
+  half = m // 2
+  sel, held = ok[:half], ok[half:]
+  thr = metrics.best_threshold(is_in[:half][sel], lira[:half][sel], delta=setup.delta,
+                               confidence=cfg.audit.confidence)
+  out["epsilon_lower_bound"] = metrics.empirical_epsilon_lower_bound(
+      is_in[half:][held], lira[half:][held], delta=setup.delta, confidence=cfg.audit.confidence,
+      threshold=thr)
+  cin = is_in[:, setup.canary_rows]
+  out["exposure_in"] = float(stats["exposure"][cin].mean())
+  out["exposure_out"] = float(stats["exposure"][~cin].mean())
+  out["exposure_max_bits"] = float(np.log2(len(setup.space_ids)))
+  out["ranked_first_in"] = float(stats["ranked_first"][cin].mean())
+  out["ranked_first_out"] = float(stats["ranked_first"][~cin].mean())
+  out["inversion_in"] = float(stats["inversion_hit"][cin].mean())
+  out["inversion_out"] = float(stats["inversion_hit"][~cin].mean())
+  dp = setup.mechanisms.get(level)
+  if dp is not None:
+    ledger = shadow.ledger_for(dp, setup.num_steps)
+    rep = ledger.report(setup.delta, cfg.dp.accountant)
+    out.update(epsilon=rep["epsilon"], delta=rep["delta_total"],
+               noise_multiplier=dp.noise_multiplier, l2_clip=dp.l2_clip)
+  else:
+    out.update(epsilon=None, delta=None)  # no guarantee (JSON has no infinity)
+  return out, lira
+
+
+def _plot_roc(curves: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(5.2, 4.6))
+  for i, (name, (y, lira, loss_s)) in enumerate(curves.items()):
+    color = f"C{i}"
+    f, t, _ = metrics.roc_curve(y, lira)
+    ax.plot(f, t, color=color, label=f"{name} LiRA")
+    f, t, _ = metrics.roc_curve(y, loss_s)
+    ax.plot(f, t, color=color, ls="--", label=f"{name} loss threshold")
+  grid = np.logspace(-4, 0, 50)
+  ax.plot(grid, grid, color="gray", lw=0.8, ls=":", label="chance")
+  ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1),
+         xlabel="false positive rate", ylabel="true positive rate",
+         title="Membership inference (pooled over targets)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+# A rerun may add or drop privacy levels and change where results go; levels already saved are
+# reused, so anything else that shapes them must match.
+_RESUMABLE_CHANGES = {"dp.epsilons", "dp.nondp", "results_dir"}
+
+
+def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
+  """Runs the audit per `cfg` and writes results/<run_name>/. Returns the summary."""
+  setup = AuditSetup(cfg)  # raises on bad input before anything is written
+  workdir = os.path.join(cfg.results_dir, cfg.run_name)
+  os.makedirs(os.path.join(workdir, "levels"), exist_ok=True)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  cfg_path = os.path.join(workdir, "config.json")
+  stored = json.loads(cfg.to_json_best_effort())
+  if os.path.exists(cfg_path):
+    with open(cfg_path, encoding="utf-8") as f:
+      old = _flatten(json.load(f))
+    new = _flatten(stored)
+    changed = sorted(k for k in set(old) | set(new)
+                     if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+    if changed:
+      raise ValueError(f"cannot resume the audit in {workdir}: its config differs in {changed}; "
+                       "pick another run_name or delete the folder")
+  reporting.write_json(cfg_path, stored)
+  rows, curves = [], {}
+  for level in setup.levels:
+    path = os.path.join(workdir, "levels", f"{level}.npz")
+    if os.path.exists(path):
+      with np.load(path) as z:
+        stats = {k: z[k] for k in z.files}
+    else:
+      stats = train_level(setup, level, show_progress=show_progress)
+      np.savez(path + ".tmp.npz", **stats)
+      os.replace(path + ".tmp.npz", path)
+    row, lira = level_metrics(setup, level, stats)
+    rows.append(row)
+    ok = np.isfinite(lira)
+    curves[level] = (setup.is_in[ok], lira[ok],
+                     np.asarray(membership.loss_threshold_scores(stats["loss"]))[ok])
+  summary = {"levels": rows, "delta": setup.delta, "sampling_rate": setup.sampling_rate,
+             "batch_size_padded": setup.batch_size, "canaries": len(setup.secrets),
+             "secret_space": len(setup.space_ids), "backend": jax.default_backend()}
+  reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+  _plot_roc(curves, os.path.join(workdir, "plots", "roc.png"))
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(report(cfg, summary))
+  return summary
+
+
+def report_table(summary: dict, fprs) -> str:
+  cols = (["level", "epsilon", "eval acc", "member acc", "LiRA AUC"]
+          + [f"LiRA TPR@{f:g}" for f in fprs] + ["loss AUC"]
+          + [f"loss TPR@{f:g}" for f in fprs]
+          + ["epsilon lower bound", "exposure in / out (bits)", "ranked first in / out",
+             "inverted in / out"])
+  rows = []
+  for r in summary["levels"]:
+    eps = "none" if r["epsilon"] is None else r["epsilon"]
+    rows.append([r["level"], eps, r["eval_accuracy"], r["member_accuracy"], r["lira_auc"]]
+                + [r[f"lira_tpr@{f:g}"] for f in fprs] + [r["loss_auc"]]
+                + [r[f"loss_tpr@{f:g}"] for f in fprs]
+                + [r["epsilon_lower_bound"],
+                   f"{r['exposure_in']:.2f} / {r['exposure_out']:.2f}",
+                   f"{r['ranked_first_in']:.3f} / {r['ranked_first_out']:.3f}",
+                   f"{r['inversion_in']:.3f} / {r['inversion_out']:.3f}"])
+  return reporting.markdown_table(cols, rows)
+
+
+def report(cfg, summary: dict) -> str:
+  first = summary["levels"][0]
+  return "\n".join([
+      f"# Privacy audit {cfg.run_name}", "",
+      f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
+      f"{first['models']} models per level, each trained on a random half of {first['pool']} "
+      f"examples ({summary['canaries']} of them canaries) for {first['steps']} steps, Poisson "
+      f"rate {summary['sampling_rate']:.4g}; delta = {summary['delta']:g}. Epsilon lower bound: "
+      f"threshold from targets 1..{first['models'] // 2}, bound on the rest, confidence "
+      f"{cfg.audit.confidence}. Exposure out of {first['exposure_max_bits']:.2f} bits.", "",
+      report_table(summary, cfg.audit.fprs), "", "![ROC](plots/roc.png)", ""])
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the audit reads; configs/audit_*.py start from this."""
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.results_dir = "results"
+  c.run_name = "audit"
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "snips"  # snips | synthetic_nlu
+  c.data.data_dir = ""  # SNIPS folder
+  c.data.pool_size = 2000  # examples drawn from the training split (0 = all)
+  c.data.num_examples = 4000  # synthetic_nlu corpus size
+  c.data.num_devices = 200  # synthetic_nlu devices
+  c.data.tokenizer = "hash"  # fixed without the data (the only choice)
+  c.data.vocab_size = 8192  # hash buckets + pad + OOV
+  c.data.max_length = 32
+  c.canaries = ml_collections.ConfigDict()
+  c.canaries.num = 20  # canaries planted in the pool, each once, each with a random label
+  c.canaries.digits = 4  # secret space 10**digits
+  c.canaries.template = "my pin code is {}"
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer
+  c.model.embed_dim = 64
+  c.model.num_layers = 1
+  c.model.num_heads = 4
+  c.model.mlp_dim = 128
+  c.train = ml_collections.ConfigDict()
+  c.train.num_models = 32  # even; each example is in exactly half of them
+  c.train.batch_size = 64  # expected batch (Poisson rate = batch / (pool / 2))
+  c.train.epochs = 30.0
+  c.train.learning_rate = 3e-3  # Adam, non-DP
+  c.train.dp_learning_rate = 1e-2  # Adam, DP levels
+  c.train.chunk_steps = 100  # steps per compiled call
+  c.train.model_chunk = 0  # models per vmap (0 = all on an accelerator, 2 on a CPU)
+  c.dp = ml_collections.ConfigDict()
+  c.dp.nondp = True  # audit a non-DP level too
+  c.dp.epsilons = (8.0, 1.0)  # one DP level per target epsilon
+  c.dp.l2_clip = 1.0
+  c.dp.delta = config_dict.placeholder(float)  # None = largest power of ten below 1/(pool/2)
+  c.dp.accountant = "pld"
+  c.dp.method = "auto"
+  c.audit = ml_collections.ConfigDict()
+  c.audit.fprs = (0.01, 0.001)
+  c.audit.confidence = 0.95
+  c.audit.global_variance = True  # LiRA's pooled variance (recommended below 64 shadows)
+  c.audit.inversion_steps = 300
+  c.audit.inversion_learning_rate = 0.3
+  c.audit.inversion_restarts = 4
+  return c

@@ -1,0 +1,131 @@
+"""How well an attack's scores separate members from non-members, and what that says about epsilon.
+
+Host-side numpy in float64 (attack scores are small arrays); arguments follow scikit-learn's order
+`(labels, scores)`, with "higher score = more likely a member".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def _check(is_member, scores) -> tuple[np.ndarray, np.ndarray]:
+  y = np.asarray(is_member).reshape(-1)
+  s = np.asarray(scores, np.float64).reshape(-1)
+  if y.shape != s.shape:
+    raise ValueError(f"is_member and scores differ in size: {y.shape} vs {s.shape}")
+  if y.dtype != bool:
+    if not np.isin(y, (0, 1)).all():
+      raise ValueError("is_member must be boolean or 0/1")
+    y = y.astype(bool)
+  if not np.isfinite(s).all():
+    raise ValueError(f"scores hold {int((~np.isfinite(s)).sum())} non-finite values")
+  if y.all() or not y.any():
+    raise ValueError(f"need members and non-members, got {int(y.sum())} members of {y.size}")
+  return y, s
+
+
+def roc_curve(is_member, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(fpr, tpr, thresholds): one point per distinct score, from the highest down, plus the
+  (0, 0) point at threshold +inf. Predicting "member" when score >= threshold."""
+  y, s = _check(is_member, scores)
+  order = np.argsort(-s, kind="stable")
+  s, y = s[order], y[order]
+  last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each distinct score
+  tp = np.cumsum(y)[last]
+  fp = np.cumsum(~y)[last]
+  return (np.r_[0.0, fp / (~y).sum()], np.r_[0.0, tp / y.sum()], np.r_[np.inf, s[last]])
+
+
+def roc_auc(is_member, scores) -> float:
+  """Area under the ROC curve (ties count one half): the probability that a random member
+  scores above a random non-member."""
+  y, s = _check(is_member, scores)
+  ranks = stats.rankdata(s)  # average ranks for ties
+  n1, n0 = y.sum(), (~y).sum()
+  return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def tpr_at_fpr(is_member, scores, fpr: float) -> float:
+  """The highest true-positive rate over thresholds whose false-positive rate is <= `fpr`
+  (the low-FPR operating point that Carlini et al. 2022 argue MIAs should report)."""
+  if not 0.0 <= fpr <= 1.0:
+    raise ValueError(f"fpr must lie in [0, 1], got {fpr=}")
+  f, t, _ = roc_curve(is_member, scores)
+  return float(t[f <= fpr].max())
+
+
+def clopper_pearson(successes: np.ndarray, trials: np.ndarray, confidence: float):
+  """Two-sided Clopper-Pearson interval (lower, upper) for a binomial proportion, elementwise."""
+  k, n = np.asarray(successes, np.float64), np.asarray(trials, np.float64)
+  a = (1.0 - confidence) / 2
+  with np.errstate(invalid="ignore"):
+    lo = np.where(k > 0, stats.beta.ppf(a, k, n - k + 1), 0.0)
+    hi = np.where(k < n, stats.beta.ppf(1 - a, k + 1, n - k), 1.0)
+  return lo, hi
+
+
+def _epsilon_bounds(is_member, scores, delta: float, confidence: float):
+  """Per threshold of the ROC curve: the epsilon lower bound from upper confidence limits on
+  the false-positive and false-negative rates."""
+  y, s = _check(is_member, scores)
+  f, t, thr = roc_curve(y, s)
+  n0, n1 = (~y).sum(), y.sum()
+  fp, fn = np.rint(f * n0), np.rint((1.0 - t) * n1)
+  _, fpr_hi = clopper_pearson(fp, np.full_like(fp, n0), confidence)
+  _, fnr_hi = clopper_pearson(fn, np.full_like(fn, n1), confidence)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    a = np.log(np.maximum(1.0 - delta - fpr_hi, 0.0) / fnr_hi)
+    b = np.log(np.maximum(1.0 - delta - fnr_hi, 0.0) / fpr_hi)
+  eps = np.nan_to_num(np.maximum(a, b), nan=0.0, neginf=0.0, posinf=0.0)
+  return np.maximum(eps, 0.0), thr
+
+
+def empirical_epsilon_lower_bound(is_member, scores, *, delta: float = 0.0,
+                                  confidence: float = 0.95,
+                                  threshold: float | None = None) -> float:
+  """A statistical lower bound on epsilon from an attack's errors (Jagielski et al., "Auditing
+  Differentially Private Machine Learning: How Private is Private SGD?", NeurIPS 2020).
+
+  An (epsilon, delta)-DP mechanism forces every membership test to satisfy
+  FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta. With upper Clopper-Pearson
+  limits on both rates at `confidence`, eps >= log((1 - delta - FPR_hi) / FNR_hi) (and the
+  symmetric term) holds with that confidence for the test "member iff score >= threshold".
+
+  Args:
+    is_member: bool [n], the truth.
+    scores: float [n], higher = more likely a member.
+    delta: the mechanism's delta.
+    confidence: the confidence of the Clopper-Pearson limits.
+    threshold: the test's threshold. Choose it on separate scores (`best_threshold`) for a valid
+      bound. None takes the best threshold on these same scores, which is optimistic (a
+      selection effect): report it only as a diagnostic.
+
+  Returns:
+    The bound (>= 0).
+
+  The bound treats each score as an independent trial. Scores pooled over many examples of the
+  same trained models are not independent, so on such pools it is an estimate in the spirit of
+  the audit, not a certificate; a certificate needs one model per trial.
+  """
+  if not 0.0 <= delta < 1.0:
+    raise ValueError(f"delta must lie in [0, 1), got {delta=}")
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must lie in (0, 1), got {confidence=}")
+  eps, thr = _epsilon_bounds(is_member, scores, delta, confidence)
+  if threshold is None:
+    return float(eps.max())
+  # the ROC point of "score >= threshold": the last distinct score still >= threshold
+  i = int(np.searchsorted(-thr, -threshold, side="right")) - 1
+  return float(eps[max(i, 0)])
+
+
+def best_threshold(is_member, scores, *, delta: float = 0.0, confidence: float = 0.95) -> float:
+  """The threshold that maximises `empirical_epsilon_lower_bound` on these scores (to be applied
+  to other scores)."""
+  eps, thr = _epsilon_bounds(is_member, scores, delta, confidence)
+  t = thr[int(np.argmax(eps))]
+  return float(t) if math.isfinite(t) else float("inf")
