@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app  # pylint: disable=g-import-not-at-top
+from config_main import make_main
 from ml_collections import config_flags
 
 from trustjax.attacks import experiments
@@ -19,17 +20,7 @@ from trustjax.attacks import experiments
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/audit_*.py file.",
                                           lock_config=True)
 
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise app.UsageError("--config is required, e.g. --config configs/audit_snips.py")
-  summary = experiments.run(cfg, show_progress=sys.stderr.isatty() or "TQDM_FORCE" in os.environ)
-  print(f"\nresults: {os.path.join(cfg.results_dir, cfg.run_name)}\n")
-  print(experiments.report_table(summary, cfg.audit.fprs))
-
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(make_main(_CONFIG, experiments.run,
+                    lambda summary, cfg: experiments.report_table(summary, cfg.audit.fprs),
+                    "configs/audit_snips.py"))

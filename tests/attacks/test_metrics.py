@@ -34,7 +34,7 @@ def test_roc_and_auc_match_scikit_learn(seed, ties):
 
 
 def test_bad_input_is_named():
-  with pytest.raises(ValueError, match="members and non-members"):
+  with pytest.raises(ValueError, match="both classes"):
     metrics.roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
   with pytest.raises(ValueError, match="differ in size"):
     metrics.roc_auc([1, 0], [0.1, 0.2, 0.3])

@@ -11,42 +11,7 @@ import math
 import numpy as np
 from scipy import stats
 
-
-def _check(is_member, scores) -> tuple[np.ndarray, np.ndarray]:
-  y = np.asarray(is_member).reshape(-1)
-  s = np.asarray(scores, np.float64).reshape(-1)
-  if y.shape != s.shape:
-    raise ValueError(f"is_member and scores differ in size: {y.shape} vs {s.shape}")
-  if y.dtype != bool:
-    if not np.isin(y, (0, 1)).all():
-      raise ValueError("is_member must be boolean or 0/1")
-    y = y.astype(bool)
-  if not np.isfinite(s).all():
-    raise ValueError(f"scores hold {int((~np.isfinite(s)).sum())} non-finite values")
-  if y.all() or not y.any():
-    raise ValueError(f"need members and non-members, got {int(y.sum())} members of {y.size}")
-  return y, s
-
-
-def roc_curve(is_member, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(fpr, tpr, thresholds): one point per distinct score, from the highest down, plus the
-  (0, 0) point at threshold +inf. Predicting "member" when score >= threshold."""
-  y, s = _check(is_member, scores)
-  order = np.argsort(-s, kind="stable")
-  s, y = s[order], y[order]
-  last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each distinct score
-  tp = np.cumsum(y)[last]
-  fp = np.cumsum(~y)[last]
-  return (np.r_[0.0, fp / (~y).sum()], np.r_[0.0, tp / y.sum()], np.r_[np.inf, s[last]])
-
-
-def roc_auc(is_member, scores) -> float:
-  """Area under the ROC curve (ties count one half): the probability that a random member
-  scores above a random non-member."""
-  y, s = _check(is_member, scores)
-  ranks = stats.rankdata(s)  # average ranks for ties
-  n1, n0 = y.sum(), (~y).sum()
-  return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+from trustjax.stats import check_binary_scores, roc_auc, roc_curve  # pylint: disable=unused-import
 
 
 def tpr_at_fpr(is_member, scores, fpr: float) -> float:
@@ -71,7 +36,7 @@ def clopper_pearson(successes: np.ndarray, trials: np.ndarray, confidence: float
 def _epsilon_bounds(is_member, scores, delta: float, confidence: float):
   """Per threshold of the ROC curve: the epsilon lower bound from upper confidence limits on
   the false-positive and false-negative rates."""
-  y, s = _check(is_member, scores)
+  y, s = check_binary_scores(is_member, scores)
   f, t, thr = roc_curve(y, s)
   n0, n1 = (~y).sum(), y.sum()
   fp, fn = np.rint(f * n0), np.rint((1.0 - t) * n1)

@@ -1,5 +1,5 @@
-"""Data: tokenizers, the synthetic NLU corpus, SNIPS, Shakespeare roles, TFDS sources and padded
-batching."""
+"""Data: tokenizers, the synthetic NLU corpus, SNIPS, Shakespeare roles, Dixon et al.'s toxicity
+bias sets, TFDS sources and padded batching."""
 
 from trustjax.data.batching import gather_batch, num_batches, pad_indices, padded_batches
 from trustjax.data.corpus import TextDataset
@@ -8,5 +8,6 @@ from trustjax.data.shakespeare import (RoleCorpus, fetch_shakespeare, lm_example
 from trustjax.data.snips import SNIPS_INTENTS, load_snips
 from trustjax.data.synthetic import INTENTS, synthetic_nlu
 from trustjax.data.tfds_source import TEXT_DATASETS, load_tfds_text
+from trustjax.data.toxicity import IDENTITY_TERMS, load_madlibs, load_wiki_toxicity
 from trustjax.data.tokenizers import (Tokenizer, build_char_tokenizer, build_hash_tokenizer,
                                       build_word_tokenizer, word_split)

@@ -1,0 +1,25 @@
+"""Measure the identity bias a toxicity classifier learns from real comments, from a config file.
+
+  python scripts/bias.py --config configs/bias_toxicity.py [--config.seeds='(0,1)' ...]
+
+Writes results/<run_name>/: config.json, summary.json, report.md and plots/bias_aucs.png.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from config_main import make_main
+from ml_collections import config_flags
+
+from trustjax.fairness import experiments
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/bias_*.py file.",
+                                          lock_config=True)
+
+if __name__ == "__main__":
+  app.run(make_main(_CONFIG, experiments.run,
+                    lambda summary, cfg: experiments.summary_table(summary),
+                    "configs/bias_toxicity.py"))

@@ -1,0 +1,24 @@
+"""The `main` of a script that runs one `--config` file and prints a table (audit.py, bias.py)."""
+
+import os
+import sys
+from typing import Callable
+
+from absl import app
+
+
+def make_main(config_flag, run: Callable, table: Callable, example: str) -> Callable:
+  """An absl `main` that runs `run(cfg, show_progress=...)` on the `--config` value, then prints
+  where the results went and `table(summary, cfg)`."""
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = config_flag.value
+    if cfg is None:
+      raise app.UsageError(f"--config is required, e.g. --config {example}")
+    summary = run(cfg, show_progress=sys.stderr.isatty() or "TQDM_FORCE" in os.environ)
+    print(f"\nresults: {os.path.join(cfg.results_dir, cfg.run_name)}\n")
+    print(table(summary, cfg))
+
+  return main

@@ -1,0 +1,11 @@
+"""Fairness: intrinsic association tests on embeddings (WEAT, SEAT, CEAT) and extrinsic group
+metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups)."""
+
+from trustjax.fairness import association, group
+from trustjax.fairness.association import (CEATResult, association as association_scores, ceat,
+                                           seat, weat_effect_and_variance, weat_effect_size,
+                                           weat_p_value)
+from trustjax.fairness.group import (bnsp_auc, bpsn_auc, demographic_parity_difference,
+                                     demographic_parity_ratio, equal_opportunity_difference,
+                                     equalized_odds_difference, equalized_odds_ratio,
+                                     generalized_mean_bias, group_rates, subgroup_auc)

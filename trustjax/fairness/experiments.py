@@ -1,0 +1,206 @@
+"""Config -> unintended identity bias of a toxicity classifier -> a results folder
+(`scripts/bias.py`).
+
+After Dixon et al. (AIES 2018): a classifier is trained on real Wikipedia talk-page comments
+with a toxicity label, then scored on the templated madlibs sentences, where every identity term
+appears equally often in toxic and non-toxic sentences. Any gap between identities is therefore
+bias the model learned. Each training set in `data.train_sets` ("nonfuzzed": the comments as
+written; "fuzzed": the same comments with identity terms swapped at random, Dixon et al.'s
+counterfactual copy) is trained with every seed in `seeds`; per identity term the driver reports
+the bias AUCs of Borkan et al. (2019), and over identities their generalized means and the
+threshold gaps (demographic parity and equalized odds differences).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from trustjax import data as tjdata
+from trustjax import reporting, training
+from trustjax.data import toxicity
+from trustjax.experiments import classifier_from_config
+from trustjax.fairness import group
+from trustjax.models import classification_loss
+from trustjax.stats import roc_auc
+
+TRAIN_SETS = ("nonfuzzed", "fuzzed")
+
+
+def _check(cfg) -> None:
+  if not cfg.data.data_dir:
+    raise ValueError("data.data_dir is required (a copy of Dixon et al.'s eval_datasets folder)")
+  bad = [s for s in cfg.data.train_sets if s not in TRAIN_SETS]
+  if bad or not cfg.data.train_sets:
+    raise ValueError(f"data.train_sets must list some of {TRAIN_SETS}, got "
+                     f"{tuple(cfg.data.train_sets)}")
+  if not cfg.seeds:
+    raise ValueError("seeds is empty")
+  if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
+    raise ValueError(f"train.epochs and train.batch_size must be positive, got "
+                     f"{cfg.train.epochs=}, {cfg.train.batch_size=}")
+  if not 0.0 < cfg.threshold < 1.0:
+    raise ValueError(f"threshold must lie in (0, 1), got {cfg.threshold=}")
+
+
+def train_and_score(cfg, train: tjdata.TextDataset, eval_tokens: np.ndarray, seed: int, *,
+                    show_progress: bool = True) -> np.ndarray:
+  """Trains the classifier on `train` (Adam, shuffled epochs) and returns P(toxic) on
+  `eval_tokens`."""
+  tok = tjdata.build_hash_tokenizer(cfg.data.vocab_size - 2)
+  arrays = {"tokens": tok.encode(train.texts, cfg.data.max_length),
+            "label": train.labels.astype(np.int32)}
+  model = classifier_from_config(cfg.model, vocab_size=tok.vocab_size, num_classes=2,
+                                 max_length=cfg.data.max_length)
+  import optax  # pylint: disable=import-outside-toplevel
+  opt = optax.adam(cfg.train.learning_rate)
+  key = jax.random.key(seed)
+  params = model.init(key, jnp.zeros((1, cfg.data.max_length), jnp.int32))["params"]
+  schedule = training.EpochSchedule(arrays, cfg.train.batch_size, seed)
+  result = training.fit(training.create_state(params, opt, key),
+                        train_step=training.make_train_step(classification_loss(model), opt),
+                        schedule=schedule,
+                        num_steps=int(cfg.train.epochs * schedule.steps_per_epoch),
+                        show_progress=show_progress)
+  prob = jax.jit(lambda p, t: jax.nn.softmax(model.apply({"params": p}, t))[:, 1])
+  out = [np.asarray(prob(result.state.params, jnp.asarray(eval_tokens[s:s + 4096])))
+         for s in range(0, len(eval_tokens), 4096)]
+  return np.concatenate(out)
+
+
+def bias_metrics(y: np.ndarray, scores: np.ndarray, identities: list, threshold: float,
+                 p: float) -> dict:
+  """Overall AUC, per-identity bias AUCs, their generalized means, and threshold gaps."""
+  ident = np.array(["" if i is None else i for i in identities])
+  terms = sorted(set(ident) - {""})
+  per = {t: {"subgroup_auc": group.subgroup_auc(y, scores, ident == t),
+             "bpsn_auc": group.bpsn_auc(y, scores, ident == t),
+             "bnsp_auc": group.bnsp_auc(y, scores, ident == t)} for t in terms}
+  out = {"overall_auc": roc_auc(y, scores), "per_identity": per}
+  for k in ("subgroup_auc", "bpsn_auc", "bnsp_auc"):
+    out[f"mean_{k}"] = group.generalized_mean_bias([v[k] for v in per.values()], p=p)
+  has = ident != ""
+  pred = (scores > threshold).astype(int)
+  out["demographic_parity_difference"] = group.demographic_parity_difference(
+      y[has], pred[has], sensitive_features=ident[has])
+  out["equalized_odds_difference"] = group.equalized_odds_difference(
+      y[has], pred[has], sensitive_features=ident[has])
+  out["accuracy"] = float((pred == y).mean())
+  return out
+
+
+def _plot(per_set: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  first = next(iter(per_set.values()))
+  terms = sorted(first, key=lambda t: first[t]["bpsn_auc"])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 0.2 * len(terms) + 1.5), sharey=True)
+  for ax, key in zip(axes, ("bpsn_auc", "bnsp_auc")):
+    for i, (name, per) in enumerate(per_set.items()):
+      ax.plot([per[t][key] for t in terms], range(len(terms)), "o", ms=4, color=f"C{i}",
+              label=name)
+    ax.set_yticks(range(len(terms)), terms, fontsize=7)
+    ax.set_title(key.replace("_auc", " AUC").upper().replace(" AUC", " AUC"))
+    ax.grid(alpha=0.3)
+  axes[0].legend(title="trained on", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
+  """Trains and measures per `cfg`; writes results/<run_name>/. Returns the summary."""
+  _check(cfg)
+  madlibs, identities = toxicity.load_madlibs(cfg.data.data_dir)
+  sets = {s: toxicity.load_wiki_toxicity(cfg.data.data_dir, fuzzed=s == "fuzzed")
+          for s in cfg.data.train_sets}
+  workdir = os.path.join(cfg.results_dir, cfg.run_name)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  tok = tjdata.build_hash_tokenizer(cfg.data.vocab_size - 2)
+  eval_tokens = tok.encode(madlibs.texts, cfg.data.max_length)
+  y = madlibs.labels
+  summary, per_set = {"train_sets": {}}, {}
+  for name, train in sets.items():
+    runs = [bias_metrics(y, train_and_score(cfg, train, eval_tokens, seed,
+                                            show_progress=show_progress),
+                         identities, cfg.threshold, cfg.generalized_mean_p)
+            for seed in cfg.seeds]
+    keys = [k for k in runs[0] if k != "per_identity"]
+    agg = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    agg.update({f"{k}_sd": float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+                for k in keys})
+    per_set[name] = {t: {k: float(np.mean([r["per_identity"][t][k] for r in runs]))
+                         for k in runs[0]["per_identity"][t]}
+                     for t in runs[0]["per_identity"]}
+    summary["train_sets"][name] = {**agg, "per_identity": per_set[name],
+                                   "train_examples": len(train),
+                                   "train_toxic_fraction": float(train.labels.mean())}
+  summary.update(eval_examples=len(madlibs), seeds=list(cfg.seeds),
+                 backend=jax.default_backend())
+  reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+  _plot(per_set, os.path.join(workdir, "plots", "bias_aucs.png"))
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(report(cfg, summary))
+  return summary
+
+
+def summary_table(summary: dict) -> str:
+  cols = ["trained on", "madlibs AUC", "mean subgroup AUC", "mean BPSN AUC", "mean BNSP AUC",
+          "demographic parity diff.", "equalized odds diff."]
+  rows = []
+  for name, r in summary["train_sets"].items():
+    rows.append([name] + [f"{r[k]:.3f} +- {r[k + '_sd']:.3f}" for k in (
+        "overall_auc", "mean_subgroup_auc", "mean_bpsn_auc", "mean_bnsp_auc",
+        "demographic_parity_difference", "equalized_odds_difference")])
+  return reporting.markdown_table(cols, rows)
+
+
+def report(cfg, summary: dict) -> str:
+  names = list(summary["train_sets"])
+  per = {n: summary["train_sets"][n]["per_identity"] for n in names}
+  terms = sorted(per[names[0]], key=lambda t: per[names[0]][t]["bpsn_auc"])
+  rows = [[t] + [per[n][t][k] for n in names for k in ("subgroup_auc", "bpsn_auc", "bnsp_auc")]
+          for t in terms]
+  cols = ["identity"] + [f"{n} {k}" for n in names for k in ("subgroup", "BPSN", "BNSP")]
+  return "\n".join([
+      f"# Identity bias {cfg.run_name}", "",
+      f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
+      f"Trained on Wikipedia comments, scored on {summary['eval_examples']} madlibs sentences; "
+      f"means over seeds {summary['seeds']} (+- sample sd); generalized means with p = "
+      f"{cfg.generalized_mean_p}; threshold gaps at P(toxic) > {cfg.threshold}.", "",
+      summary_table(summary), "", "## Per identity (mean over seeds)", "",
+      reporting.markdown_table(cols, rows), "", "![bias AUCs](plots/bias_aucs.png)", ""])
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field the bias study reads; configs/bias_*.py start from this."""
+  c = ml_collections.ConfigDict()
+  c.seeds = (0, 1, 2)
+  c.results_dir = "results"
+  c.run_name = "bias"
+  c.threshold = 0.5  # P(toxic) above which a sentence is called toxic
+  c.generalized_mean_p = -5.0
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = ""  # Dixon et al.'s eval_datasets folder
+  c.data.train_sets = TRAIN_SETS  # nonfuzzed | fuzzed
+  c.data.vocab_size = 16384  # hash buckets + pad + OOV
+  c.data.max_length = 128
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer
+  c.model.embed_dim = 64
+  c.model.num_layers = 1
+  c.model.num_heads = 4
+  c.model.mlp_dim = 64
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32
+  c.train.epochs = 10.0
+  c.train.learning_rate = 3e-3
+  return c

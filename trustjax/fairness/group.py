@@ -1,0 +1,175 @@
+"""Extrinsic fairness: group rates and their gaps, and the bias AUCs of identity subgroups.
+
+Group metrics take fairlearn's signatures (`y_true, y_pred, *, sensitive_features, method`) and
+give its numbers (tested against fairlearn). Rates are weighted sums with a denominator per
+group, computed with `jax.ops.segment_sum` so they also run inside jitted evaluation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trustjax.stats import check_binary_scores, roc_auc
+
+_METHODS = ("between_groups", "to_overall")
+
+
+def _groups(sensitive_features) -> tuple[np.ndarray, np.ndarray]:
+  names, ids = np.unique(np.asarray(sensitive_features, dtype=object).astype(str),
+                         return_inverse=True)
+  return names, ids.reshape(-1)
+
+
+def _binary(name, v) -> np.ndarray:
+  v = np.asarray(v).reshape(-1)
+  if not np.isin(v, (0, 1)).all():
+    raise ValueError(f"{name} must hold 0/1 labels")
+  return v.astype(np.float32)
+
+
+def group_rates(y_true, y_pred, *, sensitive_features, sample_weight=None) -> dict:
+  """Per group and overall: count, selection rate P[y_pred = 1], true-positive rate
+  P[y_pred = 1 | y = 1], false-positive rate P[y_pred = 1 | y = 0] and accuracy.
+
+  Returns:
+    {"groups": [g] names, "count", "selection_rate", "tpr", "fpr", "accuracy": float [g]
+     arrays, and "overall": the same five for everyone}. A rate whose denominator is empty in
+    a group is NaN there.
+  """
+  y, p = _binary("y_true", y_true), _binary("y_pred", y_pred)
+  names, ids = _groups(sensitive_features)
+  if not (len(y) == len(p) == len(ids)):
+    raise ValueError(f"y_true, y_pred and sensitive_features differ in length: "
+                     f"{len(y)}, {len(p)}, {len(ids)}")
+  w = (np.ones_like(y) if sample_weight is None
+       else np.asarray(sample_weight, np.float32).reshape(-1))
+  out = {k: np.asarray(v, np.float64) for k, v in
+         _rates(jnp.asarray(y), jnp.asarray(p), jnp.asarray(w), jnp.asarray(ids),
+                len(names)).items()}
+  overall = {k: float(v[0]) for k, v in
+             _rates(jnp.asarray(y), jnp.asarray(p), jnp.asarray(w),
+                    jnp.zeros(len(y), jnp.int32), 1).items()}
+  return {"groups": names, **out, "overall": overall}
+
+
+def _rates(y, p, w, ids, num_groups):
+  seg = lambda v: jax.ops.segment_sum(v, ids, num_segments=num_groups)
+  ratio = lambda a, b: jnp.where(b > 0, a / jnp.where(b > 0, b, 1.0), jnp.nan)
+  count, pos, neg = seg(w), seg(w * y), seg(w * (1 - y))
+  return {"count": count, "selection_rate": ratio(seg(w * p), count),
+          "tpr": ratio(seg(w * p * y), pos), "fpr": ratio(seg(w * p * (1 - y)), neg),
+          "accuracy": ratio(seg(w * (p == y)), count)}
+
+
+def _gap(values: np.ndarray, overall: float, method: str) -> float:
+  if method not in _METHODS:
+    raise ValueError(f"method must be one of {_METHODS}, got {method=!r}")
+  if method == "between_groups":
+    return float(np.nanmax(values) - np.nanmin(values))
+  return float(np.nanmax(np.abs(values - overall)))
+
+
+def _ratio(values: np.ndarray, overall: float, method: str) -> float:
+  if method not in _METHODS:
+    raise ValueError(f"method must be one of {_METHODS}, got {method=!r}")
+  if method == "between_groups":
+    hi = np.nanmax(values)
+    return float(np.nanmin(values) / hi) if hi > 0 else float("nan")
+  r = np.minimum(values / overall, overall / values)
+  return float(np.nanmin(r))
+
+
+def demographic_parity_difference(y_true, y_pred, *, sensitive_features,
+                                  method: str = "between_groups", sample_weight=None) -> float:
+  """The largest gap in selection rate: between two groups ("between_groups") or between a group
+  and everyone ("to_overall"). 0 means demographic parity."""
+  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
+                  sample_weight=sample_weight)
+  return _gap(r["selection_rate"], r["overall"]["selection_rate"], method)
+
+
+def demographic_parity_ratio(y_true, y_pred, *, sensitive_features,
+                             method: str = "between_groups", sample_weight=None) -> float:
+  """The smallest ratio of selection rates (1 means demographic parity)."""
+  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
+                  sample_weight=sample_weight)
+  return _ratio(r["selection_rate"], r["overall"]["selection_rate"], method)
+
+
+def equalized_odds_difference(y_true, y_pred, *, sensitive_features,
+                              method: str = "between_groups", sample_weight=None,
+                              agg: str = "worst_case") -> float:
+  """The gap in true-positive rate and in false-positive rate (Hardt et al., "Equality of
+  Opportunity in Supervised Learning", NeurIPS 2016): the larger of the two ("worst_case") or
+  their mean ("mean")."""
+  if agg not in ("worst_case", "mean"):
+    raise ValueError(f"agg must be 'worst_case' or 'mean', got {agg=!r}")
+  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
+                  sample_weight=sample_weight)
+  gaps = [_gap(r[k], r["overall"][k], method) for k in ("tpr", "fpr")]
+  return max(gaps) if agg == "worst_case" else float(np.mean(gaps))
+
+
+def equalized_odds_ratio(y_true, y_pred, *, sensitive_features, method: str = "between_groups",
+                         sample_weight=None, agg: str = "worst_case") -> float:
+  """The ratio counterpart of `equalized_odds_difference` (the smaller, or the mean, of the
+  true- and false-positive-rate ratios)."""
+  if agg not in ("worst_case", "mean"):
+    raise ValueError(f"agg must be 'worst_case' or 'mean', got {agg=!r}")
+  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
+                  sample_weight=sample_weight)
+  ratios = [_ratio(r[k], r["overall"][k], method) for k in ("tpr", "fpr")]
+  return min(ratios) if agg == "worst_case" else float(np.mean(ratios))
+
+
+def equal_opportunity_difference(y_true, y_pred, *, sensitive_features,
+                                 method: str = "between_groups", sample_weight=None) -> float:
+  """The largest gap in true-positive rate (Hardt et al. 2016)."""
+  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
+                  sample_weight=sample_weight)
+  return _gap(r["tpr"], r["overall"]["tpr"], method)
+
+
+# ----------------------------------------------------------------------------- bias AUCs
+#
+# Borkan, Dixon, Sorensen, Thain and Vasserman, "Nuanced Metrics for Measuring Unintended Bias
+# with Real Data for Text Classification", WWW 2019 companion.
+
+
+def subgroup_auc(y_true, scores, in_subgroup) -> float:
+  """ROC AUC on the examples that mention the identity: can the model tell toxic from non-toxic
+  comments within the subgroup?"""
+  y, s = check_binary_scores(y_true, scores)
+  g = np.asarray(in_subgroup, bool).reshape(-1)
+  return roc_auc(y[g], s[g])
+
+
+def bpsn_auc(y_true, scores, in_subgroup) -> float:
+  """Background Positive, Subgroup Negative AUC: the subgroup's negatives against the other
+  examples' positives. Low when non-toxic mentions of the identity score high."""
+  y, s = check_binary_scores(y_true, scores)
+  g = np.asarray(in_subgroup, bool).reshape(-1)
+  keep = (g & ~y) | (~g & y)
+  return roc_auc(y[keep], s[keep])
+
+
+def bnsp_auc(y_true, scores, in_subgroup) -> float:
+  """Background Negative, Subgroup Positive AUC: the subgroup's positives against the other
+  examples' negatives. Low when toxic mentions of the identity score low."""
+  y, s = check_binary_scores(y_true, scores)
+  g = np.asarray(in_subgroup, bool).reshape(-1)
+  keep = (g & y) | (~g & ~y)
+  return roc_auc(y[keep], s[keep])
+
+
+def generalized_mean_bias(aucs, p: float = -5.0) -> float:
+  """The power mean (mean(auc^p))^(1/p) over subgroups; p = -5 weights the worst subgroups most
+  (the aggregate of the Jigsaw Unintended Bias challenge, after Borkan et al. 2019)."""
+  a = np.asarray(aucs, np.float64).reshape(-1)
+  if not a.size or not np.isfinite(a).all() or (a <= 0).any():
+    raise ValueError("aucs must be a non-empty list of positive numbers")
+  if p == 0:
+    return float(np.exp(np.log(a).mean()))
+  return float(np.mean(a ** p) ** (1.0 / p))
