@@ -290,16 +290,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def config_changes(path: str, cfg: ml_collections.ConfigDict, allowed=()) -> list[str]:
+  """The dotted fields whose value in `cfg` differs from the config stored at `path`
+  (a run's config.json), compared as stored (tuples read back as lists), except `allowed`."""
+  with open(path, encoding="utf-8") as f:
+    old = _flatten(json.load(f))
+  new = _flatten(json.loads(cfg.to_json_best_effort()))
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed)
+
+
 def _check_resumable(workdir: str, cfg) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has checkpoints but no config.json; delete it or pick another "
                      "train.run_name")
-  with open(path, encoding="utf-8") as f:
-    old = _flatten(json.load(f))
-  new = _flatten(json.loads(cfg.to_json_best_effort()))  # as stored: tuples become lists
-  changed = sorted(k for k in set(old) | set(new)
-                   if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+  changed = config_changes(path, cfg, _RESUMABLE_CHANGES)
   if changed:
     raise ValueError(f"cannot resume {workdir}: its config differs in {changed}; pick another "
                      "train.run_name or delete the folder")

@@ -36,7 +36,7 @@ import tqdm
 from trustjax import data as tjdata
 from trustjax import models, reporting
 from trustjax.attacks import canaries, inversion, membership, metrics, shadow
-from trustjax.experiments import _flatten, classifier_from_config, default_delta
+from trustjax.experiments import classifier_from_config, config_changes, default_delta
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.dp_sgd import DPConfig
 
@@ -274,11 +274,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   cfg_path = os.path.join(workdir, "config.json")
   stored = json.loads(cfg.to_json_best_effort())
   if os.path.exists(cfg_path):
-    with open(cfg_path, encoding="utf-8") as f:
-      old = _flatten(json.load(f))
-    new = _flatten(stored)
-    changed = sorted(k for k in set(old) | set(new)
-                     if old.get(k) != new.get(k) and k not in _RESUMABLE_CHANGES)
+    changed = config_changes(cfg_path, cfg, _RESUMABLE_CHANGES)
     if changed:
       raise ValueError(f"cannot resume the audit in {workdir}: its config differs in {changed}; "
                        "pick another run_name or delete the folder")

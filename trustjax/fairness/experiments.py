@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from trustjax import data as tjdata
 from trustjax import reporting, training
@@ -57,7 +58,6 @@ def train_and_score(cfg, train: tjdata.TextDataset, eval_tokens: np.ndarray, see
             "label": train.labels.astype(np.int32)}
   model = classifier_from_config(cfg.model, vocab_size=tok.vocab_size, num_classes=2,
                                  max_length=cfg.data.max_length)
-  import optax  # pylint: disable=import-outside-toplevel
   opt = optax.adam(cfg.train.learning_rate)
   key = jax.random.key(seed)
   params = model.init(key, jnp.zeros((1, cfg.data.max_length), jnp.int32))["params"]
