@@ -1,7 +1,7 @@
 """Fairness: intrinsic association tests on embeddings (WEAT, SEAT, CEAT) and extrinsic group
 metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups)."""
 
-from trustjax.fairness import association, group
+from trustjax.fairness import association, counterfactual, group
 from trustjax.fairness.association import (WEAT_TESTS, CEATResult, association as association_scores, ceat,
                                            seat, weat_effect_and_variance, weat_effect_size,
                                            weat_p_value)
@@ -9,3 +9,5 @@ from trustjax.fairness.group import (bnsp_auc, bpsn_auc, demographic_parity_diff
                                      demographic_parity_ratio, equal_opportunity_difference,
                                      equalized_odds_difference, equalized_odds_ratio,
                                      generalized_mean_bias, group_rates, subgroup_auc)
+from trustjax.fairness.counterfactual import (GENDER_PAIRS, counterfactual_augment,
+                                              counterfactual_swap, distillation_loss)
