@@ -36,7 +36,8 @@ import tqdm
 from trustjax import data as tjdata
 from trustjax import models, reporting
 from trustjax.attacks import canaries, inversion, membership, metrics, shadow
-from trustjax.experiments import classifier_from_config, config_changes, default_delta
+from trustjax.experiments import (classifier_from_config, config_changes, default_delta,
+                                  load_datasets)
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.dp_sgd import DPConfig
 
@@ -57,16 +58,9 @@ class AuditSetup:
                        "fixed without the data, so the DP levels cover everything learned")
     self.tokenizer = tjdata.build_hash_tokenizer(d.vocab_size - 2)
     rng = np.random.default_rng(cfg.seed)
-    if d.name == "snips":
-      if not d.data_dir:
-        raise ValueError("data.data_dir is required for SNIPS")
-      train, self.eval_data = tjdata.load_snips(d.data_dir, "train"), tjdata.load_snips(
-          d.data_dir, "validate")
-    elif d.name == "synthetic_nlu":
-      train, self.eval_data = tjdata.synthetic_nlu(
-          d.num_examples, num_devices=d.num_devices, seed=cfg.seed).split(0.1, seed=cfg.seed)
-    else:
+    if d.name not in ("snips", "synthetic_nlu"):
       raise ValueError(f"unknown data.name={d.name!r}; expected snips or synthetic_nlu")
+    train, self.eval_data = load_datasets(cfg)  # the training driver's loaders
     if d.pool_size:
       if d.pool_size > len(train):
         raise ValueError(f"data.pool_size={d.pool_size} exceeds the {len(train)} training "
@@ -91,6 +85,8 @@ class AuditSetup:
     self.canary_tokens = self.arrays["tokens"][self.canary_rows]
     space = canaries.all_secrets(c.digits)
     self.space_ids = np.array([self.tokenizer.token_id(s) for s in space], np.int32)
+    where = {s: i for i, s in enumerate(space)}
+    self.secret_index = np.array([where[s] for s in self.secrets])  # row in space_ids
     self.secret_ids = np.array([self.tokenizer.token_id(s) for s in self.secrets], np.int32)
     self.candidate_ids = np.unique(self.space_ids)
 
@@ -163,8 +159,7 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
     closs = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
         jnp.asarray(cl), jnp.full(cl.shape[:2], setup.canary_labels[c])))
     own = setup.space_ids == setup.secret_ids[c]  # the secret and its hash collisions
-    secret_idx = int(np.flatnonzero(np.array(canaries.all_secrets(cfg.canaries.digits))
-                                    == setup.secrets[c])[0])
+    secret_idx = setup.secret_index[c]
     for m in range(num_models):
       exposure[m, c] = canaries.exposure(closs[m, secret_idx], closs[m, ~own])
       first[m, c] = not (closs[m, ~own] <= closs[m, secret_idx]).any()
@@ -350,6 +345,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.pool_size = 2000  # examples drawn from the training split (0 = all)
   c.data.num_examples = 4000  # synthetic_nlu corpus size
   c.data.num_devices = 200  # synthetic_nlu devices
+  c.data.eval_fraction = 0.1  # synthetic_nlu held-out fraction (SNIPS has its validation split)
   c.data.tokenizer = "hash"  # fixed without the data (the only choice)
   c.data.vocab_size = 8192  # hash buckets + pad + OOV
   c.data.max_length = 32

@@ -49,14 +49,11 @@ def _check(cfg) -> None:
     raise ValueError(f"threshold must lie in (0, 1), got {cfg.threshold=}")
 
 
-def train_and_score(cfg, train: tjdata.TextDataset, eval_tokens: np.ndarray, seed: int, *,
+def train_and_score(cfg, arrays: dict, vocab_size: int, eval_tokens: np.ndarray, seed: int, *,
                     show_progress: bool = True) -> np.ndarray:
-  """Trains the classifier on `train` (Adam, shuffled epochs) and returns P(toxic) on
-  `eval_tokens`."""
-  tok = tjdata.build_hash_tokenizer(cfg.data.vocab_size - 2)
-  arrays = {"tokens": tok.encode(train.texts, cfg.data.max_length),
-            "label": train.labels.astype(np.int32)}
-  model = classifier_from_config(cfg.model, vocab_size=tok.vocab_size, num_classes=2,
+  """Trains the classifier on `arrays` ("tokens", "label"; Adam, shuffled epochs) and returns
+  P(toxic) on `eval_tokens`."""
+  model = classifier_from_config(cfg.model, vocab_size=vocab_size, num_classes=2,
                                  max_length=cfg.data.max_length)
   opt = optax.adam(cfg.train.learning_rate)
   key = jax.random.key(seed)
@@ -129,7 +126,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   y = madlibs.labels
   summary, per_set = {"train_sets": {}}, {}
   for name, train in sets.items():
-    runs = [bias_metrics(y, train_and_score(cfg, train, eval_tokens, seed,
+    arrays = {"tokens": tok.encode(train.texts, cfg.data.max_length),
+              "label": train.labels.astype(np.int32)}  # once per set, shared by the seeds
+    runs = [bias_metrics(y, train_and_score(cfg, arrays, tok.vocab_size, eval_tokens, seed,
                                             show_progress=show_progress),
                          identities, cfg.threshold, cfg.generalized_mean_p)
             for seed in cfg.seeds]

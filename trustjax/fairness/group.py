@@ -63,17 +63,20 @@ def _rates(y, p, w, ids, num_groups):
           "accuracy": ratio(seg(w * (p == y)), count)}
 
 
-def _gap(values: np.ndarray, overall: float, method: str) -> float:
+def _check_method(method: str) -> None:
   if method not in _METHODS:
     raise ValueError(f"method must be one of {_METHODS}, got {method=!r}")
+
+
+def _gap(values: np.ndarray, overall: float, method: str) -> float:
+  _check_method(method)
   if method == "between_groups":
     return float(np.nanmax(values) - np.nanmin(values))
   return float(np.nanmax(np.abs(values - overall)))
 
 
 def _ratio(values: np.ndarray, overall: float, method: str) -> float:
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got {method=!r}")
+  _check_method(method)
   if method == "between_groups":
     hi = np.nanmax(values)
     return float(np.nanmin(values) / hi) if hi > 0 else float("nan")
@@ -98,30 +101,34 @@ def demographic_parity_ratio(y_true, y_pred, *, sensitive_features,
   return _ratio(r["selection_rate"], r["overall"]["selection_rate"], method)
 
 
+def _equalized_odds(y_true, y_pred, sensitive_features, method, sample_weight, agg,
+                    measure, worst) -> float:
+  """`measure` (_gap or _ratio) of the true- and of the false-positive rate, combined by
+  `worst` (max or min) for agg="worst_case" or by their mean for agg="mean"."""
+  if agg not in ("worst_case", "mean"):
+    raise ValueError(f"agg must be 'worst_case' or 'mean', got {agg=!r}")
+  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
+                  sample_weight=sample_weight)
+  both = [measure(r[k], r["overall"][k], method) for k in ("tpr", "fpr")]
+  return worst(both) if agg == "worst_case" else float(np.mean(both))
+
+
 def equalized_odds_difference(y_true, y_pred, *, sensitive_features,
                               method: str = "between_groups", sample_weight=None,
                               agg: str = "worst_case") -> float:
   """The gap in true-positive rate and in false-positive rate (Hardt et al., "Equality of
   Opportunity in Supervised Learning", NeurIPS 2016): the larger of the two ("worst_case") or
   their mean ("mean")."""
-  if agg not in ("worst_case", "mean"):
-    raise ValueError(f"agg must be 'worst_case' or 'mean', got {agg=!r}")
-  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
-                  sample_weight=sample_weight)
-  gaps = [_gap(r[k], r["overall"][k], method) for k in ("tpr", "fpr")]
-  return max(gaps) if agg == "worst_case" else float(np.mean(gaps))
+  return _equalized_odds(y_true, y_pred, sensitive_features, method, sample_weight, agg, _gap,
+                         max)
 
 
 def equalized_odds_ratio(y_true, y_pred, *, sensitive_features, method: str = "between_groups",
                          sample_weight=None, agg: str = "worst_case") -> float:
   """The ratio counterpart of `equalized_odds_difference` (the smaller, or the mean, of the
   true- and false-positive-rate ratios)."""
-  if agg not in ("worst_case", "mean"):
-    raise ValueError(f"agg must be 'worst_case' or 'mean', got {agg=!r}")
-  r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
-                  sample_weight=sample_weight)
-  ratios = [_ratio(r[k], r["overall"][k], method) for k in ("tpr", "fpr")]
-  return min(ratios) if agg == "worst_case" else float(np.mean(ratios))
+  return _equalized_odds(y_true, y_pred, sensitive_features, method, sample_weight, agg, _ratio,
+                         min)
 
 
 def equal_opportunity_difference(y_true, y_pred, *, sensitive_features,
