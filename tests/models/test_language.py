@@ -92,3 +92,72 @@ def test_matches_huggingface_gpt2():
     want = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _loop_greedy(model, params, prompt, n):
+  # Reference: grow each prompt one token at a time, the model run on the prefix alone.
+  seq = list(prompt)
+  for _ in range(n):
+    logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))[0, -1]
+    logits = logits.at[0].set(-jnp.inf)
+    seq.append(int(jnp.argmax(logits)))
+  return seq[len(prompt):]
+
+
+def test_generate_greedy_equals_a_prefix_loop():
+  model = _gpt()
+  rng = np.random.default_rng(1)
+  prompts = rng.integers(1, 40, (3, 5)).astype(np.int32)
+  lengths = np.array([5, 2, 1], np.int32)
+  prompts[1, 2:] = 7  # junk after a row's end must not matter
+  params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
+  out = models.generate(model, params, prompts, lengths, jax.random.key(9), max_new_tokens=4,
+                        temperature=0.0)
+  chex.assert_shape(out, (3, 4))
+  for i in range(3):
+    assert out[i].tolist() == _loop_greedy(model, params, prompts[i, :lengths[i]], 4)
+
+
+def test_generate_samples_the_model_distribution_with_top_k_and_suppression():
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  model = _gpt(vocab_size=8, num_layers=1)
+  params = model.init(jax.random.key(3), jnp.zeros((1, 12), jnp.int32))["params"]
+  params = jax.tree.map(lambda x: 3.0 * x, params)  # a peaked distribution
+  n = 20000
+  prompts = np.full((n, 2), 5, np.int32)
+  lengths = np.full(n, 2, np.int32)
+  logits = model.apply({"params": params}, jnp.asarray(prompts[:1]))[0, 1]
+  z = np.asarray(logits, np.float64) / 0.7
+  z[0] = -np.inf
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  first = np.asarray(models.generate(model, params, prompts, lengths, jax.random.key(0),
+                                     max_new_tokens=1, temperature=0.7))[:, 0]
+  counts = np.bincount(first, minlength=8)
+  assert counts[0] == 0  # padding suppressed
+  keep = p > 0
+  chi = stats.chisquare(counts[keep], n * p[keep] / p[keep].sum())
+  assert chi.pvalue > 1e-3, (counts, n * p)
+  masked = np.asarray(logits, np.float64)
+  masked[[0, 1]] = -np.inf
+  top = set(np.argsort(-masked)[:3].tolist())  # the 3 likeliest tokens once 0 and 1 are out
+  first_k = np.asarray(models.generate(model, params, prompts[:2000], lengths[:2000],
+                                       jax.random.key(1), max_new_tokens=1, temperature=1.0,
+                                       top_k=3, suppress=(0, 1)))[:, 0]
+  seen = set(np.unique(first_k).tolist())
+  assert seen <= top and len(seen) > 1, (seen, top)
+
+
+def test_generate_rejects_bad_arguments():
+  model = _gpt()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
+  x, ln = np.ones((2, 5), np.int32), np.array([5, 3], np.int32)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="max_length"):
+    models.generate(model, params, x, ln, key, max_new_tokens=8)
+  with pytest.raises(ValueError, match="prompt_lengths"):
+    models.generate(model, params, x, np.array([0, 3], np.int32), key, max_new_tokens=2)
+  with pytest.raises(ValueError, match="temperature"):
+    models.generate(model, params, x, ln, key, max_new_tokens=2, temperature=-1.0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    models.generate(model, params, x, ln, key, max_new_tokens=0)

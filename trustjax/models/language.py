@@ -3,7 +3,8 @@ next-word prediction) and their losses as sums with a denominator."""
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -113,3 +114,76 @@ def lm_metrics(model: nn.Module) -> Callable[[Params, Batch], dict]:
             "count": tmask.sum()}
 
   return metrics_fn
+
+
+def generate(model: nn.Module, params: Params, prompts: jax.Array, prompt_lengths: jax.Array,
+             key: jax.Array, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             suppress: Sequence[int] = (0,)) -> jax.Array:
+  """Samples continuations of a batch of prompts from a causal language model, in one compiled
+  program of static shape.
+
+  The prompts are left-aligned in a buffer of `P + max_new_tokens` tokens; step t runs the model
+  over the whole buffer (no key-value cache: the models here are small) and writes token t at
+  position `prompt_lengths + t` of each row. A causal model's output at a position does not depend
+  on what follows it, so the padding after each row's end changes nothing.
+
+  Args:
+    model, params: a causal LM, `model.apply({"params": params}, tokens[B, L]) -> [B, L, V]`,
+      with `max_length >= P + max_new_tokens` where it has position embeddings.
+    prompts: int32 [B, P], each row's prompt left-aligned and padded with anything.
+    prompt_lengths: int32 [B], each between 1 and P.
+    key: sampling key; step t uses `fold_in(key, t)`.
+    max_new_tokens: tokens to generate per row.
+    temperature: > 0 divides the logits; 0 means greedy (argmax).
+    top_k: > 0 samples among the k most likely tokens only; 0 from the whole vocabulary.
+    suppress: token ids never generated (default: padding, id 0).
+
+  Returns:
+    int32 [B, max_new_tokens]: the generated tokens.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = no cut), got {top_k}")
+  prompts = jnp.asarray(prompts, jnp.int32)
+  lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
+    raise ValueError(f"prompts must be [B, P] and prompt_lengths [B], got {prompts.shape} and "
+                     f"{lengths.shape}")
+  max_length = getattr(model, "max_length", None)
+  if max_length is not None and prompts.shape[1] + max_new_tokens > max_length:
+    raise ValueError(f"prompt width {prompts.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                     f"the model's max_length {max_length}")
+  if not jnp.all((lengths >= 1) & (lengths <= prompts.shape[1])):
+    raise ValueError(f"prompt_lengths must lie in [1, {prompts.shape[1]}]")
+  return _generate(model, params, prompts, lengths, key, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_k=int(top_k),
+                   suppress=tuple(int(i) for i in suppress))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+                                             "suppress"))
+def _generate(model, params, prompts, lengths, key, *, max_new_tokens, temperature, top_k,
+              suppress):
+  b, p = prompts.shape
+  buf = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompts)
+  rows = jnp.arange(b)
+
+  def step(t, buf):
+    logits = model.apply({"params": params}, buf)[rows, lengths + t - 1].astype(jnp.float32)
+    if suppress:
+      logits = logits.at[:, jnp.asarray(suppress)].set(-jnp.inf)
+    if temperature == 0:
+      tok = jnp.argmax(logits, -1)
+    else:
+      logits = logits / temperature
+      if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+      tok = jax.random.categorical(jax.random.fold_in(key, t), logits, -1)
+    return buf.at[rows, lengths + t].set(tok.astype(jnp.int32))
+
+  buf = jax.lax.fori_loop(0, max_new_tokens, step, buf)
+  return buf[rows[:, None], lengths[:, None] + jnp.arange(max_new_tokens)]
