@@ -1,6 +1,7 @@
 """Data: tokenizers, the synthetic NLU corpus, SNIPS, Shakespeare roles, Dixon et al.'s toxicity
-bias sets, the gendered-profession corpus, TFDS sources and padded batching."""
+bias sets, BOLD's prompts, the gendered-profession corpus, TFDS sources and padded batching."""
 
+from trustjax.data.bold import BOLD_DOMAINS, BoldPrompts, load_bold
 from trustjax.data.batching import gather_batch, num_batches, pad_indices, padded_batches
 from trustjax.data.corpus import TextDataset
 from trustjax.data.shakespeare import (RoleCorpus, fetch_shakespeare, lm_examples,

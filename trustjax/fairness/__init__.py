@@ -1,8 +1,9 @@
 """Fairness: intrinsic association tests on embeddings (WEAT, SEAT, CEAT), extrinsic group
 metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups), prediction
-sensitivity, counterfactual augmentation and counterfactual distillation."""
+sensitivity, counterfactual augmentation and counterfactual distillation, and the gender
+polarity and sentiment of generated text (BOLD's measures)."""
 
-from trustjax.fairness import association, counterfactual, group, sensitivity
+from trustjax.fairness import association, counterfactual, generation, group, sensitivity
 from trustjax.fairness.association import (WEAT_TESTS, CEATResult, association as association_scores, ceat,
                                            seat, weat_effect_and_variance, weat_effect_size,
                                            weat_p_value)
@@ -16,3 +17,6 @@ from trustjax.fairness.counterfactual import (GENDER_PAIRS, counterfactual_augme
 from trustjax.fairness.sensitivity import (accumulated_prediction_sensitivity,
                                            embedding_prediction_sensitivity,
                                            prediction_sensitivity)
+from trustjax.fairness.generation import (gender_counts, gender_polarity,
+                                         group_generation_measures, sentiment_labels,
+                                         vader_compound)
