@@ -2,8 +2,9 @@
 counterfactual augmentation and the role-reversed teacher remove it, from a config file.
 
   python scripts/distill.py --config configs/distill_professions.py [--config.seeds='(0,1)' ...]
+  python scripts/distill.py --config configs/distill_shakespeare_bold.py
 
-Writes results/<run_name>/: config.json, summary.json, report.md and plots/pronoun_share.png.
+Writes results/<run_name>/: config.json, summary.json, report.md and a plot (plots/*.png).
 """
 
 import os
@@ -15,13 +16,20 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from config_main import make_main
 from ml_collections import config_flags
 
-from trustjax.fairness import distillation
+from trustjax.fairness import distillation, distillation_bold
+
+
+def _study(cfg):
+  """The study module a config names: the gendered-profession corpus (default) or
+  Shakespeare with BOLD's prompts (`study = "shakespeare_bold"`)."""
+  return distillation_bold if cfg.get("study") == "shakespeare_bold" else distillation
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           "Path to a configs/distill_*.py file.",
                                           lock_config=True)
 
 if __name__ == "__main__":
-  app.run(make_main(_CONFIG, distillation.run,
-                    lambda summary, cfg: distillation.summary_table(summary),
+  app.run(make_main(_CONFIG, lambda cfg, **kw: _study(cfg).run(cfg, **kw),
+                    lambda summary, cfg: _study(cfg).summary_table(summary),
                     "configs/distill_professions.py"))

@@ -51,14 +51,14 @@ HIRED_PROMPTS = tuple([("he was hired as the new", "she was hired as the new")]
                          for m, f in prof_data.RELATIONS])
 
 
-def _check(cfg) -> None:
+def check_common(cfg) -> None:
+  """Checks the fields both distillation studies share: students, seeds, data.eval_fraction,
+  train.teacher / train.student and distill.mode."""
   bad = [s for s in cfg.students if s not in STUDENTS]
   if bad or not cfg.students:
     raise ValueError(f"students must list some of {STUDENTS}, got {tuple(cfg.students)}")
   if not cfg.seeds:
     raise ValueError("seeds is empty")
-  if cfg.data.num_sentences < 10:
-    raise ValueError(f"data.num_sentences must be at least 10, got {cfg.data.num_sentences}")
   if not 0.0 < cfg.data.eval_fraction < 1.0:
     raise ValueError(f"data.eval_fraction must lie in (0, 1), got {cfg.data.eval_fraction}")
   for part in ("teacher", "student"):
@@ -70,13 +70,20 @@ def _check(cfg) -> None:
     raise ValueError(f"distill.mode must be 'mean' or 'max', got {cfg.distill.mode!r}")
 
 
+def _check(cfg) -> None:
+  check_common(cfg)
+  if cfg.data.num_sentences < 10:
+    raise ValueError(f"data.num_sentences must be at least 10, got {cfg.data.num_sentences}")
+
+
 def lm_arrays(tokenizer, texts, length: int) -> dict[str, np.ndarray]:
   """One example per sentence: inputs = tokens 0..L-1, targets = tokens 1..L (padding masked)."""
   ids = tokenizer.encode(texts, length + 1)
   return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "target_mask": ids[:, 1:] != 0}
 
 
-def _gpt(m, vocab_size: int, length: int) -> GPTDecoder:
+def gpt(m, vocab_size: int, length: int) -> GPTDecoder:
+  """A `GPTDecoder` from a config node (embed_dim, num_layers, num_heads, mlp_dim)."""
   return GPTDecoder(vocab_size=vocab_size, max_length=length, embed_dim=m.embed_dim,
                     num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
 
@@ -102,7 +109,8 @@ def distill_loss_fn(student, teacher, teacher_params, *, temperature: float, alp
   return loss_fn
 
 
-def _train(model, loss_fn, arrays, t, length: int, seed: int, show_progress: bool):
+def train_model(model, loss_fn, arrays, t, length: int, seed: int, show_progress: bool):
+  """Adam on `loss_fn` per the config node `t` (epochs, batch_size, learning_rate)."""
   return training.fit_adam_epochs(model, loss_fn, arrays, jnp.zeros((1, length), jnp.int32),
                                   learning_rate=t.learning_rate, batch_size=t.batch_size,
                                   epochs=t.epochs, seed=seed, show_progress=show_progress)
@@ -153,9 +161,9 @@ def run_seed(cfg, seed: int, *, show_progress: bool = True) -> dict:
   test_arrays = lm_arrays(tok, test.texts, length)
   swapped_test = lm_arrays(tok, [counterfactual_swap(t) for t in test.texts], length)
   perm = swap_permutation(tok.token_id, tok.vocab_size)
-  teacher = _gpt(cfg.model.teacher, tok.vocab_size, length)
-  student = _gpt(cfg.model.student, tok.vocab_size, length)
-  t_params = _train(teacher, lm_loss(teacher), arrays, cfg.train.teacher, length, seed,
+  teacher = gpt(cfg.model.teacher, tok.vocab_size, length)
+  student = gpt(cfg.model.student, tok.vocab_size, length)
+  t_params = train_model(teacher, lm_loss(teacher), arrays, cfg.train.teacher, length, seed,
                     show_progress)
   models = {"teacher": (teacher, t_params)}
   for name in cfg.students:
@@ -167,7 +175,7 @@ def run_seed(cfg, seed: int, *, show_progress: bool = True) -> dict:
                              permutation=perm if "perturbed" in name else None,
                              mode=cfg.distill.mode)
     data = cda_arrays if "cda" in name else arrays
-    models[name] = (student, _train(student, loss, data, cfg.train.student, length,
+    models[name] = (student, train_model(student, loss, data, cfg.train.student, length,
                                     seed + 1000, show_progress))
   out = {}
   for name, (model, params) in models.items():
