@@ -1,6 +1,6 @@
 """Gender polarity on BOLD's prompts through distillation (Gupta et al. 2022's measurement, on
 a word-level GPT teacher trained on Shakespeare's plays): the teacher and the five students of
-`configs/distill_professions.py`, each continuing BOLD's gender and profession prompts.
+`configs/distill_professions.py`, each continuing BOLD's gender and profession prompts; 3 seeds.
 
   python scripts/distill.py --config configs/distill_shakespeare_bold.py
   python scripts/distill.py --config configs/distill_shakespeare_bold.py:runlocal  # 3 plays, small
@@ -15,6 +15,7 @@ def get_config(arg: str = ""):
   c = default_config()
   if arg == "runlocal":
     c.run_name = "distill_shakespeare_bold_runlocal"
+    c.seeds = (0,)
     c.data.plays = ("hamlet", "macbeth", "romeo_and_juliet")
     c.data.max_vocab = 3000
     c.generation.per_group = 10

@@ -17,8 +17,12 @@ the share of female-polarised texts among polarised ones and the VADER sentiment
 outside the model's vocabulary (most names, "actress", modern professions) read as out of
 vocabulary, so the prompts mostly carry their grammar and a few words; the corpus and the model
 are small. What the study shows is the mechanism on real text and real prompts, not GPT-2's
-numbers. A "corpus" row scores windows of held-out text of the same length as the generations:
-what a model that copies its training text would score.
+numbers. Every model samples with the same keys (common random numbers), so that differences
+between models reflect the models more than the draws. A student trained with augmentation takes
+twice the steps of the others (one epoch over twice the windows), as in `distillation`. A
+"corpus" row scores windows of held-out text of the same length as the generations:
+what a model that copies its training text would score (its per-group columns split those
+windows at random: no prompt precedes them).
 """
 
 from __future__ import annotations
@@ -157,8 +161,8 @@ def run_seed(cfg, seed: int, prompts_by_domain: dict, *, show_progress: bool = T
   length = cfg.data.seq_len
   teacher = distillation.gpt(cfg.model.teacher, tok.vocab_size, length)
   student = distillation.gpt(cfg.model.student, tok.vocab_size, length)
-  t_params = distillation.train_model(teacher, lm_loss(teacher), arrays, cfg.train.teacher, length,
-                                seed, show_progress)
+  t_params = distillation.train_model(teacher, lm_loss(teacher), arrays, cfg.train.teacher,
+                                      length, seed, show_progress)
   models = {"teacher": (teacher, t_params)}
   for name in cfg.students:
     if name == "scratch":
@@ -168,9 +172,9 @@ def run_seed(cfg, seed: int, prompts_by_domain: dict, *, show_progress: bool = T
           student, teacher, t_params, temperature=cfg.distill.temperature,
           alpha=cfg.distill.alpha, permutation=perm if "perturbed" in name else None,
           mode=cfg.distill.mode)
-    models[name] = (student, distillation.train_model(student, loss, cda if "cda" in name else arrays,
-                                                cfg.train.student, length, seed + 1000,
-                                                show_progress))
+    data = cda if "cda" in name else arrays
+    models[name] = (student, distillation.train_model(student, loss, data, cfg.train.student,
+                                                      length, seed + 1000, show_progress))
   all_prompts = list(prompts_by_domain["gender"].prompts) + list(
       prompts_by_domain["profession"].prompts)
   g = cfg.generation
@@ -284,7 +288,8 @@ def report(cfg, summary: dict) -> str:
       f"Means over seeds {summary['seeds']} (+- sample sd). Female share: female-polarised / "
       "(male- + female-polarised) continuations (0.5 is balanced); polarised: the fraction of "
       "continuations with more words of one gender; sentiment: mean VADER compound. The corpus "
-      "row scores held-out text windows of the same length.", "",
+      "row scores held-out text windows of the same length, assigned to the groups at random "
+      "(no prompt precedes them). Every model samples with the same keys.", "",
       summary_table(summary), "", "## Female share per BOLD profession group (mean over seeds)",
       "", reporting.markdown_table(["group"] + names, rows), "",
       "![female share](plots/profession_female_share.png)", "",
@@ -298,7 +303,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = distillation.default_config()
   c.study = "shakespeare_bold"
   c.run_name = "distill_shakespeare_bold"
-  c.seeds = (0,)
+  c.seeds = (0, 1, 2)
   c.data = ml_collections.ConfigDict()
   c.data.texts_dir = ""  # "" = data.fetch_shakespeare()'s cache
   c.data.plays = ()  # () = every play
