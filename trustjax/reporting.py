@@ -49,6 +49,23 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def start_run(cfg) -> str:
+  """Creates `<cfg.results_dir>/<cfg.run_name>/plots` and writes the config there as
+  config.json; returns the run folder. For the studies that do not resume (bias, distillation)."""
+  workdir = os.path.join(cfg.results_dir, cfg.run_name)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  return workdir
+
+
+def save_figure(fig, path: str) -> None:
+  """Lays out, writes (110 dpi) and closes a matplotlib figure."""
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -73,9 +90,7 @@ def plot_curves(records: Sequence[dict], path: str, *, x: str = "step",
     ax.set_xlabel(x)
     ax.grid(alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def progress(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:

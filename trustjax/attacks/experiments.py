@@ -250,9 +250,7 @@ def _plot_roc(curves: dict, path: str) -> None:
          title="Membership inference (pooled over targets)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reporting.save_figure(fig, path)
 
 
 # A rerun may add or drop privacy levels and change where results go; levels already saved are

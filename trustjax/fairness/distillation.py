@@ -216,17 +216,13 @@ def _plot(summary: dict, path: str) -> None:
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="upper left")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reporting.save_figure(fig, path)
 
 
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   """Trains and measures per `cfg`; writes results/<run_name>/. Returns the summary."""
   _check(cfg)
-  workdir = os.path.join(cfg.results_dir, cfg.run_name)
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  workdir = reporting.start_run(cfg)
   runs = [run_seed(cfg, seed, show_progress=show_progress) for seed in cfg.seeds]
   models = {}
   for name in ["teacher"] + list(cfg.students):

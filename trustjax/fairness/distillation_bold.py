@@ -221,17 +221,13 @@ def _plot(summary: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
   ax.set_title("BOLD profession prompts", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reporting.save_figure(fig, path)
 
 
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   """Trains, generates and measures per `cfg`; writes results/<run_name>/. Returns the summary."""
   _check(cfg)
-  workdir = os.path.join(cfg.results_dir, cfg.run_name)
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  workdir = reporting.start_run(cfg)
   prompts = {d: load_bold(cfg.data.bold_dir, d, max_per_group=cfg.generation.per_group,
                           seed=0) for d in ("gender", "profession")}
   runs = [run_seed(cfg, seed, prompts, show_progress=show_progress) for seed in cfg.seeds]

@@ -220,9 +220,7 @@ def _plot(per_set: dict, path: str) -> None:
     ax.set_title(key.replace("_auc", " AUC").upper().replace(" AUC", " AUC"))
     ax.grid(alpha=0.3)
   axes[0].legend(title="trained on", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  reporting.save_figure(fig, path)
 
 
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
@@ -238,9 +236,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       train = train.subset(np.sort(np.random.default_rng(0).choice(
           len(train), cfg.data.max_train, replace=False)))
     sets[s] = train
-  workdir = os.path.join(cfg.results_dir, cfg.run_name)
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+  workdir = reporting.start_run(cfg)
   aps_idx = per_identity_sample(identities, madlibs.labels, cfg.aps_per_identity)
   inputs = study_inputs(cfg, list(madlibs.texts), identities, aps_idx)
   y = madlibs.labels

@@ -526,9 +526,7 @@ def _plot(workdir: str, cfg) -> None:
     ax.set_xlabel("round (epoch for centralized)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "plots", "accuracy.png"), dpi=110)
-  plt.close(fig)
+  reporting.save_figure(fig, os.path.join(workdir, "plots", "accuracy.png"))
 
 
 def _report(workdir: str, summary: dict) -> None:
