@@ -116,6 +116,44 @@ def train_model(model, loss_fn, arrays, t, length: int, seed: int, show_progress
                                   epochs=t.epochs, seed=seed, show_progress=show_progress)
 
 
+def train_models(cfg, vocab_size: int, length: int, arrays: dict, cda_arrays: dict,
+                 permutation: np.ndarray, seed: int, show_progress: bool) -> dict:
+  """The teacher (on `arrays`) and each of `cfg.students`: {name: (model, params)}. Students
+  named "*cda*" train on `cda_arrays`, "*perturbed" distil from the role-reversed teacher."""
+  teacher = gpt(cfg.model.teacher, vocab_size, length)
+  student = gpt(cfg.model.student, vocab_size, length)
+  t_params = train_model(teacher, lm_loss(teacher), arrays, cfg.train.teacher, length, seed,
+                         show_progress)
+  models = {"teacher": (teacher, t_params)}
+  for name in cfg.students:
+    if name == "scratch":
+      loss = lm_loss(student)
+    else:
+      loss = distill_loss_fn(student, teacher, t_params, temperature=cfg.distill.temperature,
+                             alpha=cfg.distill.alpha,
+                             permutation=permutation if "perturbed" in name else None,
+                             mode=cfg.distill.mode)
+    data = cda_arrays if "cda" in name else arrays
+    models[name] = (student, train_model(student, loss, data, cfg.train.student, length,
+                                         seed + 1000, show_progress))
+  return models
+
+
+def param_counts(models: dict, students) -> dict[str, int]:
+  """The teacher's and the (shared-architecture) students' parameter counts."""
+  count = lambda params: int(sum(x.size for x in jax.tree.leaves(params)))
+  return {"teacher_params": count(models["teacher"][1]),
+          "student_params": count(models[students[0]][1])}
+
+
+def perplexities(model, params, test: dict, swapped_test: dict) -> dict[str, float]:
+  """Held-out perplexity on the test windows and on their gender-swapped copies."""
+  step = training.make_eval_step(lm_metrics(model))
+  return {"test_perplexity": float(np.exp(training.evaluate(step, params, test, 512)["loss"])),
+          "swapped_test_perplexity": float(np.exp(
+              training.evaluate(step, params, swapped_test, 512)["loss"]))}
+
+
 def next_token_probs(model, params, tokenizer, prompts, length: int) -> np.ndarray:
   """P(next token) after each prompt's last word: float [len(prompts), vocab]."""
   ids = tokenizer.encode(prompts, length)
@@ -161,35 +199,15 @@ def run_seed(cfg, seed: int, *, show_progress: bool = True) -> dict:
   test_arrays = lm_arrays(tok, test.texts, length)
   swapped_test = lm_arrays(tok, [counterfactual_swap(t) for t in test.texts], length)
   perm = swap_permutation(tok.token_id, tok.vocab_size)
-  teacher = gpt(cfg.model.teacher, tok.vocab_size, length)
-  student = gpt(cfg.model.student, tok.vocab_size, length)
-  t_params = train_model(teacher, lm_loss(teacher), arrays, cfg.train.teacher, length, seed,
-                    show_progress)
-  models = {"teacher": (teacher, t_params)}
-  for name in cfg.students:
-    if name == "scratch":
-      loss = lm_loss(student)
-    else:
-      loss = distill_loss_fn(student, teacher, t_params, temperature=cfg.distill.temperature,
-                             alpha=cfg.distill.alpha,
-                             permutation=perm if "perturbed" in name else None,
-                             mode=cfg.distill.mode)
-    data = cda_arrays if "cda" in name else arrays
-    models[name] = (student, train_model(student, loss, data, cfg.train.student, length,
-                                    seed + 1000, show_progress))
+  models = train_models(cfg, tok.vocab_size, length, arrays, cda_arrays, perm, seed,
+                        show_progress)
   out = {}
   for name, (model, params) in models.items():
-    step = training.make_eval_step(lm_metrics(model))
-    ev = training.evaluate(step, params, test_arrays, 512)
-    ev_cf = training.evaluate(step, params, swapped_test, 512)
     out[name] = {**bias_measures(model, params, tok, length, prof_data.PROFESSIONS),
-                 "test_perplexity": float(np.exp(ev["loss"])),
-                 "swapped_test_perplexity": float(np.exp(ev_cf["loss"]))}
+                 **perplexities(model, params, test_arrays, swapped_test)}
   out["_meta"] = {"train_sentences": len(train), "cda_sentences": len(augmented),
                   "test_sentences": len(test), "vocab_size": tok.vocab_size,
-                  "teacher_params": int(sum(x.size for x in jax.tree.leaves(t_params))),
-                  "student_params": int(sum(x.size for x in jax.tree.leaves(
-                      models[cfg.students[0]][1])))}
+                  **param_counts(models, cfg.students)}
   return out
 
 

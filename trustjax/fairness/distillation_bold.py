@@ -32,17 +32,17 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from trustjax import reporting, training
-from trustjax.data import build_word_tokenizer, load_shakespeare, lm_examples
+from trustjax import reporting
+from trustjax.data import (build_word_tokenizer, load_shakespeare, lm_examples, num_batches,
+                           padded_batches)
 from trustjax.data.bold import load_bold
 from trustjax.fairness import distillation, generation
 from trustjax.fairness.counterfactual import counterfactual_swap, swap_permutation
-from trustjax.models import generate, lm_loss, lm_metrics
+from trustjax.models import generate
 from trustjax.stats import mean_and_sd
 
 SUMMARY_KEYS = ("test_perplexity", "swapped_test_perplexity", "profession_female_share",
@@ -87,17 +87,14 @@ def continuations(model, params, tokenizer, ids, lengths, *, max_new_tokens: int
   """Samples a continuation of each prompt (padding and out-of-vocabulary ids suppressed) and
   decodes it. Batches are padded to `batch_size` rows so that one program serves all."""
   out = []
-  starts = range(0, len(ids), batch_size)
-  for b, s in enumerate(tqdm(starts, desc="generate", disable=not show_progress, leave=False)):
-    n = min(batch_size, len(ids) - s)
-    x = np.zeros((batch_size, ids.shape[1]), np.int32)
-    ln = np.ones(batch_size, np.int32)
-    x[:n], ln[:n] = ids[s:s + n], lengths[s:s + n]
+  batches = padded_batches({"ids": ids, "lengths": lengths}, batch_size)
+  for b, batch in enumerate(tqdm(batches, total=num_batches(len(ids), batch_size),
+                                 desc="generate", disable=not show_progress, leave=False)):
     key = jax.random.fold_in(jax.random.key(seed), b)
-    toks = np.asarray(generate(model, params, x, ln, key, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_k=top_k,
-                               suppress=(tokenizer.pad_id, tokenizer.oov_id)))
-    out.extend(tokenizer.decode(t) for t in toks[:n])
+    toks = np.asarray(generate(model, params, batch["ids"], batch["lengths"], key,
+                               max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, suppress=(tokenizer.pad_id, tokenizer.oov_id)))
+    out.extend(tokenizer.decode(t) for t in toks[batch["mask"]])
   return out
 
 
@@ -158,23 +155,8 @@ def run_seed(cfg, seed: int, prompts_by_domain: dict, *, show_progress: bool = T
   # Counterfactual augmentation (Lu et al. 2018): the training windows and their swapped copies.
   cda = {k: np.concatenate([arrays[k], _lm(swapped, tr)[k]]) for k in arrays}
   perm = swap_permutation(tok.token_id, tok.vocab_size)
-  length = cfg.data.seq_len
-  teacher = distillation.gpt(cfg.model.teacher, tok.vocab_size, length)
-  student = distillation.gpt(cfg.model.student, tok.vocab_size, length)
-  t_params = distillation.train_model(teacher, lm_loss(teacher), arrays, cfg.train.teacher,
-                                      length, seed, show_progress)
-  models = {"teacher": (teacher, t_params)}
-  for name in cfg.students:
-    if name == "scratch":
-      loss = lm_loss(student)
-    else:
-      loss = distillation.distill_loss_fn(
-          student, teacher, t_params, temperature=cfg.distill.temperature,
-          alpha=cfg.distill.alpha, permutation=perm if "perturbed" in name else None,
-          mode=cfg.distill.mode)
-    data = cda if "cda" in name else arrays
-    models[name] = (student, distillation.train_model(student, loss, data, cfg.train.student,
-                                                      length, seed + 1000, show_progress))
+  models = distillation.train_models(cfg, tok.vocab_size, cfg.data.seq_len, arrays, cda, perm,
+                                     seed, show_progress)
   all_prompts = list(prompts_by_domain["gender"].prompts) + list(
       prompts_by_domain["profession"].prompts)
   g = cfg.generation
@@ -184,21 +166,15 @@ def run_seed(cfg, seed: int, prompts_by_domain: dict, *, show_progress: bool = T
   ref = [tok.decode(r[:g.max_new_tokens]) for r in test["targets"][ref_rows]]
   out = {"corpus": bold_measures(ref, prompts_by_domain)}
   for name, (model, params) in models.items():
-    step = training.make_eval_step(lm_metrics(model))
-    ev = training.evaluate(step, params, test, 512)
-    ev_cf = training.evaluate(step, params, swapped_test, 512)
     texts = continuations(model, params, tok, ids, lengths, max_new_tokens=g.max_new_tokens,
                           temperature=g.temperature, top_k=g.top_k, seed=seed + 2000,
                           show_progress=show_progress)
     out[name] = {**bold_measures(texts, prompts_by_domain),
-                 "test_perplexity": float(np.exp(ev["loss"])),
-                 "swapped_test_perplexity": float(np.exp(ev_cf["loss"]))}
+                 **distillation.perplexities(model, params, test, swapped_test)}
   out["_meta"] = {"train_windows": len(arrays["inputs"]), "test_windows": len(test["inputs"]),
                   "vocab_size": tok.vocab_size, "roles": len(corpus),
                   "prompt_oov_fraction": float((ids == tok.oov_id).sum() / lengths.sum()),
-                  "teacher_params": int(sum(x.size for x in jax.tree.leaves(t_params))),
-                  "student_params": int(sum(x.size for x in jax.tree.leaves(
-                      models[cfg.students[0]][1])))}
+                  **distillation.param_counts(models, cfg.students)}
   return out
 
 

@@ -153,15 +153,12 @@ def train_and_score(cfg, arrays: dict, inputs: Inputs, seed: int, *,
     params = head
   ps = jax.jit(lambda p, t, m: sensitivity.embedding_prediction_sensitivity(
       apply_fn, p, t, m, jnp.array([0.0, 1.0])))
-  size = 256
-  aps = []
-  for s in range(0, len(inputs.aps_tokens), size):  # padded to one shape: one compilation
-    t = np.zeros((size,) + inputs.aps_tokens.shape[1:], inputs.aps_tokens.dtype)
-    m = np.zeros(t.shape, bool)
-    n = len(inputs.aps_tokens[s:s + size])
-    t[:n], m[:n] = inputs.aps_tokens[s:s + size], inputs.aps_protected[s:s + size]
-    aps.append(np.asarray(ps(params, jnp.asarray(t), jnp.asarray(m)))[:n])
-  return scores, np.concatenate(aps) if aps else np.zeros(0, np.float32)
+  if not len(inputs.aps_tokens):
+    return scores, np.zeros(0, np.float32)
+  aps = [np.asarray(ps(params, jnp.asarray(b["tokens"]), jnp.asarray(b["protected"])))[b["mask"]]
+         for b in tjdata.padded_batches({"tokens": inputs.aps_tokens,
+                                         "protected": inputs.aps_protected}, 256)]
+  return scores, np.concatenate(aps)  # batches of one shape: one compilation
 
 
 def protected_positions(tokens: np.ndarray, identities: list,
