@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from trustjax import reporting, sharding
 from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.privacy import accounting, sampling
+from trustjax.privacy.clipping import OPTIMIZER_SCOPE
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step, dp_sgd_step_adaptive
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -52,9 +53,10 @@ def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_
     return losses.sum() / jnp.maximum(mask.sum(), 1.0), losses.sum()
 
   (_, loss_sum), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, {"loss_sum": loss_sum,
-                                                           "count": mask.sum()}
+  with jax.named_scope(OPTIMIZER_SCOPE):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  return params, opt_state, {"loss_sum": loss_sum, "count": mask.sum()}
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,

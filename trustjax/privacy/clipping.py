@@ -16,6 +16,16 @@ import jax.numpy as jnp
 
 from trustjax.types import Batch, LossFn, Params, batch_size_of
 
+# Named scopes (`jax.named_scope`) around each part of a training step, so that a profile
+# (`trustjax.profiling`) can tell the DP work from the model's own forward and backward passes.
+# Metadata only: they do not change the compiled computation.
+NORMS_SCOPE = "dp_norms"  # per-example squared norms, layer by layer (ghost, book-keeping)
+SUM_SCOPE = "dp_clipped_sum"  # the clip-weighted sum (book-keeping, vmap) or ghost's 2nd backward
+FALLBACK_SCOPE = "dp_vmap_fallback"  # per-example gradients of leaves no layer rule covers
+PER_EXAMPLE_SCOPE = "dp_per_example_grads"  # the vmap method's per-example gradients and norms
+NOISE_SCOPE = "dp_noise"  # the Gaussian noise on the clipped sum
+OPTIMIZER_SCOPE = "optimizer"  # the optimizer update and its application
+
 METHODS = ("auto", "vmap", "ghost", "bookkeeping")
 
 
@@ -131,21 +141,26 @@ def _chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float, method
                                        factors_fn=factors_fn, group_of=group_of)
   mask = batch["mask"]
   m = mask.astype(jnp.float32)
-  losses, grads = jax.vmap(jax.value_and_grad(_single_example(loss_fn)), in_axes=(None, 0))(
-      params, batch)
-  if group_of is None:
-    norms = jnp.sqrt(tree_sq_norms(grads))
-    factors = factors_fn(norms, mask)
-    summed = jax.tree_util.tree_map(
-        lambda g: jnp.einsum("b,b...->...", factors, g.astype(jnp.float32)), grads)
-  else:
-    names = sorted(group_of)
-    group_sq = jnp.stack([tree_sq_norms(grads[n]) for n in names], axis=1)  # [B, L]
-    norms = jnp.sqrt(group_sq.sum(1))
-    factors = factors_fn(jnp.sqrt(group_sq) * m[:, None], mask[:, None])
-    summed = {n: jax.tree_util.tree_map(
-        lambda g, j=group_of[n]: jnp.einsum("b,b...->...", factors[:, j], g.astype(jnp.float32)),
-        grads[n]) for n in names}
+  with jax.named_scope(PER_EXAMPLE_SCOPE):
+    losses, grads = jax.vmap(jax.value_and_grad(_single_example(loss_fn)), in_axes=(None, 0))(
+        params, batch)
+    if group_of is None:
+      norms = jnp.sqrt(tree_sq_norms(grads))
+      factors = factors_fn(norms, mask)
+    else:
+      names = sorted(group_of)
+      group_sq = jnp.stack([tree_sq_norms(grads[n]) for n in names], axis=1)  # [B, L]
+      norms = jnp.sqrt(group_sq.sum(1))
+      factors = factors_fn(jnp.sqrt(group_sq) * m[:, None], mask[:, None])
+  with jax.named_scope(SUM_SCOPE):
+    if group_of is None:
+      summed = jax.tree_util.tree_map(
+          lambda g: jnp.einsum("b,b...->...", factors, g.astype(jnp.float32)), grads)
+    else:
+      summed = {n: jax.tree_util.tree_map(
+          lambda g, j=group_of[n]: jnp.einsum("b,b...->...", factors[:, j],
+                                              g.astype(jnp.float32)),
+          grads[n]) for n in names}
   return summed, {"norms": norms * m, "losses": losses.astype(jnp.float32) * m}
 
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from trustjax.privacy import accounting, quantile, sampling
-from trustjax.privacy.clipping import (METHODS, check_normalization, check_per_layer,
-                                       clipped_grad_sum)
+from trustjax.privacy.clipping import (METHODS, NOISE_SCOPE, OPTIMIZER_SCOPE,
+                                       check_normalization, check_per_layer, clipped_grad_sum)
 from trustjax.privacy.noise import privatize
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -115,10 +115,12 @@ def _noisy_update(grad_sum: Params, key: PRNGKey, params: Params, opt_state: opt
                   l2_clip, noise_multiplier: float, optimizer: optax.GradientTransformation,
                   config: DPConfig):
   """Noise on the clipped sum (privatize), then one optimizer step. Returns (params, opt_state)."""
-  grads = privatize(grad_sum, key, l2_clip=l2_clip, noise_multiplier=noise_multiplier,
-                    expected_batch_size=config.expected_batch_size)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
+  with jax.named_scope(NOISE_SCOPE):
+    grads = privatize(grad_sum, key, l2_clip=l2_clip, noise_multiplier=noise_multiplier,
+                      expected_batch_size=config.expected_batch_size)
+  with jax.named_scope(OPTIMIZER_SCOPE):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def _metrics(aux: dict, mask: jax.Array, l2_clip: float) -> dict:

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 
 import kernels
 
+from trustjax.privacy.clipping import FALLBACK_SCOPE, NORMS_SCOPE, SUM_SCOPE
+
 from trustjax.types import Batch, LossFn, Params
 
 _RULES = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.LayerNorm)
@@ -272,7 +274,8 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   terms = {}
   for key, g in out_grads.items():
     tap = by_key[key]
-    t = _layer_terms(tap, g)
+    with jax.named_scope(f"{NORMS_SCOPE}/{'/'.join(tap.path)}"):
+      t = _layer_terms(tap, g)
     if t is None:
       continue
     terms[key] = tap
@@ -292,10 +295,11 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
       return loss_fn(full, one)[0]
 
     sub = [_get(params, p) for p in rest]
-    rest_grads = jax.vmap(jax.grad(loss_rest), in_axes=(None, 0))(sub, batch)
-    for path, gr in zip(rest, rest_grads):
-      sq = sq.at[:, gid(path)].add(jnp.sum(jnp.square(gr.astype(jnp.float32)).reshape(b, -1),
-                                           axis=1))
+    with jax.named_scope(FALLBACK_SCOPE):
+      rest_grads = jax.vmap(jax.grad(loss_rest), in_axes=(None, 0))(sub, batch)
+      for path, gr in zip(rest, rest_grads):
+        sq = sq.at[:, gid(path)].add(jnp.sum(jnp.square(gr.astype(jnp.float32)).reshape(b, -1),
+                                             axis=1))
 
   norms = jnp.sqrt(sq.sum(1)) * mask
   if group_of is None:
@@ -307,15 +311,18 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
 
   # 5) The clipped sum.
   if method == "ghost":
-    total = jax.grad(lambda p: jnp.sum(loss_fn(p, batch).astype(jnp.float32) * c))(params)
-    total = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), total)
+    with jax.named_scope(SUM_SCOPE):
+      total = jax.grad(lambda p: jnp.sum(loss_fn(p, batch).astype(jnp.float32) * c))(params)
+      total = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), total)
   else:
     total = _copy(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params))
     for key, tap in terms.items():
-      for name, v in _layer_clipped_sum(tap, out_grads[key], c_of(tap.path),
-                                        _get(params, tap.path)).items():
-        _set(total, tap.path + (name,), v)
-    for path, gr in zip(rest, rest_grads or []):
-      _set(total, path, jnp.einsum("b,b...->...", c_of(path), gr.astype(jnp.float32)))
+      with jax.named_scope(f"{SUM_SCOPE}/{'/'.join(tap.path)}"):
+        for name, v in _layer_clipped_sum(tap, out_grads[key], c_of(tap.path),
+                                          _get(params, tap.path)).items():
+          _set(total, tap.path + (name,), v)
+    with jax.named_scope(SUM_SCOPE):
+      for path, gr in zip(rest, rest_grads or []):
+        _set(total, path, jnp.einsum("b,b...->...", c_of(path), gr.astype(jnp.float32)))
   return total, {"norms": norms, "losses": losses * mask,
                  "vmap_fallback_leaves": jnp.asarray(len(rest), jnp.int32)}

@@ -1,0 +1,312 @@
+"""Where a compiled step spends its time: an XLA profile, op by op, attributed to parts of the step.
+
+`profile(compiled, *args)` runs a compiled function under `jax.profiler.trace`, reads the trace's
+events (each names the HLO instruction it ran, `hlo_op`, and its module, `hlo_module`), and joins
+them with the optimized HLO (`compiled.as_text()`): each instruction's kind (matmul, reduction,
+elementwise, data movement, ...) and its `op_name` metadata, the path of named scopes and
+transformations that produced it. From the path, `part_of` tells the model's forward and backward
+passes from the DP work, which trustjax's DP code marks with named scopes (`privacy.clipping`'s
+`*_SCOPE` names: per-example norms, clipped sum, noise; and the optimizer), and `layer_of` gives the
+layer (`block_0/attn/query`).
+
+XLA merges identical computations (common-subexpression elimination): ghost clipping's second
+backward recomputes the forward pass, XLA keeps one copy, and its ops carry one of the two scopes
+(the clipped sum's), so that method's forward pass shows up as part of its clipped sum.
+
+The times are XLA's own per-op spans. On a CPU, XLA runs independent ops at the same time, so the
+sum of op times (`busy_ms`) can exceed the step's wall time; both are reported. Tested on the CPU,
+where each event is one thunk of XLA's CPU runtime; on GPU the events are kernels with the same
+`hlo_op` names. `scripts/profile_dp.py` profiles trustjax's DP step against the non-DP step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from trustjax.privacy import clipping
+
+PARTS = ("forward", "backward", "per-example norms", "clipped sum", "per-example grads (vmap)",
+         "vmap fallback", "noise", "optimizer", "other")
+_SCOPED_PARTS = ((clipping.NOISE_SCOPE, "noise"), (clipping.NORMS_SCOPE, "per-example norms"),
+                 (clipping.SUM_SCOPE, "clipped sum"),
+                 (clipping.PER_EXAMPLE_SCOPE, "per-example grads (vmap)"),
+                 (clipping.FALLBACK_SCOPE, "vmap fallback"),
+                 (clipping.OPTIMIZER_SCOPE, "optimizer"))
+KINDS = ("matmul", "reduction", "elementwise", "data movement", "gather/scatter", "control flow",
+         "other")
+_MATMUL = {"dot", "convolution"}
+_MOVEMENT = {"copy", "transpose", "broadcast", "concatenate", "slice", "dynamic-slice",
+             "dynamic-update-slice", "pad", "reshape", "bitcast", "reverse", "iota", "tuple",
+             "get-tuple-element", "parameter", "constant", "copy-start", "copy-done"}
+_CONTROL = {"while", "conditional", "call", "async-start", "async-done"}
+# Scope components that are transformations or control flow, not layers.
+_NOT_LAYER = re.compile(r"^(jit\(.*\)|jvp\(.*\)|transpose\(.*\)|vmap\(.*\)|cond|while|body|"
+                        r"closed_call|branch_\d+_fun|remat.*|checkpoint|pjit.*)$")
+_MODEL = re.compile(r"^(transpose\()?jvp\(\w+\)\)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+  """One instruction of an optimized HLO module."""
+  name: str  # the instruction's name, as the profile's `hlo_op` names it
+  opcode: str  # "fusion", "dot", "while", ...
+  kind: str  # one of KINDS; a fusion's kind comes from the ops inside it
+  op_name: str  # metadata op_name: named scopes and transformations, then the primitive
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+  """One HLO op's mean time per call of the profiled function."""
+  name: str
+  kind: str
+  part: str  # one of PARTS
+  layer: str  # module path ("block_0/attn/query"), "" when none
+  op_name: str
+  us: float  # microseconds per call, summed over the op's events in one call
+
+
+@dataclasses.dataclass
+class StepProfile:
+  """A profile of `calls` calls of one compiled function."""
+  wall_ms: float  # median wall time of one call, timed outside the trace
+  ops: list[OpTime]  # ops that ran, longest first
+  unmatched_us: float  # per call: events of the module whose hlo_op is not in the HLO text
+  calls: int
+  trace_file: str | None = None  # the Perfetto trace (open in ui.perfetto.dev), if kept
+
+  @property
+  def busy_ms(self) -> float:
+    """Sum of the ops' times per call (can exceed wall_ms: XLA overlaps independent ops)."""
+    return sum(o.us for o in self.ops) / 1e3
+
+  def by(self, field: str) -> dict[str, float]:
+    """Milliseconds per call grouped by an OpTime field ("part", "kind", "layer"), largest first."""
+    out = collections.Counter()
+    for o in self.ops:
+      out[getattr(o, field)] += o.us / 1e3
+    return dict(out.most_common())
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+  """Splits 'TYPE opcode(...)...' where TYPE may be a parenthesised tuple with spaces."""
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].lstrip()
+  typ, _, tail = rest.partition(" ")
+  return typ, tail
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
+  """Every instruction of an optimized HLO module's text (`compiled.as_text()`), by name, with
+  its kind: a fusion is a matmul if it holds a dot or convolution, else a reduction if it holds a
+  reduce, else gather/scatter if it holds one, else data movement if it only moves data (copy,
+  transpose, broadcast, slice, ...), else elementwise."""
+  comps: dict[str, list[tuple[str, str, str, str]]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():  # a computation's header, its closing brace, or HloModule
+      m = _COMP.match(line)
+      current = comps.setdefault(m.group(1), []) if m and line.rstrip().endswith("{") else None
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    m = _INSTR.match(line)
+    if m is None or current is None:
+      continue
+    name, rest = m.groups()
+    _, tail = _split_type(rest)
+    opcode = re.match(r"[\w\-]+", tail)
+    if opcode is None:
+      continue
+    calls = re.search(r"calls=%?([\w.\-]+)", tail)
+    meta = re.search(r'op_name="([^"]*)"', tail)
+    current.append((name, opcode.group(0), calls.group(1) if calls else "",
+                    meta.group(1) if meta else ""))
+
+  def kind(opcode: str, called: str, seen=()) -> str:
+    if opcode in _MATMUL:
+      return "matmul"
+    if opcode in ("reduce", "reduce-window", "all-reduce", "reduce-scatter"):
+      return "reduction"
+    if opcode in ("scatter", "gather"):
+      return "gather/scatter"
+    if opcode in _CONTROL:
+      return "control flow"
+    if opcode in _MOVEMENT:
+      return "data movement"
+    if opcode == "fusion" and called in comps and called not in seen:
+      inner = {kind(op, c, seen + (called,)) for _, op, c, _ in comps[called]}
+      for k in ("matmul", "reduction", "gather/scatter", "elementwise"):
+        if k in inner:
+          return k
+      return "data movement"
+    if opcode in ("custom-call", "fusion", "rng", "rng-bit-generator", "sort", "after-all"):
+      return "other"
+    return "elementwise"
+
+  ops = {}
+  for instrs in comps.values():
+    for name, opcode, called, op_name in instrs:
+      ops[name] = HloOp(name, opcode, kind(opcode, called), op_name)
+  return ops
+
+
+def part_of(op_name: str) -> str:
+  """The part of a training step an op belongs to, from its op_name: a DP named scope
+  (`privacy.clipping`'s *_SCOPE), else "backward" under a transpose (reverse mode), "forward"
+  under a jvp, else "other"."""
+  comps = op_name.split("/")
+  for scope, part in _SCOPED_PARTS:
+    if scope in comps:
+      return part
+  if "transpose(" in op_name:
+    return "backward"
+  if "jvp(" in op_name:
+    return "forward"
+  return "other"
+
+
+def layer_of(op_name: str, depth: int | None = None) -> str:
+  """The module path in an op_name ("jit(step)/transpose(jvp(Model))/block_0/mlp_in/dot_general"
+  -> "block_0/mlp_in"): the components after the model's jvp (or after a DP scope), without
+  transformations, control flow and the final primitive; `depth` keeps the first components.
+  "" for the noise, the optimizer and unscoped ops, which belong to no layer."""
+  if part_of(op_name) in ("noise", "optimizer", "other"):  # not a layer's work
+    return ""
+  comps = op_name.split("/")[:-1]  # the last component is the primitive
+  start = 0
+  for i, c in enumerate(comps):
+    if _MODEL.match(c) or c in {s for s, _ in _SCOPED_PARTS}:
+      start = i + 1
+  names = [c for c in comps[start:] if not _NOT_LAYER.match(c) and re.match(r"^[A-Za-z_]\w*$", c)]
+  if depth is not None:
+    names = names[:depth]
+  return "/".join(names)
+
+
+def read_trace(path: str) -> list[dict]:
+  """The complete events ("ph": "X") of a Chrome/Perfetto JSON trace (gzipped or not)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt") as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  return [e for e in events if e.get("ph") == "X"]
+
+
+def op_times(events: Sequence[dict], module: str) -> tuple[dict[str, float], int]:
+  """Total microseconds per `hlo_op` over the events of HLO module `module`, and the number of
+  distinct executions (`run_id`s) they came from."""
+  total = collections.Counter()
+  runs = set()
+  for e in events:
+    args = e.get("args") or {}
+    if args.get("hlo_module") != module or "hlo_op" not in args:
+      continue
+    total[args["hlo_op"]] += float(e["dur"])
+    runs.add(args.get("run_id"))
+  return dict(total), len(runs)
+
+
+def module_name(hlo_text: str) -> str:
+  m = re.search(r"^HloModule\s+([\w.\-]+)", hlo_text, re.M)
+  if m is None:
+    raise ValueError("no 'HloModule <name>' line in the HLO text")
+  return m.group(1)
+
+
+def profile(compiled: Callable, *args, calls: int = 5, warmup: int = 2,
+            trace_dir: str | None = None, layer_depth: int | None = None) -> StepProfile:
+  """Profiles `calls` calls of `compiled(*args)`, a `jax.stages.Compiled` (from
+  `jax.jit(f).lower(*args).compile()`), after `warmup` calls.
+
+  The wall time is the median of `calls` timed calls outside the trace. Control-flow ops
+  (while, conditional, call) are left out of the op times, since the ops they run are traced on
+  their own. With `trace_dir`, the Perfetto trace is kept there as `trace.json.gz`.
+  """
+  if calls < 1:
+    raise ValueError(f"calls must be >= 1, got {calls=}")
+  text = compiled.as_text()
+  module = module_name(text)
+  ops = hlo_ops(text)
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  wall = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    wall.append(time.perf_counter() - t0)
+  tmp = tempfile.mkdtemp(prefix="trustjax_profile_")
+  try:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(compiled(*args))
+    found = sorted(glob.glob(os.path.join(tmp, "**", "*.trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not found:
+      raise RuntimeError(f"jax.profiler.trace wrote no Perfetto trace under {tmp}")
+    events = read_trace(found[-1])
+    kept = None
+    if trace_dir is not None:
+      os.makedirs(trace_dir, exist_ok=True)
+      kept = os.path.join(trace_dir, "trace.json.gz")
+      shutil.copyfile(found[-1], kept)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  totals, runs = op_times(events, module)
+  if runs == 0:
+    raise RuntimeError(f"the trace holds no op events of module {module!r}")
+  out, unmatched = [], 0.0
+  for name, us in totals.items():
+    op = ops.get(name)
+    if op is None:
+      unmatched += us
+      continue
+    if op.kind == "control flow":
+      continue
+    out.append(OpTime(name, op.kind, part_of(op.op_name), layer_of(op.op_name, layer_depth),
+                      op.op_name, us / runs))
+  out.sort(key=lambda o: -o.us)
+  return StepProfile(wall_ms=float(np.median(wall)) * 1e3, ops=out, unmatched_us=unmatched / runs,
+                     calls=runs, trace_file=kept)
+
+
+def compare(profiles: Mapping[str, StepProfile], field: str = "part",
+            order: Sequence[str] | None = None) -> tuple[list[str], list[list]]:
+  """A table (header, rows) of milliseconds per call grouped by `field`, one column per profile,
+  then the busy total and the wall time. Groups in `order` first (those that occur), then the
+  rest by their largest time."""
+  names = list(profiles)
+  grouped = {n: p.by(field) for n, p in profiles.items()}
+  keys = [k for k in (order or ()) if any(k in g for g in grouped.values())]
+  rest = collections.Counter()
+  for g in grouped.values():
+    for k, v in g.items():
+      if k not in keys:
+        rest[k] = max(rest[k], v)
+  keys += [k for k, _ in rest.most_common()]
+  rows = [[k or "(none)"] + [grouped[n].get(k, 0.0) for n in names] for k in keys]
+  rows.append(["sum of op times"] + [profiles[n].busy_ms for n in names])
+  rows.append(["wall time (median)"] + [profiles[n].wall_ms for n in names])
+  return [field] + [f"{n} ms" for n in names], rows
