@@ -55,15 +55,9 @@ def seq_dense_sq_norms_reference(a: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def weighted_outer_sum_reference(a: jax.Array, g: jax.Array, c: jax.Array) -> jax.Array:
-  """sum_b c_b a_b^T g_b, [I, O] float32. For a sequence layer (T > 1) whose input is wider
-  than its output, the factors scale g rather than a: T*O products instead of T*I, and XLA fuses
-  the scaling into a's producer otherwise, recomputing the activation before it (about 2% of
-  the encoder's DP step in one interleaved A/B run; without a sequence axis, on the MLP, scaling
-  g was about 2% slower, so a stays scaled there)."""
-  a32, g32, w = a.astype(jnp.float32), g.astype(jnp.float32), c[:, None, None].astype(jnp.float32)
-  if a.shape[1] > 1 and a.shape[-1] > g.shape[-1]:
-    return jnp.einsum("bti,bto->io", a32, g32 * w)
-  return jnp.einsum("bti,bto->io", a32 * w, g32)
+  """sum_b c_b a_b^T g_b, [I, O] float32."""
+  return jnp.einsum("bti,bto->io", a.astype(jnp.float32) * c[:, None, None].astype(jnp.float32),
+                    g.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- kernels
