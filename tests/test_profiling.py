@@ -257,3 +257,31 @@ def test_profile_dp_script_bad_arguments(tmp_path):
   assert out.returncode == 2 and "unknown --case 'nope'" in out.stderr
   out = _script("--methods", "fast", cwd=tmp_path)
   assert out.returncode == 2 and "--methods" in out.stderr
+
+
+def test_named_scopes_leave_the_compiled_step_unchanged(monkeypatch):
+  """The DP code's named scopes are metadata: without them the optimized HLO is the same, but
+  for op metadata and source locations."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+
+  loss_fn, params, batch = _tiny()
+  opt = optax.adam(1e-3)
+  state = training.create_state(params, opt, jax.random.key(1))
+  cfg = DPConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.1, num_examples=40,
+                 max_batch_size=4, method="bookkeeping")
+
+  def hlo():
+    return training.make_train_step(loss_fn, opt, cfg, donate=False).lower(
+        state, batch).compile().as_text()
+
+  def computation(text):
+    text = re.sub(r", metadata=\{[^}]*\}", "", text)
+    return [line for line in text.splitlines() if "file_name_id" not in line]
+
+  scoped = hlo()
+  assert "dp_norms" in scoped and "dp_clipped_sum" in scoped and "dp_noise" in scoped
+  monkeypatch.setattr(jax, "named_scope", lambda name: contextlib.nullcontext())
+  plain = hlo()
+  assert "dp_norms" not in plain
+  assert computation(plain) == computation(scoped)
