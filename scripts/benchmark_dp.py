@@ -89,17 +89,24 @@ def _peak_mib(step, state, batch) -> float:
   return total / 2 ** 20
 
 
+def setup(name):
+  """(title, loss_fn, params, batch with an all-true mask, Adam, its state, the DP config:
+  clip 1, noise multiplier 1, the batch as max batch size) for a case; profile_dp.py uses it too."""
+  title, make = CASES[name]
+  loss_fn, params, batch = make()
+  b = batch["label"].shape[0]
+  batch["mask"] = jnp.ones((b,), bool)
+  opt = optax.adam(1e-3)
+  state = training.create_state(params, opt, jax.random.key(1))
+  dp = DPConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.01, num_examples=100 * b,
+                max_batch_size=b)
+  return title, loss_fn, params, batch, opt, state, dp
+
+
 def run(names, repeats, opacus=True):
   rows, summary = [], []
   for name in names:
-    title, make = CASES[name]
-    loss_fn, params, batch = make()
-    b = batch["label"].shape[0]
-    batch["mask"] = jnp.ones((b,), bool)
-    opt = optax.adam(1e-3)
-    state = training.create_state(params, opt, jax.random.key(1))
-    dp = DPConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.01, num_examples=100 * b,
-                  max_batch_size=b)
+    title, loss_fn, params, batch, opt, state, dp = setup(name)
     variants = [("non-DP", None)] + [
         (f"DP {m}", dataclasses.replace(dp, method=m)) for m in ("vmap", "ghost", "bookkeeping")]
     steps = {label: training.make_train_step(loss_fn, opt, cfg, donate=False)

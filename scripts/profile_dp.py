@@ -31,26 +31,16 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
-import optax
 
-from benchmark_dp import CASES  # scripts/ is on sys.path when this script runs
+from benchmark_dp import CASES, setup  # scripts/ is on sys.path when this script runs
 from trustjax import profiling, reporting, training
-from trustjax.privacy import DPConfig
 
 METHODS = ("vmap", "ghost", "bookkeeping")
 
 
 def steps_for(case: str, methods):
   """(title, {label: compiled step}, state, batch) for a benchmark_dp case."""
-  title, make = CASES[case]
-  loss_fn, params, batch = make()
-  b = batch["label"].shape[0]
-  batch["mask"] = jnp.ones((b,), bool)
-  opt = optax.adam(1e-3)
-  state = training.create_state(params, opt, jax.random.key(1))
-  dp = DPConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.01, num_examples=100 * b,
-                max_batch_size=b)
+  title, loss_fn, _, batch, opt, state, dp = setup(case)
   configs = {"non-DP": None}
   configs.update({m: dataclasses.replace(dp, method=m) for m in methods})
   compiled = {label: training.make_train_step(loss_fn, opt, cfg, donate=False)
