@@ -62,6 +62,26 @@ def test_short_dp_run_learns(tmp_path):
   assert all(np.diff([r["epsilon"] for r in records]) > 0)
 
 
+@pytest.mark.parametrize("devices", [1, 2])
+def test_run_profiles_its_steps(tmp_path, devices):
+  """train.profile_calls > 0: the run folder gets a profile of its non-DP and DP steps (one
+  device's op times when the batch is sharded)."""
+  cfg = _cfg(tmp_path, **{"model.name": "bag_of_embeddings", "data.num_examples": 300,
+                          "train.epochs": 1.0, "train.measure_step_time": False,
+                          "train.batch_size": 64, "train.num_devices": devices,
+                          "train.profile_calls": 2, "dp.method": "auto"})
+  summary = experiments.run(cfg, show_progress=False)
+  folder = tmp_path / cfg.train.run_name / "profile"
+  assert summary["profile"] == "profile/report.md"
+  report = (folder / "report.md").read_text()
+  assert f"{devices} device(s)" in report
+  assert "| part | non-DP ms | DP bookkeeping ms |" in report
+  for row in ("| per-example norms |", "| clipped sum |", "| noise |", "| embed |"):
+    assert row in report
+  assert (folder / "traces" / "DP bookkeeping" / "trace.json.gz").exists()
+  assert (folder / "parts.png").exists() and (folder / "ops.csv").exists()
+
+
 def test_resume_refuses_a_different_config(tmp_path):
   experiments.run(_cfg(tmp_path, **{"data.num_examples": 300, "model.name": "bag_of_embeddings"}),
                   show_progress=False)
@@ -88,6 +108,7 @@ def _script(tmp_path, *args):
     (["--config.data.name=snips", "--config.data.data_dir=/nonexistent/snips"],
      "SNIPS folder not found"),
     (["--config.data.num_examples=0"], "num_examples must be >= 1"),
+    (["--config.train.profile_calls=-1"], "train.profile_calls must be >= 0"),
 ])
 def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
   proc = _script(tmp_path, *args)

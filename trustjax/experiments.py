@@ -23,8 +23,9 @@ import numpy as np
 import optax
 
 from trustjax import data as tjdata
-from trustjax import models, reporting, sharding, training
+from trustjax import models, profiling, reporting, sharding, training
 from trustjax.privacy import accounting, quantile, sampling
+from trustjax.privacy.clipping import resolve_method
 from trustjax.privacy.dp_sgd import DPConfig
 
 
@@ -149,6 +150,8 @@ class Setup:
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
                        f"{t.epochs=}, {t.batch_size=}")
+    if t.get("profile_calls", 0) < 0:
+      raise ValueError(f"train.profile_calls must be >= 0 (0: no profile), got {t.profile_calls}")
     m = cfg.model
     if cfg.data.name == "shakespeare":  # next-character prediction
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
@@ -212,11 +215,29 @@ class Setup:
     return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
 
 
+def _first_batch(setup: Setup) -> dict:
+  batch, _ = setup.schedule(0)
+  return batch if setup.mesh is None else sharding.shard_batch(batch, setup.mesh)
+
+
+def _profile(setup: Setup, state: training.TrainState, folder: str, calls: int) -> None:
+  """Profiles the non-DP step and (under DP) the run's DP step on its first batch
+  (`trustjax.profiling`): `folder`/report.md, ops.csv, parts.png and traces/."""
+  steps = {"non-DP": training.make_train_step(setup.loss_fn, setup.optimizer, donate=False)}
+  if setup.dp_config is not None:
+    method = resolve_method(setup.dp_config.method)
+    steps[f"DP {method}"] = training.make_train_step(setup.loss_fn, setup.optimizer,
+                                                     setup.dp_config, donate=False)
+  profiles = profiling.profile_steps(steps, (state, _first_batch(setup)), calls=calls,
+                                     folder=folder)
+  profiling.write_report(profiles, folder, base="non-DP",
+                         title=f"Run {setup.cfg.train.run_name}, the first batch "
+                               f"({jax.default_backend()}, {setup.num_devices} device(s))")
+
+
 def _step_times(setup: Setup, state: training.TrainState) -> dict:
   """Median DP and non-DP step time on the same model and padded batch (no donation)."""
-  batch, _ = setup.schedule(0)
-  if setup.mesh is not None:
-    batch = sharding.shard_batch(batch, setup.mesh)
+  batch = _first_batch(setup)
   out = {"nondp_step_s": training.time_step(
       training.make_train_step(setup.loss_fn, setup.optimizer, donate=False), state, batch)}
   if setup.dp_config is not None:
@@ -269,6 +290,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                    overflow_total=sum(r.get("overflow", 0) for r in result.history))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
+  if cfg.train.get("profile_calls", 0):
+    _profile(setup, setup.init_state(), os.path.join(workdir, "profile"), cfg.train.profile_calls)
+    summary["profile"] = "profile/report.md"
   reporting.write_json(os.path.join(workdir, "summary.json"), summary)
   reporting.plot_curves(result.history, os.path.join(workdir, "plots", "training.png"),
                         panels=[("loss", ("train_loss", "eval_loss")),
@@ -280,7 +304,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
 
 
 # Fields a resumed run may change: how long to train and what to measure at the end.
-_RESUMABLE_CHANGES = {"train.epochs", "train.measure_step_time", "train.results_dir"}
+_RESUMABLE_CHANGES = {"train.epochs", "train.measure_step_time", "train.profile_calls",
+                      "train.results_dir"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -388,4 +413,5 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.results_dir = "results"
   c.train.run_name = "run"
   c.train.measure_step_time = True  # time DP vs non-DP steps after training
+  c.train.profile_calls = 0  # > 0: profile that many calls of each step after training (profile/)
   return c

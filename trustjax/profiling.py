@@ -217,15 +217,18 @@ def read_trace(path: str) -> list[dict]:
 
 def op_times(events: Sequence[dict], module: str) -> tuple[dict[str, float], int]:
   """Total microseconds per `hlo_op` over the events of HLO module `module`, and the number of
-  distinct executions (`run_id`s) they came from."""
+  distinct executions (`run_id`s) they came from. When the module ran on several devices (a
+  sharded step), only the lowest device ordinal's events count: the times are one device's."""
+  mine = [e for e in events
+          if (e.get("args") or {}).get("hlo_module") == module and "hlo_op" in e["args"]]
+  ordinal = lambda e: str(e["args"].get("device_ordinal", ""))
+  first = min((ordinal(e) for e in mine), key=lambda o: (len(o), o), default="")  # "2" < "10"
   total = collections.Counter()
   runs = set()
-  for e in events:
-    args = e.get("args") or {}
-    if args.get("hlo_module") != module or "hlo_op" not in args:
-      continue
-    total[args["hlo_op"]] += float(e["dur"])
-    runs.add(args.get("run_id"))
+  for e in mine:
+    if ordinal(e) == first:
+      total[e["args"]["hlo_op"]] += float(e["dur"])
+      runs.add(e["args"].get("run_id"))
   return dict(total), len(runs)
 
 
@@ -310,3 +313,95 @@ def compare(profiles: Mapping[str, StepProfile], field: str = "part",
   rows.append(["sum of op times"] + [profiles[n].busy_ms for n in names])
   rows.append(["wall time (median)"] + [profiles[n].wall_ms for n in names])
   return [field] + [f"{n} ms" for n in names], rows
+
+
+def layer_excess(profiles: Mapping[str, StepProfile], base: str, top: int = 12,
+                 depth: int = 2) -> tuple[list[str], list[list]]:
+  """A table (header, rows) of the DP parts' milliseconds per (layer, part), one column per
+  profile other than `base`, largest first: where each DP method's extra work goes."""
+  dp_parts = set(PARTS) - {"forward", "backward", "optimizer", "other"}
+  others = [n for n in profiles if n != base]
+  totals = {n: collections.Counter() for n in others}
+  for n in others:
+    for o in profiles[n].ops:
+      if o.part in dp_parts:
+        totals[n][("/".join(o.layer.split("/")[:depth]) or "(none)", o.part)] += o.us / 1e3
+  keys = collections.Counter()
+  for n in others:
+    for k, v in totals[n].items():
+      keys[k] = max(keys[k], v)
+  rows = [[layer, part] + [totals[n].get((layer, part), 0.0) for n in others]
+          for (layer, part), _ in keys.most_common(top)]
+  return ["layer", "DP part"] + [f"{n} ms" for n in others], rows
+
+
+def plot_parts(profiles: Mapping[str, StepProfile], path: str) -> None:
+  """Stacked horizontal bars: each profile's op time by part, with its wall time marked."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from trustjax import reporting  # pylint: disable=import-outside-toplevel
+  names = list(profiles)
+  fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.6 * len(names)))
+  left = [0.0] * len(names)
+  cmap = plt.get_cmap("tab10")
+  for i, part in enumerate(PARTS):
+    widths = [profiles[n].by("part").get(part, 0.0) for n in names]
+    if not any(widths):
+      continue
+    ax.barh(names, widths, left=left, color=cmap(i % 10), label=part)
+    left = [l + w for l, w in zip(left, widths)]
+  ax.scatter([profiles[n].wall_ms for n in names], names, marker="|", s=300, color="black",
+             label="wall time", zorder=3)
+  ax.set_xlabel("ms per step (sum of XLA op times)")
+  ax.invert_yaxis()
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  reporting.save_figure(fig, path)
+
+
+def write_report(profiles: Mapping[str, StepProfile], folder: str, *, title: str,
+                 base: str | None = None, top: int = 12) -> str:
+  """Writes `folder`/report.md (tables by part and by kind; with `base`, the other profiles'
+  DP parts by layer), ops.csv (every op of every profile) and parts.png; returns the tables as
+  Markdown."""
+  import csv  # pylint: disable=import-outside-toplevel
+  from trustjax import reporting  # pylint: disable=import-outside-toplevel
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "ops.csv"), "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["step", "op", "kind", "part", "layer", "us_per_call", "op_name"])
+    for label, p in profiles.items():
+      for o in p.ops:
+        w.writerow([label, o.name, o.kind, o.part, o.layer, f"{o.us:.1f}", o.op_name])
+  plot_parts(profiles, os.path.join(folder, "parts.png"))
+  unmatched = max(p.unmatched_us for p in profiles.values()) / 1e3
+  calls = min(p.calls for p in profiles.values())
+  body = (f"{title}; {calls} traced calls per step. Milliseconds per step; the op times are "
+          f"XLA's per-op spans, which overlap on a multi-core CPU, so their sum can exceed the "
+          f"wall time (the interleaved median of untraced calls). Largest time in trace events "
+          f"that matched no HLO op: {unmatched:.3f} ms.\n\nBy part of the step:\n\n"
+          f"{reporting.markdown_table(*compare(profiles, 'part', PARTS))}\n\n"
+          f"By kind of op:\n\n{reporting.markdown_table(*compare(profiles, 'kind', KINDS))}")
+  if base is not None and len(profiles) > 1:
+    body += (f"\n\nThe DP parts by layer (largest first):\n\n"
+             f"{reporting.markdown_table(*layer_excess(profiles, base, top))}")
+  with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as f:
+    f.write(f"# Step profile\n\n{body}\n\n![op time by part](parts.png)\n")
+  return body
+
+
+def profile_steps(steps: Mapping[str, Callable], args: Sequence, *, calls: int = 5,
+                  folder: str | None = None) -> dict[str, StepProfile]:
+  """Profiles several jitted steps on the same arguments (e.g. {"non-DP": ..., "bookkeeping":
+  ...}): compiles each, times them interleaved (the wall times, before any tracing), then traces
+  each in turn; with `folder`, each trace is kept under folder/traces/<label>/."""
+  from trustjax import training  # pylint: disable=import-outside-toplevel
+  compiled = {k: s.lower(*args).compile() for k, s in steps.items()}
+  wall = training.time_interleaved({k: (lambda c=c: c(*args)) for k, c in compiled.items()},
+                                   repeats=max(calls, 5))
+  out = {}
+  for label, c in compiled.items():
+    trace_dir = None if folder is None else os.path.join(folder, "traces", label)
+    out[label] = profile(c, *args, calls=calls, trace_dir=trace_dir)
+    out[label].wall_ms = wall[label] * 1e3
+  return out
