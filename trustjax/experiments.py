@@ -150,7 +150,7 @@ class Setup:
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
                        f"{t.epochs=}, {t.batch_size=}")
-    if t.get("profile_calls", 0) < 0:
+    if t.profile_calls < 0:
       raise ValueError(f"train.profile_calls must be >= 0 (0: no profile), got {t.profile_calls}")
     m = cfg.model
     if cfg.data.name == "shakespeare":  # next-character prediction
@@ -220,16 +220,21 @@ def _first_batch(setup: Setup) -> dict:
   return batch if setup.mesh is None else sharding.shard_batch(batch, setup.mesh)
 
 
+def _comparison_steps(setup: Setup) -> dict:
+  """{"non-DP": step, "DP <method>": step (under DP only)}: the run's steps, jitted without
+  donation, for the measurements after training."""
+  steps = {"non-DP": training.make_train_step(setup.loss_fn, setup.optimizer, donate=False)}
+  if setup.dp_config is not None:
+    steps[f"DP {resolve_method(setup.dp_config.method)}"] = training.make_train_step(
+        setup.loss_fn, setup.optimizer, setup.dp_config, donate=False)
+  return steps
+
+
 def _profile(setup: Setup, state: training.TrainState, folder: str, calls: int) -> None:
   """Profiles the non-DP step and (under DP) the run's DP step on its first batch
   (`trustjax.profiling`): `folder`/report.md, ops.csv, parts.png and traces/."""
-  steps = {"non-DP": training.make_train_step(setup.loss_fn, setup.optimizer, donate=False)}
-  if setup.dp_config is not None:
-    method = resolve_method(setup.dp_config.method)
-    steps[f"DP {method}"] = training.make_train_step(setup.loss_fn, setup.optimizer,
-                                                     setup.dp_config, donate=False)
-  profiles = profiling.profile_steps(steps, (state, _first_batch(setup)), calls=calls,
-                                     folder=folder)
+  profiles = profiling.profile_steps(_comparison_steps(setup), (state, _first_batch(setup)),
+                                     calls=calls, folder=folder)
   profiling.write_report(profiles, folder, base="non-DP",
                          title=f"Run {setup.cfg.train.run_name}, the first batch "
                                f"({jax.default_backend()}, {setup.num_devices} device(s))")
@@ -238,11 +243,11 @@ def _profile(setup: Setup, state: training.TrainState, folder: str, calls: int) 
 def _step_times(setup: Setup, state: training.TrainState) -> dict:
   """Median DP and non-DP step time on the same model and padded batch (no donation)."""
   batch = _first_batch(setup)
-  out = {"nondp_step_s": training.time_step(
-      training.make_train_step(setup.loss_fn, setup.optimizer, donate=False), state, batch)}
-  if setup.dp_config is not None:
-    out["dp_step_s"] = training.time_step(training.make_train_step(
-        setup.loss_fn, setup.optimizer, setup.dp_config, donate=False), state, batch)
+  secs = {label: training.time_step(step, state, batch)
+          for label, step in _comparison_steps(setup).items()}
+  out = {"nondp_step_s": secs.pop("non-DP")}
+  if secs:  # the DP step
+    (out["dp_step_s"],) = secs.values()
     out["dp_over_nondp"] = out["dp_step_s"] / out["nondp_step_s"]
   return out
 
@@ -290,7 +295,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                    overflow_total=sum(r.get("overflow", 0) for r in result.history))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
-  if cfg.train.get("profile_calls", 0):
+  if cfg.train.profile_calls:
     _profile(setup, setup.init_state(), os.path.join(workdir, "profile"), cfg.train.profile_calls)
     summary["profile"] = "profile/report.md"
   reporting.write_json(os.path.join(workdir, "summary.json"), summary)

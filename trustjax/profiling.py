@@ -240,11 +240,13 @@ def module_name(hlo_text: str) -> str:
 
 
 def profile(compiled: Callable, *args, calls: int = 5, warmup: int = 2,
-            trace_dir: str | None = None, layer_depth: int | None = None) -> StepProfile:
+            trace_dir: str | None = None, layer_depth: int | None = None,
+            wall_ms: float | None = None) -> StepProfile:
   """Profiles `calls` calls of `compiled(*args)`, a `jax.stages.Compiled` (from
   `jax.jit(f).lower(*args).compile()`), after `warmup` calls.
 
-  The wall time is the median of `calls` timed calls outside the trace. Control-flow ops
+  The wall time is `wall_ms` when the caller measured it (`profile_steps` times its steps
+  interleaved), else the median of `calls` timed calls outside the trace. Control-flow ops
   (while, conditional, call) are left out of the op times, since the ops they run are traced on
   their own. With `trace_dir`, the Perfetto trace is kept there as `trace.json.gz`.
   """
@@ -255,11 +257,13 @@ def profile(compiled: Callable, *args, calls: int = 5, warmup: int = 2,
   ops = hlo_ops(text)
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
-  wall = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    wall.append(time.perf_counter() - t0)
+  if wall_ms is None:
+    wall = []
+    for _ in range(calls):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      wall.append(time.perf_counter() - t0)
+    wall_ms = float(np.median(wall)) * 1e3
   tmp = tempfile.mkdtemp(prefix="trustjax_profile_")
   try:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
@@ -291,7 +295,7 @@ def profile(compiled: Callable, *args, calls: int = 5, warmup: int = 2,
     out.append(OpTime(name, op.kind, part_of(op.op_name), layer_of(op.op_name, layer_depth),
                       op.op_name, us / runs))
   out.sort(key=lambda o: -o.us)
-  return StepProfile(wall_ms=float(np.median(wall)) * 1e3, ops=out, unmatched_us=unmatched / runs,
+  return StepProfile(wall_ms=wall_ms, ops=out, unmatched_us=unmatched / runs,
                      calls=runs, trace_file=kept)
 
 
@@ -342,11 +346,12 @@ def plot_parts(profiles: Mapping[str, StepProfile], path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from trustjax import reporting  # pylint: disable=import-outside-toplevel
   names = list(profiles)
+  by_part = {n: profiles[n].by("part") for n in names}
   fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.6 * len(names)))
   left = [0.0] * len(names)
   cmap = plt.get_cmap("tab10")
   for i, part in enumerate(PARTS):
-    widths = [profiles[n].by("part").get(part, 0.0) for n in names]
+    widths = [by_part[n].get(part, 0.0) for n in names]
     if not any(widths):
       continue
     ax.barh(names, widths, left=left, color=cmap(i % 10), label=part)
@@ -399,9 +404,7 @@ def profile_steps(steps: Mapping[str, Callable], args: Sequence, *, calls: int =
   compiled = {k: s.lower(*args).compile() for k, s in steps.items()}
   wall = training.time_interleaved({k: (lambda c=c: c(*args)) for k, c in compiled.items()},
                                    repeats=max(calls, 5))
-  out = {}
-  for label, c in compiled.items():
-    trace_dir = None if folder is None else os.path.join(folder, "traces", label)
-    out[label] = profile(c, *args, calls=calls, trace_dir=trace_dir)
-    out[label].wall_ms = wall[label] * 1e3
-  return out
+  trace_dir = lambda label: None if folder is None else os.path.join(folder, "traces", label)
+  return {label: profile(c, *args, calls=calls, wall_ms=wall[label] * 1e3,
+                         trace_dir=trace_dir(label))
+          for label, c in compiled.items()}

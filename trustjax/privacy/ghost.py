@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import kernels
 
 from trustjax.privacy.clipping import FALLBACK_SCOPE, NORMS_SCOPE, SUM_SCOPE
-
 from trustjax.types import Batch, LossFn, Params
 
 _RULES = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.LayerNorm)
