@@ -94,6 +94,24 @@ def test_matches_huggingface_gpt2():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_cached_decoding_equals_the_full_model_at_every_position():
+  model = _gpt()
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 40, (3, 12)), jnp.int32)
+  params = model.init(jax.random.key(4), tokens)["params"]
+  want = model.apply({"params": params}, tokens)
+  decoder = model.clone(decode=True)
+  _, state = decoder.apply({"params": params}, tokens, mutable=["cache"])
+  cache = jax.tree.map(jnp.zeros_like, state["cache"])
+  for i in range(12):  # one position at a time, each attending to the cached ones before it
+    got, state = decoder.apply({"params": params, "cache": cache}, tokens[:, i:i + 1],
+                               mutable=["cache"])
+    cache = state["cache"]
+    chex.assert_trees_all_close(got[:, 0], want[:, i], atol=2e-5, rtol=2e-5)
+  assert int(cache["position"]) == 12
+  with pytest.raises(ValueError, match="one position per call"):
+    decoder.apply({"params": params, "cache": cache}, tokens[:, :2], mutable=["cache"])
+
+
 def _loop_greedy(model, params, prompt, n):
   # Reference: grow each prompt one token at a time, the model run on the prefix alone.
   seq = list(prompt)
@@ -104,46 +122,64 @@ def _loop_greedy(model, params, prompt, n):
   return seq[len(prompt):]
 
 
-def test_generate_greedy_equals_a_prefix_loop():
-  model = _gpt()
+@pytest.mark.parametrize("name", ["gpt", "char_lstm"])
+def test_generate_greedy_equals_a_prefix_loop(name):
+  if name == "gpt":
+    model = _gpt()
+  else:  # no key-value cache: the whole buffer at every step
+    model = models.CharLSTM(vocab_size=40, embed_dim=8, hidden=16)
   rng = np.random.default_rng(1)
   prompts = rng.integers(1, 40, (3, 5)).astype(np.int32)
   lengths = np.array([5, 2, 1], np.int32)
   prompts[1, 2:] = 7  # junk after a row's end must not matter
   params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
-  out = models.generate(model, params, prompts, lengths, jax.random.key(9), max_new_tokens=4,
-                        temperature=0.0)
-  chex.assert_shape(out, (3, 4))
+  outs = [models.generate(model, params, prompts, lengths, jax.random.key(9), max_new_tokens=4,
+                          temperature=0.0, use_cache=c) for c in (True, False)]
+  for out in outs:
+    chex.assert_shape(out, (3, 4))
   for i in range(3):
-    assert out[i].tolist() == _loop_greedy(model, params, prompts[i, :lengths[i]], 4)
+    want = _loop_greedy(model, params, prompts[i, :lengths[i]], 4)
+    assert [o[i].tolist() for o in outs] == [want, want]
 
 
-def test_generate_samples_the_model_distribution_with_top_k_and_suppression():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_samples_the_model_distribution_with_top_k_and_suppression(use_cache):
   from scipy import stats  # pylint: disable=import-outside-toplevel
   model = _gpt(vocab_size=8, num_layers=1)
   params = model.init(jax.random.key(3), jnp.zeros((1, 12), jnp.int32))["params"]
   params = jax.tree.map(lambda x: 3.0 * x, params)  # a peaked distribution
   n = 20000
   prompts = np.full((n, 2), 5, np.int32)
-  lengths = np.full(n, 2, np.int32)
+  lengths = np.tile(np.array([1, 2], np.int32), n // 2)  # some rows sample while others read
+
+  def probs(prefix):  # the model's next-token distribution in float64, padding out
+    logits = model.apply({"params": params}, jnp.asarray([prefix], jnp.int32))[0, -1]
+    z = np.asarray(logits, np.float64) / 0.7
+    z[0] = -np.inf
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+  def check(tokens, p):
+    counts = np.bincount(tokens, minlength=8)
+    assert counts[0] == 0  # padding suppressed
+    keep = p > 0
+    chi = stats.chisquare(counts[keep], len(tokens) * p[keep] / p[keep].sum())
+    assert chi.pvalue > 1e-3, (counts, len(tokens) * p)
+
+  out = np.asarray(models.generate(model, params, prompts, lengths, jax.random.key(0),
+                                   max_new_tokens=2, temperature=0.7, use_cache=use_cache))
+  check(out[lengths == 1, 0], probs([5]))
+  two = out[lengths == 2]
+  check(two[:, 0], probs([5, 5]))
+  j = np.bincount(two[:, 0]).argmax()  # the second token after the likeliest first one
+  check(two[two[:, 0] == j, 1], probs([5, 5, j]))
   logits = model.apply({"params": params}, jnp.asarray(prompts[:1]))[0, 1]
-  z = np.asarray(logits, np.float64) / 0.7
-  z[0] = -np.inf
-  p = np.exp(z - z.max())
-  p /= p.sum()
-  first = np.asarray(models.generate(model, params, prompts, lengths, jax.random.key(0),
-                                     max_new_tokens=1, temperature=0.7))[:, 0]
-  counts = np.bincount(first, minlength=8)
-  assert counts[0] == 0  # padding suppressed
-  keep = p > 0
-  chi = stats.chisquare(counts[keep], n * p[keep] / p[keep].sum())
-  assert chi.pvalue > 1e-3, (counts, n * p)
   masked = np.asarray(logits, np.float64)
   masked[[0, 1]] = -np.inf
   top = set(np.argsort(-masked)[:3].tolist())  # the 3 likeliest tokens once 0 and 1 are out
-  first_k = np.asarray(models.generate(model, params, prompts[:2000], lengths[:2000],
+  first_k = np.asarray(models.generate(model, params, prompts[:2000], np.full(2000, 2),
                                        jax.random.key(1), max_new_tokens=1, temperature=1.0,
-                                       top_k=3, suppress=(0, 1)))[:, 0]
+                                       top_k=3, suppress=(0, 1), use_cache=use_cache))[:, 0]
   seen = set(np.unique(first_k).tolist())
   assert seen <= top and len(seen) > 1, (seen, top)
 

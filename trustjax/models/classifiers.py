@@ -45,19 +45,23 @@ class BagOfEmbeddings(nn.Module):
 
 class EncoderBlock(nn.Module):
   """Pre-LayerNorm transformer block (self-attention + MLP with GELU in its tanh form, both
-  residual). The attention mask decides encoder (padding mask) or decoder (causal mask)."""
+  residual). The attention mask decides encoder (padding mask) or decoder (causal mask).
+  `decode=True` keeps the attention's keys and values in the "cache" collection (Flax's
+  autoregressive cache: one position per call once the cache exists, the mask built from it)."""
 
   num_heads: int
   mlp_dim: int
   dtype: jnp.dtype = jnp.float32
   layer_norm_epsilon: float = 1e-6
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, attn_mask: jax.Array | None) -> jax.Array:
     d, eps = x.shape[-1], self.layer_norm_epsilon
     h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="ln_attn")(x)
     h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d,
-                                        dtype=self.dtype, name="attn")(h, h, mask=attn_mask)
+                                        dtype=self.dtype, decode=self.decode,
+                                        name="attn")(h, h, mask=attn_mask)
     x = x + h
     h = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="ln_mlp")(x)
     h = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(h), approximate=True)
@@ -65,16 +69,17 @@ class EncoderBlock(nn.Module):
 
 
 def embed_with_positions(tokens: jax.Array, vocab_size: int, max_length: int, embed_dim: int,
-                         dtype: jnp.dtype) -> jax.Array:
+                         dtype: jnp.dtype, offset: jax.Array | int = 0) -> jax.Array:
   """Token plus learned position embeddings ("token_embed", "pos_embed"), created in the calling
-  compact module; a named error when `tokens` is longer than `max_length`."""
+  compact module; a named error when `tokens` is longer than `max_length`. Position ids start at
+  `offset` (a traced scalar in cached decoding, where `tokens` is one position)."""
   length = tokens.shape[1]
   if length > max_length:
     raise ValueError(f"sequence length {length} exceeds max_length={max_length}")
   x = nn.Embed(vocab_size, embed_dim, dtype=dtype, name="token_embed")(tokens)
   # Position ids carry the batch axis (like token ids) so per-example DP rules see each
   # example's use of the position table.
-  positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+  positions = jnp.broadcast_to(offset + jnp.arange(length), tokens.shape)
   return x + nn.Embed(max_length, embed_dim, dtype=dtype, name="pos_embed")(positions)
 
 

@@ -3,6 +3,7 @@ next-word prediction) and their losses as sums with a denominator."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -55,17 +56,31 @@ class GPTDecoder(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 256
   dtype: jnp.dtype = jnp.float32  # computation dtype (bfloat16 = mixed precision; params f32)
+  decode: bool = False  # cached decoding: see `generate` (same parameters either way)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens: int32 [batch, length] -> logits [batch, length, vocab]; position t sees tokens
-    0..t only, so padding after the last real token changes nothing before it."""
-    x = embed_with_positions(tokens, self.vocab_size, self.max_length, self.embed_dim, self.dtype)
-    causal = nn.make_causal_mask(tokens)
+    0..t only, so padding after the last real token changes nothing before it.
+
+    With `decode=True` the first call (mutable "cache", tokens of the cache's full length)
+    creates zero key-value caches; each later call takes tokens [batch, 1] at the next position
+    and returns that position's logits, attending to the cached positions before it."""
+    offset, mask = 0, nn.make_causal_mask(tokens)
+    if self.decode:
+      cached = self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+      if cached:
+        if tokens.shape[1] != 1:
+          raise ValueError(f"cached decoding takes one position per call, got {tokens.shape}")
+        offset, mask = position.value, None  # the attention cache masks the unwritten rest
+        position.value = position.value + 1
+    x = embed_with_positions(tokens, self.vocab_size, self.max_length, self.embed_dim, self.dtype,
+                             offset)
     for i in range(self.num_layers):
       # GPT-2's LayerNorm epsilon; the same block as the encoder's, under a causal mask.
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, layer_norm_epsilon=1e-5,
-                       name=f"block_{i}")(x, causal)
+                       decode=self.decode, name=f"block_{i}")(x, mask)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final")(x)
     return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head")(x)
 
@@ -118,25 +133,36 @@ def lm_metrics(model: nn.Module) -> Callable[[Params, Batch], dict]:
 
 def generate(model: nn.Module, params: Params, prompts: jax.Array, prompt_lengths: jax.Array,
              key: jax.Array, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             suppress: Sequence[int] = (0,)) -> jax.Array:
+             suppress: Sequence[int] = (0,), use_cache: bool = True) -> jax.Array:
   """Samples continuations of a batch of prompts from a causal language model, in one compiled
   program of static shape.
 
-  The prompts are left-aligned in a buffer of `P + max_new_tokens` tokens; step t runs the model
-  over the whole buffer (no key-value cache: the models here are small) and writes token t at
-  position `prompt_lengths + t` of each row. A causal model's output at a position does not depend
+  The prompts are left-aligned in a buffer of `P + max_new_tokens` tokens, and each row's token
+  t goes to position `prompt_lengths + t`. A causal model's output at a position does not depend
   on what follows it, so the padding after each row's end changes nothing.
+
+  With a key-value cache (`use_cache` and a model with a `decode` attribute, as `GPTDecoder`),
+  the program feeds the buffer one position at a time to the model cloned with `decode=True`
+  (Flax's autoregressive cache: each step attends to the cached keys and values of the
+  positions before it): step i reads position i of every row, prompt or generated, and writes
+  the token it samples at position i + 1 of the rows whose prompt has ended there. That is
+  `P + max_new_tokens - 1` one-position steps. Without a cache (`use_cache=False`, or any other
+  causal model such as `CharLSTM`), step t runs the model over the whole buffer and writes
+  token t of every row: `max_new_tokens` steps over `P + max_new_tokens` positions each. Both
+  sample from the same distributions (tested), but not the same draws: the cached program
+  draws step i's tokens with `fold_in(key, i)`, the other one token t's with `fold_in(key, t)`.
 
   Args:
     model, params: a causal LM, `model.apply({"params": params}, tokens[B, L]) -> [B, L, V]`,
       with `max_length >= P + max_new_tokens` where it has position embeddings.
     prompts: int32 [B, P], each row's prompt left-aligned and padded with anything.
     prompt_lengths: int32 [B], each between 1 and P.
-    key: sampling key; step t uses `fold_in(key, t)`.
+    key: sampling key.
     max_new_tokens: tokens to generate per row.
     temperature: > 0 divides the logits; 0 means greedy (argmax).
     top_k: > 0 samples among the k most likely tokens only; 0 from the whole vocabulary.
     suppress: token ids never generated (default: padding, id 0).
+    use_cache: use the model's key-value cache where it has one.
 
   Returns:
     int32 [B, max_new_tokens]: the generated tokens.
@@ -158,13 +184,30 @@ def generate(model: nn.Module, params: Params, prompts: jax.Array, prompt_length
                      f"the model's max_length {max_length}")
   if not jnp.all((lengths >= 1) & (lengths <= prompts.shape[1])):
     raise ValueError(f"prompt_lengths must lie in [1, {prompts.shape[1]}]")
-  return _generate(model, params, prompts, lengths, key, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_k=int(top_k),
-                   suppress=tuple(int(i) for i in suppress))
+  cached = use_cache and "decode" in {f.name for f in dataclasses.fields(model)}
+  return (_generate_cached if cached else _generate)(
+      model, params, prompts, lengths, key, max_new_tokens=max_new_tokens,
+      temperature=float(temperature), top_k=int(top_k), suppress=tuple(int(i) for i in suppress))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
-                                             "suppress"))
+def _sample(logits, key, temperature, top_k, suppress):
+  """Next tokens [B] from logits [B, V]: suppressed ids out, then greedy or tempered top-k."""
+  logits = logits.astype(jnp.float32)
+  if suppress:
+    logits = logits.at[:, jnp.asarray(suppress)].set(-jnp.inf)
+  if temperature == 0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+
+
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "suppress")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(model, params, prompts, lengths, key, *, max_new_tokens, temperature, top_k,
               suppress):
   b, p = prompts.shape
@@ -172,18 +215,37 @@ def _generate(model, params, prompts, lengths, key, *, max_new_tokens, temperatu
   rows = jnp.arange(b)
 
   def step(t, buf):
-    logits = model.apply({"params": params}, buf)[rows, lengths + t - 1].astype(jnp.float32)
-    if suppress:
-      logits = logits.at[:, jnp.asarray(suppress)].set(-jnp.inf)
-    if temperature == 0:
-      tok = jnp.argmax(logits, -1)
-    else:
-      logits = logits / temperature
-      if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-      tok = jax.random.categorical(jax.random.fold_in(key, t), logits, -1)
-    return buf.at[rows, lengths + t].set(tok.astype(jnp.int32))
+    logits = model.apply({"params": params}, buf)[rows, lengths + t - 1]
+    tok = _sample(logits, jax.random.fold_in(key, t), temperature, top_k, suppress)
+    return buf.at[rows, lengths + t].set(tok)
 
   buf = jax.lax.fori_loop(0, max_new_tokens, step, buf)
   return buf[rows[:, None], lengths[:, None] + jnp.arange(max_new_tokens)]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_cached(model, params, prompts, lengths, key, *, max_new_tokens, temperature, top_k,
+                     suppress):
+  b, p = prompts.shape
+  width = p + max_new_tokens
+  buf = jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompts)
+  decoder = model.clone(decode=True)
+  # The cache's shapes from an abstract first call; its contents start at zero.
+  shapes = jax.eval_shape(
+      lambda: decoder.apply({"params": params}, buf, mutable=["cache"])[1]["cache"])
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def step(i, carry):
+    buf, cache = carry
+    logits, updated = decoder.apply({"params": params, "cache": cache},
+                                    jax.lax.dynamic_slice_in_dim(buf, i, 1, axis=1),
+                                    mutable=["cache"])
+    tok = _sample(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k, suppress)
+    nxt = jax.lax.dynamic_index_in_dim(buf, i + 1, axis=1, keepdims=False)
+    # Rows still inside their prompt keep it; the others take the sampled token.
+    nxt = jnp.where(i + 1 >= lengths, tok, nxt)
+    return jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None], i + 1, axis=1), updated["cache"]
+
+  buf, _ = jax.lax.fori_loop(0, width - 1, step, (buf, cache))
+  rows = jnp.arange(b)[:, None]
+  return buf[rows, lengths[:, None] + jnp.arange(max_new_tokens)]
