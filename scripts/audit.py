@@ -15,7 +15,12 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from config_main import make_main
 from ml_collections import config_flags
 
+from trustjax import sharding
 from trustjax.attacks import experiments
+
+# On a CPU, one JAX device per core, so that train.num_devices = 0 (all devices) trains a block
+# of the models on each core. Must run before JAX starts its backend.
+sharding.one_cpu_device_per_core()
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/audit_*.py file.",
                                           lock_config=True)

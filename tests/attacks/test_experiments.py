@@ -52,6 +52,8 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   assert dp["epsilon_lower_bound"] <= dp["epsilon"]
   stats = np.load(work / "levels" / "nondp.npz")
   assert stats["phi"].shape == (4, 304) and stats["exposure"].shape == (4, 4)
+  # train.num_devices = 0: the 4 models over 4 of the tests' 8 CPU devices, one each
+  assert [r["devices"] for r in summary["levels"]] == [4, 4]
   assert "| nondp |" in (work / "report.md").read_text()
 
   # a rerun reuses the saved levels (no training) and reproduces the numbers
@@ -59,9 +61,12 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   again = experiments.run(cfg, show_progress=False)
   assert json.dumps(again["levels"], sort_keys=True) == json.dumps(summary["levels"],
                                                                    sort_keys=True)
-  # dropping a level is a permitted change; a different model is not
-  assert [r["level"] for r in experiments.run(override(cfg, **{"dp.epsilons": ()}),
-                                              show_progress=False)["levels"]] == ["nondp"]
+  # dropping a level and changing the devices are permitted changes; a different model is not
+  assert [r["level"] for r in experiments.run(
+      override(cfg, **{"dp.epsilons": (), "train.num_devices": 1}),
+      show_progress=False)["levels"]] == ["nondp"]
+  with pytest.raises(ValueError, match="train.num_devices must be >= 0"):
+    experiments.model_mesh(-1, 4)
   with pytest.raises(ValueError, match="model.embed_dim"):
     experiments.run(override(cfg, **{"model.embed_dim": 32}), show_progress=False)
 

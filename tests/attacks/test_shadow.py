@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from trustjax import sharding
 from trustjax.attacks import shadow
 from trustjax.models import BagOfEmbeddings, classification_loss
 from trustjax.privacy import accounting
@@ -48,9 +49,11 @@ def _setup():
   return arrays, model, init, classification_loss(model)
 
 
-@pytest.mark.parametrize("dp,model_chunk", [(False, 0), (True, 0), (False, 3), (False, 4)])
-def test_parallel_training_equals_a_loop_over_models(dp, model_chunk):
-  """All chunkings: 2 models per vmap (the CPU default), 3 (the last chunk padded), 4 (one)."""
+@pytest.mark.parametrize("dp,model_chunk,devices", [
+    (False, 0, 1), (True, 0, 1), (False, 3, 1), (False, 4, 1), (False, 0, 3), (True, 1, 2)])
+def test_parallel_training_equals_a_loop_over_models(dp, model_chunk, devices):
+  """All chunkings: 2 models per vmap (the CPU default), 3 (the last chunk padded), 4 (one);
+  sharded over 3 devices (4 models padded to 6, 2 per device) and over 2 (1 per vmap)."""
   arrays, model, init, loss_fn = _setup()
   is_in = shadow.membership_masks(4, 60, seed=1)
   opt = optax.adam(0.05)
@@ -59,7 +62,8 @@ def test_parallel_training_equals_a_loop_over_models(dp, model_chunk):
                   max_batch_size=b, method="bookkeeping") if dp else None)
   got = shadow.train_in_parallel(init, loss_fn, opt, arrays, is_in, num_steps=steps,
                                  sampling_rate=q, batch_size=b, seed=3, dp_config=cfg,
-                                 chunk_steps=3, model_chunk=model_chunk, show_progress=False)
+                                 chunk_steps=3, model_chunk=model_chunk, show_progress=False,
+                                 mesh=shadow.model_mesh(devices) if devices > 1 else None)
   # the reference: each model alone, one jitted step at a time, keys derived the same way
   root = jax.random.key(3)
   mkeys = jax.random.split(jax.random.fold_in(root, 0), 4)
@@ -121,3 +125,6 @@ def test_bad_arguments_are_named():
     shadow.train_in_parallel(init, loss_fn, optax.sgd(0.1), arrays, is_in, model_chunk=-1, **kw)
   with pytest.raises(ValueError, match="num_examples"):
     shadow.train_in_parallel(init, loss_fn, optax.sgd(0.1), arrays, is_in, dp_config=bad, **kw)
+  with pytest.raises(ValueError, match="axis 'models'"):
+    shadow.train_in_parallel(init, loss_fn, optax.sgd(0.1), arrays, is_in,
+                             mesh=sharding.data_mesh(2), **kw)

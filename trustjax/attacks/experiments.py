@@ -125,16 +125,27 @@ def _optimizer(cfg, level: str) -> optax.GradientTransformation:
   return optax.adam(lr)
 
 
+def model_mesh(num_devices: int, num_models: int):
+  """train.num_devices as a mesh over the "models" axis, or None for one device: 0 = every
+  device JAX sees (on a CPU, scripts/audit.py makes one per core), at most one per model."""
+  if num_devices < 0:
+    raise ValueError(f"train.num_devices must be >= 0 (0 = all devices), got {num_devices}")
+  n = min(num_devices or jax.device_count(), num_models)
+  return shadow.model_mesh(n) if n > 1 else None
+
+
 def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) -> dict:
   """Trains the level's models and returns its statistics (what `levels/<name>.npz` holds)."""
   cfg = setup.cfg
   dp_config = setup.mechanisms.get(level)
+  mesh = model_mesh(cfg.train.num_devices, setup.is_in.shape[0])
   t0 = time.time()
   trained = shadow.train_in_parallel(
       setup.init_fn, setup.loss_fn, _optimizer(cfg, level), setup.arrays, setup.is_in,
       num_steps=setup.num_steps, sampling_rate=setup.sampling_rate,
       batch_size=setup.batch_size, seed=cfg.seed, dp_config=dp_config,
       chunk_steps=cfg.train.chunk_steps, model_chunk=cfg.train.model_chunk,
+      mesh=mesh,
       show_progress=show_progress, desc=f"train {level}")
   train_seconds = time.time() - t0
   params = trained.params
@@ -181,7 +192,8 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
   bar.close()
   return {"phi": phi, "loss": loss, "correct": correct, "eval_accuracy": eval_acc,
           "exposure": exposure, "ranked_first": first, "inversion_hit": hits,
-          "overflow": trained.overflow, "train_seconds": np.float64(train_seconds)}
+          "overflow": trained.overflow, "train_seconds": np.float64(train_seconds),
+          "devices": np.int64(1 if mesh is None else mesh.size)}
 
 
 def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.ndarray]:
@@ -195,6 +207,7 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
   ok = np.isfinite(lira)
   out = {"level": level, "models": m, "pool": int(is_in.shape[1]), "steps": setup.num_steps,
          "train_seconds": float(stats["train_seconds"]),
+         "devices": int(stats["devices"]) if "devices" in stats else None,  # older runs: unsaved
          "member_accuracy": float(stats["correct"][is_in].mean()),
          "nonmember_accuracy": float(stats["correct"][~is_in].mean()),
          "eval_accuracy": float(np.mean(stats["eval_accuracy"])),
@@ -255,7 +268,10 @@ def _plot_roc(curves: dict, path: str) -> None:
 
 # A rerun may add or drop privacy levels and change where results go; levels already saved are
 # reused, so anything else that shapes them must match.
-_RESUMABLE_CHANGES = {"dp.epsilons", "dp.nondp", "results_dir"}
+# Levels may be added or dropped; the rest only changes speed (the same models up to float
+# rounding, tested in tests/attacks/test_shadow.py).
+_RESUMABLE_CHANGES = {"dp.epsilons", "dp.nondp", "results_dir", "train.num_devices",
+                      "train.model_chunk", "train.chunk_steps"}
 
 
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
@@ -364,7 +380,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.learning_rate = 3e-3  # Adam, non-DP
   c.train.dp_learning_rate = 1e-2  # Adam, DP levels
   c.train.chunk_steps = 100  # steps per compiled call
-  c.train.model_chunk = 0  # models per vmap (0 = all on an accelerator, 2 on a CPU)
+  c.train.model_chunk = 0  # models per vmap (0 = all on an accelerator, 2 on a CPU), per device
+  c.train.num_devices = 0  # devices the models are sharded over (0 = all, one per core on a CPU)
   c.dp = ml_collections.ConfigDict()
   c.dp.nondp = True  # audit a non-DP level too
   c.dp.epsilons = (8.0, 1.0)  # one DP level per target epsilon

@@ -2,7 +2,9 @@
 models, and the targets of a leave-one-out membership audit.
 
 All models run as one compiled program: a `lax.scan` over steps inside a `vmap` over models
-(in chunks of models run one after another by `lax.map`). Model m sees only its own members:
+(in chunks of models run one after another by `lax.map`). With a mesh (axis "models"), each
+device trains its own contiguous block of the models (`jax.shard_map`; the models are
+independent, so nothing moves between devices during training). Model m sees only its own members:
 step t samples each of them independently with probability q (Poisson sampling, as the DP
 accountant assumes), padded to a static batch size; the sample is drawn on the device from
 (seed, m, t). A draw larger than the batch keeps its lowest-indexed members and is counted as
@@ -18,12 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from trustjax import reporting
+from trustjax import reporting, sharding
 from trustjax.privacy import accounting
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
 from trustjax.training import nondp_step
 from trustjax.types import LossFn, Params, PRNGKey
+
+MODELS_AXIS = "models"
+
+
+def model_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh named "models" over the first `num_devices` devices (0 = all)."""
+  return sharding.data_mesh(num_devices or None, axis=MODELS_AXIS)
 
 
 def membership_masks(num_models: int, num_examples: int, *, seed: int = 0) -> np.ndarray:
@@ -91,7 +101,8 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
                       optimizer: optax.GradientTransformation, arrays: Mapping[str, np.ndarray],
                       is_in: np.ndarray, *, num_steps: int, sampling_rate: float,
                       batch_size: int, seed: int = 0, dp_config: DPConfig | None = None,
-                      chunk_steps: int = 100, model_chunk: int = 0, show_progress: bool = True,
+                      chunk_steps: int = 100, model_chunk: int = 0,
+                      mesh: Mesh | None = None, show_progress: bool = True,
                       desc: str = "models") -> ParallelModels:
   """Trains one model per row of `is_in`, all at once.
 
@@ -114,7 +125,11 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
     chunk_steps: steps per compiled call (the progress bar moves between calls).
     model_chunk: models per vmap; chunks run one after another (`lax.map`) inside the same
       program. 0 = all models in one vmap on an accelerator, 2 on a CPU, where that was about
-      30% faster than one vmap over 16 models (BENCHMARKS.md).
+      30% faster than one vmap over 16 models (BENCHMARKS.md). With a mesh, per device.
+    mesh: optional mesh with axis "models" (`model_mesh`): device i of n trains models
+      [i * M / n, (i + 1) * M / n), M being the models padded with copies of the last one to a
+      multiple of n (the copies are dropped). The models come out as without a mesh (each
+      model's keys, samples and noise are its own), sharded along their leading axis.
     show_progress: draw a progress bar.
     desc: the progress bar's label.
   """
@@ -136,24 +151,35 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
                        f"({int(is_in.sum(1).max())}); got {dp_config}")
     if dp_config.adaptive is not None:
       raise ValueError("adaptive clipping is not supported for models trained in parallel")
+  shards = 1
+  if mesh is not None:
+    if MODELS_AXIS not in mesh.axis_names:
+      raise ValueError(f"mesh needs an axis {MODELS_AXIS!r}, got {mesh.axis_names}")
+    shards = mesh.shape[MODELS_AXIS]
   root = jax.random.key(seed)
   model_keys = jax.random.split(jax.random.fold_in(root, 0), num_models)
   params = jax.vmap(init_fn)(jax.random.split(jax.random.fold_in(root, 1), num_models))
   opt_state = jax.vmap(optimizer.init)(params)
-  c = resolve_model_chunk(model_chunk, num_models)
+  members = jnp.asarray(is_in)
+  padded = -(-num_models // shards) * shards
+  if padded > num_models:  # copies of the last model fill the last device's block
+    copy = jnp.minimum(jnp.arange(padded), num_models - 1)
+    params, opt_state, model_keys, members = jax.tree.map(
+        lambda x: x[copy], (params, opt_state, model_keys, members))
+  c = resolve_model_chunk(model_chunk, padded // shards)
+  if mesh is not None:
+    params, opt_state, model_keys, members = jax.device_put(
+        (params, opt_state, model_keys, members), NamedSharding(mesh, P(MODELS_AXIS)))
   chunks = {}
 
   def run(count, *args):
     if count not in chunks:
-      train = jax.vmap(model_trainer(loss_fn, optimizer, arrays, sampling_rate=sampling_rate,
-                                     batch_size=batch_size, dp_config=dp_config, steps=count),
-                       in_axes=(0, 0, 0, 0, None))
-      chunks[count] = jax.jit(lambda p, s, k, member, start: in_chunks(
-          train, c, p, s, k, member, shared=start))
+      chunks[count] = jax.jit(models_program(
+          model_trainer(loss_fn, optimizer, arrays, sampling_rate=sampling_rate,
+                        batch_size=batch_size, dp_config=dp_config, steps=count), c, mesh))
     return chunks[count](*args)
 
-  members = jnp.asarray(is_in)
-  overflow = np.zeros(num_models, np.int64)
+  overflow = np.zeros(padded, np.int64)
   bar = reporting.progress(num_steps, desc=desc) if show_progress else None
   done = 0
   while done < num_steps:
@@ -166,7 +192,26 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
       bar.update(count)
   if bar is not None:
     bar.close()
+  if padded > num_models:
+    params = jax.tree.map(lambda x: x[:num_models], params)
+    overflow = overflow[:num_models]
   return ParallelModels(params=params, is_in=is_in, overflow=overflow, steps=num_steps)
+
+
+def models_program(train: Callable, model_chunk: int, mesh: Mesh | None = None) -> Callable:
+  """`(params, opt_state, keys, members, start) -> (params, opt_state, overflow)` for stacked
+  models (leading [models] axis; `start` shared): one model's `train` (`model_trainer`'s)
+  under `vmap`, `model_chunk` models at a time (`in_chunks`); with `mesh`, each device of its
+  "models" axis runs its own contiguous block that way (`jax.shard_map`; the models must be a
+  multiple of the devices). Unjitted."""
+  vmapped = jax.vmap(train, in_axes=(0, 0, 0, 0, None))
+  block = lambda p, s, k, member, start: in_chunks(vmapped, model_chunk, p, s, k, member,
+                                                   shared=start)
+  if mesh is None:
+    return block
+  spec = P(MODELS_AXIS)
+  return jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=spec,
+                       check_vma=False)
 
 
 def resolve_model_chunk(model_chunk: int, num_models: int) -> int:
