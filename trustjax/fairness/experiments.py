@@ -137,9 +137,10 @@ def train_and_score(cfg, arrays: dict, inputs: Inputs, seed: int, *,
       batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, seed=seed,
       show_progress=show_progress)
   prob = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x))[:, 1])
-  chunks = range(0, len(inputs.eval_inputs), 4096)
-  scores = np.concatenate([np.asarray(prob(head, jnp.asarray(inputs.eval_inputs[s:s + 4096])))
-                           for s in chunks])
+  # Chunks of one shape (the last one padded), so the scoring compiles once.
+  chunk = min(4096, len(inputs.eval_inputs))
+  scores = np.concatenate([np.asarray(prob(head, jnp.asarray(b["inputs"])))[b["mask"]]
+                           for b in tjdata.padded_batches({"inputs": inputs.eval_inputs}, chunk)])
   if inputs.encoder is not None:  # the encoder's weights are an argument, not a constant
     enc = inputs.encoder
 
