@@ -185,9 +185,9 @@ def generate(model: nn.Module, params: Params, prompts: jax.Array, prompt_length
   if not jnp.all((lengths >= 1) & (lengths <= prompts.shape[1])):
     raise ValueError(f"prompt_lengths must lie in [1, {prompts.shape[1]}]")
   cached = use_cache and "decode" in {f.name for f in dataclasses.fields(model)}
-  return (_generate_cached if cached else _generate)(
-      model, params, prompts, lengths, key, max_new_tokens=max_new_tokens,
-      temperature=float(temperature), top_k=int(top_k), suppress=tuple(int(i) for i in suppress))
+  return _generate(model, params, prompts, lengths, key, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_k=int(top_k),
+                   suppress=tuple(int(i) for i in suppress), cached=cached)
 
 
 def _sample(logits, key, temperature, top_k, suppress):
@@ -204,31 +204,36 @@ def _sample(logits, key, temperature, top_k, suppress):
   return jax.random.categorical(key, logits, -1).astype(jnp.int32)
 
 
-_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "suppress")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
+                                             "suppress", "cached"))
 def _generate(model, params, prompts, lengths, key, *, max_new_tokens, temperature, top_k,
-              suppress):
+              suppress, cached):
+  """The buffer (prompts left-aligned, then room for the new tokens), filled by either program,
+  and each row's new tokens read back from it."""
   b, p = prompts.shape
   buf = jnp.zeros((b, p + max_new_tokens), jnp.int32).at[:, :p].set(prompts)
-  rows = jnp.arange(b)
+  sample = lambda logits, k: _sample(logits, k, temperature, top_k, suppress)
+  if cached:
+    buf = _fill_cached(model, params, buf, lengths, key, sample)
+  else:
+    buf = _fill_whole(model, params, buf, lengths, key, sample, max_new_tokens)
+  return buf[jnp.arange(b)[:, None], lengths[:, None] + jnp.arange(max_new_tokens)]
+
+
+def _fill_whole(model, params, buf, lengths, key, sample, max_new_tokens):
+  """Step t runs the model over the whole buffer and writes token t of every row."""
+  rows = jnp.arange(buf.shape[0])
 
   def step(t, buf):
     logits = model.apply({"params": params}, buf)[rows, lengths + t - 1]
-    tok = _sample(logits, jax.random.fold_in(key, t), temperature, top_k, suppress)
-    return buf.at[rows, lengths + t].set(tok)
+    return buf.at[rows, lengths + t].set(sample(logits, jax.random.fold_in(key, t)))
 
-  buf = jax.lax.fori_loop(0, max_new_tokens, step, buf)
-  return buf[rows[:, None], lengths[:, None] + jnp.arange(max_new_tokens)]
+  return jax.lax.fori_loop(0, max_new_tokens, step, buf)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_cached(model, params, prompts, lengths, key, *, max_new_tokens, temperature, top_k,
-                     suppress):
-  b, p = prompts.shape
-  width = p + max_new_tokens
-  buf = jnp.zeros((b, width), jnp.int32).at[:, :p].set(prompts)
+def _fill_cached(model, params, buf, lengths, key, sample):
+  """Step i feeds position i to the cached decoder and writes its sample at position i + 1 of
+  the rows whose prompt has ended."""
   decoder = model.clone(decode=True)
   # The cache's shapes from an abstract first call; its contents start at zero.
   shapes = jax.eval_shape(
@@ -240,12 +245,11 @@ def _generate_cached(model, params, prompts, lengths, key, *, max_new_tokens, te
     logits, updated = decoder.apply({"params": params, "cache": cache},
                                     jax.lax.dynamic_slice_in_dim(buf, i, 1, axis=1),
                                     mutable=["cache"])
-    tok = _sample(logits[:, 0], jax.random.fold_in(key, i), temperature, top_k, suppress)
+    tok = sample(logits[:, 0], jax.random.fold_in(key, i))
     nxt = jax.lax.dynamic_index_in_dim(buf, i + 1, axis=1, keepdims=False)
     # Rows still inside their prompt keep it; the others take the sampled token.
     nxt = jnp.where(i + 1 >= lengths, tok, nxt)
     return jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None], i + 1, axis=1), updated["cache"]
 
-  buf, _ = jax.lax.fori_loop(0, width - 1, step, (buf, cache))
-  rows = jnp.arange(b)[:, None]
-  return buf[rows, lengths[:, None] + jnp.arange(max_new_tokens)]
+  buf, _ = jax.lax.fori_loop(0, buf.shape[1] - 1, step, (buf, cache))
+  return buf
