@@ -266,10 +266,9 @@ def _plot_roc(curves: dict, path: str) -> None:
   reporting.save_figure(fig, path)
 
 
-# A rerun may add or drop privacy levels and change where results go; levels already saved are
-# reused, so anything else that shapes them must match.
-# Levels may be added or dropped; the rest only changes speed (the same models up to float
-# rounding, tested in tests/attacks/test_shadow.py).
+# A rerun may add or drop privacy levels, change where results go, and change what only sets the
+# speed (devices, chunking: the same models up to float rounding, tests/attacks/test_shadow.py);
+# levels already saved are reused, so anything else that shapes them must match.
 _RESUMABLE_CHANGES = {"dp.epsilons", "dp.nondp", "results_dir", "train.num_devices",
                       "train.model_chunk", "train.chunk_steps"}
 
