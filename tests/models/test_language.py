@@ -44,8 +44,9 @@ def _to_hf_state_dict(params):
   sd = {"transformer.wte.weight": t(params["token_embed"]["embedding"]),
         "transformer.wpe.weight": t(params["pos_embed"]["embedding"]),
         "transformer.ln_f.weight": t(params["ln_final"]["scale"]),
-        "transformer.ln_f.bias": t(params["ln_final"]["bias"]),
-        "lm_head.weight": t(np.asarray(params["head"]["kernel"]).T)}
+        "transformer.ln_f.bias": t(params["ln_final"]["bias"])}
+  if "head" in params:  # untied; tied, GPT-2 shares lm_head.weight with wte.weight
+    sd["lm_head.weight"] = t(np.asarray(params["head"]["kernel"]).T)
   i = 0
   while f"block_{i}" in params:
     b, pre = params[f"block_{i}"], f"transformer.h.{i}."
@@ -68,10 +69,22 @@ def _to_hf_state_dict(params):
   return sd
 
 
-def test_matches_huggingface_gpt2():
+def test_build_language_model_ties_the_head():
+  kw = dict(vocab_size=40, max_length=12, embed_dim=16, num_layers=1, num_heads=4, mlp_dim=32,
+            hidden=8)
+  tokens = jnp.zeros((2, 12), jnp.int32)
+  untied = models.build_language_model("gpt", **kw).init(jax.random.key(0), tokens)["params"]
+  tied = models.build_language_model("gpt", **kw, tie_embeddings=True).init(
+      jax.random.key(0), tokens)["params"]
+  assert "head" in untied and "head" not in tied
+  assert set(untied) - set(tied) == {"head"}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_matches_huggingface_gpt2(tied):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  model = _gpt()
+  model = _gpt().clone(tie_embeddings=tied)
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, 40, (3, 12)).astype(np.int32)
   params = model.init(jax.random.key(1), jnp.asarray(tokens))["params"]
@@ -83,19 +96,24 @@ def test_matches_huggingface_gpt2():
   cfg = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=2, n_head=4,
                                 n_inner=48, activation_function="gelu_new",
                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+                                layer_norm_epsilon=1e-5, tie_word_embeddings=tied)
   hf = transformers.GPT2LMHeadModel(cfg).eval()
+  assert ("head" in params) != tied
   missing, unexpected = hf.load_state_dict(_to_hf_state_dict(params), strict=False)
   assert not unexpected
-  assert all(k.endswith("attn.bias") or k.endswith("masked_bias") for k in missing), missing
+  assert all(k.endswith("attn.bias") or k.endswith("masked_bias")
+             or (tied and k == "lm_head.weight") for k in missing), missing
+  if tied:
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
   with torch.no_grad():
     want = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_cached_decoding_equals_the_full_model_at_every_position():
-  model = _gpt()
+@pytest.mark.parametrize("tied", [False, True])
+def test_cached_decoding_equals_the_full_model_at_every_position(tied):
+  model = _gpt(tie_embeddings=tied)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 40, (3, 12)), jnp.int32)
   params = model.init(jax.random.key(4), tokens)["params"]
   want = model.apply({"params": params}, tokens)

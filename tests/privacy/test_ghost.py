@@ -24,6 +24,38 @@ class _WithCustomParam(nn.Module):
     return nn.Dense(3)(x.mean(1)) + offset
 
 
+class _Shared(nn.Module):
+  """Weight sharing the rules take together: an embedding looked up twice and tied to the output
+  layer (`attend`), and a Dense and a LayerNorm applied twice, once over a sequence axis."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(30, 6, name="embed")
+    dense = nn.Dense(6, name="shared_dense")
+    norm = nn.LayerNorm(name="shared_norm")
+    x = norm(nn.tanh(dense(embed(tokens) + embed(tokens[:, ::-1]))))  # [B, T, 6]
+    x = norm(dense(x.mean(1)))  # [B, 6]
+    return embed.attend(x)  # [B, 30]
+
+
+class _OwnDense(nn.Dense):
+  """A Dense subclass whose output is scaled: the Dense rule would be wrong for it."""
+
+  def __call__(self, x):
+    return 2.0 * super().__call__(x)
+
+
+class _ReadElsewhere(nn.Module):
+  """Parameters used outside the calls a rule sees: an embedding looked up and also read by the
+  parent as an output layer (`embed.embedding`), and a Dense subclass. Both fall back to vmap."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(30, 6, name="embed")
+    x = _OwnDense(6, name="own")(nn.tanh(embed(tokens)).mean(1))
+    return nn.tanh(x) @ embed.embedding[:3].T  # [B, 3]
+
+
 @functools.lru_cache(maxsize=None)
 def _problems():
   rng = np.random.default_rng(0)
@@ -46,6 +78,10 @@ def _problems():
   gpt = models.GPTDecoder(vocab_size=20, max_length=9, embed_dim=8, num_layers=2, num_heads=2,
                           mlp_dim=16)
   gpt_params = gpt.init(jax.random.key(3), toks)["params"]
+  tied = gpt.clone(tie_embeddings=True)
+  tied_params = tied.init(jax.random.key(4), toks)["params"]
+  shared, elsewhere = _Shared(), _ReadElsewhere()
+  shared_batch = dict(custom_batch, label=jnp.asarray(rng.integers(0, 30, 6)))
   return {
       "mlp": (models.classification_loss(mlp, input_key="x"), mlp_params, mlp_batch),
       "transformer": tiny_problem(batch_size=7, scale=2.0),
@@ -56,6 +92,12 @@ def _problems():
       "lstm": (models.lm_loss(lstm), lstm_params, lstm_batch),
       # Causal attention (DenseGeneral projections), position embeddings, an unbiased head.
       "gpt": (models.lm_loss(gpt), gpt_params, lstm_batch),
+      # GPT-2's tied output layer: the token embedding is read by lookup and by `attend`.
+      "gpt_tied": (models.lm_loss(tied), tied_params, lstm_batch),
+      "shared": (models.classification_loss(shared),
+                 shared.init(jax.random.key(5), tokens)["params"], shared_batch),
+      "read_elsewhere": (models.classification_loss(elsewhere),
+                         elsewhere.init(jax.random.key(6), tokens)["params"], custom_batch),
   }
 
 
@@ -63,16 +105,18 @@ def _problems():
 @pytest.mark.parametrize("method", ["ghost", "bookkeeping"])
 def test_matches_vmap_reference(name, method):
   loss_fn, params, batch = _problems()[name]
-  ref_sum, ref_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=1e9)
+  # The reference is explicit: the default method ("auto") is book-keeping itself.
+  ref_sum, ref_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=1e9, method="vmap")
   clip = 0.5 * float(np.median(np.asarray(ref_aux["norms"])[np.asarray(batch["mask"])]))
-  ref_sum, ref_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=clip)
+  ref_sum, ref_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=clip, method="vmap")
   got_sum, got_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=clip, method=method)
   np.testing.assert_allclose(got_aux["norms"], ref_aux["norms"], rtol=2e-4, atol=1e-6)
   np.testing.assert_allclose(got_aux["losses"], ref_aux["losses"], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(got_sum, ref_sum, rtol=2e-4, atol=2e-5)
-  # Rules cover every feed-forward layer of the library's models; the custom parameter and the
-  # recurrent cell fall back.
-  expected = {"custom_param_fallback": 1, "lstm": 12}.get(name, 0)  # 12: the cell's leaves
+  # Rules cover every feed-forward layer of the library's models and shared layers; the custom
+  # parameter, the recurrent cell and parameters read outside a rule's calls fall back.
+  expected = {"custom_param_fallback": 1, "lstm": 12,  # 12: the cell's leaves
+              "read_elsewhere": 3}.get(name, 0)  # the embedding, the subclass's kernel and bias
   if name == "lstm":
     assert len(jax.tree_util.tree_leaves(params["OptimizedLSTMCell_0"])) == 12
   assert int(got_aux["vmap_fallback_leaves"]) == expected
@@ -80,7 +124,39 @@ def test_matches_vmap_reference(name, method):
 
 def test_microbatched_bookkeeping_matches():
   loss_fn, params, batch = tiny_problem(batch_size=7, scale=2.0)
-  ref, _ = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.3)
-  got, _ = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.3, method="bookkeeping",
-                            microbatch_size=3)
+  ref, _ = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.3, method="vmap")
+  got, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.3, method="bookkeeping",
+                              microbatch_size=3)
   chex.assert_trees_all_close(got, ref, rtol=2e-4, atol=2e-5)
+  assert int(aux["vmap_fallback_leaves"]) == 0  # the rules see the layers inside the scan
+
+
+def test_parameters_cast_outside_the_model_keep_their_rules():
+  """Mixed precision by casting the parameters before `apply`: the casts are not a use."""
+  loss_fn, params, batch = _problems()["gpt_tied"]
+
+  def cast_loss(p, b):
+    return loss_fn(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), p), b)
+
+  ref_sum, ref = clipped_grad_sum(cast_loss, params, batch, l2_clip=0.5, method="vmap")
+  got_sum, got = clipped_grad_sum(cast_loss, params, batch, l2_clip=0.5, method="bookkeeping")
+  assert int(got["vmap_fallback_leaves"]) == 0
+  # bfloat16 forward passes: the reference and the rules round differently.
+  np.testing.assert_allclose(got["norms"], ref["norms"], rtol=3e-2, atol=1e-3)
+  chex.assert_trees_all_close(got_sum, ref_sum, rtol=5e-2, atol=5e-3)
+
+
+def test_rules_hold_under_vmap_over_models():
+  """Shadow models train under vmap: the traced coverage check sees the same calls there."""
+  loss_fn, params, batch = _problems()["gpt_tied"]
+  two = jax.tree_util.tree_map(lambda x: jnp.stack([x, 1.5 * x]), params)
+  fn = jax.jit(jax.vmap(lambda p: clipped_grad_sum(loss_fn, p, batch, l2_clip=0.5,
+                                                   method="bookkeeping")))
+  sums, aux = fn(two)
+  assert np.all(np.asarray(aux["vmap_fallback_leaves"]) == 0)
+  for i in range(2):
+    p = jax.tree_util.tree_map(lambda x: x[i], two)
+    ref_sum, ref = clipped_grad_sum(loss_fn, p, batch, l2_clip=0.5, method="vmap")
+    np.testing.assert_allclose(aux["norms"][i], ref["norms"], rtol=2e-4, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], sums), ref_sum,
+                                rtol=2e-4, atol=2e-5)

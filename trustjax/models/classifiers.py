@@ -69,14 +69,18 @@ class EncoderBlock(nn.Module):
 
 
 def embed_with_positions(tokens: jax.Array, vocab_size: int, max_length: int, embed_dim: int,
-                         dtype: jnp.dtype, offset: jax.Array | int = 0) -> jax.Array:
+                         dtype: jnp.dtype, offset: jax.Array | int = 0,
+                         token_embed: nn.Embed | None = None) -> jax.Array:
   """Token plus learned position embeddings ("token_embed", "pos_embed"), created in the calling
-  compact module; a named error when `tokens` is longer than `max_length`. Position ids start at
-  `offset` (a traced scalar in cached decoding, where `tokens` is one position)."""
+  compact module (or the caller's `token_embed`, for a model that reuses it as its output layer);
+  a named error when `tokens` is longer than `max_length`. Position ids start at `offset` (a
+  traced scalar in cached decoding, where `tokens` is one position)."""
   length = tokens.shape[1]
   if length > max_length:
     raise ValueError(f"sequence length {length} exceeds max_length={max_length}")
-  x = nn.Embed(vocab_size, embed_dim, dtype=dtype, name="token_embed")(tokens)
+  if token_embed is None:
+    token_embed = nn.Embed(vocab_size, embed_dim, dtype=dtype, name="token_embed")
+  x = token_embed(tokens)
   # Position ids carry the batch axis (like token ids) so per-example DP rules see each
   # example's use of the position table.
   positions = jnp.broadcast_to(offset + jnp.arange(length), tokens.shape)

@@ -40,10 +40,12 @@ class CharLSTM(nn.Module):
 
 class GPTDecoder(nn.Module):
   """A GPT-style causal transformer language model: token and learned position embeddings,
-  `num_layers` pre-LN blocks under a causal mask, a final LayerNorm and an untied linear head
-  without bias (so that every parameterised layer is an Embed, Dense, DenseGeneral or LayerNorm,
-  which the DP clipping rules recognise). With the same weights it computes what Hugging Face's
-  `GPT2LMHeadModel` computes with `tie_word_embeddings=False` and no dropout (tested).
+  `num_layers` pre-LN blocks under a causal mask, a final LayerNorm and a linear head without
+  bias: untied by default, or with `tie_embeddings=True` the token embedding's transpose, as in
+  GPT-2 (`Embed.attend`; the DP clipping rules take the embedding's two uses together). Every
+  parameterised layer is an Embed, Dense, DenseGeneral or LayerNorm, which the rules recognise.
+  With the same weights it computes what Hugging Face's `GPT2LMHeadModel` computes with
+  `tie_word_embeddings` set alike and no dropout (tested, tied and untied).
 
   Reference: Radford et al., "Language Models are Unsupervised Multitask Learners" (GPT-2), 2019;
   Vaswani et al., "Attention Is All You Need", 2017.
@@ -57,6 +59,7 @@ class GPTDecoder(nn.Module):
   mlp_dim: int = 256
   dtype: jnp.dtype = jnp.float32  # computation dtype (bfloat16 = mixed precision; params f32)
   decode: bool = False  # cached decoding: see `generate` (same parameters either way)
+  tie_embeddings: bool = False  # output layer = token embedding's transpose (no "head" params)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -75,23 +78,29 @@ class GPTDecoder(nn.Module):
           raise ValueError(f"cached decoding takes one position per call, got {tokens.shape}")
         offset, mask = position.value, None  # the attention cache masks the unwritten rest
         position.value = position.value + 1
+    token_embed = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, name="token_embed")
     x = embed_with_positions(tokens, self.vocab_size, self.max_length, self.embed_dim, self.dtype,
-                             offset)
+                             offset, token_embed=token_embed)
     for i in range(self.num_layers):
       # GPT-2's LayerNorm epsilon; the same block as the encoder's, under a causal mask.
       x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, layer_norm_epsilon=1e-5,
                        decode=self.decode, name=f"block_{i}")(x, mask)
     x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_final")(x)
+    if self.tie_embeddings:
+      return token_embed.attend(x)
     return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="head")(x)
 
 
 def build_language_model(name: str, *, vocab_size: int, max_length: int, embed_dim: int,
-                         num_layers: int, num_heads: int, mlp_dim: int, hidden: int) -> nn.Module:
+                         num_layers: int, num_heads: int, mlp_dim: int, hidden: int,
+                         tie_embeddings: bool = False) -> nn.Module:
   """Builds a language model by name: "gpt" (`GPTDecoder`; `hidden` unused) or "char_lstm"
-  (`CharLSTM` of width `hidden`; `num_heads`, `mlp_dim` and `max_length` unused)."""
+  (`CharLSTM` of width `hidden`; `num_heads`, `mlp_dim`, `max_length` and `tie_embeddings`
+  unused)."""
   if name == "gpt":
     return GPTDecoder(vocab_size=vocab_size, max_length=max_length, embed_dim=embed_dim,
-                      num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim)
+                      num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
+                      tie_embeddings=tie_embeddings)
   if name == "char_lstm":
     return CharLSTM(vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
                     num_layers=num_layers)

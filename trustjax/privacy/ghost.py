@@ -9,12 +9,23 @@ are the gradients with respect to a zero "tap" added to each layer's output. Rul
 - Dense / DenseGeneral (T positions per example, I inputs, O outputs):
   ||dW_i||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)  (Gram form, O(T^2 (I + O)))  or
   ||a_i^T g_i||_F^2 (direct form, O(T I O)), whichever is cheaper; bias: ||sum_t g_t||^2.
-- Embed: ||dE_i||^2 = sum_{t,s} [id_t == id_s] (g_t . g_s).
+- Embed: ||dE_i||^2 = sum_{t,s} [id_t == id_s] (g_t . g_s); `Embed.attend(q)` (a tied output
+  layer, logits q E^T) is a Dense layer with kernel E^T.
 - LayerNorm: scale: ||sum_t g_t * xhat_t||^2; bias: ||sum_t g_t||^2.
 
-A parameter whose module has no rule, or whose module is called more than once per forward pass
-(so its gradient sums several calls), falls back to vmapped per-example gradients for those
-parameters only.
+A module called several times in one forward pass (a shared layer, or an embedding tied to the
+output layer through `attend`) has one gradient per example, the sum over its calls: the rules
+take the calls together (a Dense layer's calls as one longer sequence; for a tied embedding,
+the lookups' term, the output layer's term and twice their inner product,
+sum_{t,s} G_s[id_t] (g_t . q_s) with G the logits' gradient).
+
+Which parameters the rules may cover is checked on the traced program (`jax.make_jaxpr`): each
+recorded call runs under its own named scope, and a parameter is covered only if every op that
+reads it (after dtype casts) lies inside a recorded call of its own module, at the top level of
+the loss. A parameter read anywhere else (an attribute such as `embed.embedding` used by the
+parent, a layer subclass, a layer inside `nn.scan` or a jitted function), and every parameter
+of a module that no rule covers, falls back to vmapped per-example gradients for those
+parameters only; so an unforeseen use costs time, never the clipping bound.
 
 Methods:
 - "ghost": norms as above, then a second backward pass on sum_i c_i L_i (c_i the clip factors).
@@ -36,6 +47,7 @@ import collections
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 
 import kernels
 
@@ -43,6 +55,12 @@ from trustjax.privacy.clipping import FALLBACK_SCOPE, NORMS_SCOPE, SUM_SCOPE
 from trustjax.types import Batch, LossFn, Params
 
 _RULES = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.LayerNorm)
+_TAP_SCOPE = "dp_tap"
+# Ops through which a parameter may pass outside its layer (mixed precision casts).
+_CASTS = frozenset({"convert_element_type", "copy", "copy_p", "device_put"})
+# The coverage check's scopes exist only in the abstract trace, never in the compiled step; a
+# reference of their own keeps them apart from the profiling scopes (which a test switches off).
+_call_scope = jax.named_scope
 
 
 def _normalize_axes(axis, ndim):
@@ -58,19 +76,33 @@ class _Tap:
     self.out_shape, self.extra = out_shape, extra
 
 
-def _make_interceptor(taps: list, perturb: dict | None):
+def _make_interceptor(taps: list, perturb: dict | None, skip=frozenset(), scopes=None):
+  """Records each call of a rule module (exact types only: a subclass may change the math) in
+  `taps`, adding `perturb[key]` to its output. Paths in `skip` run unrecorded. With `scopes`
+  (a dict filled as calls come), each call runs under a named scope `scopes[path]`."""
   counts = collections.Counter()
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
-    if context.method_name != "__call__" or not isinstance(mod, _RULES):
+    if type(mod) not in _RULES or context.method_name == "setup":
       return next_fun(*args, **kwargs)
     path = tuple(mod.path)
+    if path in skip:
+      return next_fun(*args, **kwargs)
+    if scopes is not None:
+      scope = scopes.setdefault(path, f"{_TAP_SCOPE}<{len(scopes)}>")
+      with _call_scope(scope):
+        y = next_fun(*args, **kwargs)
+    else:
+      y = next_fun(*args, **kwargs)
     counts[path] += 1
-    y = next_fun(*args, **kwargs)
     x = args[0] if args else next(iter(kwargs.values()))
     extra = None
-    if isinstance(mod, nn.LayerNorm):
+    if context.method_name == "attend" and isinstance(mod, nn.Embed):
+      kind = "attend"
+    elif context.method_name != "__call__":
+      kind = "unsupported"
+    elif isinstance(mod, nn.LayerNorm):
       if mod.reduction_axes not in (-1, (-1,)) or mod.feature_axes not in (-1, (-1,)):
         kind = "unsupported"
       else:
@@ -109,10 +141,12 @@ def _keys(taps):
 
 
 def _dense_ops(tap, g):
-  """(a [B, T, I], g [B, T, O]) for a Dense/DenseGeneral call with output gradient g."""
+  """(a [B, T, I], g [B, T, O]) for a Dense/DenseGeneral call (or `Embed.attend`, whose kernel
+  is the embedding's transpose) with output gradient g; None if its contraction takes the batch
+  axis."""
   x = tap.x
   b = x.shape[0]
-  if tap.kind == "dense":
+  if tap.kind in ("dense", "attend"):
     contract = (x.ndim - 1,)
     feat_nd = 1
   else:
@@ -143,38 +177,71 @@ def _pairwise_sq_norm(a, g):
   return kernels.seq_dense_sq_norms(a, g)  # Pallas on GPU/TPU, the same einsum on CPU
 
 
-def _layer_terms(tap, g):
-  """Per-example squared norms {param_name: [B]} of one intercepted call, or None."""
-  b = g.shape[0]
-  if tap.kind in ("dense", "dense_general"):
-    ops = _dense_ops(tap, g)
-    if ops is None:
-      return None
-    a, gg = ops
+def _concat_dense_ops(calls):
+  """Each call's (a, g), and all of them as one sequence: [B, sum T, I], [B, sum T, O]."""
+  ops = [_dense_ops(tap, g) for tap, g in calls]
+  if len(ops) == 1:
+    return ops, ops[0]
+  return ops, (jnp.concatenate([a for a, _ in ops], 1), jnp.concatenate([g for _, g in ops], 1))
+
+
+def _lookups(calls, b):
+  """An Embed's lookups as ids [B, T] and output gradients [B, T, D] (calls concatenated)."""
+  ids = [tap.x.reshape(b, -1) for tap, _ in calls]
+  gs = [g.reshape(b, i.shape[1], -1).astype(jnp.float32) for (_, g), i in zip(calls, ids)]
+  return jnp.concatenate(ids, 1), jnp.concatenate(gs, 1)
+
+
+def _sum_over_calls(calls, fn):
+  total = None
+  for tap, g in calls:
+    v = fn(tap, g)
+    total = v if total is None else total + v
+  return total
+
+
+def _layer_terms(calls, b):
+  """Per-example squared norms {param_name: [B]} of one module from all its calls
+  [(tap, output gradient)] (the gradient of a shared module sums its calls)."""
+  kind = calls[0][0].kind
+  mod = calls[0][0].module
+  if kind in ("dense", "dense_general"):
+    ops, (a, gg) = _concat_dense_ops(calls)
     out = {"kernel": _pairwise_sq_norm(a, gg)}
-    if tap.module.use_bias:
-      out["bias"] = jnp.sum(jnp.square(gg.sum(1)), axis=-1)
+    if mod.use_bias:
+      out["bias"] = jnp.sum(jnp.square(sum(g.sum(1) for _, g in ops)), axis=-1)
     return out
-  if tap.kind == "embed":
-    ids = tap.x.reshape(b, -1)
-    gg = g.reshape(b, ids.shape[1], -1).astype(jnp.float32)
-    same = (ids[:, :, None] == ids[:, None, :]).astype(jnp.float32)
-    return {"embedding": jnp.einsum("bts,bts->b", same, jnp.einsum("btd,bsd->bts", gg, gg))}
-  if tap.kind == "layernorm":
-    d = g.shape[-1]
-    gg = g.reshape(b, -1, d).astype(jnp.float32)
-    xh = tap.extra.reshape(b, -1, d)
-    out = {}
-    if tap.module.use_scale:
-      out["scale"] = jnp.sum(jnp.square((gg * xh).sum(1)), axis=-1)
-    if tap.module.use_bias:
-      out["bias"] = jnp.sum(jnp.square(gg.sum(1)), axis=-1)
-    return out
-  return None
+  if kind in ("embed", "attend"):
+    looks = [c for c in calls if c[0].kind == "embed"]
+    tied = [c for c in calls if c[0].kind == "attend"]
+    sq = jnp.zeros((b,), jnp.float32)
+    if looks:
+      ids, gl = _lookups(looks, b)
+      same = (ids[:, :, None] == ids[:, None, :]).astype(jnp.float32)
+      sq = sq + jnp.einsum("bts,bts->b", same, jnp.einsum("btd,bsd->bts", gl, gl))
+    if tied:
+      _, (q, lg) = _concat_dense_ops(tied)  # queries [B, S, D], logits' gradients [B, S, V]
+      sq = sq + _pairwise_sq_norm(q, lg)
+    if looks and tied:
+      # <sum_t e_{id_t} g_t^T, sum_s G_s q_s^T> = sum_{t,s} G_s[id_t] (g_t . q_s)
+      picked = jnp.take_along_axis(
+          lg, jnp.broadcast_to(ids[:, None, :], (b, lg.shape[1], ids.shape[1])), axis=2)
+      sq = sq + 2.0 * jnp.einsum("bst,bts->b", picked, jnp.einsum("btd,bsd->bts", gl, q))
+    return {"embedding": sq}
+  d = calls[0][1].shape[-1]
+  out = {}
+  if mod.use_scale:
+    out["scale"] = jnp.sum(jnp.square(_sum_over_calls(
+        calls, lambda t, g: (g.reshape(b, -1, d).astype(jnp.float32)
+                             * t.extra.reshape(b, -1, d)).sum(1))), axis=-1)
+  if mod.use_bias:
+    out["bias"] = jnp.sum(jnp.square(_sum_over_calls(
+        calls, lambda t, g: g.reshape(b, -1, d).astype(jnp.float32).sum(1))), axis=-1)
+  return out
 
 
-def _layer_clipped_sum(tap, g, c, layer_params):
-  """sum_i c_i * (example i's gradient) for each parameter of one intercepted call."""
+def _call_clipped_sum(tap, g, c, layer_params):
+  """sum_i c_i * (example i's gradient through this one call) for each parameter it uses."""
   b = g.shape[0]
   if tap.kind in ("dense", "dense_general"):
     a, gg = _dense_ops(tap, g)
@@ -184,6 +251,9 @@ def _layer_clipped_sum(tap, g, c, layer_params):
       bshape = layer_params["bias"].shape
       out["bias"] = jnp.einsum("bto,b->o", gg, c).reshape(bshape)
     return out
+  if tap.kind == "attend":
+    q, lg = _dense_ops(tap, g)
+    return {"embedding": kernels.weighted_outer_sum(q, lg, c).T}  # [D, V] -> [V, D]
   if tap.kind == "embed":
     ids = tap.x.reshape(-1)
     gg = (g.reshape(b, -1, g.shape[-1]).astype(jnp.float32) * c[:, None, None]).reshape(
@@ -198,6 +268,58 @@ def _layer_clipped_sum(tap, g, c, layer_params):
   if tap.module.use_bias:
     out["bias"] = jnp.einsum("btd,b->d", gg, c)
   return out
+
+
+def _layer_clipped_sum(calls, c, layer_params):
+  """sum_i c_i * (example i's gradient) for each parameter of one module, over all its calls."""
+  total = {}
+  for tap, g in calls:
+    for name, v in _call_clipped_sum(tap, g, c, layer_params).items():
+      total[name] = v if name not in total else total[name] + v
+  return total
+
+
+def _unsupported_paths(taps, b):
+  """Module paths with a call no rule handles (whose parameters must fall back to vmap)."""
+  bad = set()
+  for t in taps:
+    if (t.kind == "unsupported" or t.out_shape[:1] != (b,)
+        or getattr(t.x, "shape", ())[:1] != (b,)):
+      bad.add(t.path)
+    elif t.kind == "dense_general" and 0 in _normalize_axes(t.module.axis, len(t.x.shape)):
+      bad.add(t.path)
+  return bad
+
+
+def _key_name(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return str(k)
+
+
+def _read_elsewhere(jaxpr, params, scopes):
+  """Module paths one of whose parameters is read (after casts) by an op outside the named
+  scopes of that module's recorded calls, at the top level of the traced loss `jaxpr`."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  owner = {}
+  for (kp, _), var in zip(flat, jaxpr.invars):
+    owner[var] = tuple(_key_name(k) for k in kp)[:-1]
+  bad = set()
+  for eqn in jaxpr.eqns:
+    mods = {owner[v] for v in eqn.invars if isinstance(v, jex_core.Var) and v in owner}
+    if not mods:
+      continue
+    stack = str(eqn.source_info.name_stack)
+    for mod in mods:
+      if mod in scopes and scopes[mod] in stack:
+        continue  # inside one of the module's own recorded calls
+      if eqn.primitive.name in _CASTS and len(mods) == 1:
+        owner.update({o: mod for o in eqn.outvars})
+        continue
+      bad.add(mod)
+  bad.update(owner[v] for v in jaxpr.outvars if isinstance(v, jex_core.Var) and v in owner)
+  return bad
 
 
 def _get(tree, path):
@@ -237,25 +359,28 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   mask = batch["mask"].astype(jnp.float32)
   b = mask.shape[0]
 
-  # 1) Discover which layers are called, and their output shapes, by abstract evaluation.
+  # 1) Trace the loss (no FLOPs) to discover the rule modules' calls, their output shapes,
+  #    and which ops read each parameter; modules that a rule cannot cover are skipped.
   shape_taps: list = []
+  scopes: dict = {}
 
   def discover(p):
-    with nn.intercept_methods(_make_interceptor(shape_taps, None)):
+    with nn.intercept_methods(_make_interceptor(shape_taps, None, scopes=scopes)):
       return loss_fn(p, batch)
 
-  jax.eval_shape(discover, params)
-  keys = _keys(shape_taps)
-  calls = collections.Counter(t.path for t in shape_taps)
-  zeros = {k: jnp.zeros(t.out_shape, jnp.float32) for k, t in zip(keys, shape_taps)
-           if t.kind != "unsupported" and calls[t.path] == 1 and t.out_shape[:1] == (b,)}
+  traced = jax.make_jaxpr(discover)(params)
+  skip = frozenset(_unsupported_paths(shape_taps, b)
+                   | _read_elsewhere(traced.jaxpr, params, scopes))
+  shape_taps = [t for t in shape_taps if t.path not in skip]
+  zeros = {k: jnp.zeros(t.out_shape, jnp.float32)
+           for k, t in zip(_keys(shape_taps), shape_taps)}
 
   # 2) One forward/backward: losses, recorded inputs, and output gradients at the taps.
   meta: list = []  # the taps' static metadata; their arrays leave the trace through aux
 
   def tapped(z):
     taps = []
-    with nn.intercept_methods(_make_interceptor(taps, z)):
+    with nn.intercept_methods(_make_interceptor(taps, z, skip)):
       losses = loss_fn(params, batch).astype(jnp.float32)
     meta[:] = taps
     return jnp.sum(losses * mask), (losses, [(t.x, t.extra) for t in taps])
@@ -263,24 +388,21 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   out_grads, (losses, arrays) = jax.grad(tapped, has_aux=True)(zeros)
   taps = [_Tap(t.kind, t.path, t.module, x, t.out_shape, extra)
           for t, (x, extra) in zip(meta, arrays)]
-  by_key = dict(zip(_keys(taps), taps))
+  calls_of = collections.defaultdict(list)  # module path -> [(tap, output gradient)]
+  for key, tap in zip(_keys(taps), taps):
+    calls_of[tap.path].append((tap, out_grads[key]))
 
   # 3) Per-example squared norms, rule by rule; which params each rule covered.
   num_groups = 1 if group_of is None else max(group_of.values()) + 1
   gid = (lambda path: 0) if group_of is None else (lambda path: group_of[path[0]])
   sq = jnp.zeros((b, num_groups), jnp.float32)
   covered = set()
-  terms = {}
-  for key, g in out_grads.items():
-    tap = by_key[key]
-    with jax.named_scope(f"{NORMS_SCOPE}/{'/'.join(tap.path)}"):
-      t = _layer_terms(tap, g)
-    if t is None:
-      continue
-    terms[key] = tap
+  for path, calls in calls_of.items():
+    with jax.named_scope(f"{NORMS_SCOPE}/{'/'.join(path)}"):
+      t = _layer_terms(calls, b)
     for name, v in t.items():
-      sq = sq.at[:, gid(tap.path)].add(v)
-      covered.add(tap.path + (name,))
+      sq = sq.at[:, gid(path)].add(v)
+      covered.add(path + (name,))
 
   # 4) Vmap fallback for every parameter no rule covered.
   rest = [p for p in _leaf_paths(params) if p not in covered]
@@ -315,11 +437,10 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
       total = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), total)
   else:
     total = _copy(jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), params))
-    for key, tap in terms.items():
-      with jax.named_scope(f"{SUM_SCOPE}/{'/'.join(tap.path)}"):
-        for name, v in _layer_clipped_sum(tap, out_grads[key], c_of(tap.path),
-                                          _get(params, tap.path)).items():
-          _set(total, tap.path + (name,), v)
+    for path, calls in calls_of.items():
+      with jax.named_scope(f"{SUM_SCOPE}/{'/'.join(path)}"):
+        for name, v in _layer_clipped_sum(calls, c_of(path), _get(params, path)).items():
+          _set(total, path + (name,), v)
     with jax.named_scope(SUM_SCOPE):
       for path, gr in zip(rest, rest_grads or []):
         _set(total, path, jnp.einsum("b,b...->...", c_of(path), gr.astype(jnp.float32)))
