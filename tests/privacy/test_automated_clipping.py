@@ -121,3 +121,30 @@ def test_bfloat16_compute_keeps_float32_norms_within_bf16_error():
   # forward and backward the norms stay within a few percent of the float32 ones.
   assert rel.max() < 0.05, rel
   assert rel.max() > 0  # the computation really ran in bfloat16
+
+
+def test_bfloat16_compute_keeps_the_sensitivity_bound():
+  """Neighbouring batches (one example removed) under bfloat16 compute: book-keeping and vmap
+  sum the clipped gradients in float32, so the sum moves by the clip norm (every example is
+  clipped); ghost's second backward would sum in bfloat16 (measured: up to 1.8% over the clip
+  at batch 512), so it is refused."""
+  model = models.TransformerClassifier(vocab_size=40, num_classes=3, max_length=6, embed_dim=16,
+                                       num_layers=1, num_heads=2, mlp_dim=32,
+                                       dtype=jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  b = 128
+  batch = {"tokens": jnp.asarray(rng.integers(1, 40, (b, 6)), jnp.int32),
+           "label": jnp.asarray(rng.integers(0, 3, b)), "mask": jnp.ones(b, bool)}
+  params = model.init(jax.random.key(1), batch["tokens"])["params"]
+  loss_fn, clip = models.classification_loss(model), 0.01
+  for method in ("bookkeeping", "vmap"):
+    total, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=clip, method=method)
+    assert float(aux["norms"].min()) > 10 * clip  # every example is clipped
+    for i in range(0, b, 16):
+      other, _ = clipped_grad_sum(loss_fn, params, dict(batch, mask=batch["mask"].at[i].set(
+          False)), l2_clip=clip, method=method)
+      dist = np.sqrt(sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(
+          jax.tree_util.tree_leaves(total), jax.tree_util.tree_leaves(other))))
+      assert dist == pytest.approx(clip, rel=1e-5), (method, i, dist / clip)
+  with pytest.raises(ValueError, match="method 'ghost' with layers computing in bfloat16"):
+    clipped_grad_sum(loss_fn, params, batch, l2_clip=clip, method="ghost")

@@ -71,9 +71,9 @@ def _normalize_axes(axis, ndim):
 class _Tap:
   """What one intercepted layer call recorded: kind, module path, input, extra, output shape."""
 
-  def __init__(self, kind, path, module, x, out_shape, extra=None):
+  def __init__(self, kind, path, module, x, out_shape, extra=None, out_dtype=None):
     self.kind, self.path, self.module, self.x = kind, path, module, x
-    self.out_shape, self.extra = out_shape, extra
+    self.out_shape, self.extra, self.out_dtype = out_shape, extra, out_dtype
 
 
 def _make_interceptor(taps: list, perturb: dict | None, skip=frozenset(), scopes=None):
@@ -117,7 +117,7 @@ def _make_interceptor(taps: list, perturb: dict | None, skip=frozenset(), scopes
       kind = "dense_general" if not mod.batch_dims else "unsupported"
     else:
       kind = "dense"
-    taps.append(_Tap(kind, path, mod, x, y.shape, extra))
+    taps.append(_Tap(kind, path, mod, x, y.shape, extra, y.dtype))
     key = _tap_key(path, counts[path])
     if perturb is not None and key in perturb:
       y = y + perturb[key].astype(y.dtype)
@@ -369,6 +369,13 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
       return loss_fn(p, batch)
 
   traced = jax.make_jaxpr(discover)(params)
+  low = sorted({str(t.out_dtype) for t in shape_taps if jnp.dtype(t.out_dtype).itemsize < 4})
+  if method == "ghost" and low:
+    raise ValueError(
+        f"method 'ghost' with layers computing in {', '.join(low)}: its second backward pass "
+        "sums the clipped gradients in that precision, and the rounding can move the sum by "
+        "more than the clip norm between neighbouring batches; use 'bookkeeping' (float32 "
+        "sums from the same norms) or 'vmap'")
   skip = frozenset(_unsupported_paths(shape_taps, b)
                    | _read_elsewhere(traced.jaxpr, params, scopes))
   shape_taps = [t for t in shape_taps if t.path not in skip]
