@@ -90,6 +90,22 @@ def test_resume_refuses_a_different_config(tmp_path):
                                       "model.name": "bag_of_embeddings"}), show_progress=False)
 
 
+def test_config_fields_added_after_a_run_began_keep_it_resumable(tmp_path):
+  """A run's config.json from before a field existed: resuming with the field's default is the
+  same run; any other value, or no defaults to compare with, is a change."""
+  cfg = experiments.default_config()
+  stored = json.loads(cfg.to_json_best_effort())
+  del stored["model"]["tie_embeddings"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(stored))
+  defaults = experiments.default_config()
+  assert experiments.config_changes(str(path), cfg, defaults=defaults) == []
+  assert experiments.config_changes(str(path), cfg) == ["model.tie_embeddings"]
+  tied = override(cfg, **{"model.tie_embeddings": True})
+  assert experiments.config_changes(str(path), tied, defaults=defaults) == [
+      "model.tie_embeddings"]
+
+
 def _script(tmp_path, *args):
   return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config",
                          str(REPO / "configs" / "dp_intents.py:runlocal"),

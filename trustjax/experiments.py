@@ -341,13 +341,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def config_changes(path: str, cfg: ml_collections.ConfigDict, allowed=()) -> list[str]:
+def config_changes(path: str, cfg: ml_collections.ConfigDict, allowed=(),
+                   defaults: ml_collections.ConfigDict | None = None) -> list[str]:
   """The dotted fields whose value in `cfg` differs from the config stored at `path`
-  (a run's config.json), compared as stored (tuples read back as lists), except `allowed`."""
+  (a run's config.json), compared as stored (tuples read back as lists), except `allowed`.
+  With `defaults`, a field the stored config lacks (added to the code after the run began)
+  counts as unchanged when `cfg` keeps its default value, which is what the run used."""
   with open(path, encoding="utf-8") as f:
     old = _flatten(json.load(f))
   new = _flatten(json.loads(cfg.to_json_best_effort()))
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed)
+  default = {} if defaults is None else _flatten(json.loads(defaults.to_json_best_effort()))
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed
+                and not (k not in old and k in default and new.get(k) == default[k]))
 
 
 def _check_resumable(workdir: str, cfg) -> None:
@@ -355,7 +360,7 @@ def _check_resumable(workdir: str, cfg) -> None:
   if not os.path.exists(path):
     raise ValueError(f"{workdir} has checkpoints but no config.json; delete it or pick another "
                      "train.run_name")
-  changed = config_changes(path, cfg, _RESUMABLE_CHANGES)
+  changed = config_changes(path, cfg, _RESUMABLE_CHANGES, default_config())
   if changed:
     raise ValueError(f"cannot resume {workdir}: its config differs in {changed}; pick another "
                      "train.run_name or delete the folder")
