@@ -195,8 +195,12 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
 def test_probe_batch_is_data_independent(tmp_path):
   """The DP runner checks its layer rules on random inputs of the data's shapes and ranges,
   the same whatever the training examples are."""
-  probes = [experiments.probe_batch(experiments.Setup(_cfg(tmp_path, **{
-      "data.num_examples": n, "seed": seed}))) for n, seed in ((400, 0), (900, 3))]
+  def probe(setup):
+    return experiments.probe_batch(setup.train_arrays, vocab_size=setup.tokenizer.vocab_size,
+                                   num_classes=setup.num_classes)
+
+  probes = [probe(experiments.Setup(_cfg(tmp_path, **{"data.num_examples": n, "seed": seed})))
+            for n, seed in ((400, 0), (900, 3))]
   setup = experiments.Setup(_cfg(tmp_path))
   assert set(probes[0]) == set(setup.train_arrays) | {"mask"}
   for key in probes[0]:

@@ -216,20 +216,21 @@ class Setup:
     return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
 
 
-def probe_batch(setup: Setup, rows: int = 8) -> dict:
-  """Random inputs with the training arrays' shapes and ranges (token ids below the vocabulary
-  size, labels below the class count, masks on): data-independent, so a check run on them
+def probe_batch(arrays: dict, *, vocab_size: int, num_classes: int | None = None,
+                rows: int = 8) -> dict:
+  """Random inputs with the shapes of the training `arrays` (token ids below `vocab_size`,
+  "label" below `num_classes`, masks on): data-independent, so a check run on them
   (`privacy.check_rules`) costs no privacy."""
   rng = np.random.default_rng(0)
   out = {}
-  for key, value in setup.train_arrays.items():
+  for key, value in arrays.items():
     shape = (rows,) + value.shape[1:]
     if value.dtype == bool or key.endswith("mask"):
       out[key] = np.ones(shape, value.dtype)
     elif key == "label":
-      out[key] = rng.integers(0, setup.num_classes, shape).astype(value.dtype)
+      out[key] = rng.integers(0, num_classes, shape).astype(value.dtype)
     else:
-      out[key] = rng.integers(0, setup.tokenizer.vocab_size, shape).astype(value.dtype)
+      out[key] = rng.integers(0, vocab_size, shape).astype(value.dtype)
   out["mask"] = np.ones(rows, bool)
   return out
 
@@ -288,7 +289,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                                           cfg.train.eval_batch_size, setup.mesh)
     state = setup.init_state()
     if setup.dp_config is not None:  # the layer rules hold for this model (no privacy cost)
-      check_rules(setup.loss_fn, state.params, probe_batch(setup), method=setup.dp_config.method)
+      probe = probe_batch(setup.train_arrays, vocab_size=setup.tokenizer.vocab_size,
+                          num_classes=getattr(setup, "num_classes", None))
+      check_rules(setup.loss_fn, state.params, probe, method=setup.dp_config.method)
     train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config)
     t0 = time.time()
     result = training.fit(state, train_step=train_step, schedule=setup.schedule,

@@ -37,8 +37,9 @@ from trustjax import data as tjdata
 from trustjax import models, reporting
 from trustjax.attacks import canaries, inversion, membership, metrics, shadow
 from trustjax.experiments import (classifier_from_config, config_changes, default_delta,
-                                  load_datasets)
+                                  load_datasets, probe_batch)
 from trustjax.privacy import accounting, sampling
+from trustjax.privacy.clipping import check_rules
 from trustjax.privacy.dp_sgd import DPConfig
 
 
@@ -100,6 +101,7 @@ class AuditSetup:
     self.delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n // 2)
     self.batch_size = sampling.default_max_batch_size(self.members, self.sampling_rate,
                                                       self.num_steps, multiple_of=8)
+    self.num_classes = train.num_classes
     self.model = classifier_from_config(cfg.model, vocab_size=self.tokenizer.vocab_size,
                                         num_classes=train.num_classes, max_length=d.max_length)
     self.loss_fn = models.classification_loss(self.model)
@@ -138,6 +140,10 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
   """Trains the level's models and returns its statistics (what `levels/<name>.npz` holds)."""
   cfg = setup.cfg
   dp_config = setup.mechanisms.get(level)
+  if dp_config is not None:  # the layer rules hold for this model (random inputs: no privacy cost)
+    check_rules(setup.loss_fn, setup.init_fn(jax.random.key(cfg.seed)),
+                probe_batch(setup.arrays, vocab_size=setup.tokenizer.vocab_size,
+                            num_classes=setup.num_classes), method=dp_config.method)
   mesh = model_mesh(cfg.train.num_devices, setup.is_in.shape[0])
   t0 = time.time()
   trained = shadow.train_in_parallel(
