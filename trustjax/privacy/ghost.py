@@ -396,7 +396,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   taps = [_Tap(t.kind, t.path, t.module, x, t.out_shape, extra)
           for t, (x, extra) in zip(meta, arrays)]
   calls_of = collections.defaultdict(list)  # module path -> [(tap, output gradient)]
-  for key, tap in zip(_keys(taps), taps):
+  for key, tap in sorted(zip(_keys(taps), taps), key=lambda kt: kt[0]):  # out_grads' order
     calls_of[tap.path].append((tap, out_grads[key]))
 
   # 3) Per-example squared norms, rule by rule; which params each rule covered.
