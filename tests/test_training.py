@@ -52,6 +52,7 @@ def test_short_dp_run_learns(tmp_path):
                           "dp.target_epsilon": 8.0, "dp.method": "bookkeeping"})
   summary = experiments.run(cfg, show_progress=False)
   assert summary["epsilon"] <= 8.0 and summary["delta_total"] < 1.0 / 5400
+  assert summary["dp_method"] == "bookkeeping" and summary["vmap_fallback_leaves"] == 0
   assert summary["eval_accuracy"] > 0.5, summary  # 30 intents: chance is about 0.05
   run = tmp_path / cfg.train.run_name
   for name in ("config.json", "tokenizer.json", "metrics.jsonl", "report.md", "summary.json",
@@ -178,6 +179,7 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
                               setup.init_state().params, setup.eval_arrays, 256)
   summary = experiments.run(cfg, show_progress=False)
   assert summary["eval_loss"] < initial["loss"] - 1.0, (summary, initial)
+  assert summary["vmap_fallback_leaves"] == 0  # the tied head is covered by the rules
   assert summary["train_examples"] + summary["eval_examples"] == (
       len(setup.train_arrays["inputs"]) + len(setup.eval_arrays["inputs"]))
   expected = accounting.epsilon(noise_multiplier=summary["noise_multiplier"],

@@ -27,6 +27,7 @@ from trustjax import models, profiling, reporting, sharding, training
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_sgd import DPConfig
+from trustjax.privacy.ghost import fallback_leaves
 
 
 def load_datasets(cfg: ml_collections.ConfigDict):
@@ -280,6 +281,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   if not fresh:
     _check_resumable(workdir, cfg)
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  slow = {}  # parameter leaves the fast DP methods leave to vmap, and why
   try:
     if fresh:
       reporting.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -292,6 +294,14 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       probe = probe_batch(setup.train_arrays, vocab_size=setup.tokenizer.vocab_size,
                           num_classes=getattr(setup, "num_classes", None))
       check_rules(setup.loss_fn, state.params, probe, method=setup.dp_config.method)
+      if resolve_method(setup.dp_config.method) != "vmap":
+        slow = fallback_leaves(setup.loss_fn, state.params, probe)
+        by_reason = {}
+        for leaf, why in slow.items():  # correct but slower: say which and why
+          by_reason.setdefault(why, []).append(leaf)
+        for why, leaves in by_reason.items():
+          print(f"DP {resolve_method(setup.dp_config.method)}: per-example gradients by vmap "
+                f"(slower) for {', '.join(leaves)}: {why}", file=sys.stderr)
     train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config)
     t0 = time.time()
     result = training.fit(state, train_step=train_step, schedule=setup.schedule,
@@ -316,7 +326,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     summary.update(noise_multiplier=setup.dp_config.noise_multiplier,
                    sampling_rate=setup.dp_config.sampling_rate, l2_clip=setup.dp_config.l2_clip,
                    max_batch_size=setup.dp_config.max_batch_size,
-                   overflow_total=sum(r.get("overflow", 0) for r in result.history))
+                   overflow_total=sum(r.get("overflow", 0) for r in result.history),
+                   dp_method=resolve_method(setup.dp_config.method), vmap_fallback_leaves=len(slow))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
   if cfg.train.profile_calls:

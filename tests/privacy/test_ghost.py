@@ -184,3 +184,34 @@ def test_check_rules_passes_the_library_models_and_catches_a_time_major_layer():
   with pytest.raises(ValueError, match="differ from the vmap reference"):
     privacy.check_rules(loss_fn, params, batch, method="bookkeeping")
   assert privacy.check_rules(loss_fn, params, batch, method="vmap") == 0.0
+
+
+def test_fallback_leaves_name_each_layer_left_to_vmap_and_why():
+  loss_fn, params, batch = _problems()["read_elsewhere"]
+  got = privacy.fallback_leaves(loss_fn, params, batch)
+  assert set(got) == {"embed/embedding", "own/kernel", "own/bias"}
+  assert "read outside the layer's own calls" in got["embed/embedding"]
+  assert "subclass" in got["own/kernel"]
+  for name in ("gpt_tied", "shared", "transformer", "mlp"):
+    assert privacy.fallback_leaves(*_problems()[name]) == {}
+  lstm = privacy.fallback_leaves(*_problems()["lstm"])
+  assert len(lstm) == 12 and all(k.startswith("OptimizedLSTMCell_0/") for k in lstm)
+  # A Dense inside nn.remat, and one applied time-major with T != B.
+  class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      return nn.remat(nn.Dense)(3, name="inner")(nn.Embed(30, 6, name="embed")(tokens).mean(1))
+
+  tokens = jnp.zeros((4, 5), jnp.int32)
+  model = Remat()
+  got = privacy.fallback_leaves(models.classification_loss(model),
+                                model.init(jax.random.key(0), tokens)["params"],
+                                {"tokens": tokens, "label": jnp.zeros(4, jnp.int32)})
+  assert set(got) == {"inner/kernel", "inner/bias"}
+  assert "read outside the layer's own calls" in got["inner/kernel"]
+  model = _TimeMajor()
+  got = privacy.fallback_leaves(models.classification_loss(model),
+                                model.init(jax.random.key(0), tokens)["params"],
+                                {"tokens": tokens, "label": jnp.zeros(4, jnp.int32)})
+  assert set(got) == {"Dense_0/kernel", "Dense_0/bias"}
+  assert "does not lead with the batch axis" in got["Dense_0/kernel"]

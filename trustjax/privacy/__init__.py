@@ -4,6 +4,7 @@ from trustjax.privacy import accounting
 from trustjax.privacy.clipping import check_rules, clipped_grad_sum, per_example_grads
 from trustjax.privacy.dp_sgd import (DPConfig, VirtualBatch, dp_sgd_step, virtual_batch_accumulate,
                                      virtual_batch_apply, virtual_batch_init)
+from trustjax.privacy.ghost import fallback_leaves
 from trustjax.privacy.noise import privatize
 from trustjax.privacy.sampling import (PoissonBatch, default_max_batch_size, overflow_probability,
                                        poisson_batch, poisson_batches)

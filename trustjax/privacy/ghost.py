@@ -101,10 +101,10 @@ def _make_interceptor(taps: list, perturb: dict | None, skip=frozenset(), scopes
     if context.method_name == "attend" and isinstance(mod, nn.Embed):
       kind = "attend"
     elif context.method_name != "__call__":
-      kind = "unsupported"
+      kind, extra = "unsupported", f"its method {context.method_name!r} has no rule"
     elif isinstance(mod, nn.LayerNorm):
       if mod.reduction_axes not in (-1, (-1,)) or mod.feature_axes not in (-1, (-1,)):
-        kind = "unsupported"
+        kind, extra = "unsupported", "LayerNorm over other axes than the last"
       else:
         kind = "layernorm"
         xf = x.astype(jnp.float32)
@@ -115,6 +115,7 @@ def _make_interceptor(taps: list, perturb: dict | None, skip=frozenset(), scopes
       kind = "embed"
     elif isinstance(mod, nn.DenseGeneral):
       kind = "dense_general" if not mod.batch_dims else "unsupported"
+      extra = "DenseGeneral with batch_dims" if mod.batch_dims else None
     else:
       kind = "dense"
     taps.append(_Tap(kind, path, mod, x, y.shape, extra, y.dtype))
@@ -280,14 +281,16 @@ def _layer_clipped_sum(calls, c, layer_params):
 
 
 def _unsupported_paths(taps, b):
-  """Module paths with a call no rule handles (whose parameters must fall back to vmap)."""
-  bad = set()
+  """{module path: why} for modules with a call no rule handles (their parameters must fall
+  back to vmap)."""
+  bad = {}
   for t in taps:
-    if (t.kind == "unsupported" or t.out_shape[:1] != (b,)
-        or getattr(t.x, "shape", ())[:1] != (b,)):
-      bad.add(t.path)
+    if t.kind == "unsupported":
+      bad.setdefault(t.path, t.extra)
+    elif t.out_shape[:1] != (b,) or getattr(t.x, "shape", ())[:1] != (b,):
+      bad.setdefault(t.path, "a call whose input or output does not lead with the batch axis")
     elif t.kind == "dense_general" and 0 in _normalize_axes(t.module.axis, len(t.x.shape)):
-      bad.add(t.path)
+      bad.setdefault(t.path, "a DenseGeneral contracting the batch axis")
   return bad
 
 
@@ -299,13 +302,14 @@ def _key_name(k):
 
 
 def _read_elsewhere(jaxpr, params, scopes):
-  """Module paths one of whose parameters is read (after casts) by an op outside the named
-  scopes of that module's recorded calls, at the top level of the traced loss `jaxpr`."""
+  """{module path: why} for modules one of whose parameters is read (after casts) by an op
+  outside the named scopes of that module's recorded calls, at the top level of the traced
+  loss `jaxpr`."""
   flat, _ = jax.tree_util.tree_flatten_with_path(params)
   owner = {}
   for (kp, _), var in zip(flat, jaxpr.invars):
     owner[var] = tuple(_key_name(k) for k in kp)[:-1]
-  bad = set()
+  bad = {}
   for eqn in jaxpr.eqns:
     mods = {owner[v] for v in eqn.invars if isinstance(v, jex_core.Var) and v in owner}
     if not mods:
@@ -317,8 +321,12 @@ def _read_elsewhere(jaxpr, params, scopes):
       if eqn.primitive.name in _CASTS and len(mods) == 1:
         owner.update({o: mod for o in eqn.outvars})
         continue
-      bad.add(mod)
-  bad.update(owner[v] for v in jaxpr.outvars if isinstance(v, jex_core.Var) and v in owner)
+      bad.setdefault(mod, f"a parameter read outside the layer's own calls (by a "
+                          f"{eqn.primitive.name} op: for example by its parent, or inside "
+                          "nn.scan, nn.remat or jit)")
+  for v in jaxpr.outvars:
+    if isinstance(v, jex_core.Var) and v in owner:
+      bad.setdefault(owner[v], "a parameter returned by the loss")
   return bad
 
 
@@ -343,6 +351,52 @@ def _set(tree, path, value):
   _get(tree, path[:-1])[path[-1]] = value
 
 
+def _discover(loss_fn: LossFn, params: Params, batch: Batch):
+  """Traces the loss (no FLOPs): every rule module's calls (taps with shapes, no values) and
+  {module path: why its parameters must fall back to vmap}."""
+  b = batch["mask"].shape[0]
+  taps: list = []
+  scopes: dict = {}
+
+  def discover(p):
+    with nn.intercept_methods(_make_interceptor(taps, None, scopes=scopes)):
+      return loss_fn(p, batch)
+
+  traced = jax.make_jaxpr(discover)(params)
+  why = _read_elsewhere(traced.jaxpr, params, scopes)
+  why.update(_unsupported_paths(taps, b))
+  return taps, why
+
+
+def _rule_leaves(tap) -> tuple:
+  """The parameter names a rule covers for a recorded call's module."""
+  mod = tap.module
+  if tap.kind in ("embed", "attend"):
+    return ("embedding",)
+  if tap.kind == "layernorm":
+    return ("scale",) * mod.use_scale + ("bias",) * mod.use_bias
+  return ("kernel",) + ("bias",) * mod.use_bias
+
+
+def fallback_leaves(loss_fn: LossFn, params: Params, batch: Batch) -> dict:
+  """{"module/path/param": why} for every parameter leaf that ghost clipping and book-keeping
+  leave to vmapped per-example gradients on this model (empty when the rules cover all): the
+  layers that make a DP step slower than it could be, and what to change. Traces only."""
+  batch = dict(batch)
+  batch.setdefault("mask", jnp.ones((jax.tree_util.tree_leaves(batch)[0].shape[0],), bool))
+  taps, why = _discover(loss_fn, params, batch)
+  covered = {t.path + (name,) for t in taps if t.path not in why for name in _rule_leaves(t)}
+  called = {t.path for t in taps}
+  out = {}
+  for leaf in _leaf_paths(params):
+    if leaf not in covered:
+      module = leaf[:-1]
+      out["/".join(map(str, leaf))] = why[module] if module in called else (
+          "not in a Dense, DenseGeneral, Embed or LayerNorm that the model calls (another layer "
+          "type, a subclass, a parameter of its own, or one read only outside such calls)")
+  return out
+
+
 def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, method: str,
                           factors_fn, group_of: dict | None = None):
   """The clipped sum by "ghost" or "bookkeeping" (see the module docstring).
@@ -361,14 +415,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
 
   # 1) Trace the loss (no FLOPs) to discover the rule modules' calls, their output shapes,
   #    and which ops read each parameter; modules that a rule cannot cover are skipped.
-  shape_taps: list = []
-  scopes: dict = {}
-
-  def discover(p):
-    with nn.intercept_methods(_make_interceptor(shape_taps, None, scopes=scopes)):
-      return loss_fn(p, batch)
-
-  traced = jax.make_jaxpr(discover)(params)
+  shape_taps, why = _discover(loss_fn, params, batch)
   low = sorted({str(t.out_dtype) for t in shape_taps if jnp.dtype(t.out_dtype).itemsize < 4})
   if method == "ghost" and low:
     raise ValueError(
@@ -376,8 +423,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
         "sums the clipped gradients in that precision, and the rounding can move the sum by "
         "more than the clip norm between neighbouring batches; use 'bookkeeping' (float32 "
         "sums from the same norms) or 'vmap'")
-  skip = frozenset(_unsupported_paths(shape_taps, b)
-                   | _read_elsewhere(traced.jaxpr, params, scopes))
+  skip = frozenset(why)
   shape_taps = [t for t in shape_taps if t.path not in skip]
   zeros = {k: jnp.zeros(t.out_shape, jnp.float32)
            for k, t in zip(_keys(shape_taps), shape_taps)}
