@@ -202,16 +202,15 @@ def test_fallback_leaves_name_each_layer_left_to_vmap_and_why():
     def __call__(self, tokens):
       return nn.remat(nn.Dense)(3, name="inner")(nn.Embed(30, 6, name="embed")(tokens).mean(1))
 
-  tokens = jnp.zeros((4, 5), jnp.int32)
-  model = Remat()
-  got = privacy.fallback_leaves(models.classification_loss(model),
-                                model.init(jax.random.key(0), tokens)["params"],
-                                {"tokens": tokens, "label": jnp.zeros(4, jnp.int32)})
+  def fallback(model):
+    tokens = jnp.zeros((4, 5), jnp.int32)
+    return privacy.fallback_leaves(models.classification_loss(model),
+                                   model.init(jax.random.key(0), tokens)["params"],
+                                   {"tokens": tokens, "label": jnp.zeros(4, jnp.int32)})
+
+  got = fallback(Remat())
   assert set(got) == {"inner/kernel", "inner/bias"}
   assert "read outside the layer's own calls" in got["inner/kernel"]
-  model = _TimeMajor()
-  got = privacy.fallback_leaves(models.classification_loss(model),
-                                model.init(jax.random.key(0), tokens)["params"],
-                                {"tokens": tokens, "label": jnp.zeros(4, jnp.int32)})
+  got = fallback(_TimeMajor())
   assert set(got) == {"Dense_0/kernel", "Dense_0/bias"}
   assert "does not lead with the batch axis" in got["Dense_0/kernel"]

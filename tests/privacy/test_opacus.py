@@ -40,6 +40,28 @@ class _TorchSeq(torch.nn.Module):
     return self.out(torch.tanh(self.seq(self.embed(tokens))).mean(1))
 
 
+class _TiedModel(nn.Module):
+  """An embedding tied to the output layer (`attend`): the rules take its two uses together."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(30, 6, name="embed")
+    return embed.attend(nn.tanh(nn.Dense(6, name="seq")(embed(tokens))).mean(1))
+
+
+class _TorchTied(torch.nn.Module):
+
+  def __init__(self):
+    super().__init__()
+    self.embed = torch.nn.Embedding(30, 6)
+    self.seq = torch.nn.Linear(6, 6)
+    self.head = torch.nn.Linear(6, 30, bias=False)
+    self.head.weight = self.embed.weight  # tied: Opacus adds both modules' per-sample grads
+
+  def forward(self, tokens):
+    return self.head(torch.tanh(self.seq(self.embed(tokens))).mean(1))
+
+
 def _dense_to_torch(layer: torch.nn.Linear, p):
   layer.weight.data = torch.tensor(np.asarray(p["kernel"]).T.copy())
   layer.bias.data = torch.tensor(np.asarray(p["bias"]).copy())
@@ -70,22 +92,26 @@ def test_mlp_norms_equal_opacus(method):
   np.testing.assert_allclose(aux["norms"], ref, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("method", ["vmap", "ghost", "bookkeeping"])
-def test_sequence_model_norms_equal_opacus(method):
+def test_sequence_model_norms_equal_opacus(method, tied):
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, 30, (6, 7))
   tokens[:, 0] = tokens[:, 3]  # repeated tokens exercise the embedding's Gram terms
-  y = rng.integers(0, 3, 6)
-  model = _SeqModel()
+  y = rng.integers(0, 30 if tied else 3, 6)
+  model = _TiedModel() if tied else _SeqModel()
   params = model.init(jax.random.key(1), jnp.asarray(tokens, jnp.int32))["params"]
   batch = {"tokens": jnp.asarray(tokens, jnp.int32), "label": jnp.asarray(y),
            "mask": jnp.ones(6, bool)}
   _, aux = clipped_grad_sum(models.classification_loss(model), params, batch, l2_clip=1e9,
                             method=method)
-  tm = _TorchSeq()
+  tm = _TorchTied() if tied else _TorchSeq()
   tm.embed.weight.data = torch.tensor(np.asarray(params["embed"]["embedding"]).copy())
   _dense_to_torch(tm.seq, params["seq"])
-  _dense_to_torch(tm.out, params["out"])
+  if tied:
+    assert tm.head.weight is tm.embed.weight
+  else:
+    _dense_to_torch(tm.out, params["out"])
   ref = _opacus_norms(tm, torch.tensor(tokens), torch.tensor(y))
   np.testing.assert_allclose(aux["norms"], ref, rtol=1e-4)
 
@@ -190,45 +216,3 @@ def test_transformer_encoder_norms_equal_opacus(method):
                              atol=1e-5)  # same function first
   ref = _opacus_norms(tm, torch.tensor(tokens), torch.tensor(y))
   np.testing.assert_allclose(aux["norms"], ref, rtol=2e-4)
-
-
-class _TiedModel(nn.Module):
-  """An embedding tied to the output layer (`attend`): the rules take its two uses together."""
-
-  @nn.compact
-  def __call__(self, tokens):
-    embed = nn.Embed(30, 6, name="embed")
-    return embed.attend(nn.tanh(nn.Dense(6, name="seq")(embed(tokens))).mean(1))
-
-
-class _TorchTied(torch.nn.Module):
-
-  def __init__(self):
-    super().__init__()
-    self.embed = torch.nn.Embedding(30, 6)
-    self.seq = torch.nn.Linear(6, 6)
-    self.head = torch.nn.Linear(6, 30, bias=False)
-    self.head.weight = self.embed.weight  # tied: Opacus adds both modules' per-sample grads
-
-  def forward(self, tokens):
-    return self.head(torch.tanh(self.seq(self.embed(tokens))).mean(1))
-
-
-@pytest.mark.parametrize("method", ["vmap", "ghost", "bookkeeping"])
-def test_tied_embedding_norms_equal_opacus(method):
-  rng = np.random.default_rng(2)
-  tokens = rng.integers(0, 30, (6, 7))
-  tokens[:, 0] = tokens[:, 3]
-  y = rng.integers(0, 30, 6)
-  model = _TiedModel()
-  params = model.init(jax.random.key(2), jnp.asarray(tokens, jnp.int32))["params"]
-  batch = {"tokens": jnp.asarray(tokens, jnp.int32), "label": jnp.asarray(y),
-           "mask": jnp.ones(6, bool)}
-  _, aux = clipped_grad_sum(models.classification_loss(model), params, batch, l2_clip=1e9,
-                            method=method)
-  tm = _TorchTied()
-  tm.embed.weight.data = torch.tensor(np.asarray(params["embed"]["embedding"]).copy())
-  _dense_to_torch(tm.seq, params["seq"])
-  assert tm.head.weight is tm.embed.weight
-  ref = _opacus_norms(tm, torch.tensor(tokens), torch.tensor(y))
-  np.testing.assert_allclose(aux["norms"], ref, rtol=1e-4)
