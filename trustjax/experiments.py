@@ -159,7 +159,8 @@ class Setup:
       self.model = models.build_language_model(
           m.name, vocab_size=self.tokenizer.vocab_size, max_length=cfg.data.max_length,
           embed_dim=m.embed_dim, num_layers=m.num_layers, num_heads=m.num_heads,
-          mlp_dim=m.mlp_dim, hidden=m.mlp_dim, tie_embeddings=m.tie_embeddings)
+          mlp_dim=m.mlp_dim, hidden=m.mlp_dim, tie_embeddings=m.tie_embeddings,
+          lstm_cell=m.lstm_cell)
       self.loss_fn = models.lm_loss(self.model)
       self.metrics_fn = models.lm_metrics(self.model)
       n, self.num_eval = len(self.train_arrays["inputs"]), len(self.eval_arrays["inputs"])
@@ -429,6 +430,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_dim = 128  # also the hidden width of bag_of_embeddings and of char_lstm
   c.model.tie_embeddings = False  # gpt: output layer = token embedding's transpose (GPT-2)
+  c.model.lstm_cell = "flax"  # char_lstm: flax (OptimizedLSTMCell) | dp (DP rules, no vmap)
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
   c.dp.l2_clip = 1.0

@@ -215,3 +215,31 @@ def test_generate_rejects_bad_arguments():
     models.generate(model, params, x, ln, key, max_new_tokens=2, temperature=-1.0)
   with pytest.raises(ValueError, match="max_new_tokens"):
     models.generate(model, params, x, ln, key, max_new_tokens=0)
+
+
+def test_lstm_layer_matches_torch_lstm():
+  """`LSTMLayer` with torch.nn.LSTM's weights (gates i, f, g, o; PyTorch's two biases summed)
+  gives its outputs; CharLSTM(cell="dp") stacks it, and a bad cell name is a named error."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 7, 5)).astype(np.float32)
+  lstm = torch.nn.LSTM(5, 4, batch_first=True)
+  with torch.no_grad():
+    for w in lstm.parameters():
+      w.copy_(torch.tensor(rng.normal(scale=0.5, size=tuple(w.shape)).astype(np.float32)))
+    want = lstm(torch.tensor(x))[0].numpy()
+  params = {"input": {"kernel": jnp.asarray(lstm.weight_ih_l0.detach().numpy().T),
+                      "bias": jnp.asarray((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().numpy())},
+            "recurrent": jnp.asarray(lstm.weight_hh_l0.detach().numpy().T)}
+  layer = models.LSTMLayer(4)
+  assert jax.tree.map(jnp.shape, layer.init(jax.random.key(0), jnp.asarray(x))["params"]) == (
+      jax.tree.map(jnp.shape, params))
+  got = layer.apply({"params": params}, jnp.asarray(x))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  tokens = jnp.zeros((2, 6), jnp.int32)
+  model = models.CharLSTM(vocab_size=11, embed_dim=5, hidden=4, num_layers=2, cell="dp")
+  p = model.init(jax.random.key(1), tokens)["params"]
+  assert set(p) == {"embed", "lstm_0", "lstm_1", "out"}
+  assert model.apply({"params": p}, tokens).shape == (2, 6, 11)
+  with pytest.raises(ValueError, match="cell must be 'flax' or 'dp'"):
+    models.CharLSTM(vocab_size=11, cell="gru").init(jax.random.key(1), tokens)

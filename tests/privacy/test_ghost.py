@@ -75,6 +75,8 @@ def _problems():
                 "target_mask": jnp.asarray(rng.random((5, 9)) < 0.8),
                 "mask": jnp.asarray([1, 1, 0, 1, 1], bool)}
   lstm_params = lstm.init(jax.random.key(2), toks)["params"]
+  lstm_dp = models.CharLSTM(vocab_size=20, embed_dim=4, hidden=6, num_layers=2, cell="dp")
+  lstm_dp_params = lstm_dp.init(jax.random.key(7), toks)["params"]
   gpt = models.GPTDecoder(vocab_size=20, max_length=9, embed_dim=8, num_layers=2, num_heads=2,
                           mlp_dim=16)
   gpt_params = gpt.init(jax.random.key(3), toks)["params"]
@@ -90,6 +92,8 @@ def _problems():
       # The LSTM cell's Dense layers run once per time step inside a scan: they fall back to
       # vmap; the embedding and the output layer use their rules.
       "lstm": (models.lm_loss(lstm), lstm_params, lstm_batch),
+      # Two LSTMLayers: the recurrent weights by their own rule, no vmap.
+      "lstm_dp": (models.lm_loss(lstm_dp), lstm_dp_params, lstm_batch),
       # Causal attention (DenseGeneral projections), position embeddings, an unbiased head.
       "gpt": (models.lm_loss(gpt), gpt_params, lstm_batch),
       # GPT-2's tied output layer: the token embedding is read by lookup and by `attend`.
@@ -196,6 +200,7 @@ def test_fallback_leaves_name_each_layer_left_to_vmap_and_why():
     assert privacy.fallback_leaves(*_problems()[name]) == {}
   lstm = privacy.fallback_leaves(*_problems()["lstm"])
   assert len(lstm) == 12 and all(k.startswith("OptimizedLSTMCell_0/") for k in lstm)
+  assert privacy.fallback_leaves(*_problems()["lstm_dp"]) == {}
   # A Dense inside nn.remat, and one applied time-major with T != B.
   class Remat(nn.Module):
     @nn.compact

@@ -4,7 +4,7 @@ from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClass
                                          TransformerClassifier, build_classifier,
                                          classification_loss, classification_metrics,
                                          embed_with_positions)
-from trustjax.models.language import (CharLSTM, GPTDecoder, build_language_model, generate,
-                                      lm_loss, lm_metrics)
+from trustjax.models.language import (CharLSTM, GPTDecoder, LSTMLayer, build_language_model,
+                                      generate, lm_loss, lm_metrics)
 from trustjax.models.bert import (BertConfig, BertEncoder, SentenceEncoder, convert_hf_bert,
                                   load_bert, mean_pool, minilm_path)

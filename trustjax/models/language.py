@@ -16,9 +16,50 @@ from trustjax.models.classifiers import EncoderBlock, embed_with_positions
 from trustjax.types import Batch, Params
 
 
+class LSTMLayer(nn.Module):
+  """An LSTM over a whole sequence whose recurrent weight the DP clipping rules cover.
+
+  The input projection u_t = x_t W + b is one Dense over the sequence ("input", [I, 4H], gates
+  i, f, g, o); the recurrence z_t = u_t + h_{t-1} R ("recurrent", [H, 4H]) runs in a
+  `lax.scan`. Since dL/dz_t = dL/du_t, example i's gradient of R is sum_t h_{t-1}^T (dL/du_t):
+  the Dense rule's form, with the layer's own outputs shifted by one step as inputs and the
+  input projection's output gradients, so ghost clipping and book-keeping need no vmap for it
+  (`privacy.ghost`). With the same weights it computes `torch.nn.LSTM` (tested; PyTorch's two
+  biases summed in "input"'s bias). Zero initial state.
+
+  Reference: Hochreiter and Schmidhuber, "Long Short-Term Memory", 1997 (with the forget gate of
+  Gers et al., 2000).
+  """
+
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, length, features] -> hidden states [batch, length, hidden]."""
+    h = self.hidden
+    u = nn.Dense(4 * h, name="input")(x)
+    r = self.param("recurrent", nn.initializers.orthogonal(), (h, 4 * h))
+
+    def step(carry, u_t):
+      h_prev, c_prev = carry
+      z = u_t + h_prev @ r.astype(u_t.dtype)
+      i, f, g, o = jnp.split(z, 4, axis=-1)
+      c = jax.nn.sigmoid(f) * c_prev + jax.nn.sigmoid(i) * jnp.tanh(g)
+      h_t = jax.nn.sigmoid(o) * jnp.tanh(c)
+      return (h_t, c), h_t
+
+    zeros = jnp.zeros(x.shape[:1] + (h,), u.dtype)
+    _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(u, 0, 1))
+    return jnp.swapaxes(hs, 0, 1)
+
+
 class CharLSTM(nn.Module):
   """Embedding -> stacked LSTM -> vocabulary logits (the LEAF Shakespeare model: embedding 8,
   two LSTM layers of 256; defaults here are smaller for CPU simulation).
+
+  `cell="flax"` (default) runs Flax's `OptimizedLSTMCell`, whose weights the DP clipping rules
+  do not cover (they fall back to vmap); `cell="dp"` runs `LSTMLayer`, which they cover. The
+  two have different parameter trees (and initialisations), not different functions.
 
   Reference: Caldas et al., "LEAF: A Benchmark for Federated Settings", 2018; Hochreiter and
   Schmidhuber, "Long Short-Term Memory", 1997.
@@ -28,13 +69,19 @@ class CharLSTM(nn.Module):
   embed_dim: int = 8
   hidden: int = 128
   num_layers: int = 1
+  cell: str = "flax"  # flax (OptimizedLSTMCell) | dp (LSTMLayer: DP rules without vmap)
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens: int32 [batch, length] -> logits [batch, length, vocab]."""
+    if self.cell not in ("flax", "dp"):
+      raise ValueError(f"cell must be 'flax' or 'dp', got cell={self.cell!r}")
     x = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
     for i in range(self.num_layers):
-      x = nn.RNN(nn.OptimizedLSTMCell(self.hidden), name=f"lstm_{i}")(x)
+      if self.cell == "dp":
+        x = LSTMLayer(self.hidden, name=f"lstm_{i}")(x)
+      else:
+        x = nn.RNN(nn.OptimizedLSTMCell(self.hidden), name=f"lstm_{i}")(x)
     return nn.Dense(self.vocab_size, name="out")(x)
 
 
@@ -93,17 +140,17 @@ class GPTDecoder(nn.Module):
 
 def build_language_model(name: str, *, vocab_size: int, max_length: int, embed_dim: int,
                          num_layers: int, num_heads: int, mlp_dim: int, hidden: int,
-                         tie_embeddings: bool = False) -> nn.Module:
-  """Builds a language model by name: "gpt" (`GPTDecoder`; `hidden` unused) or "char_lstm"
-  (`CharLSTM` of width `hidden`; `num_heads`, `mlp_dim`, `max_length` and `tie_embeddings`
-  unused)."""
+                         tie_embeddings: bool = False, lstm_cell: str = "flax") -> nn.Module:
+  """Builds a language model by name: "gpt" (`GPTDecoder`; `hidden` and `lstm_cell` unused) or
+  "char_lstm" (`CharLSTM` of width `hidden` with `cell=lstm_cell`; `num_heads`, `mlp_dim`,
+  `max_length` and `tie_embeddings` unused)."""
   if name == "gpt":
     return GPTDecoder(vocab_size=vocab_size, max_length=max_length, embed_dim=embed_dim,
                       num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
                       tie_embeddings=tie_embeddings)
   if name == "char_lstm":
     return CharLSTM(vocab_size=vocab_size, embed_dim=embed_dim, hidden=hidden,
-                    num_layers=num_layers)
+                    num_layers=num_layers, cell=lstm_cell)
   raise ValueError(f"model.name={name!r} is not a language model; expected 'gpt' or 'char_lstm'")
 
 

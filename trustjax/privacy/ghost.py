@@ -12,6 +12,9 @@ are the gradients with respect to a zero "tap" added to each layer's output. Rul
 - Embed: ||dE_i||^2 = sum_{t,s} [id_t == id_s] (g_t . g_s); `Embed.attend(q)` (a tied output
   layer, logits q E^T) is a Dense layer with kernel E^T.
 - LayerNorm: scale: ||sum_t g_t * xhat_t||^2; bias: ||sum_t g_t||^2.
+- `models.LSTMLayer`'s recurrent weight R (z_t = u_t + h_{t-1} R, u its input projection): the
+  Dense form with inputs h_{t-1} (the layer's outputs shifted by one step) and output gradients
+  dL/dz_t = dL/du_t, the input projection's (its own Dense rule covers W and b).
 
 A module called several times in one forward pass (a shared layer, or an embedding tied to the
 output layer through `attend`) has one gradient per example, the sum over its calls: the rules
@@ -51,10 +54,11 @@ from jax.extend import core as jex_core
 
 import kernels
 
+from trustjax.models.language import LSTMLayer
 from trustjax.privacy.clipping import FALLBACK_SCOPE, NORMS_SCOPE, SUM_SCOPE
 from trustjax.types import Batch, LossFn, Params
 
-_RULES = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.LayerNorm)
+_RULES = (nn.Dense, nn.DenseGeneral, nn.Embed, nn.LayerNorm, LSTMLayer)
 _TAP_SCOPE = "dp_tap"
 # Ops through which a parameter may pass outside its layer (mixed precision casts).
 _CASTS = frozenset({"convert_element_type", "copy", "copy_p", "device_put"})
@@ -102,6 +106,8 @@ def _make_interceptor(taps: list, perturb: dict | None, skip=frozenset(), scopes
       kind = "attend"
     elif context.method_name != "__call__":
       kind, extra = "unsupported", f"its method {context.method_name!r} has no rule"
+    elif isinstance(mod, LSTMLayer):
+      kind, extra = "recurrent", y  # its outputs: h_{t-1} = y_{t-1} feeds the recurrent weight
     elif isinstance(mod, nn.LayerNorm):
       if mod.reduction_axes not in (-1, (-1,)) or mod.feature_axes not in (-1, (-1,)):
         kind, extra = "unsupported", "LayerNorm over other axes than the last"
@@ -186,6 +192,19 @@ def _concat_dense_ops(calls):
   return ops, (jnp.concatenate([a for a, _ in ops], 1), jnp.concatenate([g for _, g in ops], 1))
 
 
+def _recurrent_ops(calls):
+  """An LSTMLayer's (h_{t-1} [B, sum T, H], dL/dz [B, sum T, 4H]) over its calls: the previous
+  hidden states (zero before the first step) and its input projection's output gradients."""
+  hs = []
+  for tap, _ in calls:
+    y = tap.extra.astype(jnp.float32)
+    hs.append(jnp.concatenate([jnp.zeros_like(y[:, :1]), y[:, :-1]], axis=1))
+  gs = [g.astype(jnp.float32) for _, g in calls]
+  if len(calls) == 1:
+    return hs[0], gs[0]
+  return jnp.concatenate(hs, 1), jnp.concatenate(gs, 1)
+
+
 def _lookups(calls, b):
   """An Embed's lookups as ids [B, T] and output gradients [B, T, D] (calls concatenated)."""
   ids = [tap.x.reshape(b, -1) for tap, _ in calls]
@@ -212,6 +231,9 @@ def _layer_terms(calls, b):
     if mod.use_bias:
       out["bias"] = jnp.sum(jnp.square(sum(g.sum(1) for _, g in ops)), axis=-1)
     return out
+  if kind == "recurrent":
+    a, gg = _recurrent_ops(calls)
+    return {"recurrent": _pairwise_sq_norm(a, gg)}
   if kind in ("embed", "attend"):
     looks = [c for c in calls if c[0].kind == "embed"]
     tied = [c for c in calls if c[0].kind == "attend"]
@@ -252,6 +274,10 @@ def _call_clipped_sum(tap, g, c, layer_params):
       bshape = layer_params["bias"].shape
       out["bias"] = jnp.einsum("bto,b->o", gg, c).reshape(bshape)
     return out
+  if tap.kind == "recurrent":
+    a, gg = _recurrent_ops([(tap, g)])
+    return {"recurrent": kernels.weighted_outer_sum(a, gg, c).reshape(
+        layer_params["recurrent"].shape)}
   if tap.kind == "attend":
     q, lg = _dense_ops(tap, g)
     return {"embedding": kernels.weighted_outer_sum(q, lg, c).T}  # [D, V] -> [V, D]
@@ -365,12 +391,17 @@ def _discover(loss_fn: LossFn, params: Params, batch: Batch):
   traced = jax.make_jaxpr(discover)(params)
   why = _read_elsewhere(traced.jaxpr, params, scopes)
   why.update(_unsupported_paths(taps, b))
+  for t in taps:
+    if t.kind == "recurrent" and t.path + ("input",) in why:
+      why.setdefault(t.path, "its input projection falls back: " + why[t.path + ("input",)])
   return taps, why
 
 
 def _rule_leaves(tap) -> tuple:
   """The parameter names a rule covers for a recorded call's module."""
   mod = tap.module
+  if tap.kind == "recurrent":
+    return ("recurrent",)
   if tap.kind in ("embed", "attend"):
     return ("embedding",)
   if tap.kind == "layernorm":
@@ -426,7 +457,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
   skip = frozenset(why)
   shape_taps = [t for t in shape_taps if t.path not in skip]
   zeros = {k: jnp.zeros(t.out_shape, jnp.float32)
-           for k, t in zip(_keys(shape_taps), shape_taps)}
+           for k, t in zip(_keys(shape_taps), shape_taps) if t.kind != "recurrent"}
 
   # 2) One forward/backward: losses, recorded inputs, and output gradients at the taps.
   meta: list = []  # the taps' static metadata; their arrays leave the trace through aux
@@ -443,6 +474,8 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
           for t, (x, extra) in zip(meta, arrays)]
   calls_of = collections.defaultdict(list)  # module path -> [(tap, output gradient)]
   for key, tap in sorted(zip(_keys(taps), taps), key=lambda kt: kt[0]):  # out_grads' order
+    if tap.kind == "recurrent":  # the n-th call's gradient is its input projection's n-th
+      key = _tap_key(tap.path + ("input",), int(key.rsplit("#", 1)[1]))
     calls_of[tap.path].append((tap, out_grads[key]))
 
   # 3) Per-example squared norms, rule by rule; which params each rule covered.
