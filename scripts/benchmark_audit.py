@@ -29,9 +29,7 @@ excluded). Writes its table into BENCHMARKS.md between `<!-- benchmark_audit:beg
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -142,11 +140,10 @@ def main():
       ["training", "variant", "median s", "model-steps / s", "speed-up over per-step loop"], rows)
   print(table)
   if not args.no_write:
-    body = (f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU "
-            f"cores, backend {jax.default_backend()}, jax {jax.__version__}) with "
-            f"`python scripts/benchmark_audit.py --models {args.models} --steps {args.steps} "
-            f"--repeats {args.repeats} --model-chunk {args.model_chunk}`: {args.models} models x {args.steps} steps, padded batch "
-            f"{setup.batch_size}.\n\n" + table)
+    cmd = (f"python scripts/benchmark_audit.py --models {args.models} --steps {args.steps} "
+           f"--repeats {args.repeats} --model-chunk {args.model_chunk}")
+    body = (reporting.measured(cmd) + f": {args.models} models x {args.steps} steps, padded "
+            f"batch {setup.batch_size}.\n\n" + table)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
     reporting.write_marked_block(path, "benchmark_audit",
                                  "Shadow models for a membership audit", body)

@@ -21,10 +21,8 @@ method changes. Writes both into BENCHMARKS.md between markers.
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -181,9 +179,7 @@ def main():
   cmd = "python scripts/benchmark_dp.py" + (f" --only {args.only}" if args.only != ",".join(
       CASES) else "") + (f" --repeats {args.repeats}" if args.repeats != 10 else "") + (
           " --no-opacus" if args.no_opacus else "")
-  body = (f"Measured {datetime.date.today()} on {platform.machine()} "
-          f"({os.cpu_count()} CPU cores, backend {jax.default_backend()}, jax {jax.__version__})"
-          f" with `{cmd}`:\n\n{table}")
+  body = f"{reporting.measured(cmd)}:\n\n{table}"
   print("\n" + table)
   if args.no_write:
     return

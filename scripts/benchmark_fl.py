@@ -41,9 +41,7 @@ speed-up over the per-batch loop would need.
 """
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -258,9 +256,7 @@ def main():
   cmd = "python scripts/benchmark_fl.py" + "".join(
       f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
       if k != "no_write" and v != ap.get_default(k))
-  body = (f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, "
-          f"backend {jax.default_backend()}, jax {jax.__version__}) with `{cmd}`; {desc}:\n\n"
-          f"{table}")
+  body = f"{reporting.measured(cmd)}; {desc}:\n\n{table}"
   print(body)
   if not args.no_write:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")

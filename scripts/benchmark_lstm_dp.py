@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -89,10 +87,9 @@ def main():
        "ratio to its own cell's non-DP step", "parameter leaves on the vmap fallback"], rows)
   print(table)
   if not args.no_write:
-    body = (f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU "
-            f"cores, backend {jax.default_backend()}, jax {jax.__version__}) with "
-            f"`python scripts/benchmark_lstm_dp.py --repeats {args.repeats} --batch {args.batch}`"
-            f": vocabulary {VOCAB}, windows of {LENGTH}, embedding 8, Adam.\n\n" + table)
+    cmd = f"python scripts/benchmark_lstm_dp.py --repeats {args.repeats} --batch {args.batch}"
+    body = (reporting.measured(cmd) + f": vocabulary {VOCAB}, windows of {LENGTH}, embedding 8, "
+            "Adam.\n\n" + table)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
     reporting.write_marked_block(path, "benchmark_lstm_dp",
                                  "DP-SGD on a character LSTM", body)

@@ -23,12 +23,10 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # pylint: disable=g-import-not-at-top
 
 from benchmark_dp import CASES, setup  # scripts/ is on sys.path when this script runs
 from trustjax import profiling, reporting, training
@@ -72,9 +70,7 @@ def main():
       f" --calls {args.calls}" if args.calls != 5 else "")
   body = profiling.write_report(
       profiles, run, base="non-DP", top=args.top,
-      title=(f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU "
-             f"cores, backend {jax.default_backend()}, jax {jax.__version__}) with `{cmd}`: "
-             f"{title}"))
+      title=f"{reporting.measured(cmd)}: {title}")
   print(f"\n{body}\n\nwrote {run}")
   if args.benchmarks:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")

@@ -98,6 +98,17 @@ def progress(total: int, initial: int = 0, desc: str = "train") -> tqdm.tqdm:
   return tqdm.tqdm(total=total, initial=initial, desc=desc, mininterval=0.5, dynamic_ncols=True)
 
 
+def measured(command: str) -> str:
+  """"Measured <date> on <machine> (<cores> CPU cores, backend, jax version) with `command`": the
+  first words of every benchmark table in BENCHMARKS.md."""
+  import datetime  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  return (f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU "
+          f"cores, backend {jax.default_backend()}, jax {jax.__version__}) with `{command}`")
+
+
 def write_marked_block(path: str, name: str, title: str, body: str) -> None:
   """Replaces the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in the Markdown
   file `path` with `body` (appending a `## {title}` section with the markers if absent)."""
