@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python scripts/train.py --config configs/dp_intents.py
 
 test: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/python -m pytest -q tests
+	$(TEST_VENV)/bin/python -m pytest -q --durations=15 tests
 
 benchmark: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python scripts/benchmark_dp.py
