@@ -423,8 +423,9 @@ def fallback_leaves(loss_fn: LossFn, params: Params, batch: Batch) -> dict:
     if leaf not in covered:
       module = leaf[:-1]
       out["/".join(map(str, leaf))] = why[module] if module in called else (
-          "not in a Dense, DenseGeneral, Embed or LayerNorm that the model calls (another layer "
-          "type, a subclass, a parameter of its own, or one read only outside such calls)")
+          "not in a layer with a rule (Dense, DenseGeneral, Embed, LayerNorm, models.LSTMLayer) "
+          "that the model calls: another layer type, a subclass, a parameter of its own, or one "
+          "read only outside such calls")
   return out
 
 
