@@ -210,3 +210,24 @@ def test_probe_batch_is_data_independent(tmp_path):
   assert probes[0]["tokens"].shape == (8,) + setup.train_arrays["tokens"].shape[1:]
   assert 0 <= probes[0]["tokens"].min() and probes[0]["tokens"].max() < setup.tokenizer.vocab_size
   assert probes[0]["label"].max() < setup.num_classes and probes[0]["mask"].all()
+
+
+def test_fallback_messages_group_leaves_and_suggest_vmap_when_most_fall_back():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from trustjax import models, privacy  # pylint: disable=import-outside-toplevel
+  tokens = jnp.zeros((2, 6), jnp.int32)
+  batch = {"inputs": tokens, "targets": tokens, "target_mask": jnp.ones((2, 6), bool)}
+  for cell, suggests in (("flax", True), ("dp", False)):
+    model = models.CharLSTM(vocab_size=11, embed_dim=4, hidden=16, cell=cell)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    slow = privacy.fallback_leaves(models.lm_loss(model), params, batch)
+    lines = experiments.fallback_messages(slow, params, "auto")
+    assert len(slow) == (12 if cell == "flax" else 0)
+    assert len(lines) == (2 if suggests else 0), lines
+    if suggests:  # the cell's 12 leaves share one reason, in one line
+      assert lines[0].startswith("DP bookkeeping: per-example gradients by vmap")
+      assert all(leaf in lines[0] for leaf in slow) and 'dp.method="vmap"' in lines[1]
+  # A small share on the fallback: the line, and no suggestion.
+  assert experiments.fallback_messages({"out/bias": "why"}, params, "auto") == [
+      "DP bookkeeping: per-example gradients by vmap (slower) for out/bias: why"]

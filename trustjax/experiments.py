@@ -218,6 +218,23 @@ class Setup:
     return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
 
 
+def fallback_messages(slow: dict, params, method: str) -> list[str]:
+  """What a DP run prints about `slow` (`privacy.fallback_leaves`): the leaves on the vmap
+  fallback grouped by reason, and when they hold most of the parameters, that plain vmap may be
+  faster (it was on the character LSTM with Flax's cell: BENCHMARKS.md)."""
+  by_reason = {}
+  for leaf, why in slow.items():
+    by_reason.setdefault(why, []).append(leaf)
+  lines = [f"DP {resolve_method(method)}: per-example gradients by vmap (slower) for "
+           f"{', '.join(leaves)}: {why}" for why, leaves in by_reason.items()]
+  sizes = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.size
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if 2 * sum(sizes[k] for k in slow) > sum(sizes.values()):
+    lines.append("DP: most parameters fall back, so dp.method=\"vmap\" may be faster; or use "
+                 "layers with rules (char_lstm: model.lstm_cell=\"dp\")")
+  return lines
+
+
 def probe_batch(arrays: dict, *, vocab_size: int, num_classes: int | None = None,
                 rows: int = 8) -> dict:
   """Random inputs with the shapes of the training `arrays` (token ids below `vocab_size`,
@@ -297,12 +314,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       check_rules(setup.loss_fn, state.params, probe, method=setup.dp_config.method)
       if resolve_method(setup.dp_config.method) != "vmap":
         slow = fallback_leaves(setup.loss_fn, state.params, probe)
-        by_reason = {}
-        for leaf, why in slow.items():  # correct but slower: say which and why
-          by_reason.setdefault(why, []).append(leaf)
-        for why, leaves in by_reason.items():
-          print(f"DP {resolve_method(setup.dp_config.method)}: per-example gradients by vmap "
-                f"(slower) for {', '.join(leaves)}: {why}", file=sys.stderr)
+        for line in fallback_messages(slow, state.params, setup.dp_config.method):
+          print(line, file=sys.stderr)  # correct but slower: say which, why, and what to try
     train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config)
     t0 = time.time()
     result = training.fit(state, train_step=train_step, schedule=setup.schedule,
