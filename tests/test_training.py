@@ -231,3 +231,63 @@ def test_fallback_messages_group_leaves_and_suggest_vmap_when_most_fall_back():
   # A small share on the fallback: the line, and no suggestion.
   assert experiments.fallback_messages({"out/bias": "why"}, params, "auto") == [
       "DP bookkeeping: per-example gradients by vmap (slower) for out/bias: why"]
+
+
+def _tiny_bert_checkpoint(path):
+  """A Hugging Face BERT checkpoint folder (config.json, model.safetensors) with random weights
+  and all-MiniLM-L6-v2's tokenizer.json: small enough for a test run."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import BertConfig, BertModel  # pylint: disable=import-outside-toplevel
+  from trustjax import models  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+  BertModel(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
+  shutil.copy(os.path.join(models.minilm_path(), "tokenizer.json"), path)
+  return str(path)
+
+
+def test_dp_fine_tuning_starts_from_the_checkpoint_with_its_tokenizer(tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import BertModel  # pylint: disable=import-outside-toplevel
+  from trustjax import models  # pylint: disable=import-outside-toplevel
+  ckpt = _tiny_bert_checkpoint(tmp_path / "ckpt")
+  cfg = _cfg(tmp_path, **{"model.name": "bert", "model.pretrained_path": ckpt,
+                          "data.tokenizer": "pretrained", "data.max_length": 16,
+                          "data.num_examples": 1500, "train.batch_size": 128,
+                          "train.epochs": 2.0, "optimizer.learning_rate": 3e-3,
+                          "train.measure_step_time": True})  # a second init_state after training
+  setup = experiments.Setup(cfg)
+  # The encoder starts from the checkpoint: its hidden states equal Hugging Face's on the
+  # training tokens, which are the checkpoint's WordPiece ids.
+  params = setup.init_state().params
+  tokens = setup.train_arrays["tokens"][:4]
+  assert tokens[:, 0].tolist() == [101] * 4  # [CLS]
+  hidden = models.BertEncoder(setup.model.config).apply({"params": params["encoder"]}, tokens,
+                                                        tokens != 0)
+  with torch.no_grad():
+    ref = BertModel.from_pretrained(ckpt).eval()(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(tokens != 0, dtype=torch.long)).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(hidden)[tokens != 0], ref[tokens != 0], atol=1e-4)
+
+  summary = experiments.run(cfg, show_progress=False)
+  assert summary["dp_method"] == "bookkeeping" and summary["vmap_fallback_leaves"] == 0
+  assert summary["dp_step_s"] > 0 and summary["nondp_step_s"] > 0
+  # A random-weight "checkpoint", 21 noisy steps: learning, far from done (chance: 1/30).
+  assert summary["epsilon"] > 0 and summary["eval_accuracy"] > 0.1, summary
+  # The run folder keeps the tokenizer: read back, it encodes as the run did.
+  run = tmp_path / cfg.train.run_name
+  os.makedirs(tmp_path / "tok")
+  os.rename(run / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+  np.testing.assert_array_equal(models.PretrainedTokenizer(str(tmp_path / "tok")).encode(
+      setup.train_data.texts[:50], 16), setup.train_arrays["tokens"][:50])
+
+
+def test_bert_needs_its_own_tokenizer_and_only_train_fine_tunes(tmp_path):
+  with pytest.raises(ValueError, match="data.tokenizer='pretrained'"):
+    experiments.Setup(_cfg(tmp_path, **{"model.name": "bert", "data.num_examples": 300}))
+  bert = override(experiments.default_config(), **{"model.name": "bert"})
+  with pytest.raises(ValueError, match="only scripts/train.py"):
+    experiments.classifier_from_config(bert.model, vocab_size=10, num_classes=2, max_length=8)

