@@ -6,7 +6,7 @@ The config argument picks the privacy level: an epsilon ("1", "3", "8") or "nond
   python scripts/train.py --config configs/dp_snips.py:nondp --config.data.data_dir=../shared/data/snips
 """
 
-from trustjax.experiments import default_config
+from trustjax.experiments import default_config, set_privacy_level
 
 
 def get_config(arg: str = "8"):
@@ -20,11 +20,6 @@ def get_config(arg: str = "8"):
   c.train.batch_size = 512
   c.train.epochs = 6.0
   c.train.measure_step_time = False
-  if arg == "nondp":
-    c.dp.enabled = False
-    c.train.run_name = "snips_nondp"
-  else:
-    c.dp.target_epsilon = float(arg)
-    c.train.run_name = f"snips_dp_eps{arg}"
+  set_privacy_level(c, arg, "snips")
   c.lock()
   return c

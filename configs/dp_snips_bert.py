@@ -13,7 +13,7 @@ The config argument picks the privacy level: an epsilon ("1", "3", "8") or "nond
 ([SEP] is kept). On a 2-core CPU one epoch takes minutes; see the README's Results.
 """
 
-from trustjax.experiments import default_config
+from trustjax.experiments import default_config, set_privacy_level
 
 
 def get_config(arg: str = "8"):
@@ -29,11 +29,6 @@ def get_config(arg: str = "8"):
   c.train.epochs = 2.0
   c.train.eval_batch_size = 256
   c.train.measure_step_time = False  # True: DP vs non-DP step times after training (minutes)
-  if arg == "nondp":
-    c.dp.enabled = False
-    c.train.run_name = "snips_bert_nondp"
-  else:
-    c.dp.target_epsilon = float(arg)
-    c.train.run_name = f"snips_bert_dp_eps{arg}"
+  set_privacy_level(c, arg, "snips_bert")
   c.lock()
   return c

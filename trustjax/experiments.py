@@ -167,11 +167,23 @@ def pretrained_classifier(cfg: ml_collections.ConfigDict, tokenizer, num_classes
   return models.BertClassifier(config, num_classes, pad_id=tokenizer.pad_id), params
 
 
+def set_privacy_level(c: ml_collections.ConfigDict, arg: str, run_prefix: str) -> None:
+  """A config argument naming the privacy level, an epsilon ("8") or "nondp", set on config `c`:
+  `dp.enabled`, `dp.target_epsilon` and `train.run_name` (<prefix>_nondp, <prefix>_dp_eps<arg>)."""
+  if arg == "nondp":
+    c.dp.enabled = False
+    c.train.run_name = f"{run_prefix}_nondp"
+  else:
+    c.dp.target_epsilon = float(arg)
+    c.train.run_name = f"{run_prefix}_dp_eps{arg}"
+
+
 class Setup:
   """Everything a run needs, validated; no files written."""
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg = cfg
+    self.pretrained = None  # model.name="bert": the checkpoint's encoder params
     t = cfg.train
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
@@ -243,7 +255,7 @@ class Setup:
     init_key, train_key = jax.random.split(key)
     tokens = jnp.zeros((1, self.cfg.data.max_length), jnp.int32)
     params = self.model.init(init_key, tokens)["params"]
-    if getattr(self, "pretrained", None) is not None:  # model.name="bert": the checkpoint's encoder
+    if self.pretrained is not None:  # model.name="bert": the checkpoint's encoder
       # A copy: training donates its state's buffers, and a later init_state (the step timing
       # after training) must still find the checkpoint's.
       params = {**params, "encoder": jax.tree.map(jnp.array, self.pretrained)}
