@@ -296,3 +296,64 @@ def test_bert_needs_its_own_tokenizer_and_only_train_fine_tunes(tmp_path):
   bert = override(experiments.default_config(), **{"model.name": "bert"})
   with pytest.raises(ValueError, match="only scripts/train.py"):
     experiments.classifier_from_config(bert.model, vocab_size=10, num_classes=2, max_length=8)
+
+
+def test_split_frozen_round_trips_and_names_bad_prefixes():
+  params = {"encoder": {"embed": {"embedding": np.zeros((3, 2))},
+                        "layer_0": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}},
+            "head": {"kernel": np.ones((2, 4)), "bias": np.zeros(4)}}
+  train, fixed = training.split_frozen(params, ("encoder/embed", "encoder/layer_0/bias"))
+  assert sorted(train) == ["encoder", "head"] and list(train["encoder"]) == ["layer_0"]
+  assert list(train["encoder"]["layer_0"]) == ["kernel"]
+  assert fixed == {"encoder": {"embed": params["encoder"]["embed"],
+                               "layer_0": {"bias": params["encoder"]["layer_0"]["bias"]}}}
+  chex.assert_trees_all_equal(training.merge_frozen(train, fixed), params)
+  train, fixed = training.split_frozen(params, ("encoder",))  # a linear probe
+  assert list(train) == ["head"] and list(fixed) == ["encoder"]
+  with pytest.raises(ValueError, match=r"\['encoder/layer_1'\] match no parameter.*head"):
+    training.split_frozen(params, ("encoder/layer_1",))
+  with pytest.raises(ValueError, match="match no parameter"):
+    training.split_frozen(params, ("encoder/lay",))  # a prefix of a name, not of a path
+  with pytest.raises(ValueError, match="nothing left to train"):
+    training.split_frozen(params, ("encoder", "head"))
+  assert experiments.frozen_names(" encoder/embed, head/ ,") == ("encoder/embed", "head")
+
+
+@pytest.mark.parametrize("mode", ["head", "lora"])
+def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
+  """model.frozen="encoder" (a linear probe) or model.lora_rank=2 (LoRA on query and value):
+  the checkpoint's weights come out of DP training unchanged, only the head (and adapters) are
+  trained and counted; a misspelt name fails before anything runs."""
+  from trustjax import models  # pylint: disable=import-outside-toplevel
+  ckpt = _tiny_bert_checkpoint(tmp_path / "ckpt")
+  base = {"model.name": "bert", "model.pretrained_path": ckpt, "data.tokenizer": "pretrained",
+          "data.max_length": 16, "data.num_examples": 600, "train.batch_size": 128,
+          "train.epochs": 1.0, "optimizer.learning_rate": 3e-2}
+  if mode == "head":
+    with pytest.raises(ValueError, match=r"\['encoder/layer_9'\] match no parameter"):
+      experiments.Setup(_cfg(tmp_path, **base, **{"model.frozen": "head,encoder/layer_9"}))
+    cfg = _cfg(tmp_path, **base, **{"model.frozen": "encoder"})
+    trained = 32 * 30 + 30  # the head: hidden 32 -> 30 intents
+  else:
+    with pytest.raises(ValueError, match="model.name='bert'"):
+      experiments.Setup(_cfg(tmp_path, **{"model.lora_rank": 2}))
+    cfg = _cfg(tmp_path, **base, **{"model.lora_rank": 2})
+    trained = 32 * 30 + 30 + 2 * 2 * (32 * 2 + 2 * 32)  # + 2 layers x (query, value) x (A, B)
+  summary = experiments.run(cfg, show_progress=False)
+  assert summary["trainable_parameters"] == trained
+  assert summary["parameters"] > 100 * trained
+  assert summary["vmap_fallback_leaves"] == 0 and summary["epsilon"] > 0
+  setup = experiments.Setup(cfg)
+  start = setup.init_state().params
+  state, _ = training.Checkpointer(str(tmp_path / cfg.train.run_name / "checkpoints")).restore(
+      setup.init_state())
+  assert int(state.step) == summary["steps"]
+  checkpoint = models.read_checkpoint(ckpt)[1]
+  chex.assert_trees_all_equal(training.merge_frozen(state.params["encoder"], checkpoint),
+                              state.params["encoder"])  # every checkpoint leaf unchanged
+  assert not np.allclose(state.params["head"]["kernel"], start["head"]["kernel"])
+  if mode == "lora":
+    b = state.params["encoder"]["layer_1"]["attention"]["value_lora_b"]["kernel"]
+    assert not np.allclose(start["encoder"]["layer_1"]["attention"]["value_lora_b"]["kernel"], b)
+  report = open(tmp_path / cfg.train.run_name / "report.md").read()
+  assert ("Frozen parameters (encoder)" if mode == "head" else "LoRA adapters of rank 2") in report

