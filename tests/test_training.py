@@ -126,6 +126,7 @@ def _script(tmp_path, *args):
      "SNIPS folder not found"),
     (["--config.data.num_examples=0"], "num_examples must be >= 1"),
     (["--config.train.profile_calls=-1"], "train.profile_calls must be >= 0"),
+    (["--config.train.num_devices=-1"], "train.num_devices must be >= 0"),
 ])
 def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
   proc = _script(tmp_path, *args)
@@ -296,6 +297,12 @@ def test_bert_needs_its_own_tokenizer_and_only_train_fine_tunes(tmp_path):
   bert = override(experiments.default_config(), **{"model.name": "bert"})
   with pytest.raises(ValueError, match="only scripts/train.py"):
     experiments.classifier_from_config(bert.model, vocab_size=10, num_classes=2, max_length=8)
+
+
+def test_zero_devices_means_every_device(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  setup = experiments.Setup(_cfg(tmp_path, **{"train.num_devices": 0}))
+  assert setup.num_devices == jax.device_count()
 
 
 def test_split_frozen_round_trips_and_names_bad_prefixes():

@@ -234,7 +234,9 @@ class Setup:
       training.split_frozen(jax.eval_shape(
           lambda: self.model.init(jax.random.key(0), tokens)["params"]), self.frozen)
     self.num_train = n
-    self.num_devices = t.num_devices or 1
+    if t.num_devices < 0:
+      raise ValueError(f"train.num_devices must be >= 0 (0 = all devices), got {t.num_devices}")
+    self.num_devices = t.num_devices or jax.device_count()  # 0 = all, as in the FL and audit
     self.mesh = sharding.data_mesh(self.num_devices) if self.num_devices > 1 else None
     self.optimizer = make_optimizer(cfg)
     self.dp_config, self.delta = None, None
@@ -578,7 +580,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.epochs = 3.0
   c.train.eval_batch_size = 512
   c.train.checkpoint_every = 0  # steps; 0 = every epoch
-  c.train.num_devices = 1  # data-parallel devices (mesh axis "data")
+  c.train.num_devices = 1  # data-parallel devices (mesh axis "data"); 0 = all devices
   c.train.results_dir = "results"
   c.train.run_name = "run"
   c.train.measure_step_time = True  # time DP vs non-DP steps after training
