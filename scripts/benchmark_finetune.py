@@ -34,6 +34,8 @@ import optax  # pylint: disable=wrong-import-position
 from trustjax import models, privacy, reporting, training  # pylint: disable=wrong-import-position
 from trustjax.privacy.dp_sgd import DPConfig  # pylint: disable=wrong-import-position
 
+from benchmark_dp import _peak_mib  # pylint: disable=wrong-import-position  (scripts/ on sys.path)
+
 EMBEDDINGS = ("encoder/word_embeddings", "encoder/position_embeddings",
               "encoder/token_type_embeddings")
 MODES = ("full", "no_embeddings", "lora", "head")
@@ -57,14 +59,6 @@ def setup(mode: str, batch_size: int, length: int, checkpoint):
   count = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
   state = training.create_state(params, optax.adam(1e-3), jax.random.key(1), frozen=frozen)
   return models.classification_loss(model), state, batch, frozen, count
-
-
-def _peak_mib(step, state, batch) -> float:
-  mem = step.lower(state, batch).compile().memory_analysis()
-  if mem is None:
-    return float("nan")
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes) / 2 ** 20
 
 
 def main():
