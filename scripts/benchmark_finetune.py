@@ -31,7 +31,8 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 
-from trustjax import models, privacy, reporting, training  # pylint: disable=wrong-import-position
+from trustjax import (experiments, models, privacy, reporting,  # pylint: disable=wrong-import-position
+                      training)
 from trustjax.privacy.dp_sgd import DPConfig  # pylint: disable=wrong-import-position
 
 from benchmark_dp import _peak_mib  # pylint: disable=wrong-import-position  (scripts/ on sys.path)
@@ -42,7 +43,8 @@ MODES = ("full", "no_embeddings", "lora", "head")
 
 
 def setup(mode: str, batch_size: int, length: int, checkpoint):
-  """(loss_fn, state, batch, frozen, trainable parameter count) for one fine-tuning mode."""
+  """(loss_fn, state, batch, frozen, the loss of the trainable part and that part) for one
+  fine-tuning mode."""
   config, encoder = checkpoint
   model = models.BertClassifier(config, 7, lora_rank=8 if mode == "lora" else 0)
   rng = np.random.default_rng(0)
@@ -53,12 +55,11 @@ def setup(mode: str, batch_size: int, length: int, checkpoint):
   params = model.init(jax.random.key(0), batch["tokens"])["params"]
   params = training.merge_frozen(params, {"encoder": encoder})
   frozen = {"full": (), "no_embeddings": EMBEDDINGS, "head": ("encoder",),
-            "lora": tuple("encoder/" + jax.tree_util.keystr(p, simple=True, separator="/")
-                          for p, _ in jax.tree_util.tree_flatten_with_path(encoder)[0])}[mode]
-  trainable = training.split_frozen(params, frozen)[0] if frozen else params
-  count = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+            "lora": experiments.checkpoint_leaves(encoder)}[mode]
+  trainable, fixed = training.split_frozen(params, frozen)
   state = training.create_state(params, optax.adam(1e-3), jax.random.key(1), frozen=frozen)
-  return models.classification_loss(model), state, batch, frozen, count
+  loss_fn = models.classification_loss(model)
+  return loss_fn, state, batch, frozen, training.with_frozen(loss_fn, fixed), trainable
 
 
 def main():
@@ -74,11 +75,10 @@ def main():
                 num_examples=100 * args.batch, max_batch_size=args.batch, method="bookkeeping")
   calls, peaks, counts, fallback = {}, {}, {}, {}
   for mode in MODES:
-    loss_fn, state, batch, frozen, counts[mode] = setup(mode, args.batch, args.length,
-                                                        checkpoint)
-    train, fixed = training.split_frozen(state.params, frozen) if frozen else (state.params, {})
-    fallback[mode] = len(privacy.fallback_leaves(training.with_frozen(loss_fn, fixed), train,
-                                                 batch))
+    loss_fn, state, batch, frozen, train_loss, train = setup(mode, args.batch, args.length,
+                                                             checkpoint)
+    counts[mode] = sum(x.size for x in jax.tree_util.tree_leaves(train))
+    fallback[mode] = len(privacy.fallback_leaves(train_loss, train, batch))
     for kind, cfg in (("non-DP", None), ("DP book-keeping", dp)):
       step = training.make_train_step(loss_fn, opt, cfg, donate=False, frozen=frozen)
       calls[(mode, kind)] = lambda s=step, st=state, b=batch: s(st, b)

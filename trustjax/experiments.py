@@ -227,8 +227,7 @@ class Setup:
       raise ValueError(f"model.lora_rank adapts a pretrained encoder (model.name='bert'), got "
                        f"model.name={m.name!r}")
     if m.lora_rank:  # LoRA: every checkpoint weight stays fixed; adapters and head train
-      self.frozen += tuple("encoder/" + jax.tree_util.keystr(path, simple=True, separator="/")
-                           for path, _ in jax.tree_util.tree_flatten_with_path(self.pretrained)[0])
+      self.frozen += checkpoint_leaves(self.pretrained)
     if self.frozen:  # unknown names fail here, before anything runs (shapes only, no FLOPs)
       tokens = jnp.zeros((1, cfg.data.max_length), jnp.int32)
       training.split_frozen(jax.eval_shape(
@@ -289,6 +288,13 @@ class Setup:
       return params, self.loss_fn
     train, fixed = training.split_frozen(params, self.frozen)
     return train, training.with_frozen(self.loss_fn, fixed)
+
+
+def checkpoint_leaves(encoder) -> tuple[str, ...]:
+  """Every leaf of a checkpoint's encoder params as a frozen name under "encoder" (LoRA trains
+  only the adapters beside them, and the head)."""
+  return tuple("encoder/" + jax.tree_util.keystr(path, simple=True, separator="/")
+               for path, _ in jax.tree_util.tree_flatten_with_path(encoder)[0])
 
 
 def frozen_names(spec: str) -> tuple[str, ...]:
