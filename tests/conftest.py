@@ -39,3 +39,18 @@ def override(cfg, **overrides):
     node[leaf] = value
   cfg.lock()
   return cfg
+
+
+def tiny_bert_checkpoint(path):
+  """A Hugging Face BERT checkpoint folder (config.json, model.safetensors) with random weights
+  and all-MiniLM-L6-v2's tokenizer.json: small enough for a test run."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import BertConfig, BertModel  # pylint: disable=import-outside-toplevel
+  from trustjax import models  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+  BertModel(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
+  shutil.copy(os.path.join(models.minilm_path(), "tokenizer.json"), path)
+  return str(path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trustjax import experiments, training
-from tests.conftest import REPO, override
+from tests.conftest import REPO, override, tiny_bert_checkpoint
 
 
 def _cfg(tmp_path, **overrides):
@@ -234,27 +234,12 @@ def test_fallback_messages_group_leaves_and_suggest_vmap_when_most_fall_back():
       "DP bookkeeping: per-example gradients by vmap (slower) for out/bias: why"]
 
 
-def _tiny_bert_checkpoint(path):
-  """A Hugging Face BERT checkpoint folder (config.json, model.safetensors) with random weights
-  and all-MiniLM-L6-v2's tokenizer.json: small enough for a test run."""
-  import shutil  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from transformers import BertConfig, BertModel  # pylint: disable=import-outside-toplevel
-  from trustjax import models  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(0)
-  config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
-  BertModel(config, add_pooling_layer=False).save_pretrained(path, safe_serialization=True)
-  shutil.copy(os.path.join(models.minilm_path(), "tokenizer.json"), path)
-  return str(path)
-
-
 def test_dp_fine_tuning_starts_from_the_checkpoint_with_its_tokenizer(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import BertModel  # pylint: disable=import-outside-toplevel
   from trustjax import models  # pylint: disable=import-outside-toplevel
-  ckpt = _tiny_bert_checkpoint(tmp_path / "ckpt")
+  ckpt = tiny_bert_checkpoint(tmp_path / "ckpt")
   cfg = _cfg(tmp_path, **{"model.name": "bert", "model.pretrained_path": ckpt,
                           "data.tokenizer": "pretrained", "data.max_length": 16,
                           "data.num_examples": 1500, "train.batch_size": 128,
@@ -332,7 +317,7 @@ def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
   the checkpoint's weights come out of DP training unchanged, only the head (and adapters) are
   trained and counted; a misspelt name fails before anything runs."""
   from trustjax import models  # pylint: disable=import-outside-toplevel
-  ckpt = _tiny_bert_checkpoint(tmp_path / "ckpt")
+  ckpt = tiny_bert_checkpoint(tmp_path / "ckpt")
   base = {"model.name": "bert", "model.pretrained_path": ckpt, "data.tokenizer": "pretrained",
           "data.max_length": 16, "data.num_examples": 600, "train.batch_size": 128,
           "train.epochs": 1.0, "optimizer.learning_rate": 3e-2}

@@ -9,15 +9,15 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, override
+from tests.conftest import REPO, override, tiny_bert_checkpoint
 from trustjax.attacks import experiments
 
 
-def _config(tmp_path, snips_dir, **kw):
-  spec = importlib.util.spec_from_file_location("audit_cfg", REPO / "configs" / "audit_snips.py")
+def _config(tmp_path, snips_dir, config="audit_snips.py", arg="runlocal", **kw):
+  spec = importlib.util.spec_from_file_location("audit_cfg", REPO / "configs" / config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return override(mod.get_config("runlocal"), results_dir=str(tmp_path),
+  return override(mod.get_config(arg), results_dir=str(tmp_path),
                   **{"data.data_dir": str(snips_dir), **kw})
 
 
@@ -61,6 +61,12 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   again = experiments.run(cfg, show_progress=False)
   assert json.dumps(again["levels"], sort_keys=True) == json.dumps(summary["levels"],
                                                                    sort_keys=True)
+  # a run folder from before the model.* fine-tuning fields existed still resumes
+  stored = json.loads((work / "config.json").read_text())
+  for k in ("pretrained_path", "frozen", "lora_rank", "lora_alpha"):
+    del stored["model"][k]
+  (work / "config.json").write_text(json.dumps(stored))
+  assert experiments.run(cfg, show_progress=False)["levels"][0] == summary["levels"][0]
   # dropping a level and changing the devices are permitted changes; a different model is not
   assert [r["level"] for r in experiments.run(
       override(cfg, **{"dp.epsilons": (), "train.num_devices": 1}),
@@ -75,6 +81,10 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
     ("train.num_models", 3, "num_models must be even"),
     ("canaries.template", "pin{}x", "secret a word of its own"),
     ("data.tokenizer", "word", "uses 'hash'"),
+    ("data.tokenizer", "pretrained", "set model.name='bert'"),
+    ("model.name", "bert", "set data.tokenizer='pretrained'"),
+    ("model.lora_rank", 4, "adapts a pretrained encoder"),
+    ("model.frozen", "embed/nothing", "match no parameter"),
     ("data.pool_size", 10**6, "pool_size"),
 ])
 def test_bad_audit_config_is_named(tmp_path, snips_dir, field, value, message):
@@ -92,3 +102,33 @@ def test_audit_script_prints_the_table(tmp_path, snips_dir):
       cwd=REPO, capture_output=True, text=True, check=True)
   assert "| nondp | none |" in out.stdout
   assert (tmp_path / "audit_snips_runlocal" / "report.md").exists()
+
+
+def test_audit_of_lora_fine_tuning_shares_the_frozen_encoder(tmp_path, snips_dir):
+  """configs/audit_snips_bert.py:lora,runlocal on a small random-weight BERT checkpoint."""
+  ckpt = tiny_bert_checkpoint(tmp_path / "ckpt")  # hidden 32, 2 layers, MiniLM's WordPiece
+  cfg = _config(tmp_path, snips_dir, "audit_snips_bert.py", "lora,runlocal",
+                **{"model.pretrained_path": ckpt, "dp.nondp": False})  # eps8 only
+  setup = experiments.AuditSetup(cfg)
+  # only the LoRA adapters (query and value: 32x8 and 8x32 each, 2 layers) and the head
+  # (32 x 7 intents + 7) are stacked over models; the checkpoint's weights are one copy
+  assert setup.trainable_parameters == 2 * 2 * (32 * 8 + 8 * 32) + 32 * 7 + 7
+  assert setup.fixed["encoder"]["layer_0"]["attention"]["query"]["kernel"].shape == (32, 4, 8)
+  # every candidate secret in the template, encoded as the pool encodes its canaries
+  assert setup.space_tokens.shape == (1000, cfg.data.max_length)
+  np.testing.assert_array_equal(setup.space_tokens[setup.secret_index], setup.canary_tokens)
+  summary = experiments.run(cfg, show_progress=False)
+  (dp,) = summary["levels"]
+  eps = _pld_epsilon(dp["noise_multiplier"], summary["sampling_rate"], dp["steps"],
+                     summary["delta"])
+  assert dp["epsilon"] == pytest.approx(eps, rel=1e-3) and 7.5 < eps <= 8.0 + 1e-6
+  assert summary["secret_space"] == 1000 and summary["trainable_parameters"] == 2279
+  assert 0.0 <= dp["lira_auc"] <= 1.0 and 0.0 <= dp["loss_auc"] <= 1.0
+  assert 0.0 <= dp["exposure_in"] <= dp["exposure_max_bits"] == pytest.approx(np.log2(1000))
+  assert dp["inversion_in"] is None and dp["inversion_out"] is None  # WordPiece: not run
+  work = tmp_path / cfg.run_name
+  assert "inversion_hit" not in np.load(work / "levels" / "eps8.npz").files
+  report = (work / "report.md").read_text()
+  assert "LoRA rank 8" in report and "2,279 trained parameters" in report and "| n/a |" in report
+  with pytest.raises(ValueError, match="takes more than data.max_length=6"):
+    experiments.AuditSetup(override(cfg, **{"data.max_length": 6}))

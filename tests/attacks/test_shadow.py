@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from trustjax import sharding
+from trustjax import sharding, training
 from trustjax.attacks import shadow
 from trustjax.models import BagOfEmbeddings, classification_loss
 from trustjax.privacy import accounting
@@ -49,25 +49,13 @@ def _setup():
   return arrays, model, init, classification_loss(model)
 
 
-@pytest.mark.parametrize("dp,model_chunk,devices", [
-    (False, 0, 1), (True, 0, 1), (False, 3, 1), (False, 4, 1), (False, 0, 3), (True, 1, 2)])
-def test_parallel_training_equals_a_loop_over_models(dp, model_chunk, devices):
-  """All chunkings: 2 models per vmap (the CPU default), 3 (the last chunk padded), 4 (one);
-  sharded over 3 devices (4 models padded to 6, 2 per device) and over 2 (1 per vmap)."""
-  arrays, model, init, loss_fn = _setup()
-  is_in = shadow.membership_masks(4, 60, seed=1)
-  opt = optax.adam(0.05)
-  q, b, steps = 0.25, 24, 7
-  cfg = (DPConfig(l2_clip=1.0, noise_multiplier=0.8, sampling_rate=q, num_examples=60,
-                  max_batch_size=b, method="bookkeeping") if dp else None)
-  got = shadow.train_in_parallel(init, loss_fn, opt, arrays, is_in, num_steps=steps,
-                                 sampling_rate=q, batch_size=b, seed=3, dp_config=cfg,
-                                 chunk_steps=3, model_chunk=model_chunk, show_progress=False,
-                                 mesh=shadow.model_mesh(devices) if devices > 1 else None)
-  # the reference: each model alone, one jitted step at a time, keys derived the same way
-  root = jax.random.key(3)
-  mkeys = jax.random.split(jax.random.fold_in(root, 0), 4)
-  ikeys = jax.random.split(jax.random.fold_in(root, 1), 4)
+def _one_by_one(init, loss_fn, opt, arrays, is_in, *, q, b, steps, cfg, seed):
+  """The reference: each model alone, one jitted step at a time, keys derived as
+  `train_in_parallel` derives them. Returns each model's params."""
+  root = jax.random.key(seed)
+  num_models = len(is_in)
+  mkeys = jax.random.split(jax.random.fold_in(root, 0), num_models)
+  ikeys = jax.random.split(jax.random.fold_in(root, 1), num_models)
   data = {k: jnp.asarray(v) for k, v in arrays.items()}
 
   @jax.jit
@@ -75,28 +63,80 @@ def test_parallel_training_equals_a_loop_over_models(dp, model_chunk, devices):
     ks, kn = jax.random.split(key)
     idx, mask, _ = shadow._sample(ks, member, q, b)
     batch = {k: v[idx] for k, v in data.items()} | {"mask": mask}
-    if dp:
+    if cfg is not None:
       params, state, _ = dp_sgd_step(params, state, batch, kn, loss_fn=loss_fn, optimizer=opt,
                                      config=cfg)
     else:
       params, state, _ = nondp_step(params, state, batch, loss_fn=loss_fn, optimizer=opt)
     return params, state
 
-  for m in range(4):
+  out = []
+  for m in range(num_models):
     params = init(ikeys[m])
     state = opt.init(params)
     for t in range(steps):
       params, state = step(params, state, jnp.asarray(is_in[m]), jax.random.fold_in(mkeys[m], t))
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[m], got.params), params,
+    out.append(params)
+  return out
+
+
+def _parallel_and_reference(init, loss_fn, arrays, *, dp, devices, steps, model_chunk=0,
+                            frozen=None):
+  """4 models trained by `train_in_parallel` and by `_one_by_one` (with `frozen`: on the loss
+  closed over it). Returns (the parallel result, the reference params, the DP config)."""
+  is_in = shadow.membership_masks(4, 60, seed=1)
+  opt = optax.adam(0.05)
+  q, b = 0.25, 24
+  cfg = (DPConfig(l2_clip=1.0, noise_multiplier=0.8, sampling_rate=q, num_examples=60,
+                  max_batch_size=b, method="bookkeeping") if dp else None)
+  got = shadow.train_in_parallel(init, loss_fn, opt, arrays, is_in, num_steps=steps,
+                                 sampling_rate=q, batch_size=b, seed=3, dp_config=cfg,
+                                 chunk_steps=3, model_chunk=model_chunk, show_progress=False,
+                                 mesh=shadow.model_mesh(devices) if devices > 1 else None,
+                                 frozen=frozen)
+  ref_loss = loss_fn if frozen is None else training.with_frozen(loss_fn, frozen)
+  ref = _one_by_one(init, ref_loss, opt, arrays, is_in, q=q, b=b, steps=steps, cfg=cfg, seed=3)
+  for m in range(4):
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[m], got.params), ref[m],
                                 atol=2e-5, rtol=2e-5)
-  assert got.steps == steps and got.overflow.shape == (4,)
+  return got, ref, cfg
+
+
+@pytest.mark.parametrize("dp,model_chunk,devices", [
+    (False, 0, 1), (True, 0, 1), (False, 3, 1), (False, 4, 1), (False, 0, 3), (True, 1, 2)])
+def test_parallel_training_equals_a_loop_over_models(dp, model_chunk, devices):
+  """All chunkings: 2 models per vmap (the CPU default), 3 (the last chunk padded), 4 (one);
+  sharded over 3 devices (4 models padded to 6, 2 per device) and over 2 (1 per vmap)."""
+  arrays, _, init, loss_fn = _setup()
+  got, _, cfg = _parallel_and_reference(init, loss_fn, arrays, dp=dp, devices=devices, steps=7,
+                                        model_chunk=model_chunk)
+  assert got.steps == 7 and got.overflow.shape == (4,)
   if dp:
-    ledger = shadow.ledger_for(cfg, steps)
+    ledger = shadow.ledger_for(cfg, 7)
     eps = ledger.report(1e-5, "rdp")["epsilon"]
-    assert eps == pytest.approx(accounting.epsilon(noise_multiplier=0.8, sampling_rate=q,
-                                                   steps=steps, delta=1e-5, accountant="rdp"),
+    assert eps == pytest.approx(accounting.epsilon(noise_multiplier=0.8, sampling_rate=0.25,
+                                                   steps=7, delta=1e-5, accountant="rdp"),
                                 rel=1e-6)
 
+
+@pytest.mark.parametrize("dp,devices", [(False, 1), (True, 2)])
+def test_frozen_parameters_are_shared_and_only_the_rest_is_trained(dp, devices):
+  """With `frozen`, each model trains only its own copy of the rest: as each model alone
+  training the loss closed over the frozen part (`training.with_frozen`); with a mesh, the
+  frozen part is replicated."""
+  arrays, model, init, loss_fn = _setup()
+  fixed = {"embed": init(jax.random.key(9))["embed"]}  # e.g. a pretrained table
+  trainable = lambda k: training.split_frozen(init(k), ("embed",))[0]
+  got, ref, _ = _parallel_and_reference(trainable, loss_fn, arrays, dp=dp, devices=devices,
+                                        steps=5, frozen=fixed)
+  assert sorted(got.params) == ["hidden", "out"]  # the trained part, stacked
+  # the models moved apart from their common start, and their logits use the shared table
+  assert not np.allclose(ref[0]["out"]["kernel"], ref[1]["out"]["kernel"])
+  logits = shadow.logits_of_all(lambda p, t: model.apply({"params": p}, t), got.params,
+                                arrays["tokens"], batch_size=16, frozen=fixed)
+  whole = training.merge_frozen(ref[2], fixed)
+  np.testing.assert_allclose(logits[2], model.apply({"params": whole}, arrays["tokens"]),
+                             rtol=1e-5, atol=1e-5)
 
 def test_training_fits_members_better_than_non_members():
   arrays, model, init, loss_fn = _setup()

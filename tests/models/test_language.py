@@ -133,8 +133,9 @@ def test_cached_decoding_equals_the_full_model_at_every_position(tied):
 def _loop_greedy(model, params, prompt, n):
   # Reference: grow each prompt one token at a time, the model run on the prefix alone.
   seq = list(prompt)
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))  # one compile per length
   for _ in range(n):
-    logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))[0, -1]
+    logits = apply(params, jnp.asarray([seq], jnp.int32))[0, -1]
     logits = logits.at[0].set(-jnp.inf)
     seq.append(int(jnp.argmax(logits)))
   return seq[len(prompt):]

@@ -15,6 +15,15 @@ models; on the target it measures:
 - canary extraction by model inversion (ModIvA, Parikh et al. 2022): the secret token
   recovered from the weights, the template and the label.
 
+The classifiers are trained from scratch on a hash vocabulary (`model.name` transformer or
+bag_of_embeddings), or fine-tuned from a pretrained encoder with its own WordPiece vocabulary
+(`model.name="bert"`, `data.tokenizer="pretrained"`; `model.frozen` and `model.lora_rank` pick
+what is trained, as in `scripts/train.py`). Frozen parameters are the same for every model (the
+checkpoint's values), so only the trained part is stacked over models and DP clips and noises
+only that part. Model inversion needs the secret to be one token of the model's vocabulary,
+which a hash vocabulary guarantees and WordPiece does not (it splits most numbers), so with
+`data.tokenizer="pretrained"` the audit measures membership inference and exposure only.
+
 Each privacy level's statistics are saved in `levels/<name>.npz` when it finishes; a rerun of
 the same config skips the levels already there.
 """
@@ -34,10 +43,11 @@ import optax
 import tqdm
 
 from trustjax import data as tjdata
-from trustjax import models, reporting
+from trustjax import models, reporting, training
 from trustjax.attacks import canaries, inversion, membership, metrics, shadow
-from trustjax.experiments import (classifier_from_config, config_changes, default_delta,
-                                  load_datasets, probe_batch)
+from trustjax.experiments import (checkpoint_leaves, classifier_from_config, config_changes,
+                                  default_delta, frozen_names, load_datasets,
+                                  pretrained_classifier, probe_batch)
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.clipping import check_rules
 from trustjax.privacy.dp_sgd import DPConfig
@@ -54,10 +64,23 @@ class AuditSetup:
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
                        f"{t.epochs=}, {t.batch_size=}")
-    if cfg.data.tokenizer != "hash":
-      raise ValueError(f"data.tokenizer={d.tokenizer!r}: the audit uses 'hash', a vocabulary "
-                       "fixed without the data, so the DP levels cover everything learned")
-    self.tokenizer = tjdata.build_hash_tokenizer(d.vocab_size - 2)
+    m = cfg.model
+    # A vocabulary fixed without the data, so that the DP levels cover everything learned.
+    if d.tokenizer == "hash":
+      if m.name == "bert":
+        raise ValueError("model.name='bert' reads the checkpoint's own vocabulary: set "
+                         "data.tokenizer='pretrained'")
+      self.tokenizer = tjdata.build_hash_tokenizer(d.vocab_size - 2)
+    elif d.tokenizer == "pretrained":
+      if m.name != "bert":
+        raise ValueError(f"data.tokenizer='pretrained' is the vocabulary of a pretrained "
+                         f"encoder: set model.name='bert' (got {m.name!r})")
+      self.tokenizer = models.PretrainedTokenizer(m.pretrained_path or models.minilm_path())
+    else:
+      raise ValueError(f"data.tokenizer={d.tokenizer!r}: the audit uses 'hash' (models from "
+                       "scratch) or 'pretrained' (model.name='bert'), vocabularies fixed "
+                       "without the data, so the DP levels cover everything learned")
+    self.invertible = d.tokenizer == "hash"  # every secret is one token (ModIvA's setting)
     rng = np.random.default_rng(cfg.seed)
     if d.name not in ("snips", "synthetic_nlu"):
       raise ValueError(f"unknown data.name={d.name!r}; expected snips or synthetic_nlu")
@@ -84,12 +107,21 @@ class AuditSetup:
     self.eval_arrays = {"tokens": enc(self.eval_data.texts),
                         "label": self.eval_data.labels.astype(np.int32)}
     self.canary_tokens = self.arrays["tokens"][self.canary_rows]
+    # Exposure's candidates: the template filled with every secret of the space, as encoded.
     space = canaries.all_secrets(c.digits)
-    self.space_ids = np.array([self.tokenizer.token_id(s) for s in space], np.int32)
+    space_texts = canaries.fill(c.template, space)
+    longer = self.tokenizer.encode(space_texts, d.max_length + 8)
+    if (longer[:, d.max_length:] != self.tokenizer.pad_id).any():
+      raise ValueError(f"canaries.template={c.template!r} filled with a secret takes more than "
+                       f"data.max_length={d.max_length} tokens")
+    self.space_tokens = enc(space_texts)  # [secrets, length]
     where = {s: i for i, s in enumerate(space)}
-    self.secret_index = np.array([where[s] for s in self.secrets])  # row in space_ids
-    self.secret_ids = np.array([self.tokenizer.token_id(s) for s in self.secrets], np.int32)
-    self.candidate_ids = np.unique(self.space_ids)
+    self.secret_index = np.array([where[s] for s in self.secrets])  # row in space_tokens
+    assert (self.space_tokens[self.secret_index] == self.canary_tokens).all()
+    if self.invertible:  # the secret as one token id (hash collisions share one)
+      self.space_ids = np.array([self.tokenizer.token_id(s) for s in space], np.int32)
+      self.secret_ids = self.space_ids[self.secret_index]
+      self.candidate_ids = np.unique(self.space_ids)
 
     n = len(self.pool)
     self.is_in = shadow.membership_masks(t.num_models, n, seed=cfg.seed)
@@ -102,12 +134,36 @@ class AuditSetup:
     self.batch_size = sampling.default_max_batch_size(self.members, self.sampling_rate,
                                                       self.num_steps, multiple_of=8)
     self.num_classes = train.num_classes
-    self.model = classifier_from_config(cfg.model, vocab_size=self.tokenizer.vocab_size,
-                                        num_classes=train.num_classes, max_length=d.max_length)
+    pretrained = None
+    if m.name == "bert":
+      self.model, pretrained = pretrained_classifier(cfg, self.tokenizer, train.num_classes)
+    else:
+      self.model = classifier_from_config(m, vocab_size=self.tokenizer.vocab_size,
+                                          num_classes=train.num_classes, max_length=d.max_length)
+    self.frozen = frozen_names(m.frozen)
+    if m.lora_rank:  # LoRA: the checkpoint's weights fixed; adapters and head trained
+      if m.name != "bert":
+        raise ValueError(f"model.lora_rank adapts a pretrained encoder (model.name='bert'), "
+                         f"got model.name={m.name!r}")
+      self.frozen += checkpoint_leaves(pretrained)
+
+    def full_init(key):
+      params = self.model.init(key, jnp.zeros((1, d.max_length), jnp.int32))["params"]
+      if pretrained is not None:  # leaf by leaf: LoRA adapters keep their initial values
+        params = training.merge_frozen(params, {"encoder": pretrained})
+      return params
+
+    # loss_fn and apply_fn take the whole parameters; init_fn gives the trained part.
     self.loss_fn = models.classification_loss(self.model)
     self.apply_fn = lambda p, tokens: self.model.apply({"params": p}, tokens)
-    self.init_fn = lambda key: self.model.init(
-        key, jnp.zeros((1, d.max_length), jnp.int32))["params"]
+    self.fixed = None  # the frozen part: one copy for every model (`shadow`'s `frozen`)
+    if self.frozen:  # the checkpoint's values, or the seed's init for parts not in it
+      self.fixed = training.split_frozen(full_init(jax.random.key(cfg.seed)), self.frozen)[1]
+      self.init_fn = lambda key: training.split_frozen(full_init(key), self.frozen)[0]
+    else:
+      self.init_fn = full_init
+    shapes = jax.eval_shape(self.init_fn, jax.random.key(0))
+    self.trainable_parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     self.levels = (["nondp"] if cfg.dp.nondp else []) + [f"eps{e:g}" for e in cfg.dp.epsilons]
     if not self.levels:
       raise ValueError("nothing to audit: dp.nondp is False and dp.epsilons is empty")
@@ -140,8 +196,11 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
   """Trains the level's models and returns its statistics (what `levels/<name>.npz` holds)."""
   cfg = setup.cfg
   dp_config = setup.mechanisms.get(level)
+  loss_fn = setup.loss_fn
+  if setup.fixed is not None:
+    loss_fn = training.with_frozen(loss_fn, setup.fixed)
   if dp_config is not None:  # the layer rules hold for this model (random inputs: no privacy cost)
-    check_rules(setup.loss_fn, setup.init_fn(jax.random.key(cfg.seed)),
+    check_rules(loss_fn, setup.init_fn(jax.random.key(cfg.seed)),
                 probe_batch(setup.arrays, vocab_size=setup.tokenizer.vocab_size,
                             num_classes=setup.num_classes), method=dp_config.method)
   mesh = model_mesh(cfg.train.num_devices, setup.is_in.shape[0])
@@ -151,42 +210,51 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
       num_steps=setup.num_steps, sampling_rate=setup.sampling_rate,
       batch_size=setup.batch_size, seed=cfg.seed, dp_config=dp_config,
       chunk_steps=cfg.train.chunk_steps, model_chunk=cfg.train.model_chunk,
-      mesh=mesh,
-      show_progress=show_progress, desc=f"train {level}")
+      mesh=mesh, show_progress=show_progress, desc=f"train {level}", frozen=setup.fixed)
   train_seconds = time.time() - t0
   params = trained.params
-  logits = shadow.logits_of_all(setup.apply_fn, params, setup.arrays["tokens"])
+  logits = shadow.logits_of_all(setup.apply_fn, params, setup.arrays["tokens"],
+                                frozen=setup.fixed)
   labels = setup.arrays["label"]
   phi = np.asarray(membership.logit_confidence(logits, labels[None]))
   loss = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
       jnp.asarray(logits), jnp.asarray(labels)[None]))
   correct = logits.argmax(-1) == labels[None]
-  eval_logits = shadow.logits_of_all(setup.apply_fn, params, setup.eval_arrays["tokens"])
+  eval_logits = shadow.logits_of_all(setup.apply_fn, params, setup.eval_arrays["tokens"],
+                                     frozen=setup.fixed)
   eval_acc = (eval_logits.argmax(-1) == setup.eval_arrays["label"][None]).mean(1)
 
-  # exposure: every secret of the space in each canary's template, scored with its label
+  # exposure: every secret of the space in the canaries' template, scored with each one's label
   num_models, num_canaries = setup.is_in.shape[0], len(setup.secrets)
   exposure = np.zeros((num_models, num_canaries))
   first = np.zeros((num_models, num_canaries), bool)  # the secret has the lowest loss of all
-  pos = setup.secret_position
+  space_logits = jnp.asarray(shadow.logits_of_all(setup.apply_fn, params, setup.space_tokens,
+                                                  batch_size=2048, frozen=setup.fixed))
   for c in range(num_canaries):
-    cand = np.repeat(setup.canary_tokens[c][None], len(setup.space_ids), 0)
-    cand[:, pos] = setup.space_ids
-    cl = shadow.logits_of_all(setup.apply_fn, params, cand, batch_size=2048)
     closs = np.asarray(optax.softmax_cross_entropy_with_integer_labels(
-        jnp.asarray(cl), jnp.full(cl.shape[:2], setup.canary_labels[c])))
-    own = setup.space_ids == setup.secret_ids[c]  # the secret and its hash collisions
+        space_logits, jnp.full(space_logits.shape[:2], setup.canary_labels[c])))
     secret_idx = setup.secret_index[c]
+    # the secret and any secret encoded alike (hash collisions, WordPiece's unknown token)
+    own = (setup.space_tokens == setup.space_tokens[secret_idx]).all(1)
     for m in range(num_models):
       exposure[m, c] = canaries.exposure(closs[m, secret_idx], closs[m, ~own])
       first[m, c] = not (closs[m, ~own] <= closs[m, secret_idx]).any()
+  stats = {"phi": phi, "loss": loss, "correct": correct, "eval_accuracy": eval_acc,
+           "exposure": exposure, "ranked_first": first, "overflow": trained.overflow,
+           "train_seconds": np.float64(train_seconds),
+           "devices": np.int64(1 if mesh is None else mesh.size)}
+  if not setup.invertible:
+    return stats
 
   # model inversion of each canary's secret token from every model
+  pos = setup.secret_position
   hits = np.zeros((num_models, num_canaries), bool)
   bar = tqdm.tqdm(total=num_models * num_canaries, desc=f"invert {level}", mininterval=0.5,
                   disable=not show_progress)
   for m in range(num_models):
     p_m = jax.tree.map(lambda x, m=m: x[m], params)
+    if setup.fixed is not None:
+      p_m = training.merge_frozen(p_m, setup.fixed)
     for c in range(num_canaries):
       inv = inversion.invert_canary(
           setup.apply_fn, p_m, setup.canary_tokens[c], [pos], int(setup.canary_labels[c]),
@@ -196,10 +264,7 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
       hits[m, c] = int(inv.guess[0]) == setup.secret_ids[c]
       bar.update(1)
   bar.close()
-  return {"phi": phi, "loss": loss, "correct": correct, "eval_accuracy": eval_acc,
-          "exposure": exposure, "ranked_first": first, "inversion_hit": hits,
-          "overflow": trained.overflow, "train_seconds": np.float64(train_seconds),
-          "devices": np.int64(1 if mesh is None else mesh.size)}
+  return {**stats, "inversion_hit": hits}
 
 
 def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.ndarray]:
@@ -234,11 +299,12 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
   cin = is_in[:, setup.canary_rows]
   out["exposure_in"] = float(stats["exposure"][cin].mean())
   out["exposure_out"] = float(stats["exposure"][~cin].mean())
-  out["exposure_max_bits"] = float(np.log2(len(setup.space_ids)))
+  out["exposure_max_bits"] = float(np.log2(len(setup.space_tokens)))
   out["ranked_first_in"] = float(stats["ranked_first"][cin].mean())
   out["ranked_first_out"] = float(stats["ranked_first"][~cin].mean())
-  out["inversion_in"] = float(stats["inversion_hit"][cin].mean())
-  out["inversion_out"] = float(stats["inversion_hit"][~cin].mean())
+  hits = stats.get("inversion_hit")  # None: the secrets are not single tokens (WordPiece)
+  out["inversion_in"] = None if hits is None else float(hits[cin].mean())
+  out["inversion_out"] = None if hits is None else float(hits[~cin].mean())
   dp = setup.mechanisms.get(level)
   if dp is not None:
     ledger = shadow.ledger_for(dp, setup.num_steps)
@@ -288,7 +354,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   cfg_path = os.path.join(workdir, "config.json")
   stored = json.loads(cfg.to_json_best_effort())
   if os.path.exists(cfg_path):
-    changed = config_changes(cfg_path, cfg, _RESUMABLE_CHANGES)
+    # fields added to the code since the run began count as unchanged at their defaults
+    changed = config_changes(cfg_path, cfg, _RESUMABLE_CHANGES, default_config())
     if changed:
       raise ValueError(f"cannot resume the audit in {workdir}: its config differs in {changed}; "
                        "pick another run_name or delete the folder")
@@ -310,7 +377,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                      np.asarray(membership.loss_threshold_scores(stats["loss"]))[ok])
   summary = {"levels": rows, "delta": setup.delta, "sampling_rate": setup.sampling_rate,
              "batch_size_padded": setup.batch_size, "canaries": len(setup.secrets),
-             "secret_space": len(setup.space_ids), "backend": jax.default_backend()}
+             "secret_space": len(setup.space_tokens),
+             "trainable_parameters": setup.trainable_parameters,
+             "backend": jax.default_backend()}
   reporting.write_json(os.path.join(workdir, "summary.json"), summary)
   _plot_roc(curves, os.path.join(workdir, "plots", "roc.png"))
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
@@ -333,8 +402,22 @@ def report_table(summary: dict, fprs) -> str:
                 + [r["epsilon_lower_bound"],
                    f"{r['exposure_in']:.2f} / {r['exposure_out']:.2f}",
                    f"{r['ranked_first_in']:.3f} / {r['ranked_first_out']:.3f}",
-                   f"{r['inversion_in']:.3f} / {r['inversion_out']:.3f}"])
+                   "n/a" if r["inversion_in"] is None
+                   else f"{r['inversion_in']:.3f} / {r['inversion_out']:.3f}"])
   return reporting.markdown_table(cols, rows)
+
+
+def _model_description(cfg) -> str:
+  m = cfg.model
+  if m.name != "bert":
+    return f"{m.name} from scratch on a hash vocabulary of {cfg.data.vocab_size} ids"
+  parts = [f"fine-tuned from {m.pretrained_path or 'all-MiniLM-L6-v2'}"]
+  if m.lora_rank:
+    parts.append(f"LoRA rank {m.lora_rank} (alpha {m.lora_alpha:g}), checkpoint weights frozen")
+  if m.frozen:
+    parts.append(f"frozen: {m.frozen}")
+  parts.append("no model inversion (WordPiece splits secrets into several tokens)")
+  return "; ".join(parts)
 
 
 def report(cfg, summary: dict) -> str:
@@ -347,6 +430,8 @@ def report(cfg, summary: dict) -> str:
       f"rate {summary['sampling_rate']:.4g}; delta = {summary['delta']:g}. Epsilon lower bound: "
       f"threshold from targets 1..{first['models'] // 2}, bound on the rest, confidence "
       f"{cfg.audit.confidence}. Exposure out of {first['exposure_max_bits']:.2f} bits.", "",
+      f"Model: {_model_description(cfg)}; {summary['trainable_parameters']:,} trained "
+      "parameters per model.", "",
       report_table(summary, cfg.audit.fprs), "", "![ROC](plots/roc.png)", ""])
 
 
@@ -365,7 +450,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_examples = 4000  # synthetic_nlu corpus size
   c.data.num_devices = 200  # synthetic_nlu devices
   c.data.eval_fraction = 0.1  # synthetic_nlu held-out fraction (SNIPS has its validation split)
-  c.data.tokenizer = "hash"  # fixed without the data (the only choice)
+  # fixed without the data: hash (models from scratch) | pretrained (model.name="bert")
+  c.data.tokenizer = "hash"
   c.data.vocab_size = 8192  # hash buckets + pad + OOV
   c.data.max_length = 32
   c.canaries = ml_collections.ConfigDict()
@@ -373,7 +459,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.canaries.digits = 4  # secret space 10**digits
   c.canaries.template = "my pin code is {}"
   c.model = ml_collections.ConfigDict()
-  c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer
+  c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer | bert (pretrained)
+  c.model.pretrained_path = ""  # bert: a Hugging Face BERT folder ("" = all-MiniLM-L6-v2)
+  c.model.frozen = ""  # parameter path prefixes held fixed, e.g. "encoder" (a linear probe)
+  c.model.lora_rank = 0  # bert: LoRA adapters on query and value (checkpoint weights frozen)
+  c.model.lora_alpha = 8.0
   c.model.embed_dim = 64
   c.model.num_layers = 1
   c.model.num_heads = 4

@@ -10,6 +10,10 @@ accountant assumes), padded to a static batch size; the sample is drawn on the d
 (seed, m, t). A draw larger than the batch keeps its lowest-indexed members and is counted as
 overflow; the ledger's delta includes the probability of any overflow over the run
 (`DPConfig.overflow_probability`), as for `scripts/train.py`.
+
+Parameters held fixed (`frozen`: a pretrained encoder under LoRA or a linear probe) are one
+copy shared by every model, passed to the compiled programs as an argument (closed over, XLA
+would fold them as constants into the program); only the trained part is stacked over models.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from trustjax import reporting, sharding
 from trustjax.privacy import accounting
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
-from trustjax.training import nondp_step
+from trustjax.training import merge_frozen, nondp_step
 from trustjax.types import LossFn, Params, PRNGKey
 
 MODELS_AXIS = "models"
@@ -66,16 +70,23 @@ def _sample(key: PRNGKey, is_in: jax.Array, rate: float, batch_size: int):
 def model_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                   arrays: Mapping[str, np.ndarray], *, sampling_rate: float, batch_size: int,
                   dp_config: DPConfig | None, steps: int) -> Callable:
-  """`train(params, opt_state, key, member, start) -> (params, opt_state, overflow)`: one
-  model's steps start, ..., start + steps - 1 (a `lax.scan`), unjitted and unbatched.
+  """`train(params, opt_state, key, member, start, frozen=None) -> (params, opt_state,
+  overflow)`: one model's steps start, ..., start + steps - 1 (a `lax.scan`), unjitted and
+  unbatched.
 
   Step t samples the members (`member: bool [n]`) with `fold_in(key, t)`, then takes a non-DP
-  step on the masked mean loss or, with `dp_config`, a DP-SGD step. `train_in_parallel` vmaps
-  it over models; `scripts/benchmark_audit.py` also runs it one model at a time.
+  step on the masked mean loss or, with `dp_config`, a DP-SGD step. With `frozen` (the fixed
+  part of the parameters, `training.split_frozen`), `params` is the trained part, `loss_fn`
+  sees both merged, and the gradient, clipping and noise cover the trained part only.
+  `train_in_parallel` vmaps it over models; `scripts/benchmark_audit.py` also runs it one model
+  at a time.
   """
   data = {k: jnp.asarray(v) for k, v in arrays.items()}
 
-  def train(params, opt_state, key, member, start):
+  def train(params, opt_state, key, member, start, frozen=None):
+    loss = loss_fn if frozen is None else (
+        lambda p, batch: loss_fn(merge_frozen(p, frozen), batch))
+
     def body(carry, t):
       params, opt_state, overflow = carry
       k_sample, k_noise = jax.random.split(jax.random.fold_in(key, t))
@@ -83,10 +94,10 @@ def model_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       batch = {k: v[idx] for k, v in data.items()}
       batch["mask"] = mask
       if dp_config is None:
-        params, opt_state, _ = nondp_step(params, opt_state, batch, loss_fn=loss_fn,
+        params, opt_state, _ = nondp_step(params, opt_state, batch, loss_fn=loss,
                                           optimizer=optimizer)
       else:
-        params, opt_state, _ = dp_sgd_step(params, opt_state, batch, k_noise, loss_fn=loss_fn,
+        params, opt_state, _ = dp_sgd_step(params, opt_state, batch, k_noise, loss_fn=loss,
                                            optimizer=optimizer, config=dp_config)
       return (params, opt_state, overflow + over), None
 
@@ -103,12 +114,14 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
                       batch_size: int, seed: int = 0, dp_config: DPConfig | None = None,
                       chunk_steps: int = 100, model_chunk: int = 0,
                       mesh: Mesh | None = None, show_progress: bool = True,
-                      desc: str = "models") -> ParallelModels:
+                      desc: str = "models", frozen: Params | None = None) -> ParallelModels:
   """Trains one model per row of `is_in`, all at once.
 
   Args:
-    init_fn: `init_fn(key) -> params`; each model gets its own key.
-    loss_fn: per-example loss `loss_fn(params, batch) -> [B]`.
+    init_fn: `init_fn(key) -> params`; each model gets its own key. With `frozen`, the trained
+      part only.
+    loss_fn: per-example loss `loss_fn(params, batch) -> [B]` of the whole parameters (with
+      `frozen`: the trained part merged with it, `training.merge_frozen`).
     optimizer: optax transformation (non-DP: it gets the masked mean gradient; DP: the
       privatized one).
     arrays: the pool, dict of arrays with a leading [n] axis (e.g. "tokens", "label").
@@ -132,6 +145,8 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
       model's keys, samples and noise are its own), sharded along their leading axis.
     show_progress: draw a progress bar.
     desc: the progress bar's label.
+    frozen: parameters held fixed, one copy shared by every model (`training.split_frozen`);
+      the returned params are the trained part.
   """
   is_in = np.asarray(is_in, bool)
   num_models, n = is_in.shape
@@ -170,6 +185,8 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
   if mesh is not None:
     params, opt_state, model_keys, members = jax.device_put(
         (params, opt_state, model_keys, members), NamedSharding(mesh, P(MODELS_AXIS)))
+    if frozen is not None:  # a copy on every device
+      frozen = jax.device_put(frozen, NamedSharding(mesh, P()))
   chunks = {}
 
   def run(count, *args):
@@ -185,7 +202,7 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
   while done < num_steps:
     count = min(chunk_steps, num_steps - done)
     params, opt_state, over = run(count, params, opt_state, model_keys, members,
-                                  jnp.int32(done))
+                                  jnp.int32(done), frozen)
     overflow += np.asarray(over)
     done += count
     if bar is not None:
@@ -199,19 +216,20 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
 
 
 def models_program(train: Callable, model_chunk: int, mesh: Mesh | None = None) -> Callable:
-  """`(params, opt_state, keys, members, start) -> (params, opt_state, overflow)` for stacked
-  models (leading [models] axis; `start` shared): one model's `train` (`model_trainer`'s)
-  under `vmap`, `model_chunk` models at a time (`in_chunks`); with `mesh`, each device of its
-  "models" axis runs its own contiguous block that way (`jax.shard_map`; the models must be a
-  multiple of the devices). Unjitted."""
-  vmapped = jax.vmap(train, in_axes=(0, 0, 0, 0, None))
-  block = lambda p, s, k, member, start: in_chunks(vmapped, model_chunk, p, s, k, member,
-                                                   shared=start)
+  """`(params, opt_state, keys, members, start, frozen=None) -> (params, opt_state, overflow)`
+  for stacked models (leading [models] axis; `start` and `frozen` shared): one model's `train`
+  (`model_trainer`'s) under `vmap`, `model_chunk` models at a time (`in_chunks`); with `mesh`,
+  each device of its "models" axis runs its own contiguous block that way (`jax.shard_map`;
+  the models must be a multiple of the devices; `frozen` replicated). Unjitted."""
+  vmapped = jax.vmap(train, in_axes=(0, 0, 0, 0, None, None))
+  block = lambda p, s, k, member, start, frozen=None: in_chunks(
+      vmapped, model_chunk, p, s, k, member, shared=(start, frozen))
   if mesh is None:
     return block
   spec = P(MODELS_AXIS)
-  return jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=spec,
-                       check_vma=False)
+  sharded = jax.shard_map(block, mesh=mesh, in_specs=(spec, spec, spec, spec, P(), P()),
+                          out_specs=spec, check_vma=False)
+  return lambda p, s, k, member, start, frozen=None: sharded(p, s, k, member, start, frozen)
 
 
 def resolve_model_chunk(model_chunk: int, num_models: int) -> int:
@@ -223,15 +241,15 @@ def resolve_model_chunk(model_chunk: int, num_models: int) -> int:
   return min(model_chunk, num_models)
 
 
-def in_chunks(fn: Callable, chunk: int, *stacked, shared=None):
-  """`fn(*stacked, shared)` for stacked arguments (leading [models] axis), `chunk` models at a
+def in_chunks(fn: Callable, chunk: int, *stacked, shared: tuple = ()):
+  """`fn(*stacked, *shared)` for stacked arguments (leading [models] axis), `chunk` models at a
   time through `lax.map`; the last chunk is padded with copies of the last model and the copies
   dropped."""
   m = jax.tree.leaves(stacked)[0].shape[0]
   n_chunks = -(-m // chunk)
   idx = jnp.minimum(jnp.arange(n_chunks * chunk), m - 1)
   split = lambda x: x[idx].reshape((n_chunks, chunk) + x.shape[1:])
-  out = jax.lax.map(lambda a: fn(*a, shared), jax.tree.map(split, stacked))
+  out = jax.lax.map(lambda a: fn(*a, *shared), jax.tree.map(split, stacked))
   return jax.tree.map(lambda x: x.reshape((n_chunks * chunk,) + x.shape[2:])[:m], out)
 
 
@@ -243,15 +261,19 @@ def ledger_for(dp_config: DPConfig, steps: int) -> accounting.PrivacyLedger:
 
 
 def logits_of_all(apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params,
-                  inputs: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-  """float32 [models, n, classes]: every model's logits on every row of `inputs: [n, ...]`."""
-  f = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+                  inputs: np.ndarray, *, batch_size: int = 512,
+                  frozen: Params | None = None) -> np.ndarray:
+  """float32 [models, n, classes]: every model's logits on every row of `inputs: [n, ...]`
+  (`apply_fn` of the whole parameters; with `frozen`, `params` is the trained part)."""
+  full = lambda p, x, fz: apply_fn(p if fz is None else merge_frozen(p, fz), x)
+  f = jax.jit(jax.vmap(full, in_axes=(0, None, None)))
   n = len(inputs)
+  batch_size = min(batch_size, n)  # no padding beyond the inputs
   out = []
   for s in range(0, n, batch_size):
     chunk = np.asarray(inputs[s:s + batch_size])
     pad = batch_size - len(chunk)
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
-    out.append(np.asarray(f(params, jnp.asarray(chunk)))[:, :batch_size - pad])
+    out.append(np.asarray(f(params, jnp.asarray(chunk), frozen))[:, :batch_size - pad])
   return np.concatenate(out, axis=1)
