@@ -132,3 +132,11 @@ def test_audit_of_lora_fine_tuning_shares_the_frozen_encoder(tmp_path, snips_dir
   assert "LoRA rank 8" in report and "2,279 trained parameters" in report and "| n/a |" in report
   with pytest.raises(ValueError, match="takes more than data.max_length=6"):
     experiments.AuditSetup(override(cfg, **{"data.max_length": 6}))
+  # the other modes: the head alone (a linear probe), and every parameter (as many as Hugging
+  # Face counts in the checkpoint, and the head)
+  from transformers import BertModel  # pylint: disable=import-outside-toplevel
+  hf = BertModel.from_pretrained(ckpt, add_pooling_layer=False)  # the checkpoint has none
+  for mode, count in (("head", 231), ("full", hf.num_parameters() + 231)):
+    other = _config(tmp_path, snips_dir, "audit_snips_bert.py", f"{mode},runlocal",
+                    **{"model.pretrained_path": ckpt})
+    assert experiments.AuditSetup(other).trainable_parameters == count, mode
