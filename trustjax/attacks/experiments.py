@@ -410,13 +410,15 @@ def report_table(summary: dict, fprs) -> str:
 def _model_description(cfg) -> str:
   m = cfg.model
   if m.name != "bert":
-    return f"{m.name} from scratch on a hash vocabulary of {cfg.data.vocab_size} ids"
-  parts = [f"fine-tuned from {m.pretrained_path or 'all-MiniLM-L6-v2'}"]
+    parts = [f"{m.name} from scratch on a hash vocabulary of {cfg.data.vocab_size} ids"]
+  else:
+    parts = [f"fine-tuned from {m.pretrained_path or 'all-MiniLM-L6-v2'}"]
   if m.lora_rank:
     parts.append(f"LoRA rank {m.lora_rank} (alpha {m.lora_alpha:g}), checkpoint weights frozen")
   if m.frozen:
     parts.append(f"frozen: {m.frozen}")
-  parts.append("no model inversion (WordPiece splits secrets into several tokens)")
+  if m.name == "bert":
+    parts.append("no model inversion (WordPiece splits secrets into several tokens)")
   return "; ".join(parts)
 
 
