@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from trustjax import reporting, sharding
 from trustjax.privacy import accounting
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
-from trustjax.training import merge_frozen, nondp_step
+from trustjax.training import merge_frozen, nondp_step, with_frozen
 from trustjax.types import LossFn, Params, PRNGKey
 
 MODELS_AXIS = "models"
@@ -84,8 +84,7 @@ def model_trainer(loss_fn: LossFn, optimizer: optax.GradientTransformation,
   data = {k: jnp.asarray(v) for k, v in arrays.items()}
 
   def train(params, opt_state, key, member, start, frozen=None):
-    loss = loss_fn if frozen is None else (
-        lambda p, batch: loss_fn(merge_frozen(p, frozen), batch))
+    loss = loss_fn if frozen is None else with_frozen(loss_fn, frozen)
 
     def body(carry, t):
       params, opt_state, overflow = carry
