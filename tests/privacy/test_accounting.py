@@ -42,9 +42,11 @@ def test_reproduces_tf_privacy_mnist_table():
   assert 2.0 < ours_pld < 2.6
 
 
-@pytest.mark.parametrize("acc", ["rdp", "pld"])
-def test_calibration_is_sound_and_tight(acc):
-  q, steps, delta, target = 0.02, 100, 1e-5, 2.0
+@pytest.mark.parametrize("acc,q,steps,delta,target", [
+    ("rdp", 0.02, 100, 1e-5, 2.0), ("pld", 0.02, 100, 1e-5, 2.0),
+    ("pld", 0.1, 20, 1e-3, 8.0),  # small sigma: the coarse PLD grid is furthest off here
+    ("pld", 1.0, 10, 1e-5, 3.0)])  # full batch
+def test_calibration_is_sound_and_tight(acc, q, steps, delta, target):
   sigma = accounting.calibrate_noise_multiplier(target_epsilon=target, sampling_rate=q,
                                                 steps=steps, delta=delta, accountant=acc)
   eps = accounting.epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta,
