@@ -313,7 +313,8 @@ def test_split_frozen_round_trips_and_names_bad_prefixes():
 
 @pytest.mark.parametrize("mode", ["head", "lora"])
 def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
-  """model.frozen="encoder" (a linear probe) or model.lora_rank=2 (LoRA on query and value):
+  """model.frozen="encoder" (a linear probe) or model.lora_rank=2 (LoRA on query, value and the
+  MLP's output layer):
   the checkpoint's weights come out of DP training unchanged, only the head (and adapters) are
   trained and counted; a misspelt name fails before anything runs."""
   from trustjax import models  # pylint: disable=import-outside-toplevel
@@ -329,8 +330,13 @@ def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
   else:
     with pytest.raises(ValueError, match="model.name='bert'"):
       experiments.Setup(_cfg(tmp_path, **{"model.lora_rank": 2}))
-    cfg = _cfg(tmp_path, **base, **{"model.lora_rank": 2})
-    trained = 32 * 30 + 30 + 2 * 2 * (32 * 2 + 2 * 32)  # + 2 layers x (query, value) x (A, B)
+    with pytest.raises(ValueError, match="model.lora_targets='query,ffn'"):
+      experiments.Setup(_cfg(tmp_path, **base, **{"model.lora_rank": 2,
+                                                  "model.lora_targets": "query,ffn"}))
+    cfg = _cfg(tmp_path, **base, **{"model.lora_rank": 2,
+                                    "model.lora_targets": "query,value,output"})
+    # + 2 layers x ((query, value): A 32x2, B 2x32; output: A 64x2 (the MLP's width), B 2x32)
+    trained = 32 * 30 + 30 + 2 * (2 * (32 * 2 + 2 * 32) + 64 * 2 + 2 * 32)
   summary = experiments.run(cfg, show_progress=False)
   assert summary["trainable_parameters"] == trained
   assert summary["parameters"] > 100 * trained
@@ -347,5 +353,8 @@ def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
   if mode == "lora":
     b = state.params["encoder"]["layer_1"]["attention"]["value_lora_b"]["kernel"]
     assert not np.allclose(start["encoder"]["layer_1"]["attention"]["value_lora_b"]["kernel"], b)
+    b = state.params["encoder"]["layer_1"]["output_lora_b"]["kernel"]
+    assert not np.allclose(start["encoder"]["layer_1"]["output_lora_b"]["kernel"], b)
   report = open(tmp_path / cfg.train.run_name / "report.md").read()
-  assert ("Frozen parameters (encoder)" if mode == "head" else "LoRA adapters of rank 2") in report
+  assert ("Frozen parameters (encoder)" if mode == "head"
+          else "LoRA adapters of rank 2 on query, value, output") in report

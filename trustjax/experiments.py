@@ -168,8 +168,19 @@ def pretrained_classifier(cfg: ml_collections.ConfigDict, tokenizer, num_classes
     raise ValueError(f"model.lora_rank must be >= 0 and model.lora_alpha positive, got "
                      f"{cfg.model.lora_rank}, {cfg.model.lora_alpha}")
   return models.BertClassifier(config, num_classes, pad_id=tokenizer.pad_id,
-                               lora_rank=cfg.model.lora_rank,
-                               lora_alpha=cfg.model.lora_alpha), params
+                               lora_rank=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha,
+                               lora_targets=lora_targets(cfg.model)), params
+
+
+def lora_targets(m: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`model.lora_targets` ("query,value", or any of `models.bert.LORA_TARGETS`) as a tuple
+  (ValueError naming the bad entries); ("query", "value") where a config predates the field."""
+  spec = m.get("lora_targets", "query,value")
+  targets = tuple(t.strip() for t in spec.split(",") if t.strip())
+  try:
+    return models.bert.check_lora_targets(targets)
+  except ValueError as e:
+    raise ValueError(f"model.lora_targets={spec!r}: {e}") from None
 
 
 def set_privacy_level(c: ml_collections.ConfigDict, arg: str, run_prefix: str) -> None:
@@ -486,8 +497,8 @@ def _check_resumable(workdir: str, cfg) -> None:
 
 
 def _frozen_description(cfg) -> str:
-  parts = [f"the checkpoint's weights, with LoRA adapters of rank {cfg.model.lora_rank} "
-           "trained beside them"] if cfg.model.lora_rank else []
+  parts = [f"the checkpoint's weights, with LoRA adapters of rank {cfg.model.lora_rank} on "
+           f"{', '.join(lora_targets(cfg.model))} trained beside them"] if cfg.model.lora_rank else []
   return "; ".join(parts + ([cfg.model.frozen] if cfg.model.frozen else []))
 
 
@@ -556,10 +567,12 @@ def default_config() -> ml_collections.ConfigDict:
   # e.g. "encoder" (train the head only) or "encoder/word_embeddings"; "" = train everything.
   # Frozen parameters get no gradient, and under DP no clipping share and no noise.
   c.model.frozen = ""
-  # bert: LoRA adapters of this rank on every attention layer's query and value (Hu et al. 2022);
-  # the checkpoint's weights are then frozen and the adapters and the head trained. 0 = none.
+  # bert: LoRA adapters of this rank on every layer's lora_targets (Hu et al. 2022); the
+  # checkpoint's weights are then frozen and the adapters and the head trained. 0 = none.
   c.model.lora_rank = 0
   c.model.lora_alpha = 8.0  # LoRA's scale is lora_alpha / lora_rank
+  # comma-separated, from query, key, value, out (attention), intermediate, output (MLP)
+  c.model.lora_targets = "query,value"
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
   c.dp.l2_clip = 1.0

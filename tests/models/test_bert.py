@@ -119,35 +119,39 @@ def test_bad_checkpoints_are_named(tmp_path):
     bert.BertConfig.from_hf(json.loads('{"model_type": "gpt2"}'))
 
 
-def test_lora_starts_at_the_checkpoint_equals_its_merged_weights_and_gets_dp_rules():
+@pytest.mark.parametrize("targets", [("query", "value"), bert.LORA_TARGETS])
+def test_lora_starts_at_the_checkpoint_equals_its_merged_weights_and_gets_dp_rules(targets):
   """LoRA (Hu et al. 2022): with B = 0 the adapted classifier is the pretrained one; with random
-  A and B it equals the plain classifier whose query and value kernels are W + (alpha/r) A B;
-  under DP with the checkpoint's weights frozen, book-keeping's norms and clipped sum over the
-  adapters and head equal the vmap reference."""
+  A and B it equals the plain classifier whose adapted kernels (query and value, or every dense
+  layer) are W + (alpha/r) A B; under DP with the checkpoint's weights frozen, book-keeping's
+  norms and clipped sum over the adapters and head equal the vmap reference."""
   from trustjax import training  # pylint: disable=import-outside-toplevel
   hf, config = _random_hf(seed=4, layers=1)
   encoder = bert.convert_hf_bert({k: v.numpy() for k, v in hf.state_dict().items()}, config)
   rng = np.random.default_rng(5)
   ids = jnp.asarray(rng.integers(1, 101, size=(6, 10)), jnp.int32).at[2, 5:].set(0)
   plain = bert.BertClassifier(config, num_classes=3)
-  lora = bert.BertClassifier(config, num_classes=3, lora_rank=2, lora_alpha=4.0)
+  lora = bert.BertClassifier(config, num_classes=3, lora_rank=2, lora_alpha=4.0,
+                             lora_targets=targets)
   head = plain.init(jax.random.key(0), ids)["params"]["head"]
   params = training.merge_frozen(lora.init(jax.random.key(1), ids)["params"],
                                  {"encoder": encoder, "head": head})
   base = {"encoder": encoder, "head": head}
   np.testing.assert_array_equal(lora.apply({"params": params}, ids),
                                 plain.apply({"params": base}, ids))
-  attn = params["encoder"]["layer_0"]["attention"]
-  for name in ("query", "value"):
-    attn[f"{name}_lora_b"]["kernel"] = jnp.asarray(rng.normal(0, 0.3, (2, 4, 8)), jnp.float32)
+  # where each adapted layer sits in the layer's params
+  where = lambda tree, name: (tree["encoder"]["layer_0"]["attention"]
+                              if name in ("query", "key", "value", "out")
+                              else tree["encoder"]["layer_0"])
   merged = jax.tree.map(lambda x: x, base)
-  for name in ("query", "value"):
-    a = np.asarray(attn[f"{name}_lora_a"]["kernel"], np.float64)  # [32, 2]
-    b = np.asarray(attn[f"{name}_lora_b"]["kernel"], np.float64).reshape(2, 32)
-    w = np.asarray(encoder["layer_0"]["attention"][name]["kernel"], np.float64).reshape(32, 32)
-    merged["encoder"]["layer_0"]["attention"][name] = dict(
-        encoder["layer_0"]["attention"][name],
-        kernel=jnp.asarray((w + 2.0 * a @ b).reshape(32, 4, 8), jnp.float32))
+  for name in targets:
+    b_leaf = where(params, name)[f"{name}_lora_b"]
+    b_leaf["kernel"] = jnp.asarray(rng.normal(0, 0.3, b_leaf["kernel"].shape), jnp.float32)
+    a = np.asarray(where(params, name)[f"{name}_lora_a"]["kernel"], np.float64).reshape(-1, 2)
+    b = np.asarray(b_leaf["kernel"], np.float64).reshape(2, -1)
+    w = np.asarray(where(base, name)[name]["kernel"], np.float64)
+    where(merged, name)[name] = dict(where(base, name)[name], kernel=jnp.asarray(
+        (w.reshape(a.shape[0], -1) + 2.0 * a @ b).reshape(w.shape), jnp.float32))
   got = lora.apply({"params": params}, ids)
   np.testing.assert_allclose(got, plain.apply({"params": merged}, ids), atol=1e-4, rtol=1e-4)
   assert np.abs(np.asarray(got) - np.asarray(plain.apply({"params": base}, ids))).max() > 1e-2
@@ -155,8 +159,12 @@ def test_lora_starts_at_the_checkpoint_equals_its_merged_weights_and_gets_dp_rul
   frozen = tuple("encoder/" + jax.tree_util.keystr(p, simple=True, separator="/")
                  for p, _ in jax.tree_util.tree_flatten_with_path(encoder)[0])
   train, fixed = training.split_frozen(params, frozen)
-  assert sorted(train["encoder"]["layer_0"]["attention"]) == [
-      "query_lora_a", "query_lora_b", "value_lora_a", "value_lora_b"]
+  trained = [jax.tree_util.keystr(p, simple=True, separator="/")
+             for p, _ in jax.tree_util.tree_flatten_with_path(train)[0]]
+  assert sorted(trained) == sorted(
+      ["head/bias", "head/kernel"] + [
+          f"encoder/layer_0/{'attention/' if n in ('query', 'key', 'value', 'out') else ''}"
+          f"{n}_lora_{ab}/kernel" for n in targets for ab in "ab"])
   loss_fn = training.with_frozen(models.classification_loss(lora), fixed)
   batch = {"tokens": ids, "label": jnp.array([0, 1, 2, 1, 0, 2]),
            "mask": jnp.array([True, True, False, True, True, True])}
@@ -167,3 +175,6 @@ def test_lora_starts_at_the_checkpoint_equals_its_merged_weights_and_gets_dp_rul
   np.testing.assert_allclose(got[1]["norms"], ref[1]["norms"], rtol=2e-4, atol=1e-6)
   chex.assert_trees_all_close(got[0], ref[0], rtol=2e-4, atol=2e-5)
   assert int(got[1]["vmap_fallback_leaves"]) == 0
+  with pytest.raises(ValueError, match="LoRA targets must be distinct names from"):
+    bert.BertClassifier(config, num_classes=3, lora_rank=2,
+                        lora_targets=("query", "mlp")).init(jax.random.key(1), ids)

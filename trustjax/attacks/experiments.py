@@ -46,7 +46,7 @@ from trustjax import data as tjdata
 from trustjax import models, reporting, training
 from trustjax.attacks import canaries, inversion, membership, metrics, shadow
 from trustjax.experiments import (checkpoint_leaves, classifier_from_config, config_changes,
-                                  default_delta, frozen_names, load_datasets,
+                                  default_delta, frozen_names, load_datasets, lora_targets,
                                   pretrained_classifier, probe_batch)
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.clipping import check_rules
@@ -414,7 +414,8 @@ def _model_description(cfg) -> str:
   else:
     parts = [f"fine-tuned from {m.pretrained_path or 'all-MiniLM-L6-v2'}"]
   if m.lora_rank:
-    parts.append(f"LoRA rank {m.lora_rank} (alpha {m.lora_alpha:g}), checkpoint weights frozen")
+    parts.append(f"LoRA rank {m.lora_rank} (alpha {m.lora_alpha:g}) on "
+                 f"{', '.join(lora_targets(m))}, checkpoint weights frozen")
   if m.frozen:
     parts.append(f"frozen: {m.frozen}")
   if m.name == "bert":
@@ -464,8 +465,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer | bert (pretrained)
   c.model.pretrained_path = ""  # bert: a Hugging Face BERT folder ("" = all-MiniLM-L6-v2)
   c.model.frozen = ""  # parameter path prefixes held fixed, e.g. "encoder" (a linear probe)
-  c.model.lora_rank = 0  # bert: LoRA adapters on query and value (checkpoint weights frozen)
+  c.model.lora_rank = 0  # bert: LoRA adapters on lora_targets (checkpoint weights frozen)
   c.model.lora_alpha = 8.0
+  c.model.lora_targets = "query,value"  # any of query, key, value, out, intermediate, output
   c.model.embed_dim = 64
   c.model.num_layers = 1
   c.model.num_heads = 4

@@ -6,6 +6,7 @@ from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClass
                                          embed_with_positions)
 from trustjax.models.language import (CharLSTM, GPTDecoder, LSTMLayer, build_language_model,
                                       generate, lm_loss, lm_metrics)
-from trustjax.models.bert import (BertAttention, BertClassifier, BertConfig, BertEncoder,
-                                  PretrainedTokenizer, SentenceEncoder, convert_hf_bert, load_bert,
-                                  mean_pool, minilm_path, read_checkpoint)
+from trustjax.models.bert import (LORA_TARGETS, BertAttention, BertClassifier, BertConfig,
+                                  BertEncoder, PretrainedTokenizer, SentenceEncoder,
+                                  convert_hf_bert, load_bert, mean_pool, minilm_path,
+                                  read_checkpoint)

@@ -46,11 +46,41 @@ class BertConfig(NamedTuple):
                d["type_vocab_size"], d["layer_norm_eps"])
 
 
+# The layers LoRA can adapt, by their parameter names in `BertLayer` (Hu et al. adapt the query
+# and value projections; adapting every dense layer is the other common choice).
+LORA_TARGETS = ("query", "key", "value", "out", "intermediate", "output")
+
+
+def check_lora_targets(targets: Sequence[str]) -> tuple[str, ...]:
+  """`targets` as a tuple, or ValueError naming what is not in `LORA_TARGETS`."""
+  targets = tuple(targets)
+  unknown = [t for t in targets if t not in LORA_TARGETS]
+  if unknown or not targets or len(set(targets)) != len(targets):
+    raise ValueError(f"LoRA targets must be distinct names from {LORA_TARGETS}, got {targets}")
+  return targets
+
+
+def _adapted(layer: nn.Module, x: jax.Array, name: str, rank: int, alpha: float,
+             axis: int | tuple[int, ...] = -1) -> jax.Array:
+  """`layer(x)` plus, when rank > 0, its LoRA update (alpha / rank) B A x: A a Dense (or, for an
+  input over several axes, a DenseGeneral) to `rank` features from a random init, B zero, named
+  "{name}_lora_a" and "{name}_lora_b" beside the layer. Both are DP-rule layers, so ghost
+  clipping and book-keeping cover the adapters. Must be called inside a compact method."""
+  y = layer(x)
+  if not rank:
+    return y
+  features = layer.features
+  a = nn.DenseGeneral(rank, axis=axis, use_bias=False, dtype=layer.dtype, name=f"{name}_lora_a")
+  b = nn.DenseGeneral(features, use_bias=False, dtype=layer.dtype,
+                      kernel_init=nn.initializers.zeros, name=f"{name}_lora_b")
+  return y + (alpha / rank) * b(a(x))
+
+
 class BertAttention(nn.Module):
   """Multi-head self-attention with the parameters of `nn.MultiHeadDotProductAttention`
-  (DenseGeneral "query", "key", "value" and "out") and optional LoRA adapters on the query and
-  value projections: W x + (alpha / r) B A x, A [hidden, r] random, B [r, heads, head_dim]
-  zero, so an adapted model starts as the pretrained one.
+  (DenseGeneral "query", "key", "value" and "out") and optional LoRA adapters on the projections
+  named in `lora_targets`: W x + (alpha / r) B A x, A [in, r] random, B [r, out] zero, so an
+  adapted model starts as the pretrained one.
 
   Reference: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022; Yu et
   al., "Differentially Private Fine-tuning of Language Models", ICLR 2022 (LoRA under DP-SGD).
@@ -60,25 +90,24 @@ class BertAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   lora_rank: int = 0
   lora_alpha: float = 8.0
+  lora_targets: tuple[str, ...] = ("query", "value")
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
     c = self.config
     heads = (c.num_heads, c.hidden_size // c.num_heads)
-    dense = lambda name: nn.DenseGeneral(heads, dtype=self.dtype, name=name)
+
+    def rank(name):
+      return self.lora_rank if name in self.lora_targets else 0
 
     def project(name):
-      y = dense(name)(x)
-      if self.lora_rank:  # two Dense layers, so the DP rules cover the adapters too
-        a = nn.Dense(self.lora_rank, use_bias=False, dtype=self.dtype, name=f"{name}_lora_a")
-        b = nn.DenseGeneral(heads, use_bias=False, dtype=self.dtype,
-                            kernel_init=nn.initializers.zeros, name=f"{name}_lora_b")
-        y = y + (self.lora_alpha / self.lora_rank) * b(a(x))
-      return y
+      return _adapted(nn.DenseGeneral(heads, dtype=self.dtype, name=name), x, name, rank(name),
+                      self.lora_alpha)
 
-    q, k, v = project("query"), dense("key")(x), project("value")
+    q, k, v = project("query"), project("key"), project("value")
     h = nn.dot_product_attention(q, k, v, mask=attn_mask, dtype=self.dtype)
-    return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=self.dtype, name="out")(h)
+    out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=self.dtype, name="out")
+    return _adapted(out, h, "out", rank("out"), self.lora_alpha, axis=(-2, -1))
 
 
 class BertLayer(nn.Module):
@@ -86,18 +115,21 @@ class BertLayer(nn.Module):
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
-  lora_rank: int = 0  # > 0: LoRA adapters of this rank on the attention's query and value
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank on the layers named in lora_targets
   lora_alpha: float = 8.0
+  lora_targets: tuple[str, ...] = ("query", "value")
 
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
     c = self.config
-    h = BertAttention(c, self.dtype, self.lora_rank, self.lora_alpha, name="attention")(
-        x, attn_mask)
+    rank = lambda name: self.lora_rank if name in self.lora_targets else 0
+    h = BertAttention(c, self.dtype, self.lora_rank, self.lora_alpha, self.lora_targets,
+                      name="attention")(x, attn_mask)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="attention_ln")(x + h)
-    h = nn.gelu(nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate")(x),
-                approximate=False)
-    h = nn.Dense(c.hidden_size, dtype=self.dtype, name="output")(h)
+    h = _adapted(nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate"), x,
+                 "intermediate", rank("intermediate"), self.lora_alpha)
+    h = _adapted(nn.Dense(c.hidden_size, dtype=self.dtype, name="output"),
+                 nn.gelu(h, approximate=False), "output", rank("output"), self.lora_alpha)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="output_ln")(x + h)
 
 
@@ -106,12 +138,14 @@ class BertEncoder(nn.Module):
 
   config: BertConfig
   dtype: jnp.dtype = jnp.float32
-  lora_rank: int = 0  # > 0: LoRA adapters on every layer's query and value (BertAttention)
+  lora_rank: int = 0  # > 0: LoRA adapters on every layer's `lora_targets` (BertLayer)
   lora_alpha: float = 8.0
+  lora_targets: tuple[str, ...] = ("query", "value")
 
   @nn.compact
   def __call__(self, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
     c = self.config
+    check_lora_targets(self.lora_targets)
     length = tokens.shape[1]
     if length > c.max_position:
       raise ValueError(f"sequence length {length} exceeds max_position={c.max_position}")
@@ -124,8 +158,8 @@ class BertEncoder(nn.Module):
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="embeddings_ln")(x)
     attn_mask = nn.make_attention_mask(token_mask, token_mask)
     for i in range(c.num_layers):
-      x = BertLayer(c, self.dtype, self.lora_rank, self.lora_alpha, name=f"layer_{i}")(
-          x, attn_mask)
+      x = BertLayer(c, self.dtype, self.lora_rank, self.lora_alpha, self.lora_targets,
+                    name=f"layer_{i}")(x, attn_mask)
     return x
 
 
@@ -184,14 +218,15 @@ class BertClassifier(nn.Module):
   num_classes: int
   pad_id: int = 0
   dtype: jnp.dtype = jnp.float32
-  lora_rank: int = 0  # > 0: LoRA adapters on the attention's query and value (BertAttention)
+  lora_rank: int = 0  # > 0: LoRA adapters on every layer's `lora_targets` (BertLayer)
   lora_alpha: float = 8.0
+  lora_targets: tuple[str, ...] = ("query", "value")
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     mask = tokens != self.pad_id
     hidden = BertEncoder(self.config, self.dtype, self.lora_rank, self.lora_alpha,
-                         name="encoder")(tokens, mask)
+                         self.lora_targets, name="encoder")(tokens, mask)
     pooled = mean_pool(hidden.astype(jnp.float32), mask, normalize=False)
     return nn.Dense(self.num_classes, name="head")(pooled)
 
