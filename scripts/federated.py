@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, logging  # pylint: disable=g-import-not-at-top
+from config_main import run_until_stopped
 from ml_collections import config_flags
 
 from trustjax import sharding
@@ -35,7 +36,7 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/fl_snips.py:1")
-  summary = experiments.run(cfg, show_progress=sys.stderr.isatty() or "TQDM_FORCE" in os.environ)
+  summary = run_until_stopped(experiments.run, cfg)  # Ctrl-C: a checkpoint, then exit 130
   print(json.dumps(summary, indent=2, default=str))
 
 

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, logging  # pylint: disable=g-import-not-at-top
+from config_main import run_until_stopped
 from ml_collections import config_flags
 
 from trustjax import experiments
@@ -27,7 +28,7 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/dp_intents.py")
-  summary = experiments.run(cfg, show_progress=sys.stderr.isatty() or "TQDM_FORCE" in os.environ)
+  summary = run_until_stopped(experiments.run, cfg)  # Ctrl-C: a checkpoint, then exit 130
   out = os.path.join(cfg.train.results_dir, cfg.train.run_name)
   print(f"\nresults: {out}")
   print(f"eval accuracy: {summary['eval_accuracy']:.4f}  ({summary['eval_examples']} examples)")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from trustjax import experiments, training
+from trustjax.privacy import accounting
 from tests.conftest import REPO, override, tiny_bert_checkpoint
 
 
@@ -43,6 +45,56 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert states[0][1]["ledger"] == states[1][1]["ledger"]
   lines = [open(tmp_path / n / "metrics.jsonl").read().splitlines() for n in ("full", "split")]
   assert [json.loads(x)["step"] for x in lines[0]] == [json.loads(x)["step"] for x in lines[1]]
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_step_and_the_rerun_resumes(tmp_path, monkeypatch):
+  """A SIGINT during step 7 of a new run: the step finishes, a checkpoint of step 7 with a
+  ledger of exactly 7 steps is saved (between the every-5-steps ones), KeyboardInterrupt says
+  so, and the folder stays; rerunning finishes the run exactly as an uninterrupted one."""
+  base = dict(**{"model.name": "bag_of_embeddings", "data.num_examples": 800,
+                 "train.batch_size": 64, "train.checkpoint_every": 5, "train.epochs": 2.0})
+  full = experiments.run(_cfg(tmp_path, **base, **{"train.run_name": "full"}),
+                         show_progress=False)
+  make_train_step = training.make_train_step
+
+  def interrupted_at_step_7(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def wrapped(state, batch):
+      number = int(state.step) + 1  # read first: the step donates the state
+      out = step(state, batch)
+      if number == 7:
+        signal.raise_signal(signal.SIGINT)  # as a Ctrl-C while the step runs
+      return out
+    return wrapped
+
+  cfg = _cfg(tmp_path, **base, **{"train.run_name": "stopped"})
+  monkeypatch.setattr(training, "make_train_step", interrupted_at_step_7)
+  with pytest.raises(KeyboardInterrupt, match=r"stopped at step 7 of \d+; a checkpoint was saved"):
+    experiments.run(cfg, show_progress=False)
+  monkeypatch.undo()
+  setup = experiments.Setup(cfg)
+  ckpt = training.Checkpointer(str(tmp_path / "stopped" / "checkpoints"))
+  assert ckpt.latest_step() == 7
+  state, meta = ckpt.restore(setup.init_state())
+  assert int(state.step) == 7
+  assert accounting.PrivacyLedger.from_json(meta["ledger"]).steps == 7
+  resumed = experiments.run(cfg, show_progress=False)
+  assert resumed["steps"] == full["steps"] and resumed["epsilon"] == full["epsilon"]
+  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(
+      setup.init_state())[0] for name in ("full", "stopped")]
+  chex.assert_trees_all_equal(states[0], states[1])
+
+
+def test_stop_at_step_end_defers_the_first_ctrl_c_only():
+  previous = signal.getsignal(signal.SIGINT)
+  with training.StopAtStepEnd() as stop:
+    assert not stop.requested
+    signal.raise_signal(signal.SIGINT)  # the first: a request, no exception
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)  # the second: Python's own handler again
+  assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_short_dp_run_learns(tmp_path):

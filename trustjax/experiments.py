@@ -426,7 +426,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                           show_progress=show_progress)
     wall = time.time() - t0
   except BaseException:
-    if fresh:  # A run that failed before its first checkpoint leaves nothing behind.
+    # A new run that failed (or was stopped) before its first checkpoint leaves nothing behind;
+    # once one is saved, the folder stays so that a rerun resumes.
+    if fresh and not training.Checkpointer.any_in(os.path.join(workdir, "checkpoints")):
       shutil.rmtree(workdir, ignore_errors=True)
     raise
   final = result.history[-1]

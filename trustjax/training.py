@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -237,6 +240,11 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  @staticmethod
+  def any_in(directory: str) -> bool:
+    """Whether `directory` holds a saved checkpoint (without creating it)."""
+    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
   def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
     step = self.latest_step() if step is None else step
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, jax.device_get(template))
@@ -246,6 +254,43 @@ class Checkpointer:
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+class StopAtStepEnd:
+  """Context manager for a training loop: the first Ctrl-C (SIGINT) sets `requested` instead of
+  interrupting, so the loop can finish the step it is in, save a checkpoint and stop (the
+  privacy ledger then holds exactly the steps in the saved state); a second Ctrl-C interrupts at
+  once. Outside the main thread, or where Python does not own SIGINT, it does nothing."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "StopAtStepEnd":
+    if threading.current_thread() is threading.main_thread():
+      previous = signal.getsignal(signal.SIGINT)
+      if previous is not None:
+        self._previous = previous
+        signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    self.requested = True
+    signal.signal(signal.SIGINT, self._previous)
+    print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
+          file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+
+def interrupted(where: str, saved: bool) -> KeyboardInterrupt:
+  """The KeyboardInterrupt a loop raises after `StopAtStepEnd` asked it to stop."""
+  return KeyboardInterrupt(f"stopped at {where}; " + (
+      "a checkpoint was saved: rerun the same command to resume" if saved
+      else "nothing was saved (no run folder)"))
 
 
 @dataclasses.dataclass
@@ -266,7 +311,8 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
   Evaluates at the end of each epoch (`schedule.steps_per_epoch`) and at the end; writes
   `metrics.jsonl` and checkpoints under `workdir` when given, and resumes from the latest
   checkpoint found there. Every DP step is recorded in the ledger right after it runs, and the
-  ledger is saved with each checkpoint.
+  ledger is saved with each checkpoint. Ctrl-C stops after the current step, with a checkpoint
+  (`StopAtStepEnd`), and raises KeyboardInterrupt.
   """
   ledger = ledger or accounting.PrivacyLedger()
   writer = ckpt = None
@@ -293,49 +339,55 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
   def privacy_report():
     return ledger.report(delta, accountant) if dp_config is not None else {}
 
-  for step in range(start, num_steps):
-    batch, overflow = schedule(step)
-    overflow_total += overflow
-    if mesh is not None:
-      batch = sharding.shard_batch(batch, mesh)
-    t0 = time.perf_counter()
-    state, metrics = train_step(state, batch)
-    if dp_config is not None:
-      dp_config.record(ledger)
-    metrics = jax.device_get(metrics)
-    times.append(time.perf_counter() - t0)
-    for k, v in metrics.items():
-      if k in ("clip", "unclipped_fraction"):  # state-like: keep the latest value
-        latest[k] = float(v)
-      else:
-        sums[k] = sums.get(k, 0.0) + float(v)
-    done = step + 1
-    if done % spe == 0 or done == num_steps:
-      count = max(sums.get("count", 0.0), 1.0)
-      record = {"step": done, "epoch": done / spe, "train_loss": sums.get("loss_sum", 0.0) / count,
-                "overflow": overflow_total}
-      if "clipped" in sums:
-        record["clipped_fraction"] = sums["clipped"] / count
-        record["mean_grad_norm"] = sums["norm_sum"] / count
-      record.update(latest)
-      if eval_fn is not None:
-        last_eval = {f"eval_{k}": v for k, v in eval_fn(state.params).items()}
-        record.update(last_eval)
-      rep = privacy_report()
-      if rep:
-        record.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
-      history.append(record)
-      if writer:
-        writer.write(record)
-      sums, overflow_total = {}, 0
+  with StopAtStepEnd() as stop:
+    for step in range(start, num_steps):
+      batch, overflow = schedule(step)
+      overflow_total += overflow
+      if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
+      t0 = time.perf_counter()
+      state, metrics = train_step(state, batch)
+      if dp_config is not None:
+        dp_config.record(ledger)
+      metrics = jax.device_get(metrics)
+      times.append(time.perf_counter() - t0)
+      for k, v in metrics.items():
+        if k in ("clip", "unclipped_fraction"):  # state-like: keep the latest value
+          latest[k] = float(v)
+        else:
+          sums[k] = sums.get(k, 0.0) + float(v)
+      done = step + 1
+      if done % spe == 0 or done == num_steps:
+        count = max(sums.get("count", 0.0), 1.0)
+        record = {"step": done, "epoch": done / spe,
+                  "train_loss": sums.get("loss_sum", 0.0) / count, "overflow": overflow_total}
+        if "clipped" in sums:
+          record["clipped_fraction"] = sums["clipped"] / count
+          record["mean_grad_norm"] = sums["norm_sum"] / count
+        record.update(latest)
+        if eval_fn is not None:
+          last_eval = {f"eval_{k}": v for k, v in eval_fn(state.params).items()}
+          record.update(last_eval)
+        rep = privacy_report()
+        if rep:
+          record.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
+        history.append(record)
+        if writer:
+          writer.write(record)
+        sums, overflow_total = {}, 0
+        if bar is not None:
+          bar.set_postfix({k: f"{v:.3g}" for k, v in (("loss", record["train_loss"]),
+                           ("acc", last_eval.get("eval_accuracy")), ("eps", rep.get("epsilon")))
+                           if v is not None})
+      if ckpt is not None and (done % checkpoint_every == 0 or done == num_steps or
+                               stop.requested):
+        ckpt.save(done, state, {"step": done, "ledger": ledger.to_json()})
       if bar is not None:
-        bar.set_postfix({k: f"{v:.3g}" for k, v in (("loss", record["train_loss"]),
-                         ("acc", last_eval.get("eval_accuracy")), ("eps", rep.get("epsilon")))
-                         if v is not None})
-    if ckpt is not None and (done % checkpoint_every == 0 or done == num_steps):
-      ckpt.save(done, state, {"step": done, "ledger": ledger.to_json()})
-    if bar is not None:
-      bar.update(1)
+        bar.update(1)
+      if stop.requested and done < num_steps:
+        if bar is not None:
+          bar.close()
+        raise interrupted(f"step {done} of {num_steps}", saved=ckpt is not None)
   if bar is not None:
     bar.close()
   steady = times[2:] if len(times) > 4 else times

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from tests.conftest import REPO, override, shared_data
 from trustjax import data as tjdata
 from trustjax.federated import experiments, simulate
 from trustjax.privacy import accounting
+from trustjax.training import Checkpointer
 
 sys.path.insert(0, str(REPO))
 from configs import fl_dp, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -61,11 +63,29 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert uniform["round_seconds_total"] > sum(secs[2:]) > 0
 
 
-def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path):
+def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatch):
+  """3 rounds; then 6, stopped by a Ctrl-C during round 5 of the first strategy (it saves that
+  round with its ledger and stops the run); then 6 again, which resumes both strategies."""
   over = {"fl.rounds": 3, "data.max_client_examples": 16}  # one size bucket: one compilation
   experiments.run(_cfg(fl_dp, "runlocal", tmp_path, **over), show_progress=False)
-  summary = experiments.run(_cfg(fl_dp, "runlocal", tmp_path, **dict(over, **{"fl.rounds": 6})),
-                            show_progress=False)
+  run_round, calls = simulate.run_round, []
+
+  def interrupted_in_round_5(*args, **kwargs):
+    calls.append(1)
+    out = run_round(*args, **kwargs)
+    if len(calls) == 2:  # rounds 4 and 5 of the first strategy
+      signal.raise_signal(signal.SIGINT)
+    return out
+
+  cfg = _cfg(fl_dp, "runlocal", tmp_path, **dict(over, **{"fl.rounds": 6}))
+  monkeypatch.setattr(simulate, "run_round", interrupted_in_round_5)
+  with pytest.raises(KeyboardInterrupt, match="stopped at round 5 of 6 of"):
+    experiments.run(cfg, show_progress=False)
+  monkeypatch.undo()
+  steps = sorted(Checkpointer(str(d / "checkpoints")).latest_step()
+                 for d in (tmp_path / cfg.run_name).iterdir() if (d / "checkpoints").is_dir())
+  assert steps == [3] * (len(steps) - 1) + [5]  # the running strategy saved its round 5
+  summary = experiments.run(cfg, show_progress=False)
   dp = [s for s in summary["strategies"] if s["algorithm"] == "dp_fedavg"]
   assert len(dp) == 2  # fixed and adaptive clipping
   for s in dp:

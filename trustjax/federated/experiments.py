@@ -383,41 +383,46 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   bar = reporting.progress(total_rounds, start, desc=name) if show_progress else None
   key = jax.random.key(cfg.seed)
   round_times = []
-  for r in range(start, total_rounds):
-    stage = stages[r // s.rounds]
-    store = stage.store
-    if s.dp.enabled:
-      sel = selection.poisson(cfg.seed, r, store.num_clients, q, max_slots)
-      overflow_p = sampling.overflow_probability(store.num_clients, q, max_slots)
-    else:
-      sel = selection.select(s.selection, cfg.seed, r, store.counts, s.clients_per_round,
-                             power=s.activity_power)
-    work = faults.work(cfg.seed, r, len(sel.ids))
-    cohort = simulate.make_cohort(store, sel, work, multiple_of=n_dev)
-    t0 = time.perf_counter()
-    state, m = simulate.run_round(alg, state, cohort, jax.random.fold_in(key, r), mesh=mesh)
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    round_times.append(time.perf_counter() - t0)
-    if s.dp.enabled:
-      ledger.record(noise_multiplier=s.dp.noise_multiplier, sampling_rate=q,
-                    overflow_probability=overflow_p)
-    done = r + 1
-    rec = {"round": done, "stage": stage.label, "round_seconds": round_times[-1],
-           "train_loss": m.pop("train_loss_sum") / max(m.pop("train_loss_steps"), 1.0), **m}
-    last_of_stage = done % s.rounds == 0
-    if done % s.eval_every == 0 or last_of_stage or done == total_rounds:
-      ev = training.evaluate(eval_step, state.params, stage.eval_arrays, EVAL_BATCH)
-      rec.update({f"eval_{k}": v for k, v in ev.items()})
+  with training.StopAtStepEnd() as stop:
+    for r in range(start, total_rounds):
+      stage = stages[r // s.rounds]
+      store = stage.store
       if s.dp.enabled:
-        rep = ledger.report(delta)
-        rec.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
-    history.append(rec)
-    writer.write(rec)
-    if done % s.checkpoint_every == 0 or done == total_rounds:
-      ckpt.save(done, state, {"round": done, "ledger": ledger.to_json()})
-    if bar is not None:
-      bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "eval_accuracy") if k in rec})
-      bar.update(1)
+        sel = selection.poisson(cfg.seed, r, store.num_clients, q, max_slots)
+        overflow_p = sampling.overflow_probability(store.num_clients, q, max_slots)
+      else:
+        sel = selection.select(s.selection, cfg.seed, r, store.counts, s.clients_per_round,
+                               power=s.activity_power)
+      work = faults.work(cfg.seed, r, len(sel.ids))
+      cohort = simulate.make_cohort(store, sel, work, multiple_of=n_dev)
+      t0 = time.perf_counter()
+      state, m = simulate.run_round(alg, state, cohort, jax.random.fold_in(key, r), mesh=mesh)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      round_times.append(time.perf_counter() - t0)
+      if s.dp.enabled:
+        ledger.record(noise_multiplier=s.dp.noise_multiplier, sampling_rate=q,
+                      overflow_probability=overflow_p)
+      done = r + 1
+      rec = {"round": done, "stage": stage.label, "round_seconds": round_times[-1],
+             "train_loss": m.pop("train_loss_sum") / max(m.pop("train_loss_steps"), 1.0), **m}
+      last_of_stage = done % s.rounds == 0
+      if done % s.eval_every == 0 or last_of_stage or done == total_rounds:
+        ev = training.evaluate(eval_step, state.params, stage.eval_arrays, EVAL_BATCH)
+        rec.update({f"eval_{k}": v for k, v in ev.items()})
+        if s.dp.enabled:
+          rep = ledger.report(delta)
+          rec.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
+      history.append(rec)
+      writer.write(rec)
+      if done % s.checkpoint_every == 0 or done == total_rounds or stop.requested:
+        ckpt.save(done, state, {"round": done, "ledger": ledger.to_json()})
+      if bar is not None:
+        bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "eval_accuracy") if k in rec})
+        bar.update(1)
+      if stop.requested and done < total_rounds:
+        if bar is not None:
+          bar.close()
+        raise training.interrupted(f"round {done} of {total_rounds} of {name}", saved=True)
   if bar is not None:
     bar.close()
   evals = [h for h in history if "eval_loss" in h]
