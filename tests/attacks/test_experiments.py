@@ -46,6 +46,9 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   assert nondp["loss_auc"] > 0.55
   for row in summary["levels"]:
     assert 0.0 <= row["lira_auc"] <= 1.0 and row["epsilon_lower_bound"] >= 0.0
+    for k in ("lira_auc", "loss_auc"):  # BCa bootstrap intervals over the pool's examples
+      low, high = row[f"{k}_low"], row[f"{k}_high"]
+      assert low < row[k] < high and high - low < 0.2
     assert 0.0 <= row["inversion_in"] <= 1.0 and 0.0 <= row["ranked_first_in"] <= 1.0
     assert 0.0 <= row["exposure_in"] <= row["exposure_max_bits"] + 1e-9
   # a DP level's audit bound can never exceed a valid epsilon by much (95% confidence)
@@ -67,10 +70,12 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
     del stored["model"][k]
   (work / "config.json").write_text(json.dumps(stored))
   assert experiments.run(cfg, show_progress=False)["levels"][0] == summary["levels"][0]
-  # dropping a level and changing the devices are permitted changes; a different model is not
-  assert [r["level"] for r in experiments.run(
-      override(cfg, **{"dp.epsilons": (), "train.num_devices": 1}),
-      show_progress=False)["levels"]] == ["nondp"]
+  # dropping a level, changing the devices and the bootstrap are permitted changes; a
+  # different model is not
+  (only,) = experiments.run(override(cfg, **{"dp.epsilons": (), "train.num_devices": 1,
+                                             "audit.bootstrap_resamples": 0}),
+                            show_progress=False)["levels"]
+  assert only["level"] == "nondp" and "lira_auc_low" not in only
   with pytest.raises(ValueError, match="train.num_devices must be >= 0"):
     experiments.model_mesh(-1, 4)
   with pytest.raises(ValueError, match="model.embed_dim"):
@@ -86,12 +91,39 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
     ("model.lora_rank", 4, "adapts a pretrained encoder"),
     ("model.frozen", "embed/nothing", "match no parameter"),
     ("data.pool_size", 10**6, "pool_size"),
+    ("audit.bootstrap_resamples", 1, "bootstrap_resamples must be 0"),
 ])
 def test_bad_audit_config_is_named(tmp_path, snips_dir, field, value, message):
   cfg = _config(tmp_path, snips_dir, **{field: value})
   with pytest.raises(ValueError, match=message):
     experiments.AuditSetup(cfg)
   assert not (tmp_path / cfg.run_name).exists()
+
+
+def test_auc_intervals_resample_examples_with_their_scores_under_every_model():
+  """The audit's AUC intervals against a float64 loop on the same resamples: each resample
+  repeats whole columns (an example under all 4 models), non-finite LiRA scores left out."""
+  from sklearn.metrics import roc_auc_score  # pylint: disable=import-outside-toplevel
+  from tests.test_stats import reference_interval  # pylint: disable=import-outside-toplevel
+  from trustjax import stats  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  is_in = rng.random((4, 40)) < 0.5
+  lira = rng.normal(0.8 * is_in, 1.0)
+  lira[0, 3] = np.inf  # LiRA's score is not finite where a shadow set was degenerate
+  loss = np.round(rng.normal(0.3 * is_in, 1.0), 1)
+  got = experiments.auc_intervals(is_in, lira, loss, 300, 0.95, seed=7)
+  weights = np.asarray(stats.bootstrap_weights(7, 40, 300))
+
+  def auc_of_columns(scores, cols):
+    y, s = is_in[:, cols].ravel(), scores[:, cols].ravel()
+    return roc_auc_score(y[np.isfinite(s)], s[np.isfinite(s)])
+
+  for name, scores in (("lira", lira), ("loss", loss)):
+    _, low, high, _ = reference_interval(lambda cols, sc=scores: auc_of_columns(sc, cols),
+                                         weights, 0.95, "bca")
+    assert got[f"{name}_auc_low"] == pytest.approx(low, abs=2e-6)
+    assert got[f"{name}_auc_high"] == pytest.approx(high, abs=2e-6)
+  assert experiments.auc_intervals(is_in, lira, loss, 0, 0.95) == {}
 
 
 def test_audit_script_prints_the_table(tmp_path, snips_dir):

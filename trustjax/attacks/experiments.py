@@ -6,7 +6,8 @@ and once per target epsilon. Every model is in turn the target and the others it
 models; on the target it measures:
 
 - membership inference: LiRA (leave-one-out, Carlini et al. 2022) and the loss threshold
-  (Yeom et al. 2018): ROC AUC and TPR at low FPR, pooled over targets;
+  (Yeom et al. 2018): ROC AUC and TPR at low FPR, pooled over targets, each AUC with a BCa
+  bootstrap interval over the pool's examples (`stats.bootstrap_interval`);
 - an empirical epsilon lower bound (Jagielski et al. 2020) from LiRA's scores, its threshold
   chosen on the first half of the targets and the bound taken on the second half;
 - canary exposure (Carlini et al. 2019) over the whole secret space, for canaries the target
@@ -43,7 +44,7 @@ import optax
 import tqdm
 
 from trustjax import data as tjdata
-from trustjax import models, reporting, training
+from trustjax import models, reporting, stats, training
 from trustjax.attacks import canaries, inversion, membership, metrics, shadow
 from trustjax.experiments import (checkpoint_leaves, classifier_from_config, config_changes,
                                   default_delta, frozen_names, load_datasets, lora_targets,
@@ -64,6 +65,9 @@ class AuditSetup:
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
                        f"{t.epochs=}, {t.batch_size=}")
+    if cfg.audit.bootstrap_resamples < 0 or cfg.audit.bootstrap_resamples == 1:
+      raise ValueError(f"audit.bootstrap_resamples must be 0 (no intervals) or >= 2, got "
+                       f"{cfg.audit.bootstrap_resamples}")
     m = cfg.model
     # A vocabulary fixed without the data, so that the DP levels cover everything learned.
     if d.tokenizer == "hash":
@@ -286,6 +290,8 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
   y = is_in[ok]
   out["lira_auc"] = metrics.roc_auc(y, lira[ok])
   out["loss_auc"] = metrics.roc_auc(is_in.ravel(), loss_scores.ravel())
+  out.update(auc_intervals(is_in, lira, loss_scores, cfg.audit.bootstrap_resamples,
+                           cfg.audit.confidence, seed=cfg.seed))
   for f in cfg.audit.fprs:
     out[f"lira_tpr@{f:g}"] = metrics.tpr_at_fpr(y, lira[ok], f)
     out[f"loss_tpr@{f:g}"] = metrics.tpr_at_fpr(is_in.ravel(), loss_scores.ravel(), f)
@@ -316,6 +322,27 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
   return out, lira
 
 
+def auc_intervals(is_in: np.ndarray, lira: np.ndarray, loss_scores: np.ndarray,
+                  num_resamples: int, confidence: float, seed: int = 0) -> dict:
+  """{"lira_auc_low", "lira_auc_high", "loss_auc_low", "loss_auc_high"}: BCa bootstrap
+  intervals of the pooled AUCs ({} when num_resamples is 0). The unit resampled is a pool
+  example with its scores under every model ([models, pool] arrays; LiRA's non-finite scores
+  are left out as in the AUC), since one example's scores across models are not independent;
+  the models themselves are not resampled, so the interval leaves out their variation."""
+  if not num_resamples:
+    return {}
+  cols = np.broadcast_to(np.arange(is_in.shape[1]), is_in.shape)
+  ok = np.isfinite(lira)
+  lira_auc = stats.weighted_auc(is_in[ok], lira[ok])
+  loss_auc = stats.weighted_auc(is_in.ravel(), loss_scores.ravel())
+  lira_cols, loss_cols = jnp.asarray(cols[ok]), jnp.asarray(cols.ravel())
+  both = lambda w: jnp.stack([lira_auc(w[lira_cols]), loss_auc(w[loss_cols])])
+  got = stats.bootstrap_interval(both, is_in.shape[1], rng=seed, num_resamples=num_resamples,
+                                 confidence=confidence)
+  return {"lira_auc_low": float(got.low[0]), "lira_auc_high": float(got.high[0]),
+          "loss_auc_low": float(got.low[1]), "loss_auc_high": float(got.high[1])}
+
+
 def _plot_roc(curves: dict, path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -341,8 +368,9 @@ def _plot_roc(curves: dict, path: str) -> None:
 # A rerun may add or drop privacy levels, change where results go, and change what only sets the
 # speed (devices, chunking: the same models up to float rounding, tests/attacks/test_shadow.py);
 # levels already saved are reused, so anything else that shapes them must match.
+# (the bootstrap only reads the saved statistics)
 _RESUMABLE_CHANGES = {"dp.epsilons", "dp.nondp", "results_dir", "train.num_devices",
-                      "train.model_chunk", "train.chunk_steps"}
+                      "train.model_chunk", "train.chunk_steps", "audit.bootstrap_resamples"}
 
 
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
@@ -387,6 +415,12 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   return summary
 
 
+def _with_interval(r: dict, key: str) -> str | float:
+  if f"{key}_low" not in r:
+    return r[key]
+  return f"{r[key]:.4f} ({r[f'{key}_low']:.3f}-{r[f'{key}_high']:.3f})"
+
+
 def report_table(summary: dict, fprs) -> str:
   cols = (["level", "epsilon", "eval acc", "member acc", "LiRA AUC"]
           + [f"LiRA TPR@{f:g}" for f in fprs] + ["loss AUC"]
@@ -396,8 +430,9 @@ def report_table(summary: dict, fprs) -> str:
   rows = []
   for r in summary["levels"]:
     eps = "none" if r["epsilon"] is None else r["epsilon"]
-    rows.append([r["level"], eps, r["eval_accuracy"], r["member_accuracy"], r["lira_auc"]]
-                + [r[f"lira_tpr@{f:g}"] for f in fprs] + [r["loss_auc"]]
+    rows.append([r["level"], eps, r["eval_accuracy"], r["member_accuracy"],
+                 _with_interval(r, "lira_auc")]
+                + [r[f"lira_tpr@{f:g}"] for f in fprs] + [_with_interval(r, "loss_auc")]
                 + [r[f"loss_tpr@{f:g}"] for f in fprs]
                 + [r["epsilon_lower_bound"],
                    f"{r['exposure_in']:.2f} / {r['exposure_out']:.2f}",
@@ -432,7 +467,10 @@ def report(cfg, summary: dict) -> str:
       f"examples ({summary['canaries']} of them canaries) for {first['steps']} steps, Poisson "
       f"rate {summary['sampling_rate']:.4g}; delta = {summary['delta']:g}. Epsilon lower bound: "
       f"threshold from targets 1..{first['models'] // 2}, bound on the rest, confidence "
-      f"{cfg.audit.confidence}. Exposure out of {first['exposure_max_bits']:.2f} bits.", "",
+      f"{cfg.audit.confidence}. Exposure out of {first['exposure_max_bits']:.2f} bits."
+      + (f" AUCs with {cfg.audit.confidence:.0%} BCa bootstrap intervals over the pool's "
+         f"examples ({cfg.audit.bootstrap_resamples} resamples; the models are not resampled)."
+         if cfg.audit.bootstrap_resamples else ""), "",
       f"Model: {_model_description(cfg)}; {summary['trainable_parameters']:,} trained "
       "parameters per model.", "",
       report_table(summary, cfg.audit.fprs), "", "![ROC](plots/roc.png)", ""])
@@ -490,7 +528,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.method = "auto"
   c.audit = ml_collections.ConfigDict()
   c.audit.fprs = (0.01, 0.001)
-  c.audit.confidence = 0.95
+  c.audit.confidence = 0.95  # of the epsilon lower bound and of the AUCs' bootstrap intervals
+  c.audit.bootstrap_resamples = 2000  # over the pool's examples; 0 = no AUC intervals
   c.audit.global_variance = True  # LiRA's pooled variance (recommended below 64 shadows)
   c.audit.inversion_steps = 300
   c.audit.inversion_learning_rate = 0.3
