@@ -59,8 +59,12 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   assert [r["devices"] for r in summary["levels"]] == [4, 4]
   assert "| nondp |" in (work / "report.md").read_text()
 
-  # a rerun reuses the saved levels (no training) and reproduces the numbers
+  # a rerun reuses the saved levels (no training) and reproduces the numbers, the epsilon of a
+  # DP level included: from the noise it was trained with (saved), not from a new calibration
+  assert float(np.load(work / "levels" / "eps8.npz")["noise_multiplier"]) == dp["noise_multiplier"]
   monkeypatch.setattr(experiments, "train_level", lambda *a, **k: pytest.fail("retrained"))
+  monkeypatch.setattr(experiments.accounting, "calibrate_noise_multiplier",
+                      lambda **k: 2 * dp["noise_multiplier"])
   again = experiments.run(cfg, show_progress=False)
   assert json.dumps(again["levels"], sort_keys=True) == json.dumps(summary["levels"],
                                                                    sort_keys=True)

@@ -31,6 +31,7 @@ the same config skips the levels already there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -247,6 +248,8 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
            "exposure": exposure, "ranked_first": first, "overflow": trained.overflow,
            "train_seconds": np.float64(train_seconds),
            "devices": np.int64(1 if mesh is None else mesh.size)}
+  if dp_config is not None:  # what the models were trained with, whatever a rerun calibrates
+    stats["noise_multiplier"] = np.float64(dp_config.noise_multiplier)
   if not setup.invertible:
     return stats
 
@@ -313,6 +316,8 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
   out["inversion_out"] = None if hits is None else float(hits[~cin].mean())
   dp = setup.mechanisms.get(level)
   if dp is not None:
+    if "noise_multiplier" in stats:  # the saved level's own noise (older runs did not save it)
+      dp = dataclasses.replace(dp, noise_multiplier=float(stats["noise_multiplier"]))
     ledger = shadow.ledger_for(dp, setup.num_steps)
     rep = ledger.report(setup.delta, cfg.dp.accountant)
     out.update(epsilon=rep["epsilon"], delta=rep["delta_total"],
