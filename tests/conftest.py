@@ -27,6 +27,16 @@ def snips_dir():
   return shared_data("snips")
 
 
+@pytest.fixture
+def interactive_sigint():
+  """SIGINT raising KeyboardInterrupt, as in Python started from a terminal, whatever the test
+  process inherited (a job started in the background begins with SIGINT ignored, as CI's is)."""
+  import signal  # pylint: disable=import-outside-toplevel
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
 def override(cfg, **overrides):
   """Sets dotted config fields ("fl.rounds"=3) on `cfg` itself (unlocked, then locked again) and
   returns it."""

@@ -23,7 +23,12 @@ def _cfg(tmp_path, **overrides):
       "train.results_dir": str(tmp_path), "dp.noise_multiplier": 1.0, **overrides})
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.usefixtures("interactive_sigint")
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+  """Interrupted twice: after one epoch (a shorter run), and by a SIGINT (Ctrl-C) during step 7
+  of a new run, which finishes the step, saves a checkpoint of step 7 with a ledger of exactly
+  7 steps (between the every-5-steps ones), says so in its KeyboardInterrupt and keeps the
+  folder. Each resumed run ends as the uninterrupted one, bit for bit."""
   base = dict(**{"model.name": "bag_of_embeddings", "data.num_examples": 800,
                  "train.batch_size": 64, "train.checkpoint_every": 5})
   full_cfg = _cfg(tmp_path, **base, **{"train.epochs": 2.0, "train.run_name": "full"})
@@ -46,15 +51,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   lines = [open(tmp_path / n / "metrics.jsonl").read().splitlines() for n in ("full", "split")]
   assert [json.loads(x)["step"] for x in lines[0]] == [json.loads(x)["step"] for x in lines[1]]
 
-
-def test_ctrl_c_saves_a_checkpoint_after_the_step_and_the_rerun_resumes(tmp_path, monkeypatch):
-  """A SIGINT during step 7 of a new run: the step finishes, a checkpoint of step 7 with a
-  ledger of exactly 7 steps is saved (between the every-5-steps ones), KeyboardInterrupt says
-  so, and the folder stays; rerunning finishes the run exactly as an uninterrupted one."""
-  base = dict(**{"model.name": "bag_of_embeddings", "data.num_examples": 800,
-                 "train.batch_size": 64, "train.checkpoint_every": 5, "train.epochs": 2.0})
-  full = experiments.run(_cfg(tmp_path, **base, **{"train.run_name": "full"}),
-                         show_progress=False)
+  # Ctrl-C during step 7
   make_train_step = training.make_train_step
 
   def interrupted_at_step_7(*args, **kwargs):
@@ -68,24 +65,23 @@ def test_ctrl_c_saves_a_checkpoint_after_the_step_and_the_rerun_resumes(tmp_path
       return out
     return wrapped
 
-  cfg = _cfg(tmp_path, **base, **{"train.run_name": "stopped"})
+  cfg = _cfg(tmp_path, **base, **{"train.epochs": 2.0, "train.run_name": "stopped"})
   monkeypatch.setattr(training, "make_train_step", interrupted_at_step_7)
   with pytest.raises(KeyboardInterrupt, match=r"stopped at step 7 of \d+; a checkpoint was saved"):
     experiments.run(cfg, show_progress=False)
   monkeypatch.undo()
-  setup = experiments.Setup(cfg)
   ckpt = training.Checkpointer(str(tmp_path / "stopped" / "checkpoints"))
   assert ckpt.latest_step() == 7
-  state, meta = ckpt.restore(setup.init_state())
+  state, meta = ckpt.restore(template)
   assert int(state.step) == 7
   assert accounting.PrivacyLedger.from_json(meta["ledger"]).steps == 7
-  resumed = experiments.run(cfg, show_progress=False)
-  assert resumed["steps"] == full["steps"] and resumed["epsilon"] == full["epsilon"]
-  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(
-      setup.init_state())[0] for name in ("full", "stopped")]
-  chex.assert_trees_all_equal(states[0], states[1])
+  stopped = experiments.run(cfg, show_progress=False)
+  assert stopped["steps"] == full["steps"] and stopped["epsilon"] == full["epsilon"]
+  chex.assert_trees_all_equal(states[0][0], training.Checkpointer(
+      str(tmp_path / "stopped" / "checkpoints")).restore(template)[0])
 
 
+@pytest.mark.usefixtures("interactive_sigint")
 def test_stop_at_step_end_defers_the_first_ctrl_c_only():
   previous = signal.getsignal(signal.SIGINT)
   with training.StopAtStepEnd() as stop:
@@ -95,6 +91,12 @@ def test_stop_at_step_end_defers_the_first_ctrl_c_only():
     with pytest.raises(KeyboardInterrupt):
       signal.raise_signal(signal.SIGINT)  # the second: Python's own handler again
   assert signal.getsignal(signal.SIGINT) is previous
+  # a process that ignores SIGINT (started in the background) keeps ignoring it
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  with training.StopAtStepEnd() as stop:
+    signal.raise_signal(signal.SIGINT)
+    assert not stop.requested
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_short_dp_run_learns(tmp_path):

@@ -260,7 +260,8 @@ class StopAtStepEnd:
   """Context manager for a training loop: the first Ctrl-C (SIGINT) sets `requested` instead of
   interrupting, so the loop can finish the step it is in, save a checkpoint and stop (the
   privacy ledger then holds exactly the steps in the saved state); a second Ctrl-C interrupts at
-  once. Outside the main thread, or where Python does not own SIGINT, it does nothing."""
+  once. Outside the main thread, where Python does not own SIGINT, or where SIGINT is ignored
+  (a job started in the background), it does nothing."""
 
   def __init__(self):
     self.requested = False
@@ -269,7 +270,7 @@ class StopAtStepEnd:
   def __enter__(self) -> "StopAtStepEnd":
     if threading.current_thread() is threading.main_thread():
       previous = signal.getsignal(signal.SIGINT)
-      if previous is not None:
+      if previous not in (None, signal.SIG_IGN):
         self._previous = previous
         signal.signal(signal.SIGINT, self._handle)
     return self

@@ -63,9 +63,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert uniform["round_seconds_total"] > sum(secs[2:]) > 0
 
 
+@pytest.mark.usefixtures("interactive_sigint")
 def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatch):
-  """3 rounds; then 6, stopped by a Ctrl-C during round 5 of the first strategy (it saves that
-  round with its ledger and stops the run); then 6 again, which resumes both strategies."""
+  """3 rounds; then 6, stopped by a Ctrl-C during round 5 of DP-FedAvg with adaptive clipping
+  (it saves that round with its ledger and clip estimate, and stops the run); then 6 again,
+  which resumes it."""
   over = {"fl.rounds": 3, "data.max_client_examples": 16}  # one size bucket: one compilation
   experiments.run(_cfg(fl_dp, "runlocal", tmp_path, **over), show_progress=False)
   run_round, calls = simulate.run_round, []
@@ -73,7 +75,7 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   def interrupted_in_round_5(*args, **kwargs):
     calls.append(1)
     out = run_round(*args, **kwargs)
-    if len(calls) == 2:  # rounds 4 and 5 of the first strategy
+    if len(calls) == 5:  # dp_fedavg's rounds 4-6, then dp_fedavg_adaptive's 4 and 5
       signal.raise_signal(signal.SIGINT)
     return out
 
@@ -82,9 +84,9 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   with pytest.raises(KeyboardInterrupt, match="stopped at round 5 of 6 of"):
     experiments.run(cfg, show_progress=False)
   monkeypatch.undo()
-  steps = sorted(Checkpointer(str(d / "checkpoints")).latest_step()
-                 for d in (tmp_path / cfg.run_name).iterdir() if (d / "checkpoints").is_dir())
-  assert steps == [3] * (len(steps) - 1) + [5]  # the running strategy saved its round 5
+  steps = {d.name: Checkpointer(str(d / "checkpoints")).latest_step()
+           for d in (tmp_path / cfg.run_name).iterdir() if (d / "checkpoints").is_dir()}
+  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5, "fedavg_nondp": 3}
   summary = experiments.run(cfg, show_progress=False)
   dp = [s for s in summary["strategies"] if s["algorithm"] == "dp_fedavg"]
   assert len(dp) == 2  # fixed and adaptive clipping
