@@ -174,8 +174,8 @@ def pretrained_classifier(cfg: ml_collections.ConfigDict, tokenizer, num_classes
 
 def lora_targets(m: ml_collections.ConfigDict) -> tuple[str, ...]:
   """`model.lora_targets` ("query,value", or any of `models.bert.LORA_TARGETS`) as a tuple
-  (ValueError naming the bad entries); ("query", "value") where a config predates the field."""
-  spec = m.get("lora_targets", "query,value")
+  (ValueError naming the bad entries)."""
+  spec = m.lora_targets
   targets = tuple(t.strip() for t in spec.split(",") if t.strip())
   try:
     return models.bert.check_lora_targets(targets)
@@ -499,9 +499,12 @@ def _check_resumable(workdir: str, cfg) -> None:
 
 
 def _frozen_description(cfg) -> str:
-  parts = [f"the checkpoint's weights, with LoRA adapters of rank {cfg.model.lora_rank} on "
-           f"{', '.join(lora_targets(cfg.model))} trained beside them"] if cfg.model.lora_rank else []
-  return "; ".join(parts + ([cfg.model.frozen] if cfg.model.frozen else []))
+  parts = [cfg.model.frozen] if cfg.model.frozen else []
+  if cfg.model.lora_rank:
+    parts.insert(0, f"the checkpoint's weights, with LoRA adapters of rank "
+                 f"{cfg.model.lora_rank} on {', '.join(lora_targets(cfg.model))} trained beside "
+                 "them")
+  return "; ".join(parts)
 
 
 def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:

@@ -92,13 +92,12 @@ def bootstrap_weights(rng: jax.Array | int, n: int, num_resamples: int,
     if strata.size != n:
       raise ValueError(f"strata has {strata.size} entries for {n} units")
     groups = [np.flatnonzero(strata == g) for g in np.unique(strata)]
-  counts = jnp.zeros((num_resamples, n), jnp.float32)
+  drawn = jnp.concatenate([  # [num_resamples, n]: the unit of each draw, stratum by stratum
+      jnp.asarray(members)[jax.random.randint(jax.random.fold_in(key, g),
+                                              (num_resamples, members.size), 0, members.size)]
+      for g, members in enumerate(groups)], axis=1)
   rows = jnp.arange(num_resamples)[:, None]
-  for g, members in enumerate(groups):
-    draws = jax.random.randint(jax.random.fold_in(key, g), (num_resamples, members.size), 0,
-                               members.size)
-    counts = counts.at[rows, jnp.asarray(members)[draws]].add(1.0)
-  return counts
+  return jnp.zeros((num_resamples, n), jnp.float32).at[rows, drawn].add(1.0)
 
 
 def bootstrap_interval(statistic: Callable[[jax.Array], jax.Array], n: int, *,
@@ -131,6 +130,10 @@ def bootstrap_interval(statistic: Callable[[jax.Array], jax.Array], n: int, *,
     raise ValueError(f"weights must be [num_resamples, n] = {(num_resamples, n)}, got "
                      f"{np.shape(weights)}")
   evaluate = jax.jit(lambda w: jax.lax.map(statistic, w, batch_size=batch_size))
+  # the jackknife's weights are built batch by batch (an n x n matrix would be quadratic)
+  jackknife = jax.jit(lambda: jax.lax.map(
+      lambda i: statistic(jnp.ones(n, jnp.float32).at[i].set(0.0)), jnp.arange(n),
+      batch_size=batch_size))
   theta = np.asarray(statistic(jnp.ones(n, jnp.float32)), np.float64)
   boot = np.asarray(evaluate(jnp.asarray(weights, jnp.float32)), np.float64)
   alpha = (1.0 - confidence) / 2
@@ -139,8 +142,7 @@ def bootstrap_interval(statistic: Callable[[jax.Array], jax.Array], n: int, *,
     q_high = np.full(theta.shape, 1.0 - alpha)
   else:
     z0 = special.ndtri(((boot < theta).sum(0) + (boot <= theta).sum(0)) / (2.0 * num_resamples))
-    leave_one_out = 1.0 - jnp.eye(n, dtype=jnp.float32)
-    jack = np.asarray(evaluate(leave_one_out), np.float64)
+    jack = np.asarray(jackknife(), np.float64)
     d = jack.mean(0) - jack
     accel = (d ** 3).sum(0) / (6.0 * (d ** 2).sum(0) ** 1.5)
     z = special.ndtri(np.array([alpha, 1.0 - alpha])).reshape((2,) + (1,) * theta.ndim)

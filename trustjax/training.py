@@ -286,12 +286,16 @@ class StopAtStepEnd:
       signal.signal(signal.SIGINT, self._previous)
       self._previous = None
 
-
-def interrupted(where: str, saved: bool) -> KeyboardInterrupt:
-  """The KeyboardInterrupt a loop raises after `StopAtStepEnd` asked it to stop."""
-  return KeyboardInterrupt(f"stopped at {where}; " + (
-      "a checkpoint was saved: rerun the same command to resume" if saved
-      else "nothing was saved (no run folder)"))
+  def stop_if_requested(self, where: str, *, saved: bool, bar=None) -> None:
+    """After a loop's step (its checkpoint saved when `requested`): closes the progress bar and
+    raises KeyboardInterrupt saying where the loop stopped, if a stop was asked for."""
+    if not self.requested:
+      return
+    if bar is not None:
+      bar.close()
+    raise KeyboardInterrupt(f"stopped at {where}; " + (
+        "a checkpoint was saved: rerun the same command to resume" if saved
+        else "nothing was saved (no run folder)"))
 
 
 @dataclasses.dataclass
@@ -385,10 +389,8 @@ def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
         ckpt.save(done, state, {"step": done, "ledger": ledger.to_json()})
       if bar is not None:
         bar.update(1)
-      if stop.requested and done < num_steps:
-        if bar is not None:
-          bar.close()
-        raise interrupted(f"step {done} of {num_steps}", saved=ckpt is not None)
+      if done < num_steps:
+        stop.stop_if_requested(f"step {done} of {num_steps}", saved=ckpt is not None, bar=bar)
   if bar is not None:
     bar.close()
   steady = times[2:] if len(times) > 4 else times

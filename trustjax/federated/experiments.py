@@ -419,10 +419,8 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
       if bar is not None:
         bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("train_loss", "eval_accuracy") if k in rec})
         bar.update(1)
-      if stop.requested and done < total_rounds:
-        if bar is not None:
-          bar.close()
-        raise training.interrupted(f"round {done} of {total_rounds} of {name}", saved=True)
+      if done < total_rounds:
+        stop.stop_if_requested(f"round {done} of {total_rounds} of {name}", saved=True, bar=bar)
   if bar is not None:
     bar.close()
   evals = [h for h in history if "eval_loss" in h]

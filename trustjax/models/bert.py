@@ -60,19 +60,20 @@ def check_lora_targets(targets: Sequence[str]) -> tuple[str, ...]:
   return targets
 
 
-def _adapted(layer: nn.Module, x: jax.Array, name: str, rank: int, alpha: float,
+def _adapted(layer: nn.Module, x: jax.Array, rank: int, alpha: float, targets: Sequence[str],
              axis: int | tuple[int, ...] = -1) -> jax.Array:
-  """`layer(x)` plus, when rank > 0, its LoRA update (alpha / rank) B A x: A a Dense (or, for an
-  input over several axes, a DenseGeneral) to `rank` features from a random init, B zero, named
-  "{name}_lora_a" and "{name}_lora_b" beside the layer. Both are DP-rule layers, so ghost
-  clipping and book-keeping cover the adapters. Must be called inside a compact method."""
+  """`layer(x)` plus, when its name is in `targets` and rank > 0, its LoRA update
+  (alpha / rank) B A x: A a Dense (or, for an input over several axes, a DenseGeneral) to `rank`
+  features from a random init, B zero, named "{name}_lora_a" and "{name}_lora_b" beside the
+  layer. Both are DP-rule layers, so ghost clipping and book-keeping cover the adapters. Must be
+  called inside a compact method."""
   y = layer(x)
-  if not rank:
+  if not rank or layer.name not in targets:
     return y
-  features = layer.features
-  a = nn.DenseGeneral(rank, axis=axis, use_bias=False, dtype=layer.dtype, name=f"{name}_lora_a")
-  b = nn.DenseGeneral(features, use_bias=False, dtype=layer.dtype,
-                      kernel_init=nn.initializers.zeros, name=f"{name}_lora_b")
+  a = nn.DenseGeneral(rank, axis=axis, use_bias=False, dtype=layer.dtype,
+                      name=f"{layer.name}_lora_a")
+  b = nn.DenseGeneral(layer.features, use_bias=False, dtype=layer.dtype,
+                      kernel_init=nn.initializers.zeros, name=f"{layer.name}_lora_b")
   return y + (alpha / rank) * b(a(x))
 
 
@@ -97,17 +98,12 @@ class BertAttention(nn.Module):
     c = self.config
     heads = (c.num_heads, c.hidden_size // c.num_heads)
 
-    def rank(name):
-      return self.lora_rank if name in self.lora_targets else 0
-
-    def project(name):
-      return _adapted(nn.DenseGeneral(heads, dtype=self.dtype, name=name), x, name, rank(name),
-                      self.lora_alpha)
-
+    lora = (self.lora_rank, self.lora_alpha, self.lora_targets)
+    project = lambda name: _adapted(nn.DenseGeneral(heads, dtype=self.dtype, name=name), x, *lora)
     q, k, v = project("query"), project("key"), project("value")
     h = nn.dot_product_attention(q, k, v, mask=attn_mask, dtype=self.dtype)
     out = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), dtype=self.dtype, name="out")
-    return _adapted(out, h, "out", rank("out"), self.lora_alpha, axis=(-2, -1))
+    return _adapted(out, h, *lora, axis=(-2, -1))
 
 
 class BertLayer(nn.Module):
@@ -122,14 +118,12 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, attn_mask: jax.Array) -> jax.Array:
     c = self.config
-    rank = lambda name: self.lora_rank if name in self.lora_targets else 0
-    h = BertAttention(c, self.dtype, self.lora_rank, self.lora_alpha, self.lora_targets,
-                      name="attention")(x, attn_mask)
+    lora = (self.lora_rank, self.lora_alpha, self.lora_targets)
+    h = BertAttention(c, self.dtype, *lora, name="attention")(x, attn_mask)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="attention_ln")(x + h)
-    h = _adapted(nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate"), x,
-                 "intermediate", rank("intermediate"), self.lora_alpha)
+    h = _adapted(nn.Dense(c.intermediate_size, dtype=self.dtype, name="intermediate"), x, *lora)
     h = _adapted(nn.Dense(c.hidden_size, dtype=self.dtype, name="output"),
-                 nn.gelu(h, approximate=False), "output", rank("output"), self.lora_alpha)
+                 nn.gelu(h, approximate=False), *lora)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="output_ln")(x + h)
 
 
