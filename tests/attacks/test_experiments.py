@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, override, tiny_bert_checkpoint
-from trustjax.attacks import experiments
+from trustjax.attacks import experiments, membership, metrics
 
 
 def _config(tmp_path, snips_dir, config="audit_snips.py", arg="runlocal", **kw):
@@ -44,16 +44,29 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   # without DP the models fit their members better and the loss reveals membership
   assert nondp["member_accuracy"] > nondp["nonmember_accuracy"]
   assert nondp["loss_auc"] > 0.55
+  # RMIA from the saved statistics: the label's probability exp(-loss), every other model a
+  # reference, the target's non-members its population
+  stats = np.load(work / "levels" / "nondp.npz")
+  is_in = experiments.AuditSetup(cfg).is_in
+  rmia = membership.leave_one_out_rmia(np.exp(-stats["loss"].astype(np.float64)), is_in)
+  assert nondp["rmia_auc"] == pytest.approx(metrics.roc_auc(is_in.ravel(), rmia.ravel()))
   for row in summary["levels"]:
     assert 0.0 <= row["lira_auc"] <= 1.0 and row["epsilon_lower_bound"] >= 0.0
-    for k in ("lira_auc", "loss_auc"):  # BCa bootstrap intervals over the pool's examples
+    assert 0.0 <= row["rmia_auc"] <= 1.0 and row["rmia_epsilon_lower_bound"] >= 0.0
+    for k in ("lira_auc", "rmia_auc", "loss_auc"):  # BCa intervals over the pool's examples
       low, high = row[f"{k}_low"], row[f"{k}_high"]
       assert low < row[k] < high and high - low < 0.2
     assert 0.0 <= row["inversion_in"] <= 1.0 and 0.0 <= row["ranked_first_in"] <= 1.0
     assert 0.0 <= row["exposure_in"] <= row["exposure_max_bits"] + 1e-9
   # a DP level's audit bound can never exceed a valid epsilon by much (95% confidence)
   assert dp["epsilon_lower_bound"] <= dp["epsilon"]
-  stats = np.load(work / "levels" / "nondp.npz")
+  assert dp["rmia_epsilon_lower_bound"] <= dp["epsilon"]
+  # the one-run bound: the best of the targets' own, each at confidence 1 - 0.05 / 4
+  loss = np.load(work / "levels" / "eps8.npz")["loss"]
+  assert dp["one_run_epsilon_lower_bound"] == max(
+      metrics.one_run_epsilon_lower_bound(is_in[t], -loss[t], delta=summary["delta"],
+                                          confidence=1 - 0.05 / 4) for t in range(4))
+  assert 0.0 <= dp["one_run_epsilon_lower_bound"] <= dp["epsilon"]
   assert stats["phi"].shape == (4, 304) and stats["exposure"].shape == (4, 4)
   # train.num_devices = 0: the 4 models over 4 of the tests' 8 CPU devices, one each
   assert [r["devices"] for r in summary["levels"]] == [4, 4]
@@ -115,7 +128,7 @@ def test_auc_intervals_resample_examples_with_their_scores_under_every_model():
   lira = rng.normal(0.8 * is_in, 1.0)
   lira[0, 3] = np.inf  # LiRA's score is not finite where a shadow set was degenerate
   loss = np.round(rng.normal(0.3 * is_in, 1.0), 1)
-  got = experiments.auc_intervals(is_in, lira, loss, 300, 0.95, seed=7)
+  got = experiments.auc_intervals(is_in, {"lira": lira, "loss": loss}, 300, 0.95, seed=7)
   weights = np.asarray(stats.bootstrap_weights(7, 40, 300))
 
   def auc_of_columns(scores, cols):
@@ -127,7 +140,7 @@ def test_auc_intervals_resample_examples_with_their_scores_under_every_model():
                                          weights, 0.95, "bca")
     assert got[f"{name}_auc_low"] == pytest.approx(low, abs=2e-6)
     assert got[f"{name}_auc_high"] == pytest.approx(high, abs=2e-6)
-  assert experiments.auc_intervals(is_in, lira, loss, 0, 0.95) == {}
+  assert experiments.auc_intervals(is_in, {"lira": lira}, 0, 0.95) == {}
 
 
 def test_audit_script_prints_the_table(tmp_path, snips_dir):

@@ -101,3 +101,110 @@ def test_lira_beats_the_loss_threshold_when_examples_differ_in_difficulty():
   # swapping "in" and "out" must break it
   swapped = membership.leave_one_out_lira(phi, ~inside)
   assert metrics.roc_auc(inside.ravel(), swapped.ravel()) < 0.1
+
+
+def _rmia_reference(x_t, x_ref, x_in, z_t, z_ref, z_in, online, a, gamma, same=None):
+  """RMIA written per point and per pair in float64 (Zarifzadeh et al. 2024, Sec. 3): Pr(x)
+  from the reference models, then the fraction of z with LR(x, z) >= gamma. `same[i]`: the
+  column of z that is point i itself (left out), or -1."""
+  def marginal(p, inside):
+    out = np.full(p.shape[1], np.nan)
+    for j in range(p.shape[1]):
+      ins, outs = p[inside[:, j], j], p[~inside[:, j], j]
+      if not len(outs):
+        continue
+      if online and len(ins):
+        out[j] = 0.5 * ins.mean() + 0.5 * outs.mean()
+      else:
+        out[j] = 0.5 * ((1 + a) * outs.mean() + (1 - a))
+    return out
+  px = marginal(np.float64(x_ref), x_in)
+  pz = marginal(np.float64(z_ref), z_in)
+  scores = np.full(len(x_t), np.nan)
+  for i in range(len(x_t)):
+    if np.isnan(px[i]):
+      continue
+    hits = total = 0
+    for j in range(len(z_t)):
+      if np.isnan(pz[j]) or (same is not None and same[i] == j):
+        continue
+      lr = (x_t[i] / px[i]) / (z_t[j] / pz[j])
+      hits += lr >= gamma
+      total += 1
+    scores[i] = hits / total
+  return scores
+
+
+@pytest.mark.parametrize("online,gamma,with_z_in", [(True, 1.0, False), (True, 2.0, True),
+                                                    (False, 1.0, True)])
+def test_rmia_matches_a_float64_loop(online, gamma, with_z_in):
+  rng = np.random.default_rng(5)
+  m, n, k = 9, 30, 50
+  x_in = membership_like(rng, m, n)
+  x_in[:, 0] = False  # no reference trained on point 0: the offline formula
+  x_in[:, 1] = True  # none left point 1 out: NaN
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  x_ref = sig(rng.normal(size=(m, n)) + 2 * x_in)
+  x_t = sig(rng.normal(size=n) + 1)
+  z_in = membership_like(rng, m, k) if with_z_in else None
+  z_ref = sig(rng.normal(size=(m, k)) + (2 * z_in if with_z_in else 0))
+  z_t = sig(rng.normal(size=k))
+  got = np.asarray(membership.rmia_scores(x_t, x_ref, x_in, z_t, z_ref, z_in, online=online,
+                                          offline_a=0.3, gamma=gamma))
+  ref = _rmia_reference(x_t, x_ref, x_in, z_t, z_ref,
+                        np.zeros((m, k), bool) if z_in is None else z_in, online, 0.3, gamma)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+  assert np.isnan(got[1]) and np.isfinite(got[0])
+  np.testing.assert_allclose(got[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6)
+  assert 0 < np.nanmean(got) < 1
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1.5])
+def test_leave_one_out_rmia_uses_the_targets_non_members_as_population(gamma):
+  rng = np.random.default_rng(2)
+  m, n = 6, 25
+  inside = membership_like(rng, m, n)
+  probs = 1 / (1 + np.exp(-(rng.normal(size=(m, n)) + inside)))
+  loo = membership.leave_one_out_rmia(probs, inside, gamma=gamma)
+  for t in range(m):
+    others = [i for i in range(m) if i != t]
+    z = np.flatnonzero(~inside[t])
+    same = np.array([np.flatnonzero(z == i)[0] if i in z else -1 for i in range(n)])
+    ref = _rmia_reference(probs[t], probs[others], inside[others], probs[t, z],
+                          probs[others][:, z], inside[others][:, z], True, 0.3, gamma, same)
+    np.testing.assert_allclose(loo[t], ref, atol=1e-6)
+
+
+def test_rmia_ranks_like_the_calibrated_probability_and_finds_members():
+  rng = np.random.default_rng(0)
+  m, n = 16, 400
+  inside = membership_like(rng, m, n)
+  base = rng.normal(scale=3.0, size=n)  # examples differ in difficulty
+  probs = 1 / (1 + np.exp(-(base + inside * 1.5 + rng.normal(scale=0.4, size=(m, n)))))
+  loo = membership.leave_one_out_rmia(probs, inside)
+  assert metrics.roc_auc(inside.ravel(), loo.ravel()) > 0.85
+  assert metrics.roc_auc(inside.ravel(), probs.ravel()) < 0.65  # the global threshold
+  # for one target the score orders points as p / Pr(x) does
+  marg = np.asarray(membership.rmia_marginal(probs[1:], inside[1:]))
+  ratio = probs[0] / marg
+  order = np.argsort(ratio, kind="stable")
+  assert (np.diff(loo[0][order]) >= -1e-7).all()
+  # non-members' scores are about uniform on [0, 1]
+  assert abs(loo[~inside].mean() - 0.5) < 0.02
+  # no membership effect, no signal (online RMIA's Pr(x) is symmetric in "in" and "out", so
+  # swapping the labels, LiRA's check above, would not break it)
+  null = 1 / (1 + np.exp(-(base + rng.normal(scale=0.4, size=(m, n)))))
+  auc = metrics.roc_auc(inside.ravel(), membership.leave_one_out_rmia(null, inside).ravel())
+  assert abs(auc - 0.5) < 0.03
+
+
+def test_rmia_checks_its_arguments():
+  p, inside = np.full((2, 3), 0.5), np.zeros((2, 3), bool)
+  with pytest.raises(ValueError, match="gamma must be positive"):
+    membership.rmia_scores(p[0], p, inside, p[0], p, gamma=0.0)
+  with pytest.raises(ValueError, match="offline_a must lie"):
+    membership.rmia_scores(p[0], p, inside, p[0], p, offline_a=1.5)
+  with pytest.raises(ValueError, match="expected target_probs"):
+    membership.rmia_scores(p[0, :2], p, inside, p[0], p)
+  with pytest.raises(ValueError, match="at least 2 models"):
+    membership.leave_one_out_rmia(p[:1], inside[:1])

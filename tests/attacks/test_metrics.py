@@ -106,3 +106,62 @@ def test_randomized_response_bound_is_below_its_epsilon_and_close(eps):
   # no signal: a threshold fixed in advance gives (almost) nothing
   noise = rng.uniform(size=2 * n)
   assert metrics.empirical_epsilon_lower_bound(y, noise, threshold=0.5) < 0.05
+
+
+def test_one_run_p_value_equals_a_float64_loop_over_the_binomial():
+  # Steinke et al. 2023: P[B >= v] + 2 m delta max_i P[v - i <= B < v] / i, B ~ Bin(r, p)
+  for m, r, v, eps, delta in [(1000, 100, 80, 1.0, 1e-5), (200, 50, 50, 3.0, 1e-3),
+                              (500, 10, 0, 0.5, 1e-4), (300, 40, 25, 0.2, 0.0)]:
+    p = math.exp(eps) / (1 + math.exp(eps))
+    pmf = [math.comb(r, j) * p ** j * (1 - p) ** (r - j) for j in range(r + 1)]
+    tail = sum(pmf[v:])
+    best, window = 0.0, 0.0
+    for i in range(1, v + 1):
+      window += pmf[v - i]
+      best = max(best, window / i)
+    want = min(tail + 2 * m * delta * best, 1.0)
+    assert metrics.one_run_p_value(m, r, v, eps, delta) == pytest.approx(want, rel=1e-9,
+                                                                        abs=1e-12)
+  with pytest.raises(ValueError, match="num_correct <= num_guesses"):
+    metrics.one_run_p_value(10, 5, 6, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("m,shift,delta", [(1000, 1.0, 1e-5), (600, 3.0, 1e-4),
+                                           (2000, 0.8, 1e-6)])
+def test_one_run_bound_matches_jax_privacy(m, shift, delta):
+  from jax_privacy import auditing  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(m)
+  y = rng.random(m) < 0.5
+  s = rng.normal(shift * y, 1.0)
+  found = []
+  for k in (10, 64, 300):
+    threshold = np.sort(s)[::-1][k - 1]
+    ref = auditing.CanaryScoreAuditor(s[y], s[~y]).epsilon_one_run(
+        0.05, delta, threshold_strategy=auditing.Explicit(threshold))
+    got = metrics.one_run_epsilon_lower_bound(y, s, delta=delta, num_guesses=k)
+    assert got == pytest.approx(ref, abs=1e-5)
+    found.append(got)
+  assert max(found) > 0.3  # the comparison is not all zeros
+  # several k: the confidence is split over them, so each bound is below its k's alone
+  both = metrics.one_run_epsilon_lower_bound(y, s, delta=delta, num_guesses=(10, 64, 300))
+  assert both <= max(found) + 1e-9
+
+
+@pytest.mark.parametrize("eps", [1.0, 2.0])
+def test_one_run_bound_is_valid_and_tight_for_randomized_response(eps):
+  # Each of m canaries is included with probability 1/2 and the "model" releases each inclusion
+  # bit through eps-randomized response: an eps-DP mechanism that attains the bound. Over 200
+  # runs, the 95% bound may exceed eps in about 5% of them, and it comes close to eps.
+  rng = np.random.default_rng(int(eps))
+  m, runs, p = 1000, 200, math.exp(eps) / (1 + math.exp(eps))
+  bounds = []
+  for _ in range(runs):
+    y = rng.random(m) < 0.5
+    released = np.where(rng.random(m) < p, y, ~y)
+    scores = released + 1e-3 * rng.random(m)  # ties broken by noise that carries nothing
+    bounds.append(metrics.one_run_epsilon_lower_bound(y, scores, delta=0.0, num_guesses=256))
+  bounds = np.array(bounds)
+  assert (bounds > eps).mean() <= 0.1
+  assert np.median(bounds) > 0.6 * eps
+  with pytest.raises(ValueError, match="num_guesses must lie"):
+    metrics.one_run_epsilon_lower_bound(y, scores, delta=0.0, num_guesses=0)

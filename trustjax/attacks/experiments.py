@@ -5,11 +5,16 @@ queries plus planted canaries), all in parallel (`shadow.train_in_parallel`), on
 and once per target epsilon. Every model is in turn the target and the others its shadow
 models; on the target it measures:
 
-- membership inference: LiRA (leave-one-out, Carlini et al. 2022) and the loss threshold
+- membership inference: LiRA (leave-one-out, Carlini et al. 2022), RMIA (leave-one-out, the
+  target's non-members as its population, Zarifzadeh et al. 2024) and the loss threshold
   (Yeom et al. 2018): ROC AUC and TPR at low FPR, pooled over targets, each AUC with a BCa
   bootstrap interval over the pool's examples (`stats.bootstrap_interval`);
-- an empirical epsilon lower bound (Jagielski et al. 2020) from LiRA's scores, its threshold
-  chosen on the first half of the targets and the bound taken on the second half;
+- an empirical epsilon lower bound (Jagielski et al. 2020) from LiRA's scores and one from
+  RMIA's, each threshold chosen on the first half of the targets and the bound taken on the
+  second half (estimates: pooled scores are not independent trials); and a valid one from one
+  model (Steinke et al. 2023): every pool example is in a given target independently with
+  probability 1/2, and the loss threshold reads that target alone, so its top-k guesses bound
+  epsilon for each target (the confidence split over the targets);
 - canary exposure (Carlini et al. 2019) over the whole secret space, for canaries the target
   trained on and (as the baseline) for those it did not, and how often the secret has the
   lowest loss of all (extraction by enumerating the space);
@@ -274,15 +279,25 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
   return {**stats, "inversion_hit": hits}
 
 
-def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.ndarray]:
-  """The audit's numbers for one level (see the module docstring), and LiRA's scores
-  [models, pool] (row t: against target t)."""
+def attack_scores(setup: AuditSetup, stats: dict) -> dict[str, np.ndarray]:
+  """{"lira", "rmia", "loss"}: each attack's scores [models, pool] (row t: against target t)
+  from a level's saved statistics."""
+  cfg = setup.cfg
+  return {
+      "lira": membership.leave_one_out_lira(stats["phi"], setup.is_in, online=True,
+                                            global_variance=cfg.audit.global_variance),
+      # the label's probability, from the saved cross-entropy
+      "rmia": membership.leave_one_out_rmia(np.exp(-stats["loss"].astype(np.float64)),
+                                            setup.is_in, gamma=cfg.audit.rmia_gamma),
+      "loss": np.asarray(membership.loss_threshold_scores(stats["loss"])),
+  }
+
+
+def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, dict]:
+  """The audit's numbers for one level (see the module docstring), and `attack_scores`."""
   cfg, is_in = setup.cfg, setup.is_in
   m = is_in.shape[0]
-  lira = membership.leave_one_out_lira(stats["phi"], is_in, online=True,
-                                       global_variance=cfg.audit.global_variance)
-  loss_scores = np.asarray(membership.loss_threshold_scores(stats["loss"]))
-  ok = np.isfinite(lira)
+  scores = attack_scores(setup, stats)
   out = {"level": level, "models": m, "pool": int(is_in.shape[1]), "steps": setup.num_steps,
          "train_seconds": float(stats["train_seconds"]),
          "devices": int(stats["devices"]) if "devices" in stats else None,  # older runs: unsaved
@@ -290,21 +305,28 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
          "nonmember_accuracy": float(stats["correct"][~is_in].mean()),
          "eval_accuracy": float(np.mean(stats["eval_accuracy"])),
          "overflow": int(np.sum(stats["overflow"]))}
-  y = is_in[ok]
-  out["lira_auc"] = metrics.roc_auc(y, lira[ok])
-  out["loss_auc"] = metrics.roc_auc(is_in.ravel(), loss_scores.ravel())
-  out.update(auc_intervals(is_in, lira, loss_scores, cfg.audit.bootstrap_resamples,
-                           cfg.audit.confidence, seed=cfg.seed))
-  for f in cfg.audit.fprs:
-    out[f"lira_tpr@{f:g}"] = metrics.tpr_at_fpr(y, lira[ok], f)
-    out[f"loss_tpr@{f:g}"] = metrics.tpr_at_fpr(is_in.ravel(), loss_scores.ravel(), f)
+  for name, s in scores.items():
+    ok = np.isfinite(s)  # NaN: LiRA or RMIA lacked the shadow models the example needs
+    out[f"{name}_auc"] = metrics.roc_auc(is_in[ok], s[ok])
+    for f in cfg.audit.fprs:
+      out[f"{name}_tpr@{f:g}"] = metrics.tpr_at_fpr(is_in[ok], s[ok], f)
+  out.update(auc_intervals(is_in, scores, cfg.audit.bootstrap_resamples, cfg.audit.confidence,
+                           seed=cfg.seed))
   half = m // 2
-  sel, held = ok[:half], ok[half:]
-  thr = metrics.best_threshold(is_in[:half][sel], lira[:half][sel], delta=setup.delta,
-                               confidence=cfg.audit.confidence)
-  out["epsilon_lower_bound"] = metrics.empirical_epsilon_lower_bound(
-      is_in[half:][held], lira[half:][held], delta=setup.delta, confidence=cfg.audit.confidence,
-      threshold=thr)
+  for name, key in (("lira", "epsilon_lower_bound"), ("rmia", "rmia_epsilon_lower_bound")):
+    s = scores[name]
+    sel, held = np.isfinite(s[:half]), np.isfinite(s[half:])
+    thr = metrics.best_threshold(is_in[:half][sel], s[:half][sel], delta=setup.delta,
+                                 confidence=cfg.audit.confidence)
+    out[key] = metrics.empirical_epsilon_lower_bound(
+        is_in[half:][held], s[half:][held], delta=setup.delta, confidence=cfg.audit.confidence,
+        threshold=thr)
+  # LiRA's and RMIA's scores read the other models, whose training sets were drawn together
+  # with the target's (every example in exactly half), so only the loss qualifies here
+  confidence = 1.0 - (1.0 - cfg.audit.confidence) / m
+  out["one_run_epsilon_lower_bound"] = max(
+      metrics.one_run_epsilon_lower_bound(is_in[t], scores["loss"][t], delta=setup.delta,
+                                          confidence=confidence) for t in range(m))
   cin = is_in[:, setup.canary_rows]
   out["exposure_in"] = float(stats["exposure"][cin].mean())
   out["exposure_out"] = float(stats["exposure"][~cin].mean())
@@ -324,28 +346,31 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, np.
                noise_multiplier=dp.noise_multiplier, l2_clip=dp.l2_clip)
   else:
     out.update(epsilon=None, delta=None)  # no guarantee (JSON has no infinity)
-  return out, lira
+  return out, scores
 
 
-def auc_intervals(is_in: np.ndarray, lira: np.ndarray, loss_scores: np.ndarray,
-                  num_resamples: int, confidence: float, seed: int = 0) -> dict:
-  """{"lira_auc_low", "lira_auc_high", "loss_auc_low", "loss_auc_high"}: BCa bootstrap
-  intervals of the pooled AUCs ({} when num_resamples is 0). The unit resampled is a pool
-  example with its scores under every model ([models, pool] arrays; LiRA's non-finite scores
-  are left out as in the AUC), since one example's scores across models are not independent;
-  the models themselves are not resampled, so the interval leaves out their variation."""
+def auc_intervals(is_in: np.ndarray, scores: dict[str, np.ndarray], num_resamples: int,
+                  confidence: float, seed: int = 0) -> dict:
+  """{"<name>_auc_low", "<name>_auc_high"} per attack in `scores` ([models, pool] arrays):
+  BCa bootstrap intervals of the pooled AUCs ({} when num_resamples is 0), all from the same
+  resamples. The unit resampled is a pool example with its scores under every model
+  (non-finite scores are left out as in the AUC), since one example's scores across models are
+  not independent; the models themselves are not resampled, so the interval leaves out their
+  variation."""
   if not num_resamples:
     return {}
   cols = np.broadcast_to(np.arange(is_in.shape[1]), is_in.shape)
-  ok = np.isfinite(lira)
-  lira_auc = stats.weighted_auc(is_in[ok], lira[ok])
-  loss_auc = stats.weighted_auc(is_in.ravel(), loss_scores.ravel())
-  lira_cols, loss_cols = jnp.asarray(cols[ok]), jnp.asarray(cols.ravel())
-  both = lambda w: jnp.stack([lira_auc(w[lira_cols]), loss_auc(w[loss_cols])])
-  got = stats.bootstrap_interval(both, is_in.shape[1], rng=seed, num_resamples=num_resamples,
+  aucs = []
+  for s in scores.values():
+    ok = np.isfinite(s)
+    aucs.append((stats.weighted_auc(is_in[ok], s[ok]), jnp.asarray(cols[ok])))
+  every = lambda w: jnp.stack([auc(w[c]) for auc, c in aucs])
+  got = stats.bootstrap_interval(every, is_in.shape[1], rng=seed, num_resamples=num_resamples,
                                  confidence=confidence)
-  return {"lira_auc_low": float(got.low[0]), "lira_auc_high": float(got.high[0]),
-          "loss_auc_low": float(got.low[1]), "loss_auc_high": float(got.high[1])}
+  out = {}
+  for i, name in enumerate(scores):
+    out[f"{name}_auc_low"], out[f"{name}_auc_high"] = float(got.low[i]), float(got.high[i])
+  return out
 
 
 def _plot_roc(curves: dict, path: str) -> None:
@@ -354,12 +379,13 @@ def _plot_roc(curves: dict, path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   fig, ax = plt.subplots(figsize=(5.2, 4.6))
-  for i, (name, (y, lira, loss_s)) in enumerate(curves.items()):
-    color = f"C{i}"
-    f, t, _ = metrics.roc_curve(y, lira)
-    ax.plot(f, t, color=color, label=f"{name} LiRA")
-    f, t, _ = metrics.roc_curve(y, loss_s)
-    ax.plot(f, t, color=color, ls="--", label=f"{name} loss threshold")
+  styles = {"lira": ("-", "LiRA"), "rmia": ("-.", "RMIA"), "loss": ("--", "loss threshold")}
+  for i, (level, (is_in, scores)) in enumerate(curves.items()):
+    for name, s in scores.items():
+      ok = np.isfinite(s)
+      f, t, _ = metrics.roc_curve(is_in[ok], s[ok])
+      ls, label = styles[name]
+      ax.plot(f, t, color=f"C{i}", ls=ls, label=f"{level} {label}")
   grid = np.logspace(-4, 0, 50)
   ax.plot(grid, grid, color="gray", lw=0.8, ls=":", label="chance")
   ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(1e-4, 1),
@@ -373,9 +399,10 @@ def _plot_roc(curves: dict, path: str) -> None:
 # A rerun may add or drop privacy levels, change where results go, and change what only sets the
 # speed (devices, chunking: the same models up to float rounding, tests/attacks/test_shadow.py);
 # levels already saved are reused, so anything else that shapes them must match.
-# (the bootstrap only reads the saved statistics)
+# (the bootstrap and RMIA only read the saved statistics)
 _RESUMABLE_CHANGES = {"dp.epsilons", "dp.nondp", "results_dir", "train.num_devices",
-                      "train.model_chunk", "train.chunk_steps", "audit.bootstrap_resamples"}
+                      "train.model_chunk", "train.chunk_steps", "audit.bootstrap_resamples",
+                      "audit.rmia_gamma"}
 
 
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
@@ -403,11 +430,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       stats = train_level(setup, level, show_progress=show_progress)
       np.savez(path + ".tmp.npz", **stats)
       os.replace(path + ".tmp.npz", path)
-    row, lira = level_metrics(setup, level, stats)
+    row, scores = level_metrics(setup, level, stats)
     rows.append(row)
-    ok = np.isfinite(lira)
-    curves[level] = (setup.is_in[ok], lira[ok],
-                     np.asarray(membership.loss_threshold_scores(stats["loss"]))[ok])
+    curves[level] = (setup.is_in, scores)
   summary = {"levels": rows, "delta": setup.delta, "sampling_rate": setup.sampling_rate,
              "batch_size_padded": setup.batch_size, "canaries": len(setup.secrets),
              "secret_space": len(setup.space_tokens),
@@ -428,18 +453,20 @@ def _with_interval(r: dict, key: str) -> str | float:
 
 def report_table(summary: dict, fprs) -> str:
   cols = (["level", "epsilon", "eval acc", "member acc", "LiRA AUC"]
-          + [f"LiRA TPR@{f:g}" for f in fprs] + ["loss AUC"]
-          + [f"loss TPR@{f:g}" for f in fprs]
-          + ["epsilon lower bound", "exposure in / out (bits)", "ranked first in / out",
-             "inverted in / out"])
+          + [f"LiRA TPR@{f:g}" for f in fprs] + ["RMIA AUC"] + [f"RMIA TPR@{f:g}" for f in fprs]
+          + ["loss AUC"] + [f"loss TPR@{f:g}" for f in fprs]
+          + ["epsilon lower bound (LiRA / RMIA / one run)", "exposure in / out (bits)",
+             "ranked first in / out", "inverted in / out"])
   rows = []
   for r in summary["levels"]:
     eps = "none" if r["epsilon"] is None else r["epsilon"]
     rows.append([r["level"], eps, r["eval_accuracy"], r["member_accuracy"],
                  _with_interval(r, "lira_auc")]
-                + [r[f"lira_tpr@{f:g}"] for f in fprs] + [_with_interval(r, "loss_auc")]
-                + [r[f"loss_tpr@{f:g}"] for f in fprs]
-                + [r["epsilon_lower_bound"],
+                + [r[f"lira_tpr@{f:g}"] for f in fprs] + [_with_interval(r, "rmia_auc")]
+                + [r[f"rmia_tpr@{f:g}"] for f in fprs]
+                + [_with_interval(r, "loss_auc")] + [r[f"loss_tpr@{f:g}"] for f in fprs]
+                + [f"{r['epsilon_lower_bound']:.4g} / {r['rmia_epsilon_lower_bound']:.4g} / "
+                   f"{r['one_run_epsilon_lower_bound']:.4g}",
                    f"{r['exposure_in']:.2f} / {r['exposure_out']:.2f}",
                    f"{r['ranked_first_in']:.3f} / {r['ranked_first_out']:.3f}",
                    "n/a" if r["inversion_in"] is None
@@ -470,9 +497,11 @@ def report(cfg, summary: dict) -> str:
       f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
       f"{first['models']} models per level, each trained on a random half of {first['pool']} "
       f"examples ({summary['canaries']} of them canaries) for {first['steps']} steps, Poisson "
-      f"rate {summary['sampling_rate']:.4g}; delta = {summary['delta']:g}. Epsilon lower bound: "
-      f"threshold from targets 1..{first['models'] // 2}, bound on the rest, confidence "
-      f"{cfg.audit.confidence}. Exposure out of {first['exposure_max_bits']:.2f} bits."
+      f"rate {summary['sampling_rate']:.4g}; delta = {summary['delta']:g}. Epsilon lower bounds "
+      f"at confidence {cfg.audit.confidence}: LiRA's and RMIA's with the threshold from targets "
+      f"1..{first['models'] // 2} and the bound on the rest; one run: each target's loss alone "
+      f"(Steinke et al. 2023), the confidence split over the {first['models']} targets. "
+      f"Exposure out of {first['exposure_max_bits']:.2f} bits."
       + (f" AUCs with {cfg.audit.confidence:.0%} BCa bootstrap intervals over the pool's "
          f"examples ({cfg.audit.bootstrap_resamples} resamples; the models are not resampled)."
          if cfg.audit.bootstrap_resamples else ""), "",
@@ -536,6 +565,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.audit.confidence = 0.95  # of the epsilon lower bound and of the AUCs' bootstrap intervals
   c.audit.bootstrap_resamples = 2000  # over the pool's examples; 0 = no AUC intervals
   c.audit.global_variance = True  # LiRA's pooled variance (recommended below 64 shadows)
+  c.audit.rmia_gamma = 1.0  # RMIA's threshold on its pairwise likelihood ratio (paper: >= 1)
   c.audit.inversion_steps = 300
   c.audit.inversion_learning_rate = 0.3
   c.audit.inversion_restarts = 4

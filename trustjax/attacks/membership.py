@@ -1,4 +1,4 @@
-"""Membership inference scores: the loss threshold and LiRA.
+"""Membership inference scores: the loss threshold, LiRA and RMIA.
 
 Every score is "higher = more likely a member", ready for `attacks.metrics`.
 """
@@ -111,4 +111,131 @@ def leave_one_out_lira(stats: np.ndarray, is_in: np.ndarray, **kwargs) -> np.nda
   for t in range(m):
     others = np.r_[0:t, t + 1:m]
     rows.append(np.asarray(lira_scores(stats[t], stats[others], is_in[others], **kwargs)))
+  return np.stack(rows)
+
+
+def rmia_marginal(probs: jax.Array, inside: jax.Array | None, *, online: bool = True,
+                  offline_a: float = 0.3) -> jax.Array:
+  """Pr(x), the probability of each point's label averaged over training sets, estimated from
+  reference models (Zarifzadeh et al. 2024, Sec. 3; see `rmia_scores`).
+
+  Args:
+    probs: float [m, n] each reference model's softmax probability of each point's label.
+    inside: bool [m, n] whether reference model m trained on point n; None: none did.
+    online: use the models that trained on a point where there are any: Pr(x) =
+      (mean_in + mean_out) / 2, every point being in half of the training sets. Points that no
+      reference model trained on (`online=False`: every point) get the offline approximation
+      Pr(x) = ((1 + a) mean_out + (1 - a)) / 2, i.e. Pr_in ~ a Pr_out + (1 - a).
+    offline_a: a in [0, 1].
+
+  Returns:
+    float [n]; NaN where no reference model left the point out (nothing to average).
+  """
+  if not 0.0 <= offline_a <= 1.0:
+    raise ValueError(f"offline_a must lie in [0, 1], got {offline_a}")
+  p = jnp.asarray(probs, jnp.float32)
+  inside = jnp.zeros(p.shape, bool) if inside is None else jnp.asarray(inside, bool)
+  mean = lambda w: (jnp.sum(jnp.where(w, p, 0.0), 0) / jnp.maximum(w.sum(0), 1))
+  n_in, n_out = inside.sum(0), (~inside).sum(0)
+  mean_out = mean(~inside)
+  offline = 0.5 * ((1.0 + offline_a) * mean_out + (1.0 - offline_a))
+  both = 0.5 * (mean(inside) + mean_out)
+  marginal = jnp.where((n_in > 0) & online, both, offline)
+  return jnp.where(n_out > 0, marginal, jnp.nan)
+
+
+def rmia_scores(target_probs: jax.Array, reference_probs: jax.Array,
+                reference_in: jax.Array | None, population_target_probs: jax.Array,
+                population_reference_probs: jax.Array,
+                population_in: jax.Array | None = None, *, online: bool = True,
+                offline_a: float = 0.3, gamma: float = 1.0) -> jax.Array:
+  """The Robust Membership Inference Attack (RMIA) of Zarifzadeh, Liu and Shokri, "Low-Cost
+  High-Power Membership Inference Attacks", ICML 2024.
+
+  x is compared with population points z the target did not train on, through the pairwise
+  likelihood ratio LR(x, z) = (Pr(x | target) / Pr(x)) / (Pr(z | target) / Pr(z)), where
+  Pr(. | target) is the target's probability of the point's label and Pr(.) its average over
+  training sets, from reference models (`rmia_marginal`). The score is the fraction of z with
+  LR(x, z) >= gamma. For one target it ranks points as Pr(x | target) / Pr(x) does; the
+  comparison with z puts different targets' scores on one scale (about uniform on [0, 1] for
+  non-members).
+
+  Args:
+    target_probs: float [n] the target's probability of each point's label.
+    reference_probs: float [m, n] the same under each reference model.
+    reference_in: bool [m, n] whether reference model m trained on point n (None: none did).
+    population_target_probs: float [k] the target's probability of each z's label.
+    population_reference_probs: float [m, k] the same under each reference model.
+    population_in: bool [m, k] whether reference model m trained on z (None: none did).
+    online: see `rmia_marginal`.
+    offline_a: a of the offline approximation (`rmia_marginal`); ML Privacy Meter uses 0.3.
+    gamma: the threshold on LR(x, z), >= 1 in the paper (1 in ML Privacy Meter).
+
+  Returns:
+    float [n] in [0, 1], higher = more likely a member; NaN for points without a reference
+    model that left them out. z without one are dropped from the population.
+  """
+  if gamma <= 0:
+    raise ValueError(f"gamma must be positive, got {gamma}")
+  x_t, x_ref = jnp.asarray(target_probs, jnp.float32), jnp.asarray(reference_probs, jnp.float32)
+  z_t = jnp.asarray(population_target_probs, jnp.float32)
+  z_ref = jnp.asarray(population_reference_probs, jnp.float32)
+  if (x_ref.ndim != 2 or x_t.shape != x_ref.shape[1:] or z_ref.ndim != 2
+      or z_t.shape != z_ref.shape[1:] or z_ref.shape[0] != x_ref.shape[0]):
+    raise ValueError(f"expected target_probs [n], reference_probs [m, n], "
+                     f"population_target_probs [k], population_reference_probs [m, k]; got "
+                     f"{x_t.shape}, {x_ref.shape}, {z_t.shape}, {z_ref.shape}")
+  ratio_x = x_t / rmia_marginal(x_ref, reference_in, online=online, offline_a=offline_a)
+  ratio_z = z_t / rmia_marginal(z_ref, population_in, online=online, offline_a=offline_a)
+  return _fraction_at_or_below(ratio_z, ratio_x / gamma)
+
+
+def _fraction_at_or_below(population: jax.Array, queries: jax.Array,
+                          own: jax.Array | None = None) -> jax.Array:
+  """For each query q, the fraction of the finite population values v <= q (NaN queries stay
+  NaN). `own`, float [queries] where queries and population are the same points: the query's
+  own value in the population (NaN where it is not in it), which is left out of its count and
+  its denominator (a point is not its own z)."""
+  ok = jnp.isfinite(population)
+  k = ok.sum().astype(jnp.float32)
+  sorted_pop = jnp.sort(jnp.where(ok, population, jnp.inf))
+  below = jnp.searchsorted(sorted_pop, queries, side="right").astype(jnp.float32)
+  if own is not None:
+    mine = jnp.isfinite(own)
+    below = below - (mine & (own <= queries))
+    k = k - mine
+  return jnp.where(jnp.isfinite(queries), below / jnp.maximum(k, 1.0), jnp.nan)
+
+
+def leave_one_out_rmia(probs: np.ndarray, is_in: np.ndarray, *, gamma: float = 1.0,
+                       online: bool = True, offline_a: float = 0.3) -> np.ndarray:
+  """RMIA (`rmia_scores`) with each of m models as the target in turn, the other m - 1 as its
+  reference models, and as its population z (data from the members' distribution that the
+  target did not train on) the pool's points that the target did not train on, each point left
+  out of its own comparison.
+
+  Args:
+    probs: float [m, n] every model's probability of every point's label.
+    is_in: bool [m, n] membership.
+    gamma, online, offline_a: see `rmia_scores`.
+
+  Returns:
+    float [m, n]: row t holds the scores against target model t (compare with `is_in[t]`).
+  """
+  probs, is_in = np.asarray(probs, np.float32), np.asarray(is_in, bool)
+  m = probs.shape[0]
+  if m < 2:
+    raise ValueError(f"leave-one-out RMIA needs at least 2 models, got {m}")
+  if probs.shape != is_in.shape:
+    raise ValueError(f"probs and is_in must have one shape, got {probs.shape}, {is_in.shape}")
+  if gamma <= 0:
+    raise ValueError(f"gamma must be positive, got {gamma}")
+  rows = []
+  for t in range(m):
+    others = np.r_[0:t, t + 1:m]
+    marginal = rmia_marginal(probs[others], is_in[others], online=online, offline_a=offline_a)
+    ratio = jnp.asarray(probs[t]) / marginal
+    population = jnp.where(jnp.asarray(~is_in[t]), ratio, jnp.nan)
+    # a non-member is in the population: not compared with itself
+    rows.append(np.asarray(_fraction_at_or_below(population, ratio / gamma, own=population)))
   return np.stack(rows)

@@ -94,3 +94,84 @@ def best_threshold(is_member, scores, *, delta: float = 0.0, confidence: float =
   eps, thr = _epsilon_bounds(is_member, scores, delta, confidence)
   t = thr[int(np.argmax(eps))]
   return float(t) if math.isfinite(t) else float("inf")
+
+
+def one_run_p_value(num_canaries: int, num_guesses: int, num_correct: int, epsilon: float,
+                    delta: float) -> float:
+  """The chance of `num_correct` or more correct membership guesses out of `num_guesses`, when
+  each of `num_canaries` canaries was included independently with probability 1/2 in one run
+  of an (epsilon, delta)-DP algorithm (Steinke, Nasr and Jagielski, "Privacy Auditing with One
+  (1) Training Run", NeurIPS 2023, Theorem 3.3 with Proposition 5.7's delta term).
+
+  With delta = 0 the correct guesses are dominated by Binomial(r, p), p = e^eps / (1 + e^eps),
+  so the value is P[Binomial(r, p) >= v]; delta adds 2 m delta max_{i=1..v} P[v - i <=
+  Binomial(r, p) < v] / i.
+  """
+  m, r, v = int(num_canaries), int(num_guesses), int(num_correct)
+  if not 0 <= v <= r <= m:
+    raise ValueError(f"need 0 <= num_correct <= num_guesses <= num_canaries, got {v=}, {r=}, "
+                     f"{m=}")
+  if epsilon < 0 or not 0.0 <= delta <= 1.0:
+    raise ValueError(f"need epsilon >= 0 and delta in [0, 1], got {epsilon=}, {delta=}")
+  p = 1.0 / (1.0 + math.exp(-epsilon))
+  tail = float(stats.binom.sf(v - 1, r, p))  # P[B >= v]
+  if delta == 0.0 or v == 0:
+    return min(tail, 1.0)
+  i = np.arange(1, v + 1)
+  # P[v - i <= B < v] = P[B >= v - i] - P[B >= v], for i = 1..v
+  window = stats.binom.sf(v - i - 1, r, p) - tail
+  return min(tail + 2.0 * m * delta * float(np.max(window / i)), 1.0)
+
+
+def one_run_epsilon_lower_bound(is_member, scores, *, delta: float, confidence: float = 0.95,
+                                num_guesses=None, tol: float = 1e-6) -> float:
+  """An epsilon lower bound from one trained model (Steinke, Nasr and Jagielski 2023): the
+  auditor guesses "member" for the canaries with the k highest scores, and epsilon is ruled
+  out where `one_run_p_value` of its correct guesses is at most 1 - confidence.
+
+  Valid (at `confidence`) when every canary was included independently with probability 1/2
+  and the scores depend on the trained model and public data only, never on which canaries
+  were included (the loss of the model alone, for example; not shadow models whose training
+  sets were drawn together with this one's).
+
+  Args:
+    is_member: bool [m], the truth.
+    scores: float [m], higher = more likely a member.
+    delta: the algorithm's delta.
+    confidence: the bound's confidence.
+    num_guesses: the k to try: an int, a sequence (the confidence is split over them,
+      Bonferroni), or None for 1, 2, 4, ... up to m. Ties at the k-th score are all guessed.
+    tol: the bisection's tolerance on epsilon.
+
+  Returns:
+    The largest epsilon the guesses rule out (>= 0).
+  """
+  y, s = check_binary_scores(is_member, scores)
+  m = y.size
+  if not 0.0 < confidence < 1.0:
+    raise ValueError(f"confidence must lie in (0, 1), got {confidence=}")
+  if not 0.0 <= delta < 1.0:
+    raise ValueError(f"delta must lie in [0, 1), got {delta=}")
+  if num_guesses is None:
+    ks = [2 ** j for j in range(int(math.log2(m)) + 1)]
+  else:
+    ks = [int(num_guesses)] if np.ndim(num_guesses) == 0 else [int(k) for k in num_guesses]
+  if not ks or any(not 1 <= k <= m for k in ks):
+    raise ValueError(f"num_guesses must lie in [1, {m}], got {num_guesses}")
+  significance = (1.0 - confidence) / len(ks)
+  desc = np.sort(s)[::-1]
+  best = 0.0
+  for k in ks:
+    guessed = s >= desc[k - 1]
+    r, v = int(guessed.sum()), int((guessed & y).sum())
+    rejects = lambda e, r=r, v=v: one_run_p_value(m, r, v, e, delta) <= significance
+    if not rejects(best):
+      continue
+    lo, hi = best, max(1.0, 2.0 * best)
+    while rejects(hi):
+      lo, hi = hi, 2.0 * hi
+    while hi - lo > tol:
+      mid = 0.5 * (lo + hi)
+      lo, hi = (mid, hi) if rejects(mid) else (lo, mid)
+    best = lo
+  return float(best)
