@@ -109,12 +109,32 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
     ("model.frozen", "embed/nothing", "match no parameter"),
     ("data.pool_size", 10**6, "pool_size"),
     ("audit.bootstrap_resamples", 1, "bootstrap_resamples must be 0"),
+    ("canaries.mislabeled", 301, "mislabeled must lie in"),
 ])
 def test_bad_audit_config_is_named(tmp_path, snips_dir, field, value, message):
   cfg = _config(tmp_path, snips_dir, **{field: value})
   with pytest.raises(ValueError, match=message):
     experiments.AuditSetup(cfg)
   assert not (tmp_path / cfg.run_name).exists()
+
+
+def test_mislabeled_canaries_get_another_intent_and_are_the_one_run_guesses(tmp_path,
+                                                                          snips_dir):
+  plain = experiments.AuditSetup(_config(tmp_path, snips_dir))
+  setup = experiments.AuditSetup(_config(tmp_path, snips_dir, **{"canaries.mislabeled": 100}))
+  rows = setup.mislabeled_rows
+  assert len(np.unique(rows)) == 100 and not np.isin(rows, setup.canary_rows).any()
+  before, after = plain.arrays["label"], setup.arrays["label"]
+  # the same pool, queries and canaries; exactly the 100 rows relabeled, each to another intent
+  np.testing.assert_array_equal(plain.arrays["tokens"], setup.arrays["tokens"])
+  assert (after[rows] != before[rows]).all() and (after[rows] < setup.num_classes).all()
+  keep = np.setdiff1d(np.arange(len(before)), rows)
+  np.testing.assert_array_equal(after[keep], before[keep])
+  np.testing.assert_array_equal(setup.one_run_rows, rows)
+  np.testing.assert_array_equal(plain.one_run_rows, np.arange(len(before)))
+  # the wrong intents spread over the other classes, none favoured
+  shifts = (after[rows] - before[rows]) % setup.num_classes
+  assert set(np.unique(shifts)) == set(range(1, setup.num_classes))
 
 
 def test_auc_intervals_resample_examples_with_their_scores_under_every_model():

@@ -23,12 +23,14 @@ def test_logit_confidence_is_the_log_odds_of_the_label():
                                 [-0.5, -2.0])
 
 
-def _reference(target, shadow, inside, online, global_variance):
-  """Per-example Gaussian fits in float64 with scipy (eps 1e-6 on the std, like the library)."""
+def _reference(target, shadow, inside, online, global_variance, used=None):
+  """Per-example Gaussian fits in float64 with scipy (eps 1e-6 on the std, like the library),
+  over the shadows `used` marks."""
   n = target.size
   out = np.full(n, np.nan)
   sides = {}
-  for name, sel in (("in", inside), ("out", ~inside)):
+  used = np.ones_like(inside) if used is None else used
+  for name, sel in (("in", inside & used), ("out", ~inside & used)):
     mu = np.array([shadow[sel[:, j], j].mean() if sel[:, j].any() else np.nan for j in range(n)])
     if global_variance:
       dev = np.concatenate([shadow[sel[:, j], j] - mu[j] for j in range(n)])
@@ -49,15 +51,17 @@ def _reference(target, shadow, inside, online, global_variance):
 
 @pytest.mark.parametrize("online", [True, False])
 @pytest.mark.parametrize("global_variance", [False, True])
-def test_lira_matches_a_float64_loop(online, global_variance):
+@pytest.mark.parametrize("some_unused", [False, True])
+def test_lira_matches_a_float64_loop(online, global_variance, some_unused):
   rng = np.random.default_rng(3)
   m, n = 16, 40
   inside = membership_like(rng, m, n)
   shadow = rng.normal(size=(m, n)) + 1.5 * inside
   target = rng.normal(size=n) + 0.7
+  used = rng.random((m, n)) < 0.7 if some_unused else None
   got = np.asarray(membership.lira_scores(target, shadow, inside, online=online,
-                                          global_variance=global_variance))
-  ref = _reference(target, shadow, inside, online, global_variance)
+                                          global_variance=global_variance, shadow_used=used))
+  ref = _reference(target, shadow, inside, online, global_variance, used)
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4)
 
 
@@ -77,12 +81,39 @@ def test_leave_one_out_uses_the_other_models_as_shadows():
   rng = np.random.default_rng(1)
   inside = membership_like(rng, 6, 10)
   stats_ = rng.normal(size=(6, 10)) + inside
-  loo = membership.leave_one_out_lira(stats_, inside, global_variance=True)
+  loo = membership.leave_one_out_lira(stats_, inside, global_variance=True, balance=False)
+  balanced = membership.leave_one_out_lira(stats_, inside, global_variance=True, seed=4)
+  draws = np.random.default_rng(4)
   for t in range(6):
     others = [i for i in range(6) if i != t]
     np.testing.assert_allclose(
         loo[t], membership.lira_scores(stats_[t], stats_[others], inside[others],
                                        global_variance=True), rtol=1e-6)
+    used = membership.balanced_shadows(inside[others], draws)
+    # 2 "in" and 2 "out" shadows per example: the larger side lost one model
+    assert ((used & inside[others]).sum(0) == 2).all()
+    assert ((used & ~inside[others]).sum(0) == 2).all()
+    np.testing.assert_allclose(
+        balanced[t], _reference(stats_[t], stats_[others], inside[others], True, True, used),
+        rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("m", [4, 8])
+def test_balanced_leave_one_out_has_no_signal_without_membership(m):
+  # With every example in exactly half of m models, leaving the target out leaves its members
+  # one "in" shadow fewer: LiRA's "in" mean is then the noisier one, and with no membership
+  # signal at all the pooled AUC falls below 0.5. Balanced sides remove the bias; RMIA's
+  # equal-weight average of the two sides has none to remove.
+  rng = np.random.default_rng(m)
+  n = 4000
+  inside = membership_like(rng, m, n)
+  phi = rng.normal(scale=2.0, size=n) + rng.normal(scale=0.5, size=(m, n))  # difficulty only
+  auc = lambda s: metrics.roc_auc(inside[np.isfinite(s)], s[np.isfinite(s)])
+  biased = auc(membership.leave_one_out_lira(phi, inside, global_variance=True, balance=False))
+  fair = auc(membership.leave_one_out_lira(phi, inside, global_variance=True))
+  assert biased < (0.44 if m == 4 else 0.49) and abs(fair - 0.5) < 0.012
+  rmia = auc(membership.leave_one_out_rmia(1 / (1 + np.exp(-phi)), inside))
+  assert abs(rmia - 0.5) < 0.012
 
 
 def test_lira_beats_the_loss_threshold_when_examples_differ_in_difficulty():

@@ -13,8 +13,9 @@ models; on the target it measures:
   RMIA's, each threshold chosen on the first half of the targets and the bound taken on the
   second half (estimates: pooled scores are not independent trials); and a valid one from one
   model (Steinke et al. 2023): every pool example is in a given target independently with
-  probability 1/2, and the loss threshold reads that target alone, so its top-k guesses bound
-  epsilon for each target (the confidence split over the targets);
+  probability 1/2, and the loss threshold reads that target alone, so its top-k guesses among
+  the mislabeled canaries (`canaries.mislabeled`; or among all pool examples) bound epsilon
+  for each target (the confidence split over the targets);
 - canary exposure (Carlini et al. 2019) over the whole secret space, for canaries the target
   trained on and (as the baseline) for those it did not, and how often the secret has the
   lowest loss of all (extraction by enumerating the space);
@@ -114,6 +115,19 @@ class AuditSetup:
       raise ValueError(f"the secret is word {self.secret_position}, beyond data.max_length")
     enc = lambda texts: self.tokenizer.encode(texts, d.max_length)
     self.arrays = {"tokens": enc(self.pool.texts), "label": self.pool.labels.astype(np.int32)}
+    # Mislabeled canaries for the one-run bound: pool queries given another intent at random
+    # (Steinke et al. 2023's input-space canaries). The bound guesses among them only.
+    if c.mislabeled < 0 or c.mislabeled > len(self.pool) - c.num:
+      raise ValueError(f"canaries.mislabeled must lie in [0, {len(self.pool) - c.num}] (the "
+                       f"pool's other queries), got {c.mislabeled}")
+    others = np.setdiff1d(np.arange(len(self.pool)), self.canary_rows)
+    self.mislabeled_rows = np.sort(rng.choice(others, c.mislabeled, replace=False))
+    shift = rng.integers(1, train.num_classes, c.mislabeled)
+    labels = self.arrays["label"]
+    labels[self.mislabeled_rows] = (labels[self.mislabeled_rows] + shift) % train.num_classes
+    # the one-run bound's canaries: the mislabeled queries, or every pool example
+    self.one_run_rows = (self.mislabeled_rows if c.mislabeled
+                         else np.arange(len(self.pool)))
     self.eval_arrays = {"tokens": enc(self.eval_data.texts),
                         "label": self.eval_data.labels.astype(np.int32)}
     self.canary_tokens = self.arrays["tokens"][self.canary_rows]
@@ -284,8 +298,10 @@ def attack_scores(setup: AuditSetup, stats: dict) -> dict[str, np.ndarray]:
   from a level's saved statistics."""
   cfg = setup.cfg
   return {
+      # as many "in" as "out" shadows per example (membership.balanced_shadows)
       "lira": membership.leave_one_out_lira(stats["phi"], setup.is_in, online=True,
-                                            global_variance=cfg.audit.global_variance),
+                                            global_variance=cfg.audit.global_variance,
+                                            seed=cfg.seed),
       # the label's probability, from the saved cross-entropy
       "rmia": membership.leave_one_out_rmia(np.exp(-stats["loss"].astype(np.float64)),
                                             setup.is_in, gamma=cfg.audit.rmia_gamma),
@@ -324,9 +340,11 @@ def level_metrics(setup: AuditSetup, level: str, stats: dict) -> tuple[dict, dic
   # LiRA's and RMIA's scores read the other models, whose training sets were drawn together
   # with the target's (every example in exactly half), so only the loss qualifies here
   confidence = 1.0 - (1.0 - cfg.audit.confidence) / m
+  rows = setup.one_run_rows
   out["one_run_epsilon_lower_bound"] = max(
-      metrics.one_run_epsilon_lower_bound(is_in[t], scores["loss"][t], delta=setup.delta,
-                                          confidence=confidence) for t in range(m))
+      metrics.one_run_epsilon_lower_bound(is_in[t, rows], scores["loss"][t, rows],
+                                          delta=setup.delta, confidence=confidence)
+      for t in range(m))
   cin = is_in[:, setup.canary_rows]
   out["exposure_in"] = float(stats["exposure"][cin].mean())
   out["exposure_out"] = float(stats["exposure"][~cin].mean())
@@ -435,6 +453,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     curves[level] = (setup.is_in, scores)
   summary = {"levels": rows, "delta": setup.delta, "sampling_rate": setup.sampling_rate,
              "batch_size_padded": setup.batch_size, "canaries": len(setup.secrets),
+             "mislabeled": len(setup.mislabeled_rows),
              "secret_space": len(setup.space_tokens),
              "trainable_parameters": setup.trainable_parameters,
              "backend": jax.default_backend()}
@@ -496,11 +515,15 @@ def report(cfg, summary: dict) -> str:
       f"# Privacy audit {cfg.run_name}", "",
       f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
       f"{first['models']} models per level, each trained on a random half of {first['pool']} "
-      f"examples ({summary['canaries']} of them canaries) for {first['steps']} steps, Poisson "
+      f"examples ({summary['canaries']} of them canaries"
+      + (f", {summary['mislabeled']} queries mislabeled" if summary["mislabeled"] else "")
+      + f") for {first['steps']} steps, Poisson "
       f"rate {summary['sampling_rate']:.4g}; delta = {summary['delta']:g}. Epsilon lower bounds "
       f"at confidence {cfg.audit.confidence}: LiRA's and RMIA's with the threshold from targets "
       f"1..{first['models'] // 2} and the bound on the rest; one run: each target's loss alone "
-      f"(Steinke et al. 2023), the confidence split over the {first['models']} targets. "
+      f"(Steinke et al. 2023), guessing among "
+      f"{'the mislabeled queries' if summary['mislabeled'] else 'all pool examples'}, the "
+      f"confidence split over the {first['models']} targets. "
       f"Exposure out of {first['exposure_max_bits']:.2f} bits."
       + (f" AUCs with {cfg.audit.confidence:.0%} BCa bootstrap intervals over the pool's "
          f"examples ({cfg.audit.bootstrap_resamples} resamples; the models are not resampled)."
@@ -533,6 +556,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.canaries.num = 20  # canaries planted in the pool, each once, each with a random label
   c.canaries.digits = 4  # secret space 10**digits
   c.canaries.template = "my pin code is {}"
+  c.canaries.mislabeled = 0  # pool queries given a wrong intent: the one-run bound's canaries
   c.model = ml_collections.ConfigDict()
   c.model.name = "bag_of_embeddings"  # bag_of_embeddings | transformer | bert (pretrained)
   c.model.pretrained_path = ""  # bert: a Hugging Face BERT folder ("" = all-MiniLM-L6-v2)
