@@ -3,7 +3,8 @@
   python scripts/audit.py --config configs/audit_snips.py [--config.train.num_models=32 ...]
 
 Writes results/<run_name>/: config.json, levels/<level>.npz (each level's statistics; a rerun
-skips the levels already saved), summary.json, report.md and plots/roc.png.
+skips the levels already saved), summary.json, report.md and plots/roc.png. Ctrl-C while a
+level trains saves its models after the current chunk of steps; the same command resumes.
 """
 
 import os

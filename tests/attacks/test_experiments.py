@@ -71,6 +71,7 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   # train.num_devices = 0: the 4 models over 4 of the tests' 8 CPU devices, one each
   assert [r["devices"] for r in summary["levels"]] == [4, 4]
   assert "| nondp |" in (work / "report.md").read_text()
+  assert not list((work / "levels").glob("*.training"))  # no Ctrl-C checkpoint left behind
 
   # a rerun reuses the saved levels (no training) and reproduces the numbers, the epsilon of a
   # DP level included: from the noise it was trained with (saved), not from a new calibration

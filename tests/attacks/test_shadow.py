@@ -138,6 +138,55 @@ def test_frozen_parameters_are_shared_and_only_the_rest_is_trained(dp, devices):
   np.testing.assert_allclose(logits[2], model.apply({"params": whole}, arrays["tokens"]),
                              rtol=1e-5, atol=1e-5)
 
+@pytest.mark.parametrize("devices", [1, 3])
+def test_ctrl_c_saves_the_models_and_a_rerun_resumes_them(tmp_path, monkeypatch, devices,
+                                                          interactive_sigint):
+  """A SIGINT during the first chunk of DP training: the chunk finishes, every model is saved
+  and KeyboardInterrupt raised; a rerun with the file gives the uninterrupted run's models (3
+  devices: 4 models padded to 6, the copies not saved)."""
+  import signal  # pylint: disable=import-outside-toplevel
+  arrays, _, init, loss_fn = _setup()
+  is_in = shadow.membership_masks(4, 60, seed=1)
+  q, b = 0.25, 24
+  cfg = DPConfig(l2_clip=1.0, noise_multiplier=0.8, sampling_rate=q, num_examples=60,
+                 max_batch_size=b, method="bookkeeping")
+  mesh = shadow.model_mesh(devices) if devices > 1 else None
+  train = lambda **kw: shadow.train_in_parallel(
+      init, loss_fn, optax.adam(0.05), arrays, is_in, num_steps=9, sampling_rate=q,
+      batch_size=b, seed=3, dp_config=cfg, chunk_steps=3, mesh=mesh, **kw)
+  whole = train(show_progress=False)
+
+  bars = []
+
+  class Bar:  # Ctrl-C while the first chunk runs (the bar moves after it)
+    def __init__(self, *a, **k):
+      self.steps = []
+      bars.append(self)
+
+    def update(self, n):
+      self.steps.append(n)
+      if self.steps == [0, 3]:  # a fresh run: nothing done, then the first chunk
+        signal.raise_signal(signal.SIGINT)
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(shadow.reporting, "progress", Bar)
+  path = str(tmp_path / "models.training")
+  with pytest.raises(KeyboardInterrupt, match="step 3 of 9"):
+    train(checkpoint=path)
+  # the rerun starts from step 3 (its bar too) and ends where the uninterrupted run did
+  again = train(checkpoint=path)
+  assert bars[-1].steps == [3, 3, 3]
+  chex.assert_trees_all_equal(again.params, whole.params)
+  np.testing.assert_array_equal(again.overflow, whole.overflow)
+  # a file of other models is refused
+  with pytest.raises(ValueError, match="holds other models"):
+    shadow.train_in_parallel(init, loss_fn, optax.adam(0.05), arrays, ~is_in, num_steps=9,
+                             sampling_rate=q, batch_size=b, seed=3, dp_config=cfg,
+                             chunk_steps=3, show_progress=False, checkpoint=path)
+
+
 def test_training_fits_members_better_than_non_members():
   arrays, model, init, loss_fn = _setup()
   is_in = shadow.membership_masks(4, 60, seed=2)

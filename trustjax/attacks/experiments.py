@@ -32,7 +32,8 @@ which a hash vocabulary guarantees and WordPiece does not (it splits most number
 `data.tokenizer="pretrained"` the audit measures membership inference and exposure only.
 
 Each privacy level's statistics are saved in `levels/<name>.npz` when it finishes; a rerun of
-the same config skips the levels already there.
+the same config skips the levels already there. Ctrl-C while a level trains saves its models
+after the current chunk of steps (`levels/<name>.training`), and a rerun continues from there.
 """
 
 from __future__ import annotations
@@ -216,8 +217,11 @@ def model_mesh(num_devices: int, num_models: int):
   return shadow.model_mesh(n) if n > 1 else None
 
 
-def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) -> dict:
-  """Trains the level's models and returns its statistics (what `levels/<name>.npz` holds)."""
+def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True,
+                checkpoint: str | None = None) -> dict:
+  """Trains the level's models and returns its statistics (what `levels/<name>.npz` holds).
+  With `checkpoint`, Ctrl-C during training saves the models there and a rerun resumes
+  (`shadow.train_in_parallel`)."""
   cfg = setup.cfg
   dp_config = setup.mechanisms.get(level)
   loss_fn = setup.loss_fn
@@ -234,7 +238,8 @@ def train_level(setup: AuditSetup, level: str, *, show_progress: bool = True) ->
       num_steps=setup.num_steps, sampling_rate=setup.sampling_rate,
       batch_size=setup.batch_size, seed=cfg.seed, dp_config=dp_config,
       chunk_steps=cfg.train.chunk_steps, model_chunk=cfg.train.model_chunk,
-      mesh=mesh, show_progress=show_progress, desc=f"train {level}", frozen=setup.fixed)
+      mesh=mesh, show_progress=show_progress, desc=f"train {level}", frozen=setup.fixed,
+      checkpoint=checkpoint)
   train_seconds = time.time() - t0
   params = trained.params
   logits = shadow.logits_of_all(setup.apply_fn, params, setup.arrays["tokens"],
@@ -445,9 +450,12 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       with np.load(path) as z:
         stats = {k: z[k] for k in z.files}
     else:
-      stats = train_level(setup, level, show_progress=show_progress)
+      partial = os.path.join(workdir, "levels", f"{level}.training")  # Ctrl-C's checkpoint
+      stats = train_level(setup, level, show_progress=show_progress, checkpoint=partial)
       np.savez(path + ".tmp.npz", **stats)
       os.replace(path + ".tmp.npz", path)
+      if os.path.exists(partial):
+        os.remove(partial)
     row, scores = level_metrics(setup, level, stats)
     rows.append(row)
     curves[level] = (setup.is_in, scores)

@@ -18,18 +18,20 @@ would fold them as constants into the program); only the trained part is stacked
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from trustjax import reporting, sharding
 from trustjax.privacy import accounting
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step
-from trustjax.training import merge_frozen, nondp_step, with_frozen
+from trustjax.training import StopAtStepEnd, merge_frozen, nondp_step, with_frozen
 from trustjax.types import LossFn, Params, PRNGKey
 
 MODELS_AXIS = "models"
@@ -113,7 +115,8 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
                       batch_size: int, seed: int = 0, dp_config: DPConfig | None = None,
                       chunk_steps: int = 100, model_chunk: int = 0,
                       mesh: Mesh | None = None, show_progress: bool = True,
-                      desc: str = "models", frozen: Params | None = None) -> ParallelModels:
+                      desc: str = "models", frozen: Params | None = None,
+                      checkpoint: str | None = None) -> ParallelModels:
   """Trains one model per row of `is_in`, all at once.
 
   Args:
@@ -146,6 +149,11 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
     desc: the progress bar's label.
     frozen: parameters held fixed, one copy shared by every model (`training.split_frozen`);
       the returned params are the trained part.
+    checkpoint: a file for Ctrl-C. The first SIGINT lets the current chunk of steps finish,
+      saves every model's state there (`StopAtStepEnd`) and raises KeyboardInterrupt; a later
+      call with the same file and arguments resumes from it, giving the models an uninterrupted
+      run gives (each step's samples and noise come from the seed, the model and the step).
+      The file is not removed at the end: the caller deletes it once the result is safe.
   """
   is_in = np.asarray(is_in, bool)
   num_models, n = is_in.shape
@@ -174,6 +182,16 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
   model_keys = jax.random.split(jax.random.fold_in(root, 0), num_models)
   params = jax.vmap(init_fn)(jax.random.split(jax.random.fold_in(root, 1), num_models))
   opt_state = jax.vmap(optimizer.init)(params)
+  saved = {"params": params, "opt_state": opt_state,
+           "overflow": np.zeros(num_models, np.int64), "done": np.int64(0),
+           "is_in": is_in}  # a template for the file's contents
+  if checkpoint is not None and os.path.exists(checkpoint):
+    with open(checkpoint, "rb") as f:
+      saved = serialization.from_bytes(saved, f.read())
+    if not np.array_equal(saved["is_in"], is_in) or not 0 < int(saved["done"]) <= num_steps:
+      raise ValueError(f"{checkpoint} holds other models (membership or {int(saved['done'])} "
+                       f"steps done of {num_steps}): delete it or pass another file")
+    params, opt_state = saved["params"], saved["opt_state"]
   members = jnp.asarray(is_in)
   padded = -(-num_models // shards) * shards
   if padded > num_models:  # copies of the last model fill the last device's block
@@ -196,16 +214,35 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
     return chunks[count](*args)
 
   overflow = np.zeros(padded, np.int64)
+  overflow[:num_models] = saved["overflow"]
+  done = int(saved["done"])
   bar = reporting.progress(num_steps, desc=desc) if show_progress else None
-  done = 0
-  while done < num_steps:
-    count = min(chunk_steps, num_steps - done)
-    params, opt_state, over = run(count, params, opt_state, model_keys, members,
-                                  jnp.int32(done), frozen)
-    overflow += np.asarray(over)
-    done += count
-    if bar is not None:
-      bar.update(count)
+  if bar is not None:
+    bar.update(done)
+
+  def save():
+    state = {"params": params, "opt_state": opt_state, "overflow": overflow,
+             "done": np.int64(done), "is_in": is_in}
+    state = jax.tree.map(lambda x: np.asarray(x)[:num_models] if np.ndim(x) else x, state)
+    state["is_in"] = is_in
+    with open(checkpoint + ".tmp", "wb") as f:
+      f.write(serialization.to_bytes(state))
+    os.replace(checkpoint + ".tmp", checkpoint)
+
+  with StopAtStepEnd() as stop:
+    while done < num_steps:
+      count = min(chunk_steps, num_steps - done)
+      params, opt_state, over = run(count, params, opt_state, model_keys, members,
+                                    jnp.int32(done), frozen)
+      overflow += np.asarray(over)
+      done += count
+      if bar is not None:
+        bar.update(count)
+      if stop.requested and checkpoint is not None and done < num_steps:
+        save()
+      if done < num_steps:
+        stop.stop_if_requested(f"step {done} of {num_steps} ({desc})",
+                               saved=checkpoint is not None, bar=bar)
   if bar is not None:
     bar.close()
   if padded > num_models:
