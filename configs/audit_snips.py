@@ -26,6 +26,7 @@ def get_config(arg: str = ""):
     c.dp.epsilons = (8.0,)
     c.audit.inversion_steps = 20
     c.audit.inversion_restarts = 2
+    c.audit.bootstrap_resamples = 200
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'runlocal'")
   c.lock()

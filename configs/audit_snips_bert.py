@@ -61,5 +61,6 @@ def get_config(arg: str = "lora"):
     c.train.batch_size = 30
     c.train.epochs = 2.0
     c.dp.epsilons = (8.0,)
+    c.audit.bootstrap_resamples = 200
   c.lock()
   return c

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, override, tiny_bert_checkpoint
-from trustjax.attacks import experiments, membership, metrics
+from trustjax.attacks import experiments, membership, metrics, shadow
 
 
 def _config(tmp_path, snips_dir, config="audit_snips.py", arg="runlocal", **kw):
@@ -47,7 +47,7 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   # RMIA from the saved statistics: the label's probability exp(-loss), every other model a
   # reference, the target's non-members its population
   stats = np.load(work / "levels" / "nondp.npz")
-  is_in = experiments.AuditSetup(cfg).is_in
+  is_in = shadow.membership_masks(4, stats["loss"].shape[1], seed=cfg.seed)  # the audit's
   rmia = membership.leave_one_out_rmia(np.exp(-stats["loss"].astype(np.float64)), is_in)
   assert nondp["rmia_auc"] == pytest.approx(metrics.roc_auc(is_in.ravel(), rmia.ravel()))
   for row in summary["levels"]:
@@ -121,8 +121,10 @@ def test_bad_audit_config_is_named(tmp_path, snips_dir, field, value, message):
 
 def test_mislabeled_canaries_get_another_intent_and_are_the_one_run_guesses(tmp_path,
                                                                           snips_dir):
-  plain = experiments.AuditSetup(_config(tmp_path, snips_dir))
-  setup = experiments.AuditSetup(_config(tmp_path, snips_dir, **{"canaries.mislabeled": 100}))
+  no_dp = {"dp.epsilons": ()}  # no noise calibration
+  plain = experiments.AuditSetup(_config(tmp_path, snips_dir, **no_dp))
+  setup = experiments.AuditSetup(_config(tmp_path, snips_dir, **no_dp,
+                                         **{"canaries.mislabeled": 100}))
   rows = setup.mislabeled_rows
   assert len(np.unique(rows)) == 100 and not np.isin(rows, setup.canary_rows).any()
   before, after = plain.arrays["label"], setup.arrays["label"]
