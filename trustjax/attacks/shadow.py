@@ -182,9 +182,10 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
   model_keys = jax.random.split(jax.random.fold_in(root, 0), num_models)
   params = jax.vmap(init_fn)(jax.random.split(jax.random.fold_in(root, 1), num_models))
   opt_state = jax.vmap(optimizer.init)(params)
-  saved = {"params": params, "opt_state": opt_state,
-           "overflow": np.zeros(num_models, np.int64), "done": np.int64(0),
-           "is_in": is_in}  # a template for the file's contents
+  snapshot = lambda params, opt_state, overflow, done: {
+      "params": params, "opt_state": opt_state, "overflow": overflow, "done": np.int64(done),
+      "is_in": is_in}  # what the checkpoint file holds
+  saved = snapshot(params, opt_state, np.zeros(num_models, np.int64), 0)  # also its template
   if checkpoint is not None and os.path.exists(checkpoint):
     with open(checkpoint, "rb") as f:
       saved = serialization.from_bytes(saved, f.read())
@@ -220,11 +221,9 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
   if bar is not None:
     bar.update(done)
 
-  def save():
-    state = {"params": params, "opt_state": opt_state, "overflow": overflow,
-             "done": np.int64(done), "is_in": is_in}
-    state = jax.tree.map(lambda x: np.asarray(x)[:num_models] if np.ndim(x) else x, state)
-    state["is_in"] = is_in
+  def save():  # the models without the padding copies
+    state = jax.tree.map(lambda x: np.asarray(x)[:num_models] if np.ndim(x) else x,
+                         snapshot(params, opt_state, overflow, done))
     with open(checkpoint + ".tmp", "wb") as f:
       f.write(serialization.to_bytes(state))
     os.replace(checkpoint + ".tmp", checkpoint)
@@ -238,9 +237,9 @@ def train_in_parallel(init_fn: Callable[[PRNGKey], Params], loss_fn: LossFn,
       done += count
       if bar is not None:
         bar.update(count)
-      if stop.requested and checkpoint is not None and done < num_steps:
-        save()
-      if done < num_steps:
+      if stop.requested and done < num_steps:
+        if checkpoint is not None:
+          save()
         stop.stop_if_requested(f"step {done} of {num_steps} ({desc})",
                                saved=checkpoint is not None, bar=bar)
   if bar is not None:
