@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine with Python 3.10+:
+# Two commands do all set-up on a fresh machine with Python 3.10+ (3.11+ for `make test`):
 #   make demo   venv + install + the default DP training run on embedded synthetic data
 #   make test   venv with every test extra + the whole suite
 PYTHON ?= python3

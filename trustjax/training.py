@@ -204,14 +204,21 @@ def make_eval_step(metrics_fn: Callable[[Params, Batch], dict]) -> Callable:
 
 def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
              batch_size: int, mesh=None) -> dict:
-  """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}."""
+  """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}.
+
+  With `mesh`, each batch (padded to a multiple of its size) is split over the mesh's first
+  axis; without, a step whose `params` are replicated over several devices would compute every
+  batch on each of them."""
   n = len(next(iter(arrays.values())))
+  if mesh is not None:
+    per = mesh.shape[mesh.axis_names[0]]
+    batch_size = -(-batch_size // per) * per
   totals: dict[str, float] = {}
   for start in range(0, n, batch_size):
     batch = gather_batch(arrays, *pad_indices(np.arange(start, min(start + batch_size, n)),
                                               batch_size))
     if mesh is not None:
-      batch = sharding.shard_batch(batch, mesh)
+      batch = sharding.shard_batch(batch, mesh, axis=mesh.axis_names[0])
     for k, v in eval_step(params, batch).items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = max(totals.get("count", 0.0), 1.0)

@@ -331,6 +331,15 @@ def test_federated_evaluation_equals_pooled_evaluation():
                 for x, y in ((data["x"][p], data["label"][p]) for p in np.split(
                     np.arange(52), np.cumsum([5, 9, 16, 3, 12])))]
   assert fed["client_accuracy_mean"] == pytest.approx(np.mean(per_client), rel=1e-5)
+  # Bounded memory: 4 clients x 3 example slots per call (buckets of 16 in slices of 3, the
+  # last one padded), and more clients per call than the store holds, give the same sums.
+  for kw in ({"clients_per_call": 4, "max_rows": 12}, {"clients_per_call": 64}):
+    other = fl.federated_evaluate(helpers.metrics_fn, params, store, **kw)
+    assert other["count"] == 52
+    for key in ("loss", "accuracy", "client_accuracy_mean", "client_accuracy_p10"):
+      assert other[key] == pytest.approx(fed[key], rel=1e-5), (kw, key)
+  with pytest.raises(ValueError, match="max_rows"):
+    fl.federated_evaluate(helpers.metrics_fn, params, store, max_rows=0)
 
 
 @pytest.mark.parametrize("kw,match", [({"client_lr": 0.0}, "client_lr"),

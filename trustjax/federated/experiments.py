@@ -407,7 +407,8 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
              "train_loss": m.pop("train_loss_sum") / max(m.pop("train_loss_steps"), 1.0), **m}
       last_of_stage = done % s.rounds == 0
       if done % s.eval_every == 0 or last_of_stage or done == total_rounds:
-        ev = training.evaluate(eval_step, state.params, stage.eval_arrays, EVAL_BATCH)
+        ev = training.evaluate(eval_step, state.params, stage.eval_arrays, EVAL_BATCH,
+                                 mesh)
         rec.update({f"eval_{k}": v for k, v in ev.items()})
         if s.dp.enabled:
           rep = ledger.report(delta)
@@ -438,7 +439,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   if task.test_parts and not cfg.continual.enabled:
     # Federated evaluation on each client's own held-out data: sums per client, then reduced.
     test_store = ClientStore(task.test, task.test_parts, min_capacity=16)
-    fed = simulate.federated_evaluate(metrics_fn, state.params, test_store)
+    fed = simulate.federated_evaluate(metrics_fn, state.params, test_store, mesh=mesh)
     summary.update({f"federated_eval_{k}": v for k, v in fed.items()})
   if cfg.continual.enabled:
     per_stage = [h for h in history if h["round"] % s.rounds == 0 and "eval_loss" in h]

@@ -134,23 +134,55 @@ def make_cohort(store: ClientStore, selection: Selection, work: np.ndarray | Non
 
 def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Params,
                        store: ClientStore, *, clients_per_call: int = 64,
-                       capacity: int | None = None) -> dict:
+                       capacity: int | None = None, max_rows: int = 2048,
+                       mesh: Mesh | None = None) -> dict:
   """Evaluates on every client (vmapped over clients, sums with a denominator per client), then
   reduces: example-weighted means over all clients' examples.
+
+  Memory is bounded: one compiled call sees at most `clients_per_call` clients (no more than the
+  store holds) and `max_rows` example slots in all; a chunk of clients whose bucket is wider is
+  evaluated in slices of its example axis, and the slices' outputs are added (every output of
+  `metrics_fn` must be a sum over examples, as loss_sum, correct and count are). With `mesh`
+  (the rounds' "clients" mesh), each call's clients are split over its devices (the chunk
+  rounded up to a multiple of their number); without, parameters replicated over several
+  devices would have every device evaluate every client.
 
   Returns:
     {"loss", "accuracy" (if the metrics have "correct"), "count", "client_accuracy_mean",
      "client_accuracy_p10"} (the last two: unweighted over clients, where "correct" exists).
   """
+  if clients_per_call < 1 or max_rows < 1:
+    raise ValueError(f"clients_per_call and max_rows must be >= 1, got {clients_per_call=}, "
+                     f"{max_rows=}")
   fn = _eval_fn(metrics_fn)
+  k = min(clients_per_call, store.num_clients)
+  if mesh is not None:
+    per = mesh.shape[mesh.axis_names[0]]
+    k = -(-k // per) * per
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    place = lambda tree: jax.device_put(tree, NamedSharding(mesh, P(mesh.axis_names[0])))
+  else:
+    place = lambda tree: tree
   per_client = []
   order = np.argsort(store.counts, kind="stable")  # similar sizes share a bucket
-  for a in range(0, store.num_clients, clients_per_call):
-    ids = order[a:a + clients_per_call]
-    ids_padded = np.concatenate([ids, np.full(clients_per_call - len(ids), ids[0])])
+  for a in range(0, store.num_clients, k):
+    ids = order[a:a + k]
+    ids_padded = np.concatenate([ids, np.full(k - len(ids), ids[0])])
     data = store.gather(ids_padded, capacity)
-    out = jax.device_get(fn(params, data.examples, data.counts))
-    per_client.append({k: np.asarray(v)[:len(ids)] for k, v in out.items()})
+    cap = next(iter(data.examples.values())).shape[1]
+    width = min(cap, max(1, max_rows // k))
+    sums = None
+    for start in range(0, cap, width):
+      part = {}
+      for name, x in data.examples.items():
+        x = x[:, start:start + width]
+        if x.shape[1] < width:  # the last slice, padded to the compiled width
+          x = np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        part[name] = x
+      counts = np.clip(data.counts - start, 0, width).astype(np.int32)
+      out = jax.device_get(fn(params, place(part), place(counts)))
+      sums = out if sums is None else {n: sums[n] + out[n] for n in sums}
+    per_client.append({n: np.asarray(v)[:len(ids)] for n, v in sums.items()})
   tot = {k: np.concatenate([p[k] for p in per_client]) for k in per_client[0]}
   count = tot["count"].sum()
   out = {"loss": float(tot["loss_sum"].sum() / count), "count": float(count)}
