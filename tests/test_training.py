@@ -412,3 +412,25 @@ def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
   report = open(tmp_path / cfg.train.run_name / "report.md").read()
   assert ("Frozen parameters (encoder)" if mode == "head"
           else "LoRA adapters of rank 2 on query, value, output") in report
+
+
+def test_evaluate_splits_batches_over_a_mesh_and_equals_the_pooled_metrics():
+  """13 rows in batches of 5: alone, over a 3-device "data" mesh and over a "clients" mesh
+  (batches padded to 6), the sums equal the metrics of all rows at once."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from trustjax import models, sharding  # pylint: disable=import-outside-toplevel
+  from trustjax.federated import simulate  # pylint: disable=import-outside-toplevel
+  model = models.BagOfEmbeddings(vocab_size=30, num_classes=3, embed_dim=8, hidden_dim=8)
+  rng = np.random.default_rng(0)
+  arrays = {"tokens": rng.integers(1, 30, (13, 6)).astype(np.int32),
+            "label": rng.integers(0, 3, 13).astype(np.int32)}
+  params = model.init(jax.random.key(0), arrays["tokens"][:1])["params"]
+  metrics_fn = models.classification_metrics(model)
+  pooled = metrics_fn(params, dict(arrays, mask=np.ones(13, bool)))
+  step = training.make_eval_step(metrics_fn)
+  for mesh in (None, sharding.data_mesh(3), simulate.client_mesh(3)):
+    p = params if mesh is None else sharding.replicate(params, mesh)
+    got = training.evaluate(step, p, arrays, 5, mesh)
+    assert got["count"] == 13.0
+    assert got["loss"] == pytest.approx(float(pooled["loss_sum"]) / 13, rel=1e-5)
+    assert got["accuracy"] == pytest.approx(float(pooled["correct"]) / 13)

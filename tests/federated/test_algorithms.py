@@ -333,7 +333,9 @@ def test_federated_evaluation_equals_pooled_evaluation():
   assert fed["client_accuracy_mean"] == pytest.approx(np.mean(per_client), rel=1e-5)
   # Bounded memory: 4 clients x 3 example slots per call (buckets of 16 in slices of 3, the
   # last one padded), and more clients per call than the store holds, give the same sums.
-  for kw in ({"clients_per_call": 4, "max_rows": 12}, {"clients_per_call": 64}):
+  # Over the clients mesh (3 devices: 4 clients a call rounded up to 6), parameters replicated.
+  for kw in ({"clients_per_call": 4, "max_rows": 12}, {"clients_per_call": 64},
+             {"clients_per_call": 4, "mesh": fl.client_mesh(3)}):
     other = fl.federated_evaluate(helpers.metrics_fn, params, store, **kw)
     assert other["count"] == 52
     for key in ("loss", "accuracy", "client_accuracy_mean", "client_accuracy_p10"):
