@@ -69,6 +69,14 @@ def test_ledger_composes_and_round_trips():
   a.compose(dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(2.0)), 20))
   assert ledger.epsilon(1e-5, "rdp") == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
+  # PLD (one-step PLDs cached per mechanism): PLDAccountant's number to the last bit, also
+  # with the first mechanism again after the second
+  ledger.record(noise_multiplier=1.0, sampling_rate=0.05, steps=5)
+  for _ in range(2):
+    p = pld.PLDAccountant()
+    p.compose(ledger.dp_event())
+    assert ledger.epsilon(1e-5) == p.get_epsilon(1e-5)
+  ledger.entries.pop()
   again = accounting.PrivacyLedger.from_json(ledger.to_json())
   assert again == ledger and again.epsilon(1e-5, "rdp") == ledger.epsilon(1e-5, "rdp")
   # Spending more never lowers epsilon.

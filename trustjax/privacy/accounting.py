@@ -180,6 +180,19 @@ def rdp_curve(*, noise_multiplier: float, sampling_rate: float, steps: int,
   return [float(x) for x in acc._rdp]  # pylint: disable=protected-access
 
 
+_PLD_GRID = 1e-4  # dp_accounting's PLDAccountant default: every reported epsilon uses it
+
+
+@functools.lru_cache(maxsize=16)
+def _subsampled_gaussian_pld(noise_multiplier: float, sampling_rate: float, grid: float):
+  """The PLD of one Poisson-subsampled Gaussian step, as PLDAccountant builds it (add/remove
+  one neighbours); immutable (compose and self_compose return new objects), so cached."""
+  return pld.privacy_loss_distribution.from_gaussian_mechanism(
+      standard_deviation=noise_multiplier, value_discretization_interval=grid,
+      sampling_prob=sampling_rate,
+      neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+
+
 @dataclasses.dataclass
 class LedgerEntry:
   noise_multiplier: float
@@ -218,13 +231,25 @@ class PrivacyLedger:
         [dp_sgd_event(e.noise_multiplier, e.sampling_rate, e.steps) for e in self.entries])
 
   def epsilon(self, delta: float, accountant: str = "pld") -> float:
-    """Epsilon of everything recorded, at `delta` for the untruncated mechanism."""
+    """Epsilon of everything recorded, at `delta` for the untruncated mechanism.
+
+    With PLD, the same computation as dp_accounting's PLDAccountant on `dp_event()` (equal to
+    the last bit, tested), but each mechanism's one-step PLD is built once per process: a run
+    reports its epsilon after every evaluation, and building that PLD is most of the cost
+    (about 2 s each in a test run of DP-FedAvg)."""
     validate(delta=delta, accountant=accountant)
     if self.steps == 0:
       return 0.0
     if any(e.noise_multiplier == 0 for e in self.entries):
       return math.inf
-    return _epsilon_of_event(self.dp_event(), delta, accountant)
+    if accountant != "pld":
+      return _epsilon_of_event(self.dp_event(), delta, accountant)
+    out = pld.privacy_loss_distribution.identity(
+        value_discretization_interval=_PLD_GRID)
+    for e in self.entries:
+      step = _subsampled_gaussian_pld(e.noise_multiplier, e.sampling_rate, _PLD_GRID)
+      out = out.compose(step.self_compose(e.steps))
+    return float(out.get_epsilon_for_delta(delta))
 
   def truncation_delta(self, eps: float) -> float:
     """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds."""
