@@ -129,21 +129,30 @@ def bootstrap_interval(statistic: Callable[[jax.Array], jax.Array], n: int, *,
   elif np.shape(weights) != (num_resamples, n):
     raise ValueError(f"weights must be [num_resamples, n] = {(num_resamples, n)}, got "
                      f"{np.shape(weights)}")
-  evaluate = jax.jit(lambda w: jax.lax.map(statistic, w, batch_size=batch_size))
-  # the jackknife's weights are built batch by batch (an n x n matrix would be quadratic)
-  jackknife = jax.jit(lambda: jax.lax.map(
-      lambda i: statistic(jnp.ones(n, jnp.float32).at[i].set(0.0)), jnp.arange(n),
-      batch_size=batch_size))
+  jack = method == "bca"
+
+  @jax.jit
+  def evaluate(w):
+    """The resamples, then (BCa) the jackknife's n leave-one-out weights, built row by row (an
+    n x n matrix would be quadratic), all in one program (one compilation)."""
+    def row(i):
+      resample = w[jnp.minimum(i, num_resamples - 1)]
+      left_out = jnp.ones(n, jnp.float32).at[i - num_resamples].set(0.0)
+      return statistic(jnp.where(i < num_resamples, resample, left_out))
+    return jax.lax.map(row, jnp.arange(num_resamples + (n if jack else 0)),
+                       batch_size=batch_size)
+
   theta = np.asarray(statistic(jnp.ones(n, jnp.float32)), np.float64)
-  boot = np.asarray(evaluate(jnp.asarray(weights, jnp.float32)), np.float64)
+  every = np.asarray(evaluate(jnp.asarray(weights, jnp.float32)), np.float64)
+  boot = every[:num_resamples]
   alpha = (1.0 - confidence) / 2
   if method == "percentile":
     q_low = np.full(theta.shape, alpha)
     q_high = np.full(theta.shape, 1.0 - alpha)
   else:
     z0 = special.ndtri(((boot < theta).sum(0) + (boot <= theta).sum(0)) / (2.0 * num_resamples))
-    jack = np.asarray(jackknife(), np.float64)
-    d = jack.mean(0) - jack
+    left_out = every[num_resamples:]
+    d = left_out.mean(0) - left_out
     accel = (d ** 3).sum(0) / (6.0 * (d ** 2).sum(0) ** 1.5)
     z = special.ndtri(np.array([alpha, 1.0 - alpha])).reshape((2,) + (1,) * theta.ndim)
     q_low, q_high = special.ndtr(z0 + (z0 + z) / (1.0 - accel * (z0 + z)))
