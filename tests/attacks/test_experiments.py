@@ -82,18 +82,17 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
   again = experiments.run(cfg, show_progress=False)
   assert json.dumps(again["levels"], sort_keys=True) == json.dumps(summary["levels"],
                                                                    sort_keys=True)
-  # a run folder from before the model.* fine-tuning fields existed still resumes
+  # a run folder from before the model.* fine-tuning fields existed still resumes; dropping a
+  # level, changing the devices and the bootstrap are permitted changes; a different model is not
   stored = json.loads((work / "config.json").read_text())
   for k in ("pretrained_path", "frozen", "lora_rank", "lora_alpha"):
     del stored["model"][k]
   (work / "config.json").write_text(json.dumps(stored))
-  assert experiments.run(cfg, show_progress=False)["levels"][0] == summary["levels"][0]
-  # dropping a level, changing the devices and the bootstrap are permitted changes; a
-  # different model is not
   (only,) = experiments.run(override(cfg, **{"dp.epsilons": (), "train.num_devices": 1,
                                              "audit.bootstrap_resamples": 0}),
                             show_progress=False)["levels"]
-  assert only["level"] == "nondp" and "lira_auc_low" not in only
+  assert only == {k: v for k, v in summary["levels"][0].items()
+                  if not k.endswith(("_auc_low", "_auc_high"))}
   with pytest.raises(ValueError, match="train.num_devices must be >= 0"):
     experiments.model_mesh(-1, 4)
   with pytest.raises(ValueError, match="model.embed_dim"):
