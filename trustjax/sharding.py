@@ -40,13 +40,15 @@ def data_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
 
 
 def shard_batch(batch, mesh: Mesh, axis: str = "data"):
-  """Places every array of `batch` split along its leading axis over `axis`."""
+  """Places every array of `batch` (a dict of arrays, or any pytree of them) split along its
+  leading axis over `axis`."""
   n = mesh.shape[axis]
-  for k, v in batch.items():
-    if v.shape[0] % n:
-      raise ValueError(f"batch axis of {k!r} ({v.shape[0]}) is not divisible by the {n} devices "
-                       f"of mesh axis {axis!r}; pad the batch to a multiple of {n}")
-  return jax.device_put(dict(batch), NamedSharding(mesh, P(axis)))
+  for path, v in jax.tree_util.tree_leaves_with_path(batch):
+    if np.shape(v)[0] % n:
+      raise ValueError(f"batch axis of {jax.tree_util.keystr(path)} ({np.shape(v)[0]}) is not "
+                       f"divisible by the {n} devices of mesh axis {axis!r}; pad the batch to a "
+                       f"multiple of {n}")
+  return jax.device_put(batch, NamedSharding(mesh, P(axis)))
 
 
 def replicate(tree, mesh: Mesh):

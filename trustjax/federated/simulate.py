@@ -56,7 +56,7 @@ def run_round(algorithm: FederatedAlgorithm, state: ServerState, clients: Cohort
   """
   if mesh is not None:
     clients = shard_cohort(clients, mesh)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = sharding.replicate(state, mesh)
   return _jitted(algorithm.apply, mesh)(state, clients, rng)
 
 
@@ -159,8 +159,8 @@ def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Param
   if mesh is not None:
     per = mesh.shape[mesh.axis_names[0]]
     k = -(-k // per) * per
-    params = jax.device_put(params, NamedSharding(mesh, P()))
-    place = lambda tree: jax.device_put(tree, NamedSharding(mesh, P(mesh.axis_names[0])))
+    params = sharding.replicate(params, mesh)
+    place = lambda tree: sharding.shard_batch(tree, mesh, mesh.axis_names[0])
   else:
     place = lambda tree: tree
   per_client = []
@@ -168,19 +168,17 @@ def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Param
   for a in range(0, store.num_clients, k):
     ids = order[a:a + k]
     ids_padded = np.concatenate([ids, np.full(k - len(ids), ids[0])])
-    data = store.gather(ids_padded, capacity)
-    cap = next(iter(data.examples.values())).shape[1]
+    cap = store.capacity_for(ids_padded) if capacity is None else int(capacity)
     width = min(cap, max(1, max_rows // k))
+    # gathered to a multiple of the slice width (so every slice has the compiled shape), the
+    # counts still cut at `cap`
+    data = store.gather(ids_padded, -(-cap // width) * width)
+    counts = np.minimum(data.counts, cap)
     sums = None
     for start in range(0, cap, width):
-      part = {}
-      for name, x in data.examples.items():
-        x = x[:, start:start + width]
-        if x.shape[1] < width:  # the last slice, padded to the compiled width
-          x = np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-        part[name] = x
-      counts = np.clip(data.counts - start, 0, width).astype(np.int32)
-      out = jax.device_get(fn(params, place(part), place(counts)))
+      part = {name: x[:, start:start + width] for name, x in data.examples.items()}
+      in_slice = np.clip(counts - start, 0, width).astype(np.int32)
+      out = jax.device_get(fn(params, *place((part, in_slice))))
       sums = out if sums is None else {n: sums[n] + out[n] for n in sums}
     per_client.append({n: np.asarray(v)[:len(ids)] for n, v in sums.items()})
   tot = {k: np.concatenate([p[k] for p in per_client]) for k in per_client[0]}
