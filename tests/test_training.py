@@ -416,7 +416,8 @@ def test_dp_fine_tuning_of_part_of_the_model(tmp_path, mode):
 
 def test_evaluate_splits_batches_over_a_mesh_and_equals_the_pooled_metrics():
   """13 rows in batches of 5: alone, over a 3-device "data" mesh and over a "clients" mesh
-  (batches padded to 6), the sums equal the metrics of all rows at once."""
+  (batches padded to 6), passed or found from the replicated parameters, the sums equal the
+  metrics of all rows at once."""
   import jax  # pylint: disable=import-outside-toplevel
   from trustjax import models, sharding  # pylint: disable=import-outside-toplevel
   from trustjax.federated import simulate  # pylint: disable=import-outside-toplevel
@@ -428,9 +429,19 @@ def test_evaluate_splits_batches_over_a_mesh_and_equals_the_pooled_metrics():
   metrics_fn = models.classification_metrics(model)
   pooled = metrics_fn(params, dict(arrays, mask=np.ones(13, bool)))
   step = training.make_eval_step(metrics_fn)
-  for mesh in (None, sharding.data_mesh(3), simulate.client_mesh(3)):
+  seen = []  # the sharding of each batch's tokens as evaluate passes them to the step
+  spy = lambda p, b: seen.append(getattr(b["tokens"], "sharding", None)) or step(p, b)
+  # (replicated over a mesh, passed or not: the mesh is found from the parameters)
+  for mesh, passed in ((None, None), (sharding.data_mesh(3),) * 2, (simulate.client_mesh(3),) * 2,
+                       (sharding.data_mesh(3), None)):
     p = params if mesh is None else sharding.replicate(params, mesh)
-    got = training.evaluate(step, p, arrays, 5, mesh)
+    seen.clear()
+    got = training.evaluate(spy, p, arrays, 5, passed)
     assert got["count"] == 13.0
     assert got["loss"] == pytest.approx(float(pooled["loss_sum"]) / 13, rel=1e-5)
     assert got["accuracy"] == pytest.approx(float(pooled["correct"]) / 13)
+    if mesh is None:
+      assert len(seen) == 3 and not any(hasattr(s, "mesh") for s in seen)  # host arrays
+    else:  # batches of 6 rows, 2 on each of the 3 devices
+      assert len(seen) == 3 and all(s.mesh == mesh and s.spec[0] == mesh.axis_names[0]
+                                    for s in seen)

@@ -54,3 +54,20 @@ def shard_batch(batch, mesh: Mesh, axis: str = "data"):
 def replicate(tree, mesh: Mesh):
   """Places a pytree fully replicated over `mesh`."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def replicated_mesh(tree) -> Mesh | None:
+  """The mesh that every array of `tree` is fully replicated over, where that mesh has several
+  devices (as after `replicate` or a sharded training step); None otherwise (host arrays, one
+  device, arrays split over an axis, or different meshes). Evaluation uses it to split batches
+  over the devices that already hold the parameters instead of computing on each of them."""
+  mesh = None
+  for leaf in jax.tree_util.tree_leaves(tree):
+    s = getattr(leaf, "sharding", None)
+    if not (isinstance(s, NamedSharding) and s.mesh.size > 1 and s.is_fully_replicated):
+      return None
+    if mesh is None:
+      mesh = s.mesh
+    elif s.mesh != mesh:
+      return None
+  return mesh

@@ -207,9 +207,11 @@ def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarra
   """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}.
 
   With `mesh`, each batch (padded to a multiple of its size) is split over the mesh's first
-  axis; without, a step whose `params` are replicated over several devices would compute every
-  batch on each of them."""
+  axis. Without one, the mesh that `params` are replicated over, if any (`sharding.replicated_mesh`),
+  is used: otherwise every one of its devices would compute every batch."""
   n = len(next(iter(arrays.values())))
+  if mesh is None:
+    mesh = sharding.replicated_mesh(params)
   if mesh is not None:
     per = mesh.shape[mesh.axis_names[0]]
     batch_size = -(-batch_size // per) * per

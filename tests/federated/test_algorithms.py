@@ -344,6 +344,28 @@ def test_federated_evaluation_equals_pooled_evaluation():
     fl.federated_evaluate(helpers.metrics_fn, params, store, max_rows=0)
 
 
+def test_federated_evaluation_splits_clients_over_the_mesh_its_parameters_are_replicated_on(
+    monkeypatch):
+  """No mesh passed: parameters replicated over 3 devices make each call's clients split over
+  them (as with mesh=), with the same result as on one device."""
+  store, _ = helpers.store(sizes=(5, 9, 16, 3, 12, 7))
+  params = helpers.init_params(1)
+  fed = fl.federated_evaluate(helpers.metrics_fn, params, store, clients_per_call=4)
+  placed = []
+  shard = simulate.sharding.shard_batch
+  monkeypatch.setattr(simulate.sharding, "shard_batch",
+                      lambda tree, mesh, axis: placed.append((mesh, axis)) or shard(tree, mesh, axis))
+  mesh = fl.client_mesh(3)
+  other = fl.federated_evaluate(helpers.metrics_fn, simulate.sharding.replicate(params, mesh),
+                                store, clients_per_call=4)
+  assert placed and all(m is mesh and a == "clients" for m, a in placed)
+  for key in ("count", "loss", "accuracy", "client_accuracy_mean", "client_accuracy_p10"):
+    assert other[key] == pytest.approx(fed[key], rel=1e-5), key
+  placed.clear()
+  fl.federated_evaluate(helpers.metrics_fn, params, store, clients_per_call=4)
+  assert not placed  # host parameters: nothing is sharded
+
+
 @pytest.mark.parametrize("kw,match", [({"client_lr": 0.0}, "client_lr"),
                                       ({"batch_size": 0}, "batch_size"),
                                       ({"client_chunk": 0}, "client_chunk")])

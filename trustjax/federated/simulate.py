@@ -144,8 +144,9 @@ def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Param
   evaluated in slices of its example axis, and the slices' outputs are added (every output of
   `metrics_fn` must be a sum over examples, as loss_sum, correct and count are). With `mesh`
   (the rounds' "clients" mesh), each call's clients are split over its devices (the chunk
-  rounded up to a multiple of their number); without, parameters replicated over several
-  devices would have every device evaluate every client.
+  rounded up to a multiple of their number). Without one, the mesh that `params` are replicated
+  over, if any (`sharding.replicated_mesh`), is used: otherwise every one of its devices would
+  evaluate every client.
 
   Returns:
     {"loss", "accuracy" (if the metrics have "correct"), "count", "client_accuracy_mean",
@@ -156,6 +157,8 @@ def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Param
                      f"{max_rows=}")
   fn = _eval_fn(metrics_fn)
   k = min(clients_per_call, store.num_clients)
+  if mesh is None:
+    mesh = sharding.replicated_mesh(params)
   if mesh is not None:
     per = mesh.shape[mesh.axis_names[0]]
     k = -(-k // per) * per
