@@ -12,8 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from config_main import make_main
+from config_main import make_main, run_app  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from trustjax import sharding
@@ -27,6 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/aud
                                           lock_config=True)
 
 if __name__ == "__main__":
-  app.run(make_main(_CONFIG, experiments.run,
+  run_app(make_main(_CONFIG, experiments.run,
                     lambda summary, cfg: experiments.report_table(summary, cfg.audit.fprs),
-                    "configs/audit_snips.py"))
+                    "configs/audit_snips.py"),
+          "trustjax/attacks/experiments.py:default_config")

@@ -10,8 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from config_main import make_main
+from config_main import make_main, run_app  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from trustjax.fairness import experiments
@@ -20,6 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/bia
                                           lock_config=True)
 
 if __name__ == "__main__":
-  app.run(make_main(_CONFIG, experiments.run,
+  run_app(make_main(_CONFIG, experiments.run,
                     lambda summary, cfg: experiments.summary_table(summary),
-                    "configs/bias_toxicity.py"))
+                    "configs/bias_toxicity.py"),
+          "trustjax/fairness/experiments.py:default_config")

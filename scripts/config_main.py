@@ -1,11 +1,11 @@
 """The `main` of a script that runs one `--config` file and prints a table (audit.py, bias.py),
-and how every training script handles Ctrl-C."""
+how every training script handles Ctrl-C, and how it reports a config field that does not exist."""
 
 import os
 import sys
 from typing import Callable
 
-from absl import app
+from absl import app, flags
 
 
 def run_until_stopped(run: Callable, cfg):
@@ -34,3 +34,29 @@ def make_main(config_flag, run: Callable, table: Callable, example: str) -> Call
     print(table(summary, cfg))
 
   return main
+
+
+def run_app(main: Callable, defaults: str) -> None:
+  """`app.run(main)`, where a `--config.<path>` override naming a field the config does not have
+  is reported in one line (the argument, the field, ml_collections' "did you mean" and where the
+  fields are listed) with exit status 1, as absl reports a bad flag value, instead of the
+  traceback ml_collections raises from inside flag parsing. `defaults`: where the config's fields
+  and their defaults are defined."""
+  try:
+    app.run(main)
+  except (AttributeError, KeyError) as e:
+    if flags.FLAGS.is_parsed():  # raised by main, not by flag parsing
+      raise
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(msg))
+      detail = detail.args[0]
+    detail = str(detail)
+    name, _, hint = detail.partition("\n")
+    name = name.strip("'\"")
+    given = [a for a in sys.argv[1:] if a.startswith("--config.")
+             and name in a.split("=", 1)[0].split(".")[1:]]
+    where = f"{given[0]}: " if given else ""
+    print(f"FATAL Flags parsing error: {where}the config has no field {name!r}. "
+          f"{hint + ' ' if hint else ''}All fields and their defaults: {defaults}",
+          file=sys.stderr)
+    sys.exit(1)

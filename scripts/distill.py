@@ -12,8 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from config_main import make_main
+from config_main import make_main, run_app  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
 from trustjax.fairness import distillation, distillation_bold
@@ -30,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None,
                                           lock_config=True)
 
 if __name__ == "__main__":
-  app.run(make_main(_CONFIG, lambda cfg, **kw: _study(cfg).run(cfg, **kw),
+  run_app(make_main(_CONFIG, lambda cfg, **kw: _study(cfg).run(cfg, **kw),
                     lambda summary, cfg: _study(cfg).summary_table(summary),
-                    "configs/distill_professions.py"))
+                    "configs/distill_professions.py"),
+          "trustjax/fairness/distillation.py:default_config (distillation_bold.py's for the "
+          "shakespeare_bold study)")

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, logging  # pylint: disable=g-import-not-at-top
-from config_main import run_until_stopped
+from config_main import run_app, run_until_stopped
 from ml_collections import config_flags
 
 from trustjax import experiments
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_app(main, "trustjax/experiments.py:default_config")

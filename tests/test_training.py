@@ -189,6 +189,29 @@ def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, messa
   assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("script,config,field,suggestion", [
+    ("train.py", "dp_intents.py:runlocal", "train.epochz", "epochs"),
+    ("federated.py", "fl_snips.py:0.1,runlocal", "fl.roundz", "rounds"),
+    ("audit.py", "audit_snips.py", "audit.fprz", "fprs"),
+    ("bias.py", "bias_toxicity.py", "nope.x", None),
+    ("distill.py", "distill_professions.py", "seedz", "seeds"),
+])
+def test_every_script_names_a_config_field_that_does_not_exist_in_one_line(
+    tmp_path, script, config, field, suggestion):
+  proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--config",
+                         str(REPO / "configs" / config), f"--config.{field}=1"],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  name = field.split(".")[-1] if suggestion else field.split(".")[0]
+  assert lines[0].startswith(f"FATAL Flags parsing error: --config.{field}=1: the config has no "
+                             f"field '{name}'.")
+  if suggestion:
+    assert f'Did you mean "{suggestion}"' in lines[0]
+  assert "default_config" in lines[0] and os.listdir(tmp_path) == []
+
+
 def test_sst2_config_runs_on_tfds_mock_data(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from configs import dp_sst2  # pylint: disable=import-outside-toplevel
