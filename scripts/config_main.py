@@ -5,7 +5,7 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 def run_until_stopped(run: Callable, cfg):
@@ -24,6 +24,7 @@ def make_main(config_flag, run: Callable, table: Callable, example: str) -> Call
   where the results went and `table(summary, cfg)`."""
 
   def main(argv):
+    logging.set_verbosity(logging.WARNING)  # as train.py and federated.py: no INFO lines
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = config_flag.value

@@ -73,6 +73,21 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
   return "\n".join(lines)
 
 
+def mean_sd_cell(record: dict, key: str, runs: int) -> str:
+  """A table cell for a mean over `runs` runs and its sample sd (`key`, `key + "_sd"` as
+  `stats.mean_and_sd` writes them): "m +- sd", just "m" for one run (no sd to show), "-" when
+  the record lacks the key."""
+  if key not in record:
+    return "-"
+  return f"{record[key]:.3f}" + (f" +- {record[key + '_sd']:.3f}" if runs > 1 else "")
+
+
+def seeds_note(seeds: Sequence) -> str:
+  """How a report describes its cells: means over the seeds with their sample sd, or one seed."""
+  return (f"means over seeds {list(seeds)} (+- sample sd)" if len(seeds) > 1
+          else f"one seed ({list(seeds)[0]}), so no spread")
+
+
 def plot_curves(records: Sequence[dict], path: str, *, x: str = "step",
                 panels: Sequence[tuple[str, Sequence[str]]] = ()) -> None:
   """One panel per (title, keys) with a line per key present in the records."""

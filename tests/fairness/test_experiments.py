@@ -71,6 +71,18 @@ def test_bias_script_prints_the_table(tmp_path):
        "--config.data.train_sets=('fuzzed',)"],
       cwd=REPO, capture_output=True, text=True, check=True)
   assert "| fuzzed |" in out.stdout
+  assert "+-" not in out.stdout  # one seed: no spread to show
+
+
+def test_summary_table_shows_the_spread_only_over_several_seeds():
+  keys = ("overall_auc", "mean_subgroup_auc", "mean_bpsn_auc", "mean_bnsp_auc",
+          "demographic_parity_difference", "equalized_odds_difference", "aps")
+  r = {**{k: 0.5 for k in keys}, **{f"{k}_sd": 0.125 for k in keys}}
+  one = experiments.summary_table({"train_sets": {"a": r}, "seeds": [3]})
+  assert "| a | 0.500 | 0.500 |" in one and "+-" not in one
+  two = experiments.summary_table({"train_sets": {"a": r}, "seeds": [3, 4]})
+  assert "| a | 0.500 +- 0.125 | 0.500 +- 0.125 |" in two
+  assert "-" == experiments.reporting.mean_sd_cell({}, "aps", 2)
 
 
 def test_protected_positions_mark_each_sentences_identity_words():

@@ -261,7 +261,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
 def summary_table(summary: dict) -> str:
   cols = ["model", "pronoun gap", "corr. with corpus", "profession TV", "test perplexity",
           "swapped test perplexity"]
-  rows = [[name] + [f"{r[k]:.3f} +- {r[k + '_sd']:.3f}" for k in (
+  rows = [[name] + [reporting.mean_sd_cell(r, k, len(summary["seeds"])) for k in (
       "pronoun_gap", "pronoun_skew_corr", "profession_tv", "test_perplexity",
       "swapped_test_perplexity")]
           for name, r in summary["models"].items()]
@@ -279,12 +279,14 @@ def report(cfg, summary: dict) -> str:
       f"{summary['train_sentences']} training sentences ({summary['cda_sentences']} with the "
       f"swapped copies), {summary['test_sentences']} test sentences, vocabulary "
       f"{summary['vocab_size']}; teacher {summary['teacher_params']} parameters, students "
-      f"{summary['student_params']}; means over seeds {summary['seeds']} (+- sample sd). "
+      f"{summary['student_params']}; {reporting.seeds_note(summary['seeds'])}. "
       f"Pronoun gap: mean |P(she) share - 0.5| over {len(jobs)} professions (0 is fair, the "
       f"corpus itself has {np.abs(np.array(list(prof_data.PROFESSIONS.values())) - 0.5).mean():.3f}); "
       "profession TV: mean total-variation distance between the profession distributions after "
       "matched male and female prompts (0 is fair).", "",
-      summary_table(summary), "", "## P(she) share per profession (mean over seeds)", "",
+      summary_table(summary), "",
+      "## P(she) share per profession" + (
+          " (mean over seeds)" if len(summary["seeds"]) > 1 else ""), "",
       reporting.markdown_table(["profession", "corpus P(female)"] + names, rows), "",
       "![pronoun share](plots/pronoun_share.png)", ""])
 

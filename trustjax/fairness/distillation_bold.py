@@ -226,10 +226,6 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   return summary
 
 
-def _cell(r: dict, k: str) -> str:
-  return "-" if k not in r else f"{r[k]:.3f} +- {r[k + '_sd']:.3f}"
-
-
 def summary_table(summary: dict) -> str:
   cols = ["model", "test perplexity", "swapped test perplexity",
           "female share, professions", "polarised, professions", "female share, actors",
@@ -237,7 +233,8 @@ def summary_table(summary: dict) -> str:
   keys = ("test_perplexity", "swapped_test_perplexity", "profession_female_share",
           "profession_polarised", "actors_female_share", "actresses_female_share",
           "actors_compound", "actresses_compound")
-  rows = [[name] + [_cell(r, k) for k in keys] for name, r in summary["models"].items()]
+  rows = [[name] + [reporting.mean_sd_cell(r, k, len(summary["seeds"])) for k in keys]
+          for name, r in summary["models"].items()]
   return reporting.markdown_table(cols, rows)
 
 
@@ -257,12 +254,13 @@ def report(cfg, summary: dict) -> str:
       f"{cfg.generation.per_group} per group), {summary['prompt_oov_fraction']:.1%} of their "
       f"tokens out of vocabulary; {cfg.generation.max_new_tokens} sampled words each "
       f"(temperature {cfg.generation.temperature}, top-k {cfg.generation.top_k or 'off'}). "
-      f"Means over seeds {summary['seeds']} (+- sample sd). Female share: female-polarised / "
+      f"{reporting.seeds_note(summary['seeds']).capitalize()}. Female share: female-polarised / "
       "(male- + female-polarised) continuations (0.5 is balanced); polarised: the fraction of "
       "continuations with more words of one gender; sentiment: mean VADER compound. The corpus "
       "row scores held-out text windows of the same length, assigned to the groups at random "
       "(no prompt precedes them). Every model samples with the same keys.", "",
-      summary_table(summary), "", "## Female share per BOLD profession group (mean over seeds)",
+      summary_table(summary), "", "## Female share per BOLD profession group" + (
+          " (mean over seeds)" if len(summary["seeds"]) > 1 else ""),
       "", reporting.markdown_table(["group"] + names, rows), "",
       "![female share](plots/profession_female_share.png)", "",
       "## Example continuations (first seed; an actor prompt, then an actress prompt)", "",

@@ -272,7 +272,7 @@ def summary_table(summary: dict) -> str:
           "demographic parity diff.", "equalized odds diff.", "APS"]
   rows = []
   for name, r in summary["train_sets"].items():
-    rows.append([name] + [f"{r[k]:.3f} +- {r[k + '_sd']:.3f}" for k in (
+    rows.append([name] + [reporting.mean_sd_cell(r, k, len(summary["seeds"])) for k in (
         "overall_auc", "mean_subgroup_auc", "mean_bpsn_auc", "mean_bnsp_auc",
         "demographic_parity_difference", "equalized_odds_difference", "aps")])
   return reporting.markdown_table(cols, rows)
@@ -290,10 +290,11 @@ def report(cfg, summary: dict) -> str:
       f"# Identity bias {cfg.run_name}", "",
       f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
       f"Trained on Wikipedia comments, scored on {summary['eval_examples']} madlibs sentences; "
-      f"means over seeds {summary['seeds']} (+- sample sd); generalized means with p = "
+      f"{reporting.seeds_note(summary['seeds'])}; generalized means with p = "
       f"{cfg.generalized_mean_p}; threshold gaps at P(toxic) > {cfg.threshold}; APS: mean "
       "|d P(toxic) / dt| when the identity term's embeddings are scaled by (1 + t).", "",
-      summary_table(summary), "", "## Per identity (mean over seeds)", "",
+      summary_table(summary), "",
+      "## Per identity" + (" (mean over seeds)" if len(summary["seeds"]) > 1 else ""), "",
       reporting.markdown_table(cols, rows), "", "![bias AUCs](plots/bias_aucs.png)", ""])
 
 
