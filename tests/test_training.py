@@ -115,6 +115,12 @@ def test_short_dp_run_learns(tmp_path):
   records = [json.loads(x) for x in open(run / "metrics.jsonl")]
   assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0, 4.0]
   assert all(np.diff([r["epsilon"] for r in records]) > 0)
+  # the ledger saved with the last checkpoint replays the reported budget
+  ledgers = training.read_ledgers(str(tmp_path))
+  assert list(ledgers) == [cfg.train.run_name] and ledgers[cfg.train.run_name].steps == \
+      summary["steps"]
+  assert ledgers[cfg.train.run_name].report(summary["delta"], summary["accountant"]) == {
+      k: summary[k] for k in ("epsilon", "delta", "delta_total", "steps", "accountant")}
 
 
 @pytest.mark.parametrize("devices", [1, 2])

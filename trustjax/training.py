@@ -254,12 +254,35 @@ class Checkpointer:
     """Whether `directory` holds a saved checkpoint (without creating it)."""
     return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
 
+  def read_meta(self, step: int | None = None) -> dict:
+    """The JSON metadata of checkpoint `step` (default: the latest) without its state."""
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
   def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
     step = self.latest_step() if step is None else step
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, jax.device_get(template))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
+
+
+def read_ledgers(directory: str) -> dict[str, accounting.PrivacyLedger]:
+  """The privacy ledger of every run under `directory` (a training run folder, a federated run
+  with one folder per strategy, or a folder of runs): {path of the run relative to `directory`
+  ("." for `directory` itself): the ledger saved with its latest checkpoint}, in path order.
+  A run without DP has an empty ledger."""
+  if not os.path.isdir(directory):
+    raise ValueError(f"no run folder at {directory!r}")
+  out = {}
+  for root, dirs, _ in sorted(os.walk(directory)):
+    dirs.sort()
+    if os.path.basename(root) == "checkpoints" and Checkpointer.any_in(root):
+      meta = Checkpointer(root).read_meta()
+      if "ledger" in meta:
+        run = os.path.relpath(os.path.dirname(root), directory)
+        out[run] = accounting.PrivacyLedger.from_json(meta["ledger"])
+  return dict(sorted(out.items()))
 
 
 # ----------------------------------------------------------------------------- the loop

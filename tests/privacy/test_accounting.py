@@ -22,6 +22,21 @@ def test_epsilon_equals_dp_accounting(acc):
   assert got == pytest.approx(_direct(1.1, 0.01, 500, 1e-5, acc), rel=1e-9)
 
 
+@pytest.mark.parametrize("acc", ["pld", "rdp"])
+def test_epsilon_curve_equals_dp_accounting_at_every_point(acc):
+  steps = [0, 1, 40, 300]
+  got = accounting.epsilon_curve(noise_multiplier=0.9, sampling_rate=0.02, steps=steps,
+                                 delta=1e-5, accountant=acc)
+  assert got[0] == 0.0
+  for t, e in zip(steps[1:], got[1:]):
+    assert e == pytest.approx(_direct(0.9, 0.02, t, 1e-5, acc), rel=1e-9), t
+  assert got[1] < got[2] < got[3]
+  assert accounting.epsilon_curve(noise_multiplier=0.0, sampling_rate=0.02, steps=[3],
+                                  delta=1e-5) == [math.inf]
+  with pytest.raises(ValueError, match="steps"):
+    accounting.epsilon_curve(noise_multiplier=1.0, sampling_rate=0.02, steps=[-1], delta=1e-5)
+
+
 def test_reproduces_tf_privacy_mnist_table():
   """TF Privacy's MNIST tutorial table (N=60000, batch 256, delta=1e-5, RDP with the classic
   conversion eps = min_a RDP(a) + log(1/delta)/(a-1), Mironov 2017 Prop. 3): sigma 1.12 for 60

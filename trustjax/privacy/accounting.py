@@ -172,6 +172,25 @@ def _calibrate(target_epsilon: float, sampling_rate: float, steps: int, delta: f
   return bisect(lo, hi, tol, "pld")
 
 
+def epsilon_curve(*, noise_multiplier: float, sampling_rate: float, steps: Sequence[int],
+                  delta: float, accountant: str = "pld") -> list[float]:
+  """`epsilon(...)` after each step count in `steps` (a budget's growth over a run), with PLD
+  composing one cached one-step PLD (as `PrivacyLedger.epsilon` does) instead of building it
+  again per point."""
+  validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, delta=delta,
+           accountant=accountant)
+  out = []
+  for t in steps:
+    validate(steps=t)
+    if accountant == "rdp" or t == 0 or noise_multiplier == 0:
+      out.append(epsilon(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
+                         steps=int(t), delta=delta, accountant=accountant))
+      continue
+    one = _subsampled_gaussian_pld(float(noise_multiplier), float(sampling_rate), _PLD_GRID)
+    out.append(float(one.self_compose(int(t)).get_epsilon_for_delta(delta)))
+  return out
+
+
 def rdp_curve(*, noise_multiplier: float, sampling_rate: float, steps: int,
               orders: Sequence[float]) -> list[float]:
   """The RDP of DP-SGD at each order (for inspection and custom conversions)."""

@@ -1,0 +1,183 @@
+"""The privacy budget of Poisson-sampled DP-SGD before a run, or of finished runs from their ledgers.
+
+  python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --noise-multiplier 1.1
+  python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8
+  python scripts/privacy_budget.py --run results/dp_intents [--delta 1e-6]
+
+Before a run (`--examples`, `--batch-size`, `--epochs`, as `scripts/train.py` counts them: sampling
+rate q = batch / examples, steps = round(epochs / q)): epsilon with the PLD and the RDP accountant
+after `--points` evenly spaced fractions of the run, for a given noise multiplier or for the
+smallest one that reaches `--target-epsilon` (calibrated as the training driver does), plus the
+extra delta from truncating Poisson batches at the static batch size (the driver's default size
+unless `--max-batch-size`). `--plot` draws epsilon against epochs.
+
+After runs (`--run`, a run folder or a folder of runs): every ledger saved with a run's latest
+checkpoint (DP-SGD runs, DP-FedAvg strategies), replayed at `--delta` (default: the delta in the
+run's summary.json), so a budget can be read at another delta or with the other accountant
+without rerunning anything.
+
+The same functions as the drivers: `privacy.accounting` (dp_accounting underneath),
+`privacy.sampling` and `training.read_ledgers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
+from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
+
+
+def _fmt(x: float) -> str:
+  return "inf" if math.isinf(x) else f"{x:.4g}"
+
+
+def before_a_run(args) -> str:
+  n, b = args.examples, args.batch_size
+  if n is None or b is None or args.epochs is None:
+    raise ValueError("give --examples, --batch-size and --epochs (or --run)")
+  if n < 1 or b < 1 or not args.epochs > 0:
+    raise ValueError(f"--examples and --batch-size must be >= 1 and --epochs > 0, got "
+                     f"examples={n}, batch_size={b}, epochs={args.epochs}")
+  if b > n:
+    raise ValueError(f"--batch-size={b} must be <= --examples={n}")
+  if (args.noise_multiplier is None) == (args.target_epsilon is None):
+    raise ValueError("give exactly one of --noise-multiplier and --target-epsilon")
+  if args.points < 1:
+    raise ValueError(f"--points must be >= 1, got {args.points}")
+  q = b / n
+  steps = max(1, round(args.epochs / q))
+  delta = args.delta if args.delta is not None else default_delta(n)
+  accounting.validate(delta=delta, sampling_rate=q)
+  lines = [f"Poisson-sampled DP-SGD: {n} examples, expected batch {b} (q = {q:.6g}), "
+           f"{args.epochs:g} epochs = {steps} steps, delta = {delta:g}"
+           + (" (the training driver's default: the largest power of ten below 1/N)"
+              if args.delta is None else "")]
+  sigma = args.noise_multiplier
+  if sigma is None:
+    sigma = accounting.calibrate_noise_multiplier(target_epsilon=args.target_epsilon,
+                                                  sampling_rate=q, steps=steps, delta=delta,
+                                                  accountant=args.accountant)
+    lines.append(f"noise multiplier {sigma:.6g}: the smallest (to 0.1%) whose "
+                 f"{args.accountant.upper()} epsilon is <= {args.target_epsilon:g} after "
+                 f"{steps} steps")
+  else:
+    accounting.validate(noise_multiplier=sigma)
+    lines.append(f"noise multiplier {sigma:g}")
+  points = sorted({max(1, round(steps * (i + 1) / args.points)) for i in range(args.points)})
+  eps = {a: accounting.epsilon_curve(noise_multiplier=sigma, sampling_rate=q, steps=points,
+                                     delta=delta, accountant=a) for a in accounting.ACCOUNTANTS}
+  max_b = args.max_batch_size or sampling.default_max_batch_size(n, q, steps)
+  ledger = accounting.PrivacyLedger()
+  ledger.record(noise_multiplier=sigma, sampling_rate=q, steps=steps,
+                overflow_probability=sampling.overflow_probability(n, q, max_b))
+  final = eps[args.accountant][-1]
+  lines.append(f"static batch size {max_b}" + ("" if args.max_batch_size else
+                                               " (the driver's default)")
+               + f": overflow probability {ledger.entries[0].overflow_probability:.3g} per step, "
+               f"so the total delta is {delta + ledger.truncation_delta(final):.6g} at the final "
+               f"{args.accountant.upper()} epsilon")
+  rows = [[f"{t * q:.4g}", t, _fmt(e_pld), _fmt(e_rdp)]
+          for t, e_pld, e_rdp in zip(points, eps["pld"], eps["rdp"])]
+  table = reporting.markdown_table(["epochs", "steps", "epsilon (PLD)", "epsilon (RDP)"], rows)
+  if args.plot:
+    _plot(points, q, eps, args.plot, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
+    lines.append(f"plot: {args.plot}")
+  return "\n".join(lines + ["", table])
+
+
+def _plot(points, q, eps, path, title):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for name, values in eps.items():
+    ax.plot([t * q for t in points], values, marker="o", label=name.upper())
+  ax.set_xlabel("epochs")
+  ax.set_ylabel("epsilon")
+  ax.set_title(title, fontsize=9)
+  ax.legend()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  reporting.save_figure(fig, path)
+
+
+def _summary_deltas(run_dir: str) -> dict[str, float]:
+  """{run path relative to run_dir: delta} from the summaries the drivers write (train: the run's
+  "delta"; federated: each strategy's "delta")."""
+  out = {}
+  for root, _, files in os.walk(run_dir):
+    if "summary.json" not in files:
+      continue
+    with open(os.path.join(root, "summary.json"), encoding="utf-8") as f:
+      summary = json.load(f)
+    rel = os.path.relpath(root, run_dir)
+    if isinstance(summary.get("delta"), (int, float)):
+      out[rel] = float(summary["delta"])
+    for s in summary.get("strategies", []) if isinstance(summary.get("strategies"), list) else []:
+      if isinstance(s, dict) and isinstance(s.get("delta"), (int, float)) and "strategy" in s:
+        out[os.path.normpath(os.path.join(rel, s["strategy"]))] = float(s["delta"])
+  return out
+
+
+def after_runs(args) -> str:
+  ledgers = training.read_ledgers(args.run)
+  if not ledgers:
+    raise ValueError(f"no checkpoint with a privacy ledger under {args.run!r}")
+  deltas = _summary_deltas(args.run)
+  rows, skipped = [], []
+  for run, ledger in ledgers.items():
+    if not ledger.entries:
+      skipped.append(run)
+      continue
+    delta = args.delta if args.delta is not None else deltas.get(run)
+    if delta is None:
+      raise ValueError(f"no delta for {run!r} in a summary.json under {args.run!r}: pass --delta")
+    rep = {a: ledger.report(delta, a) for a in accounting.ACCOUNTANTS}
+    sigmas = sorted({e.noise_multiplier for e in ledger.entries})
+    rates = sorted({e.sampling_rate for e in ledger.entries})
+    rows.append([run, ledger.steps, ", ".join(f"{x:.4g}" for x in sigmas),
+                 ", ".join(f"{x:.4g}" for x in rates), f"{delta:g}",
+                 _fmt(rep["pld"]["epsilon"]), _fmt(rep["rdp"]["epsilon"]),
+                 f"{rep[args.accountant]['delta_total']:.6g}"])
+  if not rows:
+    raise ValueError(f"the runs under {args.run!r} recorded no private steps: "
+                     f"{', '.join(skipped)}")
+  note = (f"\n\nNo private steps recorded (not DP): {', '.join(skipped)}" if skipped else "")
+  return reporting.markdown_table(
+      ["run", "steps", "noise multiplier", "sampling rate", "delta", "epsilon (PLD)",
+       "epsilon (RDP)", f"total delta ({args.accountant.upper()}, with truncation)"],
+      rows) + note
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--examples", type=int, help="training examples N")
+  ap.add_argument("--batch-size", type=int, help="expected batch size (q = batch / N)")
+  ap.add_argument("--epochs", type=float, help="epochs (steps = round(epochs / q))")
+  ap.add_argument("--noise-multiplier", type=float)
+  ap.add_argument("--target-epsilon", type=float)
+  ap.add_argument("--delta", type=float, help="default: the driver's delta for N, or a run's own")
+  ap.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default="pld",
+                  help="the one that calibrates and sets the total delta (both are shown)")
+  ap.add_argument("--max-batch-size", type=int, default=0,
+                  help="static batch size (0: the driver's default)")
+  ap.add_argument("--points", type=int, default=5, help="rows: fractions of the run")
+  ap.add_argument("--plot", help="write epsilon against epochs to this PNG")
+  ap.add_argument("--run", help="a run folder (or a folder of runs) to read ledgers from")
+  args = ap.parse_args(argv)
+  try:
+    print(after_runs(args) if args.run else before_a_run(args))
+  except ValueError as e:
+    ap.error(str(e))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,119 @@
+"""scripts/privacy_budget.py: the budget before a run (against dp_accounting through the library's
+own calls) and the budgets of finished runs read back from their checkpoints' ledgers."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from trustjax import training
+from trustjax.experiments import default_delta
+from trustjax.privacy import accounting, sampling
+
+
+def _script(*args, cwd=REPO):
+  return subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_budget.py"), *args],
+                        capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _rows(out):
+  return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+          if line.startswith("| ") and not line.startswith("| epochs") and
+          not line.startswith("| run ")]
+
+
+def test_budget_before_a_run_with_a_noise_multiplier_and_a_plot(tmp_path):
+  plot = tmp_path / "eps.png"
+  proc = _script("--examples", "1000", "--batch-size", "50", "--epochs", "3",
+                 "--noise-multiplier", "1.3", "--points", "3", "--plot", str(plot))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  q, steps, delta = 0.05, 60, default_delta(1000)  # 1e-4: the driver's default
+  assert delta == 1e-4 and "delta = 0.0001" in proc.stdout
+  rows = _rows(proc.stdout)
+  assert [int(r[1]) for r in rows] == [20, 40, 60]
+  for r in rows:
+    for col, acc in ((2, "pld"), (3, "rdp")):
+      want = accounting.epsilon(noise_multiplier=1.3, sampling_rate=q, steps=int(r[1]),
+                                delta=delta, accountant=acc)
+      assert float(r[col]) == pytest.approx(want, rel=1e-3), (r, acc)
+  max_b = sampling.default_max_batch_size(1000, q, steps)
+  assert f"static batch size {max_b} (the driver's default)" in proc.stdout
+  assert plot.stat().st_size > 0
+
+
+def test_budget_before_a_run_calibrates_as_the_driver_does():
+  proc = _script("--examples", "1000", "--batch-size", "100", "--epochs", "2",
+                 "--target-epsilon", "4", "--delta", "1e-5", "--points", "1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  sigma = accounting.calibrate_noise_multiplier(target_epsilon=4, sampling_rate=0.1, steps=20,
+                                                delta=1e-5)
+  assert f"noise multiplier {sigma:.6g}: the smallest" in proc.stdout
+  (row,) = _rows(proc.stdout)
+  assert row[1] == "20" and float(row[2]) <= 4.0
+  assert float(row[2]) == pytest.approx(accounting.epsilon(
+      noise_multiplier=sigma, sampling_rate=0.1, steps=20, delta=1e-5), rel=1e-3)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--examples", "10", "--batch-size", "50", "--epochs", "1", "--noise-multiplier", "1"],
+     "--batch-size=50 must be <= --examples=10"),
+    (["--examples", "100", "--batch-size", "10", "--epochs", "1"], "exactly one of"),
+    (["--examples", "100", "--batch-size", "10", "--epochs", "1", "--noise-multiplier", "1",
+      "--delta", "2"], "delta must lie in (0, 1)"),
+    (["--batch-size", "10"], "give --examples, --batch-size and --epochs"),
+])
+def test_bad_budget_input_is_named(args, message):
+  proc = _script(*args)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def _checkpoint(folder, ledger, step=3):
+  state = training.TrainState(step=np.int32(step), params={"w": np.zeros(2, np.float32)},
+                              opt_state=(), rng=np.zeros(2, np.uint32), clip=np.float32(1))
+  training.Checkpointer(str(folder)).save(step, state, {"step": step,
+                                                        "ledger": ledger.to_json()})
+
+
+def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path):
+  """A training run (delta in its summary), a federated run with a DP strategy and a non-DP one
+  (deltas per strategy), replayed at their own deltas and at one given on the command line."""
+  dp = accounting.PrivacyLedger()
+  dp.record(noise_multiplier=1.1, sampling_rate=0.02, steps=50, overflow_probability=1e-9)
+  dp.record(noise_multiplier=0.8, sampling_rate=0.02, steps=10)
+  _checkpoint(tmp_path / "train_run" / "checkpoints", dp)
+  (tmp_path / "train_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
+  fed = accounting.PrivacyLedger()
+  fed.record(noise_multiplier=1.0, sampling_rate=0.1, steps=30)
+  _checkpoint(tmp_path / "fl_run" / "dp_fedavg" / "checkpoints", fed)
+  _checkpoint(tmp_path / "fl_run" / "fedavg" / "checkpoints", accounting.PrivacyLedger())
+  (tmp_path / "fl_run" / "summary.json").write_text(json.dumps({"strategies": [
+      {"strategy": "dp_fedavg", "delta": 1e-3}, {"strategy": "fedavg"}]}))
+  assert list(training.read_ledgers(str(tmp_path))) == [
+      "fl_run/dp_fedavg", "fl_run/fedavg", "train_run"]
+
+  proc = _script("--run", str(tmp_path))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = {r[0]: r for r in _rows(proc.stdout)}
+  assert set(rows) == {"fl_run/dp_fedavg", "train_run"}
+  assert "No private steps recorded (not DP): fl_run/fedavg" in proc.stdout
+  for run, ledger, delta in (("train_run", dp, 1e-5), ("fl_run/dp_fedavg", fed, 1e-3)):
+    r = rows[run]
+    assert int(r[1]) == ledger.steps and float(r[4]) == delta
+    assert float(r[5]) == pytest.approx(ledger.epsilon(delta), rel=1e-3)
+    assert float(r[6]) == pytest.approx(ledger.epsilon(delta, "rdp"), rel=1e-3)
+    assert float(r[7]) == pytest.approx(ledger.report(delta)["delta_total"], rel=1e-5)
+  assert rows["train_run"][2] == "0.8, 1.1" and float(rows["train_run"][7]) > 1e-5
+
+  proc = _script("--run", str(tmp_path / "train_run"), "--delta", "1e-7")
+  (r,) = _rows(proc.stdout)
+  assert r[0] == "." and float(r[5]) == pytest.approx(dp.epsilon(1e-7), rel=1e-3)
+  assert re.search(r"epsilon \(PLD\)", proc.stdout)
+
+  proc = _script("--run", str(tmp_path / "fl_run" / "fedavg"))
+  assert proc.returncode == 2 and "recorded no private steps" in proc.stderr
+  proc = _script("--run", str(tmp_path / "nowhere"))
+  assert proc.returncode == 2 and "no run folder" in proc.stderr
