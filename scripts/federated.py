@@ -8,7 +8,6 @@ strategy, metrics.jsonl + checkpoints/. Re-running the same command resumes unfi
 from their latest checkpoint (finished ones are reloaded, not rerun).
 """
 
-import json
 import os
 import sys
 
@@ -37,7 +36,9 @@ def main(argv):
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/fl_snips.py:1")
   summary = run_until_stopped(experiments.run, cfg)  # Ctrl-C: a checkpoint, then exit 130
-  print(json.dumps(summary, indent=2, default=str))
+  print(f"\nresults: {os.path.join(cfg.results_dir, cfg.run_name)} (summary.json has every "
+        f"number)\n\n{summary['task']}\n")
+  print(experiments.summary_table(summary))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,22 @@ def test_script_reports_bad_input_and_writes_nothing(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_script_prints_where_the_results_went_and_the_strategies_table(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "scripts" / "federated.py"), "--config",
+       str(REPO / "configs" / "fl_selection.py:nlu,runlocal"), f"--config.results_dir={tmp_path}",
+       "--config.fl.rounds=1"],
+      capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  run = tmp_path / "fl_selection_nlu_runlocal"
+  summary = json.loads((run / "summary.json").read_text())
+  table = experiments.summary_table(summary)
+  assert f"results: {run}" in proc.stdout and table in proc.stdout
+  assert table in (run / "report.md").read_text()
+  assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+      s["strategy"] for s in summary["strategies"]]
+
+
 def test_resume_refuses_changed_hyperparameters(tmp_path):
   experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path, **{"fl.rounds": 1}),
                   show_progress=False)

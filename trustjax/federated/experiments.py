@@ -533,7 +533,8 @@ def _plot(workdir: str, cfg) -> None:
   reporting.save_figure(fig, os.path.join(workdir, "plots", "accuracy.png"))
 
 
-def _report(workdir: str, summary: dict) -> None:
+def summary_table(summary: dict) -> str:
+  """One row per strategy: final accuracy, continual mean accuracy, epsilon, training time."""
   rows = []
   for s in summary["strategies"]:
     acc = s.get("final_eval_accuracy")
@@ -543,11 +544,13 @@ def _report(workdir: str, summary: dict) -> None:
                  is not None else "-",
                  f"{s['epsilon']:.3g}" if "epsilon" in s else "-",
                  f"{s.get('round_seconds_total', s['seconds_this_invocation']):.0f}"])
-  table = reporting.markdown_table(["strategy", "algorithm", "selection", "final accuracy",
-                                    "continual mean acc.", "epsilon",
-                                    "training seconds"], rows)
+  return reporting.markdown_table(["strategy", "algorithm", "selection", "final accuracy",
+                                   "continual mean acc.", "epsilon", "training seconds"], rows)
+
+
+def _report(workdir: str, summary: dict) -> None:
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(f"# {summary['run_name']}\n\n{summary['task']}\n\n{table}\n\n"
+    f.write(f"# {summary['run_name']}\n\n{summary['task']}\n\n{summary_table(summary)}\n\n"
             "![accuracy](plots/accuracy.png)\n")
 
 
