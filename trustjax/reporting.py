@@ -58,6 +58,62 @@ def start_run(cfg) -> str:
   return workdir
 
 
+def _plain(v):
+  """A JSON-ready copy: numpy scalars and arrays become Python numbers and lists (NaN and inf
+  stay floats, which Python's json writes and reads back)."""
+  if isinstance(v, dict):
+    return {str(k): _plain(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  if hasattr(v, "tolist"):
+    return _plain(v.tolist())
+  return v
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def start_resumable_run(cfg, may_change: Sequence[str] = ("seeds",)) -> str:
+  """`start_run` for a study whose finished parts are kept (`cached`): a folder that holds a
+  run of a config differing in any field but `may_change` and `results_dir` is refused (its
+  parts would not belong to this config), naming the fields."""
+  workdir = os.path.join(cfg.results_dir, cfg.run_name)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = _flat(_plain(json.load(f)))
+    new = _flat(_plain(json.loads(json.dumps(cfg.to_dict(), default=_clean))))
+    skip = lambda k: k == "results_dir" or any(k == m or k.startswith(m + ".") for m in may_change)
+    changed = sorted(k for k in set(old) | set(new) if not skip(k) and old.get(k) != new.get(k))
+    if changed:
+      raise ValueError(f"{workdir} holds a study with a different config ({', '.join(changed)}); "
+                       f"a rerun may change only {', '.join(may_change)} (pick another run_name)")
+  return start_run(cfg)
+
+
+def cached(workdir: str, name: str, compute) -> dict:
+  """`compute()`'s result (a dict of numbers, strings, lists and dicts), kept in
+  `workdir/parts/<name>.json` once computed and read from there afterwards, so that a study
+  stopped part-way resumes after its last finished part. The study always continues from the
+  JSON form, so a resumed study computes what an uninterrupted one does."""
+  path = os.path.join(workdir, "parts", f"{name}.json")
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(_plain(compute()), f)
+    os.replace(tmp, path)
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def save_figure(fig, path: str) -> None:
   """Lays out, writes (110 dpi) and closes a matplotlib figure."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel

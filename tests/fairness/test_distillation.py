@@ -2,6 +2,7 @@
 reference, its bias measures on a model with a known answer, and the driver end to end."""
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,7 @@ def test_bias_measures_on_models_with_known_answers():
   assert f["pronoun_skew_corr"] == 0.0
 
 
-def test_distillation_study_runs_and_writes_its_report(tmp_path):
+def test_distillation_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
   cfg = _config(tmp_path, **{"data.num_sentences": 600, "train.teacher.epochs": 1.0,
                              "train.student.epochs": 1.0})
   summary = distillation.run(cfg, show_progress=False)
@@ -129,6 +130,16 @@ def test_distillation_study_runs_and_writes_its_report(tmp_path):
     assert 1.0 < r["test_perplexity"] < summary["vocab_size"]
     assert 1.0 < r["swapped_test_perplexity"] < summary["vocab_size"]
   assert "| kd_cda_perturbed |" in (work / "report.md").read_text()
+  # A rerun reads the finished seed from the run folder instead of training again.
+  monkeypatch.setattr(distillation, "run_seed", _no_training)
+  again = distillation.run(cfg, show_progress=False)
+  assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+  with pytest.raises(ValueError, match="different config.*distill.temperature"):
+    distillation.run(override(cfg, **{"distill.temperature": 3.0}), show_progress=False)
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError("a finished seed was trained again")
 
 
 @pytest.mark.parametrize("field,value,message", [

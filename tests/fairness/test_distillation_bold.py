@@ -80,7 +80,7 @@ def test_encode_prompts_keeps_the_end_of_long_prompts():
     distillation_bold.encode_prompts(tok, ["  "], 3)
 
 
-def test_bold_study_runs_and_writes_its_report(tmp_path):
+def test_bold_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
   cfg = _config(tmp_path)
   summary = distillation_bold.run(cfg, show_progress=False)
   work = tmp_path / "results" / cfg.run_name
@@ -105,6 +105,14 @@ def test_bold_study_runs_and_writes_its_report(tmp_path):
   assert all("<oov>" not in t and "<pad>" not in t
              for r in summary["models"].values() for t in r["examples"])
   assert "| kd_cda_perturbed |" in (work / "report.md").read_text()
+  # A rerun reads the finished seed from the run folder instead of training again.
+  monkeypatch.setattr(distillation_bold, "run_seed", _no_training)
+  again = distillation_bold.run(cfg, show_progress=False)
+  assert json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError("a finished seed was trained again")
 
 
 @pytest.mark.parametrize("field,value,message", [

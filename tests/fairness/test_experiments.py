@@ -1,6 +1,7 @@
 """The identity-bias driver end to end on Dixon et al.'s real sets (configs/bias_toxicity.py)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -38,7 +39,7 @@ def test_bias_metrics_recomputed_from_the_scores():
       y[has], (s[has] > 0.5).astype(int), sensitive_features=np.array(ids, object)[has]))
 
 
-def test_bias_study_runs_and_writes_its_report(tmp_path):
+def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
   cfg = _config(tmp_path)
   summary = experiments.run(cfg, show_progress=False)
   work = tmp_path / cfg.run_name
@@ -49,6 +50,21 @@ def test_bias_study_runs_and_writes_its_report(tmp_path):
     assert r["train_examples"] == 1492 and len(r["per_identity"]) == 50
     assert 0.0 <= r["mean_bpsn_auc"] <= 1.0 and 0.0 <= r["overall_auc"] <= 1.0
   assert "| nonfuzzed |" in (work / "report.md").read_text()
+  # A rerun reads every finished (training set, seed) from the run folder; more seeds train only
+  # the new ones; another config is refused.
+  trained = []
+  real = experiments.train_and_score
+  monkeypatch.setattr(experiments, "train_and_score",
+                      lambda c, a, i, seed, **kw: trained.append(seed) or real(c, a, i, seed, **kw))
+  again = experiments.run(cfg, show_progress=False)
+  assert trained == [] and json.dumps(again, sort_keys=True) == json.dumps(summary, sort_keys=True)
+  more = experiments.run(override(cfg, seeds=(0, 1)), show_progress=False)
+  assert trained == [1, 1]  # one new seed per training set
+  for name, r in more["train_sets"].items():
+    assert r["overall_auc_sd"] > 0.0
+    assert r["overall_auc"] != summary["train_sets"][name]["overall_auc"]
+  with pytest.raises(ValueError, match="different config.*threshold"):
+    experiments.run(override(cfg, threshold=0.4), show_progress=False)
 
 
 @pytest.mark.parametrize("field,value,message", [

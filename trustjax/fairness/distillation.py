@@ -240,8 +240,10 @@ def _plot(summary: dict, path: str) -> None:
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   """Trains and measures per `cfg`; writes results/<run_name>/. Returns the summary."""
   _check(cfg)
-  workdir = reporting.start_run(cfg)
-  runs = [run_seed(cfg, seed, show_progress=show_progress) for seed in cfg.seeds]
+  workdir = reporting.start_resumable_run(cfg)
+  runs = [reporting.cached(workdir, f"seed_{seed}",
+                           lambda seed=seed: run_seed(cfg, seed, show_progress=show_progress))
+          for seed in cfg.seeds]
   models = {}
   for name in ["teacher"] + list(cfg.students):
     rs = [r[name] for r in runs]

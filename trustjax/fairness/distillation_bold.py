@@ -203,10 +203,11 @@ def _plot(summary: dict, path: str) -> None:
 def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   """Trains, generates and measures per `cfg`; writes results/<run_name>/. Returns the summary."""
   _check(cfg)
-  workdir = reporting.start_run(cfg)
+  workdir = reporting.start_resumable_run(cfg)
   prompts = {d: load_bold(cfg.data.bold_dir, d, max_per_group=cfg.generation.per_group,
                           seed=0) for d in ("gender", "profession")}
-  runs = [run_seed(cfg, seed, prompts, show_progress=show_progress) for seed in cfg.seeds]
+  runs = [reporting.cached(workdir, f"seed_{seed}", lambda seed=seed: run_seed(
+      cfg, seed, prompts, show_progress=show_progress)) for seed in cfg.seeds]
   models = {}
   for name in ["corpus", "teacher"] + list(cfg.students):
     rs = [r[name] for r in runs]

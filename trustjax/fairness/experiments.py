@@ -21,6 +21,7 @@ embeddings ("minilm"), whose sensitivity is taken through the encoder's word-pie
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Callable, NamedTuple, Sequence
@@ -234,22 +235,26 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       train = train.subset(np.sort(np.random.default_rng(0).choice(
           len(train), cfg.data.max_train, replace=False)))
     sets[s] = train
-  workdir = reporting.start_run(cfg)
+  workdir = reporting.start_resumable_run(cfg)
   aps_idx = per_identity_sample(identities, madlibs.labels, cfg.aps_per_identity)
   inputs = study_inputs(cfg, list(madlibs.texts), identities, aps_idx)
   y = madlibs.labels
   summary, per_set = {"train_sets": {}}, {}
   for name, train in sets.items():
-    arrays = {"inputs": inputs.encode_train(list(train.texts)),
-              "label": train.labels.astype(np.int32)}  # once per set, shared by the seeds
-    runs = []
-    for seed in cfg.seeds:
-      scores, aps_sample = train_and_score(cfg, arrays, inputs, seed,
+    @functools.cache  # once per set, shared by its seeds; not at all if every seed is kept
+    def arrays(train=train):
+      return {"inputs": inputs.encode_train(list(train.texts)),
+              "label": train.labels.astype(np.int32)}
+
+    def one_seed(seed):
+      scores, aps_sample = train_and_score(cfg, arrays(), inputs, seed,
                                            show_progress=show_progress)
       aps = np.full(len(y), np.nan)
       aps[aps_idx] = aps_sample
-      runs.append(bias_metrics(y, scores, identities, cfg.threshold, cfg.generalized_mean_p,
-                               aps=aps))
+      return bias_metrics(y, scores, identities, cfg.threshold, cfg.generalized_mean_p, aps=aps)
+
+    runs = [reporting.cached(workdir, f"{name}_seed_{seed}", functools.partial(one_seed, seed))
+            for seed in cfg.seeds]
     keys = [k for k in runs[0] if k != "per_identity"]
     agg = mean_and_sd(runs, keys)
     per_set[name] = {t: {k: float(np.mean([r["per_identity"][t][k] for r in runs]))
