@@ -80,7 +80,7 @@ def before_a_run(args) -> str:
                 overflow_probability=sampling.overflow_probability(n, q, max_b))
   final = eps[args.accountant][-1]
   lines.append(f"static batch size {max_b}" + ("" if args.max_batch_size else
-                                               " (the driver's default)")
+                                               " (the driver's default on one device)")
                + f": overflow probability {ledger.entries[0].overflow_probability:.3g} per step, "
                f"so the total delta is {delta + ledger.truncation_delta(final):.6g} at the final "
                f"{args.accountant.upper()} epsilon")

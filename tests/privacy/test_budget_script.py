@@ -41,7 +41,7 @@ def test_budget_before_a_run_with_a_noise_multiplier_and_a_plot(tmp_path):
                                 delta=delta, accountant=acc)
       assert float(r[col]) == pytest.approx(want, rel=1e-3), (r, acc)
   max_b = sampling.default_max_batch_size(1000, q, steps)
-  assert f"static batch size {max_b} (the driver's default)" in proc.stdout
+  assert f"static batch size {max_b} (the driver's default on one device)" in proc.stdout
   assert plot.stat().st_size > 0
 
 
