@@ -187,6 +187,8 @@ def _script(tmp_path, *args):
     (["--config.data.num_examples=0"], "num_examples must be >= 1"),
     (["--config.train.profile_calls=-1"], "train.profile_calls must be >= 0"),
     (["--config.train.num_devices=-1"], "train.num_devices must be >= 0"),
+    (["--config.train.eval_batch_size=0"], "train.eval_batch_size must be >= 1"),
+    (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be positive"),
 ])
 def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
   proc = _script(tmp_path, *args)

@@ -125,6 +125,8 @@ def default_delta(num_examples: int) -> float:
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
   o = cfg.optimizer
+  if not o.learning_rate > 0:
+    raise ValueError(f"optimizer.learning_rate must be positive, got {o.learning_rate}")
   if o.name == "adam":
     return optax.adam(o.learning_rate)
   if o.name == "sgd":
@@ -206,6 +208,8 @@ class Setup:
                        f"{t.epochs=}, {t.batch_size=}")
     if t.profile_calls < 0:
       raise ValueError(f"train.profile_calls must be >= 0 (0: no profile), got {t.profile_calls}")
+    if t.eval_batch_size < 1:
+      raise ValueError(f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}")
     m = cfg.model
     if cfg.data.name == "shakespeare":  # next-character prediction
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)

@@ -209,6 +209,8 @@ def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarra
   With `mesh`, each batch (padded to a multiple of its size) is split over the mesh's first
   axis. Without one, the mesh that `params` are replicated over, if any (`sharding.replicated_mesh`),
   is used: otherwise every one of its devices would compute every batch."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   n = len(next(iter(arrays.values())))
   if mesh is None:
     mesh = sharding.replicated_mesh(params)

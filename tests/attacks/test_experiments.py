@@ -110,6 +110,13 @@ def test_audit_runs_resumes_and_relates_leakage_to_epsilon(tmp_path, snips_dir, 
     ("data.pool_size", 10**6, "pool_size"),
     ("audit.bootstrap_resamples", 1, "bootstrap_resamples must be 0"),
     ("canaries.mislabeled", 301, "mislabeled must lie in"),
+    ("audit.fprs", (0.01, 2.0), r"fprs must be false-positive rates in \[0, 1\]"),
+    ("audit.fprs", (), "fprs must be"),
+    ("audit.confidence", 1.0, "confidence must lie in"),
+    ("audit.rmia_gamma", 0.0, "rmia_gamma must be positive"),
+    ("audit.inversion_restarts", 0, "inversion_restarts must be >= 1"),
+    ("train.dp_learning_rate", 0.0, "dp_learning_rate must be positive"),
+    ("train.chunk_steps", 0, "chunk_steps must be >= 1"),
 ])
 def test_bad_audit_config_is_named(tmp_path, snips_dir, field, value, message):
   cfg = _config(tmp_path, snips_dir, **{field: value})

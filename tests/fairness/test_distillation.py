@@ -145,7 +145,9 @@ def _no_training(*args, **kwargs):
 @pytest.mark.parametrize("field,value,message", [
     ("students", ("kd", "dpo"), "students"), ("seeds", (), "seeds"),
     ("distill.mode", "median", "mode"), ("train.student.epochs", 0.0, "train.student"),
-    ("data.eval_fraction", 1.0, "eval_fraction")])
+    ("data.eval_fraction", 1.0, "eval_fraction"),
+    ("distill.temperature", 0.0, "distill.temperature must be positive"),
+    ("distill.alpha", 1.5, r"distill.alpha in \[0, 1\]")])
 def test_bad_distillation_config_is_named(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     distillation.run(_config(tmp_path, **{field: value}), show_progress=False)

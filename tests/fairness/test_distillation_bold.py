@@ -118,6 +118,8 @@ def _no_training(*args, **kwargs):
 @pytest.mark.parametrize("field,value,message", [
     ("students", ("kd", "dpo"), "students"), ("distill.mode", "median", "mode"),
     ("generation.max_new_tokens", 12, "seq_len"), ("generation.per_group", 0, "per_group"),
+    ("generation.temperature", -1.0, "generation.temperature must be >= 0"),
+    ("generation.top_k", -2, "top_k >= 0"),
     ("data.bold_dir", "/nonexistent/bold", "bold_dir"), ("data.max_vocab", 2, "max_vocab")])
 def test_bad_bold_config_is_named(tmp_path, field, value, message):
   with pytest.raises((ValueError, FileNotFoundError), match=message):

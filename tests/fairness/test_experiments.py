@@ -72,7 +72,8 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     ("threshold", 1.5, "threshold"), ("data.data_dir", "", "data_dir"),
     ("model.name", "bert", "model.name"), ("data.max_train", -1, "max_train must be >= 0"),
     ("data.eval_per_identity", -2, "eval_per_identity must be >= 0"),
-    ("aps_per_identity", -1, "aps_per_identity must be >= 0")])
+    ("aps_per_identity", -1, "aps_per_identity must be >= 0"),
+    ("train.learning_rate", 0.0, "train.learning_rate must be positive")])
 def test_bad_bias_config_is_named(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     experiments.run(_config(tmp_path, **{field: value}), show_progress=False)

@@ -137,11 +137,21 @@ def test_continual_storage_keeps_newest_or_a_random_subset():
     ({"strategies.uniform.selection": "best"}, "fl.selection must be one of"),
     ({"fl.dropout": 1.5}, "dropout probability must lie in"),
     ({"fl.num_devices": -1}, "fl.num_devices must be >= 0"),
+    ({"fl.eval_every": 0}, r"\[by_activity\] fl.eval_every must be >= 1"),
+    ({"strategies.by_activity.activity_power": -1.0}, "fl.activity_power must be >= 0"),
+    ({"fl.local_epochs": 0}, r"\[by_activity\] batch_size and local_epochs must be >= 1"),
+    ({"fl.client_lr": 0.0}, "client_lr must be positive"),
+    ({"fl.algorithm": "fedadam", "fl.server_lr": -1.0}, "fl.server_lr must be positive"),
+    ({"fl.algorithm": "fedprox", "fl.mu": 0.0}, "FedProx needs mu > 0"),
+    ({"continual.enabled": True, "continual.num_periods": 1}, "num_periods must be >= 2"),
+    ({"continual.enabled": True, "continual.policy": "lifo"}, "storage policy must be one of"),
 ])
 def test_bad_input_names_the_value(tmp_path, overrides, message):
+  """Each fails before anything is written (values used only late in a run included)."""
   cfg = _cfg(fl_selection, "nlu,runlocal", tmp_path, **overrides)
   with pytest.raises(ValueError, match=message):
     experiments.run(cfg, show_progress=False)
+  assert not (tmp_path / cfg.run_name).exists()
 
 
 def test_script_reports_bad_input_and_writes_nothing(tmp_path):

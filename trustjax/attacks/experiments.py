@@ -73,9 +73,16 @@ class AuditSetup:
     if t.epochs <= 0 or t.batch_size <= 0:
       raise ValueError(f"train.epochs and train.batch_size must be positive, got "
                        f"{t.epochs=}, {t.batch_size=}")
+    if not (t.learning_rate > 0 and t.dp_learning_rate > 0):
+      raise ValueError(f"train.learning_rate and train.dp_learning_rate must be positive, got "
+                       f"{t.learning_rate}, {t.dp_learning_rate}")
+    if t.chunk_steps < 1 or t.model_chunk < 0:
+      raise ValueError(f"train.chunk_steps must be >= 1 and train.model_chunk >= 0 (0 = "
+                       f"automatic), got {t.chunk_steps}, {t.model_chunk}")
     if cfg.audit.bootstrap_resamples < 0 or cfg.audit.bootstrap_resamples == 1:
       raise ValueError(f"audit.bootstrap_resamples must be 0 (no intervals) or >= 2, got "
                        f"{cfg.audit.bootstrap_resamples}")
+    check_audit_settings(cfg.audit)
     m = cfg.model
     # A vocabulary fixed without the data, so that the DP levels cover everything learned.
     if d.tokenizer == "hash":
@@ -205,6 +212,21 @@ class AuditSetup:
       self.mechanisms[f"eps{e:g}"] = DPConfig(
           l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=self.sampling_rate,
           num_examples=self.members, max_batch_size=self.batch_size, method=cfg.dp.method)
+
+
+def check_audit_settings(a) -> None:
+  """The `audit` section's values, checked before any model trains (they are first used after
+  every level is trained: a bad one would otherwise cost the whole audit's training)."""
+  if not len(a.fprs) or any(not 0.0 <= f <= 1.0 for f in a.fprs):
+    raise ValueError(f"audit.fprs must be false-positive rates in [0, 1], got {tuple(a.fprs)}")
+  if not 0.0 < a.confidence < 1.0:
+    raise ValueError(f"audit.confidence must lie in (0, 1), got {a.confidence}")
+  if not a.rmia_gamma > 0:
+    raise ValueError(f"audit.rmia_gamma must be positive, got {a.rmia_gamma}")
+  if a.inversion_steps < 1 or a.inversion_restarts < 1 or not a.inversion_learning_rate > 0:
+    raise ValueError(f"audit.inversion_steps and inversion_restarts must be >= 1 and "
+                     f"inversion_learning_rate > 0, got {a.inversion_steps}, "
+                     f"{a.inversion_restarts}, {a.inversion_learning_rate}")
 
 
 def _optimizer(cfg, level: str) -> optax.GradientTransformation:

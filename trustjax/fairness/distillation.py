@@ -53,7 +53,7 @@ HIRED_PROMPTS = tuple([("he was hired as the new", "she was hired as the new")]
 
 def check_common(cfg) -> None:
   """Checks the fields both distillation studies share: students, seeds, data.eval_fraction,
-  train.teacher / train.student and distill.mode."""
+  train.teacher / train.student and distill (before anything trains)."""
   bad = [s for s in cfg.students if s not in STUDENTS]
   if bad or not cfg.students:
     raise ValueError(f"students must list some of {STUDENTS}, got {tuple(cfg.students)}")
@@ -68,6 +68,9 @@ def check_common(cfg) -> None:
                        f"got {t.epochs=}, {t.batch_size=}, {t.learning_rate=}")
   if cfg.distill.mode not in ("mean", "max"):
     raise ValueError(f"distill.mode must be 'mean' or 'max', got {cfg.distill.mode!r}")
+  if not cfg.distill.temperature > 0 or not 0.0 <= cfg.distill.alpha <= 1.0:
+    raise ValueError(f"distill.temperature must be positive and distill.alpha in [0, 1], got "
+                     f"{cfg.distill.temperature}, {cfg.distill.alpha}")
 
 
 def _check(cfg) -> None:

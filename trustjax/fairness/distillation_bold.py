@@ -59,6 +59,9 @@ def _check(cfg) -> None:
   if g.prompt_tokens < 1 or g.max_new_tokens < 1 or g.per_group < 1:
     raise ValueError(f"generation.prompt_tokens, max_new_tokens and per_group must be positive, "
                      f"got {g.prompt_tokens=}, {g.max_new_tokens=}, {g.per_group=}")
+  if not g.temperature >= 0 or g.top_k < 0:
+    raise ValueError(f"generation.temperature must be >= 0 (0 = greedy) and top_k >= 0 (0 = no "
+                     f"cut), got {g.temperature}, {g.top_k}")
   if g.prompt_tokens + g.max_new_tokens > cfg.data.seq_len:
     raise ValueError(f"generation.prompt_tokens + max_new_tokens ({g.prompt_tokens} + "
                      f"{g.max_new_tokens}) must fit the models' data.seq_len {cfg.data.seq_len}")

@@ -55,9 +55,10 @@ def _check(cfg) -> None:
     raise ValueError(f"model.name must be one of {MODELS}, got {cfg.model.name!r}")
   if not cfg.seeds:
     raise ValueError("seeds is empty")
-  if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0:
-    raise ValueError(f"train.epochs and train.batch_size must be positive, got "
-                     f"{cfg.train.epochs=}, {cfg.train.batch_size=}")
+  if cfg.train.epochs <= 0 or cfg.train.batch_size <= 0 or not cfg.train.learning_rate > 0:
+    raise ValueError(f"train.epochs, train.batch_size and train.learning_rate must be positive, "
+                     f"got {cfg.train.epochs=}, {cfg.train.batch_size=}, "
+                     f"{cfg.train.learning_rate=}")
   if not 0.0 < cfg.threshold < 1.0:
     raise ValueError(f"threshold must lie in (0, 1), got {cfg.threshold=}")
   for k, v in (("data.eval_per_identity", cfg.data.eval_per_identity),

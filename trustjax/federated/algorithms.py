@@ -465,6 +465,8 @@ def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, loca
           server_optimizer: str = "adam", client_chunk: int | None = None) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
   SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold"."""
+  if not server_lr > 0:
+    raise ValueError(f"server_lr must be positive, got {server_lr=}")
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
                 local_epochs=local_epochs, client_chunk=client_chunk)
   alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}

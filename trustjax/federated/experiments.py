@@ -207,10 +207,25 @@ def strategy_config(cfg, name: str) -> ml_collections.ConfigDict:
 
 
 def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None:
+  """Every setting of strategy `name`, before anything is written or trained (the algorithm's
+  builder checks its own arguments here too)."""
   if s.rounds < 1:
     raise ValueError(f"[{name}] fl.rounds must be >= 1, got {s.rounds}")
   if s.algorithm == "centralized":
     return
+  if s.eval_every < 1:
+    raise ValueError(f"[{name}] fl.eval_every must be >= 1, got {s.eval_every}")
+  if s.selection == "by_activity" and not s.activity_power >= 0:
+    raise ValueError(f"[{name}] fl.activity_power must be >= 0, got {s.activity_power}")
+  if not s.server_lr > 0:
+    raise ValueError(f"[{name}] fl.server_lr must be positive, got {s.server_lr}")
+  if s.dp.enabled and s.server_optimizer not in algorithms.SERVER_OPTIMIZERS:
+    raise ValueError(f"[{name}] fl.server_optimizer must be one of "
+                     f"{sorted(algorithms.SERVER_OPTIMIZERS)}, got {s.server_optimizer!r}")
+  try:
+    build_algorithm(s, lambda params, batch: None, num_clients)
+  except ValueError as e:
+    raise ValueError(f"[{name}] {e}") from None
   if s.clients_per_round < 1:
     raise ValueError(f"[{name}] fl.clients_per_round must be >= 1, got {s.clients_per_round}")
   if s.clients_per_round > num_clients and s.selection == "uniform" and not s.dp.enabled:
@@ -285,6 +300,18 @@ class _Stage:
     self.store, self.eval_arrays, self.label = store, eval_arrays, label
 
 
+def _check_continual(cfg, task: FederatedTask) -> np.ndarray:
+  """The continual settings, checked (before anything is written); returns each training
+  example's period."""
+  c = cfg.continual
+  if c.num_periods < 2:
+    raise ValueError(f"continual.num_periods must be >= 2, got {c.num_periods}")
+  period = _periods(task, c.num_periods)
+  simulate.continual_parts(np.zeros(1, np.int64), np.zeros(1, np.int64), 0, budget=c.budget,
+                           policy=c.policy)  # the storage settings, on an empty history
+  return period
+
+
 def _stages(cfg, task: FederatedTask, s) -> list[_Stage]:
   mk = lambda parts, names: ClientStore(task.train, parts, min_capacity=s.batch_size,
                                         max_capacity=cfg.data.max_client_examples or None,
@@ -292,9 +319,7 @@ def _stages(cfg, task: FederatedTask, s) -> list[_Stage]:
   if not cfg.continual.enabled:
     return [_Stage(mk(task.parts, task.names), task.test, "static")]
   c = cfg.continual
-  if c.num_periods < 2:
-    raise ValueError(f"continual.num_periods must be >= 2, got {c.num_periods}")
-  period = _periods(task, c.num_periods)
+  period = _check_continual(cfg, task)
   client_of = _client_of(task)
   stages = []
   for t in range(c.num_periods - 1):
@@ -469,6 +494,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     validate_fl(s, len(task.parts), name, cfg.continual.enabled)
     if s.dp.enabled and s.dp.adaptive:
       quantile.sum_noise_multiplier(s.dp.noise_multiplier, s.dp.count_noise_multiplier)
+    num_devices(s)
+  if cfg.continual.enabled:
+    _check_continual(cfg, task)
   workdir = os.path.join(cfg.results_dir, cfg.run_name)
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
   cfg_path = os.path.join(workdir, "config.json")
