@@ -1,6 +1,7 @@
 """scripts/privacy_budget.py: the budget before a run (against dp_accounting through the library's
 own calls) and the budgets of finished runs read back from their checkpoints' ledgers."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -16,8 +17,26 @@ from trustjax.privacy import accounting, sampling
 
 
 def _script(*args, cwd=REPO):
+  """The script in a fresh process, as a user runs it."""
   return subprocess.run([sys.executable, str(REPO / "scripts" / "privacy_budget.py"), *args],
                         capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+_spec = importlib.util.spec_from_file_location("privacy_budget",
+                                               REPO / "scripts" / "privacy_budget.py")
+budget = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(budget)
+
+
+def _main(capsys, *args):
+  """The script's main in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+  try:
+    budget.main(list(args))
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  out = capsys.readouterr()
+  return code, out.out, out.err
 
 
 def _rows(out):
@@ -45,14 +64,14 @@ def test_budget_before_a_run_with_a_noise_multiplier_and_a_plot(tmp_path):
   assert plot.stat().st_size > 0
 
 
-def test_budget_before_a_run_calibrates_as_the_driver_does():
-  proc = _script("--examples", "1000", "--batch-size", "100", "--epochs", "2",
-                 "--target-epsilon", "4", "--delta", "1e-5", "--points", "1")
-  assert proc.returncode == 0, proc.stderr[-2000:]
+def test_budget_before_a_run_calibrates_as_the_driver_does(capsys):
+  code, out, _ = _main(capsys, "--examples", "1000", "--batch-size", "100", "--epochs", "2",
+                       "--target-epsilon", "4", "--delta", "1e-5", "--points", "1")
+  assert code == 0
   sigma = accounting.calibrate_noise_multiplier(target_epsilon=4, sampling_rate=0.1, steps=20,
                                                 delta=1e-5)
-  assert f"noise multiplier {sigma:.6g}: the smallest" in proc.stdout
-  (row,) = _rows(proc.stdout)
+  assert f"noise multiplier {sigma:.6g}: the smallest" in out
+  (row,) = _rows(out)
   assert row[1] == "20" and float(row[2]) <= 4.0
   assert float(row[2]) == pytest.approx(accounting.epsilon(
       noise_multiplier=sigma, sampling_rate=0.1, steps=20, delta=1e-5), rel=1e-3)
@@ -66,9 +85,9 @@ def test_budget_before_a_run_calibrates_as_the_driver_does():
       "--delta", "2"], "delta must lie in (0, 1)"),
     (["--batch-size", "10"], "give --examples, --batch-size and --epochs"),
 ])
-def test_bad_budget_input_is_named(args, message):
-  proc = _script(*args)
-  assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+def test_bad_budget_input_is_named(capsys, args, message):
+  code, _, err = _main(capsys, *args)
+  assert code == 2 and message in err, err[-2000:]
 
 
 def _checkpoint(folder, ledger, step=3):
@@ -78,7 +97,7 @@ def _checkpoint(folder, ledger, step=3):
                                                         "ledger": ledger.to_json()})
 
 
-def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path):
+def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
   """A training run (delta in its summary), a federated run with a DP strategy and a non-DP one
   (deltas per strategy), replayed at their own deltas and at one given on the command line."""
   dp = accounting.PrivacyLedger()
@@ -108,12 +127,12 @@ def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path):
     assert float(r[7]) == pytest.approx(ledger.report(delta)["delta_total"], rel=1e-5)
   assert rows["train_run"][2] == "0.8, 1.1" and float(rows["train_run"][7]) > 1e-5
 
-  proc = _script("--run", str(tmp_path / "train_run"), "--delta", "1e-7")
-  (r,) = _rows(proc.stdout)
-  assert r[0] == "." and float(r[5]) == pytest.approx(dp.epsilon(1e-7), rel=1e-3)
-  assert re.search(r"epsilon \(PLD\)", proc.stdout)
+  code, out, _ = _main(capsys, "--run", str(tmp_path / "train_run"), "--delta", "1e-7")
+  (r,) = _rows(out)
+  assert code == 0 and r[0] == "." and float(r[5]) == pytest.approx(dp.epsilon(1e-7), rel=1e-3)
+  assert re.search(r"epsilon \(PLD\)", out)
 
-  proc = _script("--run", str(tmp_path / "fl_run" / "fedavg"))
-  assert proc.returncode == 2 and "recorded no private steps" in proc.stderr
-  proc = _script("--run", str(tmp_path / "nowhere"))
-  assert proc.returncode == 2 and "no run folder" in proc.stderr
+  code, _, err = _main(capsys, "--run", str(tmp_path / "fl_run" / "fedavg"))
+  assert code == 2 and "recorded no private steps" in err
+  code, _, err = _main(capsys, "--run", str(tmp_path / "nowhere"))
+  assert code == 2 and "no run folder" in err
