@@ -36,6 +36,10 @@ def main(argv):
     print(f"privacy: epsilon = {summary['epsilon']:.3f} at delta = {summary['delta_total']:.3g} "
           f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, "
           f"q = {summary['sampling_rate']:.4g}, {summary['steps']} steps)")
+  if "canary_exposure" in summary:
+    print(f"canary exposure (bits; at most {summary['canary_exposure_max']:.1f}, "
+          f"{summary['canary_exposure_chance']:.2f} by chance): " + ", ".join(
+              f"inserted {k[1:]}x {v:.2f}" for k, v in summary["canary_exposure"].items()))
   if "dp_step_s" in summary:
     print(f"step time: DP {summary['dp_step_s'] * 1e3:.1f} ms vs non-DP "
           f"{summary['nondp_step_s'] * 1e3:.1f} ms  (x{summary['dp_over_nondp']:.2f})")

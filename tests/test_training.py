@@ -280,6 +280,43 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
       experiments.Setup(override(dp_shakespeare.get_config("runlocal"), **{field: value}))
 
 
+def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(tmp_path):
+  """Secret Sharer canaries in Hamlet's windows (non-DP, a small decoder, 2 epochs): two secrets
+  inserted once and two inserted 64 times; the repeated ones are exposed (here 5.1 and 10.0 bits
+  of at most 10), the single ones are not (0.2 and 0.7; 1.44 is chance)."""
+  sys.path.insert(0, str(REPO))
+  from configs import dp_shakespeare  # pylint: disable=import-outside-toplevel
+  from trustjax import data as tjdata  # pylint: disable=import-outside-toplevel
+  from trustjax.attacks import canaries  # pylint: disable=import-outside-toplevel
+  config = lambda **kw: override(dp_shakespeare.get_config("nondp,runlocal"), **{
+      "train.results_dir": str(tmp_path), "train.epochs": 2.0, "canaries.num": 2,
+      "canaries.repeats": (1, 64), "canaries.digits": 3,
+      "data.data_dir": tjdata.fetch_shakespeare(os.environ.get("TRUSTJAX_CACHE")), **kw})
+  cfg = config()
+  setup = experiments.Setup(cfg)
+  plain = experiments.Setup(config(**{"canaries.num": 0}))
+  assert setup.num_train == plain.num_train + 2 * (1 + 64)
+  assert setup.canary_groups == [1, 1, 64, 64] and len(set(setup.canary_secrets)) == 4
+  last = canaries.lm_windows(setup.tokenizer, [f"my pin code is {setup.canary_secrets[-1]}"], 80)
+  for k, v in last.items():
+    np.testing.assert_array_equal(setup.train_arrays[k][-64:], np.repeat(v, 64, 0), err_msg=k)
+  summary = experiments.run(cfg, show_progress=False)
+  assert summary["canary_exposure_max"] == pytest.approx(np.log2(1000 - 4 + 1))
+  assert summary["canary_exposure_chance"] == pytest.approx(1 / np.log(2), abs=0.01)
+  assert max(summary["canary_exposures"]["x1"]) < 4.0 < min(summary["canary_exposures"]["x64"])
+  assert summary["canary_exposure"]["x64"] == pytest.approx(np.mean(
+      summary["canary_exposures"]["x64"]))
+  assert "## Canary exposure" in (tmp_path / cfg.train.run_name / "report.md").read_text()
+  for field, value, message in [
+      ("canaries.repeats", (0, 4), "canaries.repeats must list counts >= 1"),
+      ("canaries.digits", 7, "canaries.digits must lie in"),
+      ("canaries.template", "pin", "exactly one")]:
+    with pytest.raises(ValueError, match=message):
+      experiments.Setup(config(**{field: value}))
+  with pytest.raises(ValueError, match="for classifiers, scripts/audit.py"):
+    experiments.Setup(override(_cfg(tmp_path), **{"canaries.num": 1}))
+
+
 def test_probe_batch_is_data_independent(tmp_path):
   """The DP runner checks its layer rules on random inputs of the data's shapes and ranges,
   the same whatever the training examples are."""

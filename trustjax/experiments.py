@@ -24,6 +24,7 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
+from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_sgd import DPConfig
@@ -85,6 +86,24 @@ def shakespeare_windows(cfg: ml_collections.ConfigDict):
                      f"windows of the {n}")
   pick = lambda idx: {k: ex[k][np.sort(idx)] for k in ("inputs", "targets", "target_mask")}
   return pick(order[n_eval:]), pick(order[:n_eval]), tok
+
+
+def check_canaries(cfg) -> None:
+  """The `canaries` block (Secret Sharer exposure, language models only), before any data."""
+  c = cfg.canaries
+  if c.num < 0:
+    raise ValueError(f"canaries.num must be >= 0 (0: none), got {c.num}")
+  if not c.num:
+    return
+  if cfg.data.name != "shakespeare":
+    raise ValueError("canaries.num > 0 measures exposure in a language model (data.name="
+                     "'shakespeare'); for classifiers, scripts/audit.py plants and scores canaries")
+  if not c.repeats or any(r < 1 for r in c.repeats):
+    raise ValueError(f"canaries.repeats must list counts >= 1, got {tuple(c.repeats)}")
+  if not 1 <= c.digits <= 6 or c.num * len(c.repeats) >= 10 ** c.digits:
+    raise ValueError(f"canaries.digits must lie in [1, 6] and leave candidates beyond the "
+                     f"{c.num * len(c.repeats)} secrets, got {c.digits}")
+  canaries.fill(c.template, ["0"])  # exactly one "{}"
 
 
 def ascii_tokenizer() -> tjdata.Tokenizer:
@@ -211,8 +230,12 @@ class Setup:
     if t.eval_batch_size < 1:
       raise ValueError(f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}")
     m = cfg.model
+    self.canary_secrets, self.canary_groups = [], []
+    check_canaries(cfg)
     if cfg.data.name == "shakespeare":  # next-character prediction
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
+      if cfg.canaries.num:
+        self.train_arrays = self._insert_canaries(cfg)
       self.model = models.build_language_model(
           m.name, vocab_size=self.tokenizer.vocab_size, max_length=cfg.data.max_length,
           embed_dim=m.embed_dim, num_layers=m.num_layers, num_heads=m.num_heads,
@@ -281,6 +304,34 @@ class Setup:
       bs = -(-t.batch_size // self.num_devices) * self.num_devices
       self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
       self.num_steps = int(t.epochs * self.schedule.steps_per_epoch)
+
+  def _insert_canaries(self, cfg) -> dict:
+    """Secret Sharer canaries (`canaries.num` per count in `canaries.repeats`) appended to the
+    training windows, each secret `repeats` times; their exposure is measured after training."""
+    c = cfg.canaries
+    self.canary_secrets = canaries.make_secrets(c.num * len(c.repeats), digits=c.digits,
+                                                seed=cfg.seed)
+    self.canary_groups = [r for r in c.repeats for _ in range(c.num)]
+    texts = [t for t, r in zip(canaries.fill(c.template, self.canary_secrets),
+                               self.canary_groups) for _ in range(r)]
+    extra = canaries.lm_windows(self.tokenizer, texts, cfg.data.max_length)
+    return {k: np.concatenate([v, extra[k]]) for k, v in self.train_arrays.items()}
+
+  def canary_exposure(self, params) -> dict:
+    """Summary entries: the mean exposure (bits) of the canaries inserted r times, per r, and
+    each canary's; the highest possible value and what chance gives."""
+    c = self.cfg.canaries
+    exp = canaries.lm_exposures(self.loss_fn, jax.device_get(params), self.tokenizer,
+                                c.template, self.canary_secrets, digits=c.digits,
+                                seq_len=self.cfg.data.max_length,
+                                batch_size=self.cfg.train.eval_batch_size)
+    groups = np.asarray(self.canary_groups)
+    refs = 10 ** c.digits - len(self.canary_secrets)
+    return {"canary_exposure": {f"x{r}": float(exp[groups == r].mean()) for r in c.repeats},
+            "canary_exposures": {f"x{r}": exp[groups == r].tolist() for r in c.repeats},
+            "canary_exposure_max": math.log2(refs + 1),
+            "canary_exposure_chance": sum(math.log2((refs + 1) / k)
+                                          for k in range(1, refs + 2)) / (refs + 1)}
 
   def init_state(self) -> training.TrainState:
     key = jax.random.key(self.cfg.seed)
@@ -450,6 +501,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                    max_batch_size=setup.dp_config.max_batch_size,
                    overflow_total=sum(r.get("overflow", 0) for r in result.history),
                    dp_method=resolve_method(setup.dp_config.method), vmap_fallback_leaves=len(slow))
+  if setup.canary_secrets:
+    summary.update(setup.canary_exposure(result.state.params))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
   if cfg.train.profile_calls:
@@ -514,13 +567,27 @@ def _frozen_description(cfg) -> str:
 def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
   lines = [f"# Run {cfg.train.run_name}", "",
            f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
-           reporting.markdown_table(["key", "value"], sorted(summary.items())), "",
+           reporting.markdown_table(["key", "value"], sorted(
+               (k, v) for k, v in summary.items() if not isinstance(v, dict))), "",
            "## Per-epoch metrics", "",
            reporting.markdown_table(
                ["step", "epoch", "train_loss", "eval_loss", "eval_accuracy", "epsilon"],
                [[r.get(k, "") for k in ("step", "epoch", "train_loss", "eval_loss",
                                         "eval_accuracy", "epsilon")] for r in history]),
            "", "![training curves](plots/training.png)", ""]
+  if "canary_exposure" in summary:
+    c = cfg.canaries
+    lines += ["## Canary exposure", "",
+              f"{c.num} random {c.digits}-digit secrets per insertion count, each in its own "
+              f"training window \"{c.template}\"; exposure (Carlini et al. 2019) ranks a "
+              f"secret's loss among the {10 ** c.digits} candidates not inserted: at most "
+              f"{summary['canary_exposure_max']:.2f} bits, "
+              f"{summary['canary_exposure_chance']:.2f} on average by chance.", "",
+              reporting.markdown_table(
+                  ["inserted", "mean exposure (bits)", "each"],
+                  [[f"{k[1:]}x", f"{summary['canary_exposure'][k]:.2f}",
+                    ", ".join(f"{e:.1f}" for e in summary["canary_exposures"][k])]
+                   for k in summary["canary_exposure"]]), ""]
   if cfg.dp.enabled:
     lines += ["Privacy: Poisson sampling at rate q with padded batches; Gaussian noise on the "
               "clipped sum; epsilon from dp_accounting's "
@@ -599,6 +666,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.count_noise_multiplier = 10.0  # sigma_b of the count; the sum's noise rises to compensate
   c.dp.normalization = "clip"  # clip (min(1, C/|g|)) | auto_s (C / (|g| + gamma))
   c.dp.auto_s_gamma = 0.01
+  # Secret Sharer canaries (Carlini et al. 2019) in a language model's training windows
+  # (data.name="shakespeare"): `num` random secrets per count in `repeats`, each inserted that
+  # many times; their exposure is measured after training (summary: canary_exposure).
+  c.canaries = ml_collections.ConfigDict()
+  c.canaries.num = 0  # per repeat count; 0 = none
+  c.canaries.repeats = (1, 4, 16)
+  c.canaries.digits = 4  # secret space 10**digits, every candidate scored
+  c.canaries.template = "my pin code is {}"
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | sgd
   c.optimizer.learning_rate = 1e-3

@@ -1,12 +1,15 @@
-"""Canary helpers and exposure against its definition."""
+"""Canary helpers and exposure against its definition (classifier and language-model canaries)."""
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from trustjax.attacks import canaries
 from trustjax.data import TextDataset
+from trustjax.data.shakespeare import RoleCorpus, lm_examples
+from trustjax.experiments import ascii_tokenizer
 
 
 def test_exposure_rank_form():
@@ -49,3 +52,44 @@ def test_insert_canaries_appends_repeated_copies():
     canaries.insert_canaries(ds, ["s"], [2])
   with pytest.raises(ValueError, match="repeats"):
     canaries.insert_canaries(ds, ["s"], [1], repeats=0)
+
+
+def test_lm_windows_cut_a_canary_as_the_role_streams_are_cut():
+  """A canary window equals the window data.lm_examples makes of a role that said only it."""
+  tok = ascii_tokenizer()
+  texts = ["my pin code is 0427", "x {}"]
+  got = canaries.lm_windows(tok, texts, 24)
+  for i, text in enumerate(texts):
+    want = lm_examples(RoleCorpus(("p/R",), ((text,),), (np.zeros(1),)), tok, 24)
+    for k in ("inputs", "targets", "target_mask"):
+      np.testing.assert_array_equal(got[k][i], want[k][0], err_msg=k)
+  with pytest.raises(ValueError, match="a window holds 2 to 11"):
+    canaries.lm_windows(tok, ["my pin code is 0427"], 10)
+
+
+def test_lm_exposures_rank_each_secret_among_the_candidates_not_inserted():
+  """A 'model' whose loss is a fixed function of the window (so every rank is known): the
+  exposures equal a loop over the candidates that leaves the other inserted secrets out; the
+  batch size (the last batch padded) does not matter."""
+  tok = ascii_tokenizer()
+  w = np.random.default_rng(0).normal(size=12)
+
+  def loss_fn(params, batch):
+    x = batch["inputs"].astype(jnp.float32)
+    return (x * params["w"]).sum(-1) * batch["target_mask"].any(-1)
+
+  params = {"w": jnp.asarray(w, jnp.float32)}
+  secrets = ["017", "342", "999"]
+  got = canaries.lm_exposures(loss_fn, params, tok, "pin {}", secrets, digits=3, seq_len=12,
+                              batch_size=128)
+  windows = canaries.lm_windows(tok, [f"pin {c:03d}" for c in range(1000)], 12)
+  loss = (windows["inputs"].astype(np.float32) * w.astype(np.float32)).sum(-1)
+  others = np.array([f"{c:03d}" not in secrets for c in range(1000)])
+  for s, e in zip(secrets, got):
+    rank = 1 + int((loss[others] <= loss[int(s)] + 1e-4).sum())
+    assert e == pytest.approx(np.log2(others.sum() + 1) - np.log2(rank)), s
+  again = canaries.lm_exposures(loss_fn, params, tok, "pin {}", secrets, digits=3, seq_len=12,
+                                batch_size=1000)
+  np.testing.assert_array_equal(got, again)
+  with pytest.raises(ValueError, match="3-digit strings"):
+    canaries.lm_exposures(loss_fn, params, tok, "pin {}", ["12"], digits=3, seq_len=12)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from trustjax.data.corpus import TextDataset
@@ -87,3 +88,57 @@ def exposure(secret_perplexity, reference_perplexities) -> float:
     raise ValueError("perplexities must be finite")
   rank = 1 + int((ref <= s).sum())
   return math.log2(ref.size + 1) - math.log2(rank)
+
+
+def lm_windows(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
+  """One next-token window per text, as `data.lm_examples` cuts a role's stream: inputs are tokens
+  0..L-1, targets 1..L, the rest padded (target_mask False); a character tokenizer's text ends
+  with "\n", as every speech does. A text longer than seq_len + 1 tokens is an error.
+
+  Returns {"inputs": int32 [n, L], "targets": int32 [n, L], "target_mask": bool [n, L]}."""
+  n = len(texts)
+  out = {"inputs": np.zeros((n, seq_len), np.int32), "targets": np.zeros((n, seq_len), np.int32),
+         "target_mask": np.zeros((n, seq_len), bool)}
+  for i, text in enumerate(texts):
+    toks = tokenizer.split(text + "\n") if tokenizer.kind == "char" else tokenizer.split(text)
+    ids = np.asarray([tokenizer.token_id(t) for t in toks], np.int32)
+    if not 2 <= len(ids) <= seq_len + 1:
+      raise ValueError(f"canary {text!r} has {len(ids)} tokens; a window holds 2 to "
+                       f"{seq_len + 1}")
+    out["inputs"][i, :len(ids) - 1] = ids[:-1]
+    out["targets"][i, :len(ids) - 1] = ids[1:]
+    out["target_mask"][i, :len(ids) - 1] = True
+  return out
+
+
+def lm_exposures(loss_fn: Callable, params, tokenizer, template: str, secrets: Sequence[str], *,
+                 digits: int, seq_len: int, batch_size: int = 1024) -> np.ndarray:
+  """Each inserted secret's exposure in a language model (Carlini et al. 2019, Sec. 4): every
+  candidate secret of `digits` digits is filled into `template` and scored by `loss_fn` (the
+  model's per-window mean next-token loss: every candidate has the same number of tokens, so
+  this ranks as the log-perplexity does); a secret's rank is among the candidates that were not
+  inserted (the other canaries' secrets are left out of every reference set).
+
+  Returns float64 [len(secrets)] exposures in bits (at most log2 of the references + 1; about
+  1/ln 2 = 1.44 on average for a model that learned nothing about them)."""
+  candidates = all_secrets(digits)
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size=}")
+  index = {c: i for i, c in enumerate(candidates)}
+  missing = [s for s in secrets if s not in index]
+  if missing or not len(secrets):
+    raise ValueError(f"secrets must be {digits}-digit strings (at least one), got {missing}")
+  windows = lm_windows(tokenizer, fill(template, candidates), seq_len)
+  step = jax.jit(loss_fn)
+  losses = np.empty(len(candidates), np.float64)
+  for a in range(0, len(candidates), batch_size):
+    part = {k: v[a:a + batch_size] for k, v in windows.items()}
+    k = len(part["inputs"])
+    if k < batch_size:  # one compiled shape: pad the last batch with copies of its first row
+      part = {key: np.concatenate([v, np.repeat(v[:1], batch_size - k, 0)])
+              for key, v in part.items()}
+    losses[a:a + k] = np.asarray(step(params, part))[:k]
+  inserted = np.zeros(len(candidates), bool)
+  inserted[[index[s] for s in secrets]] = True
+  refs = losses[~inserted]
+  return np.asarray([exposure(losses[index[s]], refs) for s in secrets])
