@@ -1,5 +1,6 @@
 """The `main` of a script that runs one `--config` file and prints a table (audit.py, bias.py),
-how every training script handles Ctrl-C, and how it reports a config field that does not exist."""
+how every training script handles Ctrl-C, and how every config script reports a config field
+that does not exist."""
 
 import os
 import sys

@@ -207,8 +207,9 @@ def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarra
   """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}.
 
   With `mesh`, each batch (padded to a multiple of its size) is split over the mesh's first
-  axis. Without one, the mesh that `params` are replicated over, if any (`sharding.replicated_mesh`),
-  is used: otherwise every one of its devices would compute every batch."""
+  axis. Without one, the mesh that `params` are replicated over, if any
+  (`sharding.replicated_mesh`), is used: otherwise each of its devices would compute every
+  batch."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   n = len(next(iter(arrays.values())))
@@ -277,8 +278,7 @@ def read_ledgers(directory: str) -> dict[str, accounting.PrivacyLedger]:
   if not os.path.isdir(directory):
     raise ValueError(f"no run folder at {directory!r}")
   out = {}
-  for root, dirs, _ in sorted(os.walk(directory)):
-    dirs.sort()
+  for root, _, _ in os.walk(directory):
     if os.path.basename(root) == "checkpoints" and Checkpointer.any_in(root):
       meta = Checkpointer(root).read_meta()
       if "ledger" in meta:
