@@ -310,7 +310,8 @@ def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(t
   for field, value, message in [
       ("canaries.repeats", (0, 4), "canaries.repeats must list counts >= 1"),
       ("canaries.digits", 7, "canaries.digits must lie in"),
-      ("canaries.template", "pin", "exactly one")]:
+      ("canaries.template", "pin", "exactly one"),
+      ("canaries.template", "código {}", r"the tokenizer lacks: \['ó'\]")]:
     with pytest.raises(ValueError, match=message):
       experiments.Setup(config(**{field: value}))
   with pytest.raises(ValueError, match="for classifiers, scripts/audit.py"):

@@ -309,6 +309,11 @@ class Setup:
     """Secret Sharer canaries (`canaries.num` per count in `canaries.repeats`) appended to the
     training windows, each secret `repeats` times; their exposure is measured after training."""
     c = cfg.canaries
+    unknown = sorted({ch for ch in c.template.format("0123456789")
+                      if self.tokenizer.token_id(ch) == self.tokenizer.oov_id})
+    if unknown:  # an out-of-vocabulary secret digit would make the candidates indistinct
+      raise ValueError(f"canaries.template={c.template!r} and the digits need characters the "
+                       f"tokenizer lacks: {unknown}")
     self.canary_secrets = canaries.make_secrets(c.num * len(c.repeats), digits=c.digits,
                                                 seed=cfg.seed)
     self.canary_groups = [r for r in c.repeats for _ in range(c.num)]
@@ -580,7 +585,8 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
     lines += ["## Canary exposure", "",
               f"{c.num} random {c.digits}-digit secrets per insertion count, each in its own "
               f"training window \"{c.template}\"; exposure (Carlini et al. 2019) ranks a "
-              f"secret's loss among the {10 ** c.digits} candidates not inserted: at most "
+              f"secret's loss among the {10 ** c.digits - len(c.repeats) * c.num}"
+              " candidates never inserted: at most "
               f"{summary['canary_exposure_max']:.2f} bits, "
               f"{summary['canary_exposure_chance']:.2f} on average by chance.", "",
               reporting.markdown_table(
