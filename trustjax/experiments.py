@@ -7,7 +7,6 @@ leaves nothing half-written behind.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -24,6 +23,7 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
+from trustjax.reporting import config_changes
 from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
@@ -526,27 +526,6 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
 # Fields a resumed run may change: how long to train and what to measure at the end.
 _RESUMABLE_CHANGES = {"train.epochs", "train.measure_step_time", "train.profile_calls",
                       "train.results_dir"}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
-def config_changes(path: str, cfg: ml_collections.ConfigDict, allowed=(),
-                   defaults: ml_collections.ConfigDict | None = None) -> list[str]:
-  """The dotted fields whose value in `cfg` differs from the config stored at `path`
-  (a run's config.json), compared as stored (tuples read back as lists), except `allowed`.
-  With `defaults`, a field the stored config lacks (added to the code after the run began)
-  counts as unchanged when `cfg` keeps its default value, which is what the run used."""
-  with open(path, encoding="utf-8") as f:
-    old = _flatten(json.load(f))
-  new = _flatten(json.loads(cfg.to_json_best_effort()))
-  default = {} if defaults is None else _flatten(json.loads(defaults.to_json_best_effort()))
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed
-                and not (k not in old and k in default and new.get(k) == default[k]))
 
 
 def _check_resumable(workdir: str, cfg) -> None:

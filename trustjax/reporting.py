@@ -70,28 +70,34 @@ def _plain(v):
   return v
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _flatten(d: dict, prefix: str = "") -> dict:
   out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) and v:
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
+  for k, v in d.items():
+    out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
   return out
+
+
+def config_changes(path: str, cfg, allowed=(), defaults=None) -> list[str]:
+  """The dotted fields whose value in `cfg` differs from the config stored at `path`
+  (a run's config.json), compared as stored (tuples read back as lists), except `allowed`.
+  With `defaults`, a field the stored config lacks (added to the code after the run began)
+  counts as unchanged when `cfg` keeps its default value, which is what the run used."""
+  with open(path, encoding="utf-8") as f:
+    old = _flatten(json.load(f))
+  new = _flatten(json.loads(cfg.to_json_best_effort()))
+  default = {} if defaults is None else _flatten(json.loads(defaults.to_json_best_effort()))
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in allowed
+                and not (k not in old and k in default and new.get(k) == default[k]))
 
 
 def start_resumable_run(cfg, may_change: Sequence[str] = ("seeds",)) -> str:
   """`start_run` for a study whose finished parts are kept (`cached`): a folder that holds a
-  run of a config differing in any field but `may_change` and `results_dir` is refused (its
-  parts would not belong to this config), naming the fields."""
+  run of a config differing (`config_changes`) in any field but `may_change` and `results_dir`
+  is refused (its parts would not belong to this config), naming the fields."""
   workdir = os.path.join(cfg.results_dir, cfg.run_name)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = _flat(_plain(json.load(f)))
-    new = _flat(_plain(json.loads(json.dumps(cfg.to_dict(), default=_clean))))
-    skip = lambda k: k == "results_dir" or any(k == m or k.startswith(m + ".") for m in may_change)
-    changed = sorted(k for k in set(old) | set(new) if not skip(k) and old.get(k) != new.get(k))
+    changed = config_changes(path, cfg, allowed=("results_dir", *may_change))
     if changed:
       raise ValueError(f"{workdir} holds a study with a different config ({', '.join(changed)}); "
                        f"a rerun may change only {', '.join(may_change)} (pick another run_name)")
@@ -142,6 +148,12 @@ def seeds_note(seeds: Sequence) -> str:
   """How a report describes its cells: means over the seeds with their sample sd, or one seed."""
   return (f"means over seeds {list(seeds)} (+- sample sd)" if len(seeds) > 1
           else f"one seed ({list(seeds)[0]}), so no spread")
+
+
+def over_seeds(seeds: Sequence) -> str:
+  """A heading's suffix for values averaged over the seeds: " (mean over seeds)", or nothing
+  for one seed."""
+  return " (mean over seeds)" if len(seeds) > 1 else ""
 
 
 def plot_curves(records: Sequence[dict], path: str, *, x: str = "step",

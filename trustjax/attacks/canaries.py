@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from trustjax.data.batching import padded_batches
 from trustjax.data.corpus import TextDataset
 
 
@@ -122,22 +123,14 @@ def lm_exposures(loss_fn: Callable, params, tokenizer, template: str, secrets: S
   Returns float64 [len(secrets)] exposures in bits (at most log2 of the references + 1; about
   1/ln 2 = 1.44 on average for a model that learned nothing about them)."""
   candidates = all_secrets(digits)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size=}")
   index = {c: i for i, c in enumerate(candidates)}
   missing = [s for s in secrets if s not in index]
   if missing or not len(secrets):
     raise ValueError(f"secrets must be {digits}-digit strings (at least one), got {missing}")
   windows = lm_windows(tokenizer, fill(template, candidates), seq_len)
   step = jax.jit(loss_fn)
-  losses = np.empty(len(candidates), np.float64)
-  for a in range(0, len(candidates), batch_size):
-    part = {k: v[a:a + batch_size] for k, v in windows.items()}
-    k = len(part["inputs"])
-    if k < batch_size:  # one compiled shape: pad the last batch with copies of its first row
-      part = {key: np.concatenate([v, np.repeat(v[:1], batch_size - k, 0)])
-              for key, v in part.items()}
-    losses[a:a + k] = np.asarray(step(params, part))[:k]
+  losses = np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
+                           for b in padded_batches(windows, batch_size)])  # the last one padded
   inserted = np.zeros(len(candidates), bool)
   inserted[[index[s] for s in secrets]] = True
   refs = losses[~inserted]

@@ -290,8 +290,7 @@ def report(cfg, summary: dict) -> str:
       "profession TV: mean total-variation distance between the profession distributions after "
       "matched male and female prompts (0 is fair).", "",
       summary_table(summary), "",
-      "## P(she) share per profession" + (
-          " (mean over seeds)" if len(summary["seeds"]) > 1 else ""), "",
+      "## P(she) share per profession" + reporting.over_seeds(summary["seeds"]), "",
       reporting.markdown_table(["profession", "corpus P(female)"] + names, rows), "",
       "![pronoun share](plots/pronoun_share.png)", ""])
 

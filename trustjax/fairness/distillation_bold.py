@@ -263,8 +263,8 @@ def report(cfg, summary: dict) -> str:
       "continuations with more words of one gender; sentiment: mean VADER compound. The corpus "
       "row scores held-out text windows of the same length, assigned to the groups at random "
       "(no prompt precedes them). Every model samples with the same keys.", "",
-      summary_table(summary), "", "## Female share per BOLD profession group" + (
-          " (mean over seeds)" if len(summary["seeds"]) > 1 else ""),
+      summary_table(summary), "", "## Female share per BOLD profession group"
+      + reporting.over_seeds(summary["seeds"]),
       "", reporting.markdown_table(["group"] + names, rows), "",
       "![female share](plots/profession_female_share.png)", "",
       "## Example continuations (first seed; an actor prompt, then an actress prompt)", "",

@@ -300,7 +300,7 @@ def report(cfg, summary: dict) -> str:
       f"{cfg.generalized_mean_p}; threshold gaps at P(toxic) > {cfg.threshold}; APS: mean "
       "|d P(toxic) / dt| when the identity term's embeddings are scaled by (1 + t).", "",
       summary_table(summary), "",
-      "## Per identity" + (" (mean over seeds)" if len(summary["seeds"]) > 1 else ""), "",
+      "## Per identity" + reporting.over_seeds(summary["seeds"]), "",
       reporting.markdown_table(cols, rows), "", "![bias AUCs](plots/bias_aucs.png)", ""])
 
 

@@ -321,8 +321,9 @@ def fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: 
            server_lr: float = 1.0, client_chunk: int | None = None) -> FederatedAlgorithm:
   """FedAvg (McMahan et al. 2017): the new model is the weighted mean of the clients' models
   (server_lr 1)."""
-  return fedopt(loss_fn=loss_fn, server_optimizer=optax.sgd(server_lr), client_lr=client_lr,
-                batch_size=batch_size, local_epochs=local_epochs, client_chunk=client_chunk)
+  return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
+                client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
+                client_chunk=client_chunk)
 
 
 def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
@@ -331,9 +332,9 @@ def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
   """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2."""
   if not mu > 0:
     raise ValueError(f"FedProx needs mu > 0, got {mu=}")
-  return fedopt(loss_fn=loss_fn, server_optimizer=optax.sgd(server_lr), client_lr=client_lr,
-                batch_size=batch_size, local_epochs=local_epochs, prox_mu=mu,
-                client_chunk=client_chunk)
+  return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
+                client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
+                prox_mu=mu, client_chunk=client_chunk)
 
 
 class ScaffoldState(NamedTuple):
@@ -353,7 +354,7 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
   if num_clients < 1:
     raise ValueError(f"num_clients must be >= 1, got {num_clients=}")
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
-  opt = optax.sgd(server_lr)
+  opt = make_server_optimizer("sgd", server_lr)
 
   def init(params):
     zeros = tmap(jnp.zeros_like, params)
@@ -460,13 +461,20 @@ SERVER_OPTIMIZERS = {"sgd": optax.sgd, "adam": functools.partial(optax.adam, b1=
                      "momentum": functools.partial(optax.sgd, momentum=0.9)}
 
 
+def make_server_optimizer(name: str, server_lr: float) -> optax.GradientTransformation:
+  """SERVER_OPTIMIZERS[name] at learning rate `server_lr`, both checked."""
+  if name not in SERVER_OPTIMIZERS:
+    raise ValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}, got {name!r}")
+  if not server_lr > 0:
+    raise ValueError(f"server_lr must be positive, got {server_lr=}")
+  return SERVER_OPTIMIZERS[name](server_lr)
+
+
 def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
           server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
           server_optimizer: str = "adam", client_chunk: int | None = None) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
   SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold"."""
-  if not server_lr > 0:
-    raise ValueError(f"server_lr must be positive, got {server_lr=}")
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
                 local_epochs=local_epochs, client_chunk=client_chunk)
   alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
@@ -475,10 +483,8 @@ def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, loca
   if name == "fedprox":
     return fedprox(mu=mu, server_lr=server_lr, **common)
   if name in alias or name == "fedopt":
-    key = alias.get(name, server_optimizer)
-    if key not in SERVER_OPTIMIZERS:
-      raise ValueError(f"server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}, got {key!r}")
-    return fedopt(server_optimizer=SERVER_OPTIMIZERS[key](server_lr), **common)
+    return fedopt(server_optimizer=make_server_optimizer(alias.get(name, server_optimizer),
+                                                         server_lr), **common)
   if name == "scaffold":
     if num_clients is None:
       raise ValueError("scaffold needs num_clients (it keeps a control variate per client)")

@@ -219,9 +219,6 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
     raise ValueError(f"[{name}] fl.activity_power must be >= 0, got {s.activity_power}")
   if not s.server_lr > 0:
     raise ValueError(f"[{name}] fl.server_lr must be positive, got {s.server_lr}")
-  if s.dp.enabled and s.server_optimizer not in algorithms.SERVER_OPTIMIZERS:
-    raise ValueError(f"[{name}] fl.server_optimizer must be one of "
-                     f"{sorted(algorithms.SERVER_OPTIMIZERS)}, got {s.server_optimizer!r}")
   try:
     build_algorithm(s, lambda params, batch: None, num_clients)
   except ValueError as e:
@@ -264,7 +261,7 @@ def build_algorithm(s, loss_fn, num_clients: int):
         loss_fn=loss_fn, client_lr=s.client_lr, batch_size=s.batch_size,
         local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
         expected_clients=q * num_clients,
-        server_optimizer=algorithms.SERVER_OPTIMIZERS[s.server_optimizer](s.server_lr),
+        server_optimizer=algorithms.make_server_optimizer(s.server_optimizer, s.server_lr),
         adaptive=adaptive, client_chunk=client_chunk(s)), q
   return algorithms.build(s.algorithm, loss_fn=loss_fn, client_lr=s.client_lr,
                           batch_size=s.batch_size, local_epochs=s.local_epochs,
