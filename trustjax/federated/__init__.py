@@ -1,8 +1,9 @@
 """Federated learning simulation: client data, partitioners, selection, algorithms, rounds."""
 
 from trustjax.federated import algorithms, partition, selection, simulate
-from trustjax.federated.algorithms import (Cohort, FederatedAlgorithm, ServerState, dp_fedavg,
-                                           fedavg, fedopt, fedprox, local_train, scaffold)
+from trustjax.federated.algorithms import (Byzantine, Cohort, FederatedAlgorithm, ServerState,
+                                           dp_fedavg, fedavg, fedopt, fedprox, local_train,
+                                           make_byzantine, robust_aggregate, scaffold)
 from trustjax.federated.client_data import ClientData, ClientStore, bucket_capacities
 from trustjax.federated.selection import Selection
 from trustjax.federated.simulate import (Faults, client_mesh, continual_parts, federated_evaluate,

@@ -17,11 +17,18 @@ References:
   Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML 2020.
   McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018 (DP-FedAvg).
   Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021.
+  Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018
+  (coordinate-wise median and trimmed mean).
+  Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
+  NeurIPS 2017 (Krum; the Gaussian Byzantine client).
+  Li et al., "RSA: Byzantine-Robust Stochastic Aggregation Methods for Distributed Learning from
+  Heterogeneous Datasets", AAAI 2019 (the sign-flipping client).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import contextvars
 import functools
 from typing import Any, Callable, NamedTuple
@@ -197,9 +204,13 @@ def sharded_clients(mesh):
     _CLIENT_MESH.reset(token)
 
 
-def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_chunk=None):
+def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_chunk=None,
+                 byzantine: Byzantine | None = None):
   """Runs `local` on every client of the cohort; returns (deltas [k, ...], LocalResult, accepted
   [k], finite [k]).
+
+  With `byzantine`, the updates of its clients are replaced by what they send instead (see
+  `Byzantine`) before anything checks or aggregates them.
 
   client_chunk None (or >= k): one vmap over all k clients. Otherwise the clients are sorted by
   their amount of local work and run `client_chunk` at a time (`lax.map` with vmap inside), so
@@ -253,15 +264,20 @@ def _run_clients(local, params, cohort: Cohort, key, corrections=None, client_ch
       res = jax.shard_map(one_block, mesh=mesh, in_specs=(jax.sharding.PartitionSpec(), spec),
                           out_specs=spec, check_vma=False)(params, args)
   deltas = tmap(lambda new, old: new - old[None], res.params, params)
+  if byzantine is not None:
+    deltas = byzantine.corrupt(deltas, cohort.ids, jax.random.fold_in(key, 0x42595a))
   finite = jax.vmap(_finite)(deltas) & jnp.isfinite(res.loss_sum)
   accepted = finite & (cohort.weights > 0) & (cohort.work > 0) & (res.steps > 0)
   return deltas, res, accepted, finite
 
 
-def _round_metrics(cohort, res, accepted, finite, agg) -> dict:
+def _round_metrics(cohort, res, accepted, finite, agg, byzantine=None) -> dict:
   real = cohort.weights > 0
   fa = accepted.astype(jnp.float32)
-  return {
+  extra = {}
+  if byzantine is not None:  # Byzantine updates the server took in (it cannot tell them apart)
+    extra["clients_byzantine"] = (accepted & byzantine.mask(cohort.ids)).sum().astype(jnp.float32)
+  return {**extra,
       "clients_accepted": fa.sum(),
       "clients_rejected_nonfinite": (real & (cohort.work > 0) & ~finite).sum().astype(jnp.float32),
       "clients_dropped": (real & (cohort.work <= 0)).sum().astype(jnp.float32),
@@ -279,6 +295,157 @@ def aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array) -> Params
   return _weighted_sum(deltas, w_acc * scale)
 
 
+# ----------------------------------------------------------------------------- Byzantine clients
+
+BYZANTINE_ATTACKS = ("sign_flip", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Byzantine:
+  """Malicious clients, simulated: whenever one of `ids` is in a cohort and trains, it sends
+
+  - "sign_flip": -scale times its honest update (the sign-flipping client of Li et al. 2019);
+  - "gaussian": independent N(0, scale^2) noise in every coordinate, whatever its data
+    (Blanchard et al. 2017's Gaussian Byzantine client),
+
+  instead of its update. A Byzantine client that drops out sends nothing, like any other. Build
+  with `make_byzantine`, which checks the values.
+
+  Attributes:
+    ids: int32 [m] the malicious clients' ids (indices into the ClientStore, as Cohort.ids).
+    attack: one of BYZANTINE_ATTACKS.
+    scale: the attack's magnitude (> 0).
+  """
+
+  ids: jax.Array
+  attack: str
+  scale: float
+
+  def mask(self, client_ids: jax.Array) -> jax.Array:
+    """bool [k]: which slots hold a malicious client."""
+    return jnp.isin(client_ids, self.ids)
+
+  def corrupt(self, deltas: Params, client_ids: jax.Array, key: PRNGKey) -> Params:
+    """The updates as the server receives them: malicious slots replaced by their attack."""
+    bad = self.mask(client_ids)
+    leaves, treedef = jax.tree_util.tree_flatten(deltas)
+    out = []
+    for i, d in enumerate(leaves):
+      if self.attack == "sign_flip":
+        sent = -self.scale * d
+      else:
+        sent = self.scale * jax.random.normal(jax.random.fold_in(key, i), d.shape, d.dtype)
+      out.append(jnp.where(bad.reshape((-1,) + (1,) * (d.ndim - 1)), sent, d))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def make_byzantine(ids, attack: str = "sign_flip", scale: float = 4.0) -> Byzantine | None:
+  """A checked `Byzantine` (None when `ids` is empty: no malicious clients)."""
+  if attack not in BYZANTINE_ATTACKS:
+    raise ValueError(f"Byzantine attack must be one of {BYZANTINE_ATTACKS}, got {attack!r}")
+  if not scale > 0:
+    raise ValueError(f"Byzantine attack scale must be positive, got {scale=}")
+  ids = jnp.asarray(ids, jnp.int32).reshape(-1)
+  return Byzantine(ids, attack, float(scale)) if ids.size else None
+
+
+# ----------------------------------------------------------------------------- robust aggregation
+
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+
+
+def check_aggregator(aggregator: str, robust_fraction: float) -> None:
+  if aggregator not in AGGREGATORS:
+    raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {aggregator!r}")
+  if not 0.0 <= robust_fraction < 0.5:
+    raise ValueError(f"robust_fraction must lie in [0, 0.5), got {robust_fraction=}")
+
+
+def _rows(mask: jax.Array, d: jax.Array) -> jax.Array:
+  return mask.reshape((-1,) + (1,) * (d.ndim - 1))
+
+
+def _floor_table(fraction: float, k: int) -> jax.Array:
+  """int32 [k + 1]: int(fraction * n) for n = 0..k, in Python's float64 (as scipy counts)."""
+  return jnp.asarray([int(fraction * n) for n in range(k + 1)], jnp.int32)
+
+
+def _sorted_accepted(d: jax.Array, accepted: jax.Array) -> jax.Array:
+  """Each coordinate's values sorted over the accepted clients, which come first (the others,
+  NaN included, are +inf and sort last)."""
+  return jnp.sort(jnp.where(_rows(accepted, d), d.astype(jnp.float32), jnp.inf), axis=0)
+
+
+def coordinate_median(deltas: Params, accepted: jax.Array) -> Params:
+  """Coordinate-wise median of the accepted clients' updates (Yin et al. 2018), unweighted: every
+  accepted slot counts once whatever its examples; for an even count, the mean of the two middle
+  values; 0 when nobody is accepted."""
+  n = accepted.sum()
+
+  def one(d):
+    s = _sorted_accepted(d, accepted)
+    lo = jnp.take(s, jnp.maximum((n - 1) // 2, 0), axis=0)
+    hi = jnp.take(s, n // 2, axis=0, mode="clip")
+    return jnp.where(n > 0, 0.5 * (lo + hi), 0.0)
+
+  return tmap(one, deltas)
+
+
+def trimmed_mean(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
+  """Coordinate-wise trimmed mean (Yin et al. 2018): in each coordinate, the int(fraction * n)
+  largest and as many smallest of the n accepted values are dropped and the rest averaged
+  (scipy.stats.trim_mean's count), unweighted; 0 when nobody is accepted."""
+  n = accepted.sum()
+
+  def one(d):
+    t = _floor_table(fraction, d.shape[0])[n]
+    s = _sorted_accepted(d, accepted)
+    pos = jnp.arange(d.shape[0]).reshape((-1,) + (1,) * (d.ndim - 1))
+    kept = jnp.where((pos >= t) & (pos < n - t), s, 0.0).sum(0)
+    return jnp.where(n > 0, kept / jnp.maximum(n - 2 * t, 1), 0.0)
+
+  return tmap(one, deltas)
+
+
+def krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
+  """Krum (Blanchard et al. 2017): the one accepted update whose summed squared distance to its
+  n - f - 2 nearest other accepted updates is smallest, where n is the number accepted and
+  f = int(fraction * n) the number of Byzantine clients it assumes (at least one neighbour is
+  used when n - f - 2 < 1, where the paper's guarantee, which needs n > 2f + 2, does not hold).
+  Distances over all parameters together; 0 when nobody is accepted."""
+  leaves = jax.tree_util.tree_leaves(deltas)
+  k = leaves[0].shape[0]
+  n = accepted.sum()
+  flat = jnp.concatenate([jnp.where(_rows(accepted, d), d, 0.0).reshape(k, -1).astype(jnp.float32)
+                          for d in leaves], axis=1)
+  sq = jnp.sum(jnp.square(flat), axis=1)
+  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (flat @ flat.T), 0.0)
+  pair = accepted[:, None] & accepted[None, :] & ~jnp.eye(k, dtype=bool)
+  nearest = jnp.sort(jnp.where(pair, dist, jnp.inf), axis=1)
+  m = jnp.maximum(n - _floor_table(fraction, k)[n] - 2, 1)
+  rank = jnp.arange(k)[None, :]
+  score = jnp.where((rank < m) & jnp.isfinite(nearest), nearest, 0.0).sum(1)
+  best = jnp.argmin(jnp.where(accepted, score, jnp.inf))
+  return tmap(lambda d: jnp.where(n > 0, d[best].astype(jnp.float32), 0.0), deltas)
+
+
+def robust_aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array,
+                     aggregator: str = "mean", robust_fraction: float = 0.1) -> Params:
+  """The server's aggregate of the accepted updates: "mean" is `aggregate` (weighted by the
+  selection's weights); "median", "trimmed_mean" (cutting `robust_fraction` from each end) and
+  "krum" (assuming a `robust_fraction` of Byzantine clients) are unweighted, as their papers
+  define them: they treat every accepted slot alike whatever its weight, so with non-uniform
+  selection weights they are not unbiased estimates of the mean update."""
+  check_aggregator(aggregator, robust_fraction)
+  if aggregator == "mean":
+    return aggregate(deltas, weights, accepted)
+  if aggregator == "median":
+    return coordinate_median(deltas, accepted)
+  if aggregator == "trimmed_mean":
+    return trimmed_mean(deltas, accepted, robust_fraction)
+  return krum(deltas, accepted, robust_fraction)
+
+
 # ----------------------------------------------------------------------------- server algorithms
 
 
@@ -290,15 +457,20 @@ def _server_step(optimizer: optax.GradientTransformation, state: ServerState, up
 
 def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, client_lr: float,
            batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0,
-           client_chunk: int | None = None) -> FederatedAlgorithm:
+           client_chunk: int | None = None, aggregator: str = "mean",
+           robust_fraction: float = 0.1, byzantine: Byzantine | None = None) -> FederatedAlgorithm:
   """FedOpt: the server applies `server_optimizer` to the pseudo-gradient -(weighted mean update).
 
   FedAvg is FedOpt with optax.sgd(1.0); FedAdam / FedYogi / FedAdagrad use optax.adam / yogi /
   adagrad (Reddi et al. 2021). prox_mu > 0 adds FedProx's proximal term to the clients.
   client_chunk (every builder): clients trained together per vmap, see `_run_clients`; None = the
   whole cohort at once. It changes speed and memory, not results.
+  aggregator: "mean" (the weighted mean above) or a Byzantine-robust rule in its place, "median",
+  "trimmed_mean" or "krum", with `robust_fraction` (see `robust_aggregate`).
+  byzantine (every builder): simulated malicious clients (`make_byzantine`); None = none.
   """
   _check_client(client_lr, batch_size, local_epochs, client_chunk)
+  check_aggregator(aggregator, robust_fraction)
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu=}")
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu)
@@ -308,33 +480,35 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
 
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key,
-                                                 client_chunk=client_chunk)
-    agg = aggregate(deltas, cohort.weights, accepted)
+                                                 client_chunk=client_chunk, byzantine=byzantine)
+    agg = robust_aggregate(deltas, cohort.weights, accepted, aggregator, robust_fraction)
     params, opt_state = _server_step(server_optimizer, state, agg)
     return (ServerState(params, opt_state, state.round + 1, state.extra),
-            _round_metrics(cohort, res, accepted, finite, agg))
+            _round_metrics(cohort, res, accepted, finite, agg, byzantine))
 
   return FederatedAlgorithm(init, apply)
 
 
 def fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
-           server_lr: float = 1.0, client_chunk: int | None = None) -> FederatedAlgorithm:
+           server_lr: float = 1.0, client_chunk: int | None = None,
+           **robust) -> FederatedAlgorithm:
   """FedAvg (McMahan et al. 2017): the new model is the weighted mean of the clients' models
-  (server_lr 1)."""
+  (server_lr 1). `robust`: fedopt's aggregator, robust_fraction and byzantine."""
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
                 client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
-                client_chunk=client_chunk)
+                client_chunk=client_chunk, **robust)
 
 
 def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
             local_epochs: int = 1, server_lr: float = 1.0,
-            client_chunk: int | None = None) -> FederatedAlgorithm:
-  """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2."""
+            client_chunk: int | None = None, **robust) -> FederatedAlgorithm:
+  """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2.
+  `robust`: fedopt's aggregator, robust_fraction and byzantine."""
   if not mu > 0:
     raise ValueError(f"FedProx needs mu > 0, got {mu=}")
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
                 client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
-                prox_mu=mu, client_chunk=client_chunk)
+                prox_mu=mu, client_chunk=client_chunk, **robust)
 
 
 class ScaffoldState(NamedTuple):
@@ -344,7 +518,8 @@ class ScaffoldState(NamedTuple):
 
 def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients: int,
              local_epochs: int = 1, server_lr: float = 1.0,
-             client_chunk: int | None = None) -> FederatedAlgorithm:
+             client_chunk: int | None = None,
+             byzantine: Byzantine | None = None) -> FederatedAlgorithm:
   """SCAFFOLD (Karimireddy et al. 2020, option II): clients correct each gradient by c - c_i and
   update c_i+ = c_i - c + (x - y_i) / (K_i * client_lr) after K_i local steps; the server moves
   x by server_lr * (weighted mean of y_i - x) and c by (1/N) * sum of the accepted c_i+ - c_i
@@ -367,7 +542,7 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
     ci = tmap(lambda x: x[cohort.ids], cis)
     corr = tmap(lambda a, b: a[None] - b, c, ci)
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key, corr,
-                                                 client_chunk=client_chunk)
+                                                 client_chunk=client_chunk, byzantine=byzantine)
     k_lr = jnp.maximum(res.steps, 1).astype(jnp.float32) * client_lr
     ci_new = tmap(lambda cii, cc, d: cii - cc[None] - d / k_lr.reshape((-1,) + (1,) * (d.ndim - 1)),
                   ci, c, deltas)
@@ -382,7 +557,7 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
     c = tmap(lambda cc, d: cc + d.sum(0) / num_clients, c, dci)
     cis = tmap(lambda all_, d: all_.at[cohort.ids].add(d), cis, dci)
     return (ServerState(params, opt_state, state.round + 1, ScaffoldState(c, cis)),
-            _round_metrics(cohort, res, accepted, finite, agg))
+            _round_metrics(cohort, res, accepted, finite, agg, byzantine))
 
   return FederatedAlgorithm(init, apply)
 
@@ -391,7 +566,8 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
               noise_multiplier: float, expected_clients: float, local_epochs: int = 1,
               server_optimizer: optax.GradientTransformation | None = None,
               adaptive: quantile.QuantileClipping | None = None,
-              client_chunk: int | None = None) -> FederatedAlgorithm:
+              client_chunk: int | None = None,
+              byzantine: Byzantine | None = None) -> FederatedAlgorithm:
   """DP-FedAvg (McMahan et al. 2018): user-level DP with Poisson-sampled clients.
 
   Each client's model update is clipped to L2 norm C (over all parameters); the server sums the
@@ -409,6 +585,7 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
       update together cost sigma (Andrew et al. 2021).
     expected_clients: q * N.
     adaptive: optional QuantileClipping; the clip norm is server state.
+    byzantine: simulated malicious clients; their updates are clipped like any other.
   """
   _check_client(client_lr, batch_size, local_epochs, client_chunk)
   quantile.check_expected_count(expected_clients)
@@ -431,7 +608,7 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     k_clients, k_noise, k_count = jax.random.split(key, 3)
     clip = state.extra
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients,
-                                                 client_chunk=client_chunk)
+                                                 client_chunk=client_chunk, byzantine=byzantine)
     use = accepted.astype(jnp.float32)  # 1 for clients that contribute, 0 otherwise
     norms = jnp.sqrt(jax.vmap(_tree_sq_norm)(tmap(
         lambda d: jnp.where(accepted.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)))
@@ -440,7 +617,7 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     mean = noise.privatize(clipped_sum, k_noise, l2_clip=clip, noise_multiplier=sum_sigma,
                            expected_batch_size=expected_clients)
     params, opt_state = _server_step(opt, state, mean)
-    metrics = _round_metrics(cohort, res, accepted, finite, mean)
+    metrics = _round_metrics(cohort, res, accepted, finite, mean, byzantine)
     metrics["clip"] = clip
     metrics["clients_clipped"] = (use * (norms > clip)).sum()
     new_clip = clip
@@ -472,22 +649,29 @@ def make_server_optimizer(name: str, server_lr: float) -> optax.GradientTransfor
 
 def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: int = 1,
           server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
-          server_optimizer: str = "adam", client_chunk: int | None = None) -> FederatedAlgorithm:
+          server_optimizer: str = "adam", client_chunk: int | None = None,
+          aggregator: str = "mean", robust_fraction: float = 0.1,
+          byzantine: Byzantine | None = None) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
-  SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold"."""
+  SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold". Every one
+  but SCAFFOLD (whose control variates are means) takes a robust `aggregator`."""
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
-                local_epochs=local_epochs, client_chunk=client_chunk)
+                local_epochs=local_epochs, client_chunk=client_chunk, byzantine=byzantine)
+  robust = dict(aggregator=aggregator, robust_fraction=robust_fraction)
   alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
   if name == "fedavg":
-    return fedavg(server_lr=server_lr, **common)
+    return fedavg(server_lr=server_lr, **common, **robust)
   if name == "fedprox":
-    return fedprox(mu=mu, server_lr=server_lr, **common)
+    return fedprox(mu=mu, server_lr=server_lr, **common, **robust)
   if name in alias or name == "fedopt":
     return fedopt(server_optimizer=make_server_optimizer(alias.get(name, server_optimizer),
-                                                         server_lr), **common)
+                                                         server_lr), **common, **robust)
   if name == "scaffold":
     if num_clients is None:
       raise ValueError("scaffold needs num_clients (it keeps a control variate per client)")
+    if aggregator != "mean":
+      raise ValueError(f"scaffold aggregates with the mean (its control variates are means), "
+                       f"got aggregator={aggregator!r}")
     return scaffold(num_clients=num_clients, server_lr=server_lr, **common)
   raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGORITHMS}")
 

@@ -1,0 +1,197 @@
+"""Byzantine clients and the robust aggregators, against numpy, scipy and a float64 loop."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from tests.federated import helpers
+from trustjax import federated as fl
+from trustjax.federated import algorithms, selection
+
+tmap = jax.tree_util.tree_map
+
+
+def _deltas(k, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"a": rng.normal(size=(k, 3, 4)).astype(np.float32),
+          "b": rng.standard_t(2, size=(k, 5)).astype(np.float32)}
+
+
+def _flat(tree):
+  return np.concatenate([np.asarray(x, np.float64).reshape(x.shape[0], -1)
+                         for x in jax.tree_util.tree_leaves(tree)], axis=1)
+
+
+def _krum_loop(vectors, f):
+  """Blanchard et al.'s Krum, written out: score(i) = the sum of squared distances to its
+  n - f - 2 nearest others (at least one); the vector with the lowest score."""
+  n = len(vectors)
+  m = max(n - f - 2, 1)
+  scores = []
+  for i in range(n):
+    d = sorted(float(np.sum((vectors[i] - vectors[j]) ** 2)) for j in range(n) if j != i)
+    scores.append(sum(d[:m]))
+  return vectors[int(np.argmin(scores))]
+
+
+MASKS = [np.ones(9, bool),  # all 9 (odd)
+         np.array([1, 0, 1, 1, 0, 1, 1, 1, 1], bool),  # 7
+         np.array([1, 1, 0, 1, 0, 1, 1, 0, 1], bool),  # 6 (even)
+         np.array([0, 0, 0, 1, 1, 0, 0, 0, 0], bool),  # 2
+         np.array([0, 0, 0, 0, 0, 1, 0, 0, 0], bool)]  # 1
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: f"n{int(m.sum())}")
+def test_robust_rules_equal_numpy_scipy_and_a_loop_and_ignore_rejected_rows(mask):
+  deltas = _deltas(9)
+  # rejected clients may carry NaN or huge values: they must not reach any aggregate
+  poisoned = tmap(lambda d: np.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d,
+                                     np.where(np.arange(9)[:, None] % 2, np.nan, 1e30)
+                                     .reshape((-1,) + (1,) * (d.ndim - 1))).astype(np.float32),
+                  deltas)
+  acc = jnp.asarray(mask)
+  weights = jnp.ones(9)
+  agg = jax.jit(algorithms.robust_aggregate, static_argnums=(3, 4))
+  kept = _flat(deltas)[mask]
+  np.testing.assert_allclose(_flat(tmap(lambda x: x[None], agg(poisoned, weights, acc, "median",
+                                                                  0.1)))[0],
+                             np.median(kept, axis=0), rtol=1e-6, atol=1e-6)
+  for frac in (0.0, 0.1, 0.2, 0.34, 0.45):
+    got = _flat(tmap(lambda x: x[None], agg(poisoned, weights, acc, "trimmed_mean", frac)))[0]
+    np.testing.assert_allclose(got, scipy.stats.trim_mean(kept, frac, axis=0), rtol=1e-5,
+                               atol=1e-6, err_msg=f"{frac=}")
+  for frac in (0.0, 0.2, 0.34):
+    got = _flat(tmap(lambda x: x[None], agg(poisoned, weights, acc, "krum", frac)))[0]
+    np.testing.assert_allclose(got, _krum_loop(kept, int(frac * len(kept))), rtol=1e-6,
+                               err_msg=f"{frac=}")
+  nobody = jnp.zeros(9, bool)
+  for name in ("median", "trimmed_mean", "krum"):
+    chex.assert_trees_all_equal(agg(poisoned, weights, nobody, name, 0.1),
+                                tmap(lambda d: np.zeros(d.shape[1:], np.float32), deltas))
+
+
+def _honest_and_sent(byzantine, cohort, params, key):
+  local = algorithms._local_fn(helpers.LOSS, 0.1, 4, 1)
+  run = lambda b: jax.jit(lambda: algorithms._run_clients(local, params, cohort, key,
+                                                          byzantine=b)[0])()
+  return run(None), run(byzantine)
+
+
+def test_byzantine_clients_send_their_attack_and_only_they_do():
+  store, _ = helpers.store(sizes=(8, 9, 16, 6, 12, 7, 5, 10))
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, selection.uniform(0, 3, store.counts, 6))
+  bad_ids = np.array([1, 4, 6])
+  bad = np.isin(cohort.ids, bad_ids)
+  assert 0 < bad.sum() < 6
+  key = jax.random.key(3)
+  honest, sent = _honest_and_sent(fl.make_byzantine(bad_ids, "sign_flip", 3.0), cohort, params,
+                                  key)
+  h, s = _flat(honest), _flat(sent)
+  np.testing.assert_allclose(s[bad], -3.0 * h[bad], rtol=1e-6)
+  np.testing.assert_array_equal(s[~bad], h[~bad])
+  honest, sent = _honest_and_sent(fl.make_byzantine(bad_ids, "gaussian", 2.5), cohort, params, key)
+  h, s = _flat(honest), _flat(sent)
+  np.testing.assert_array_equal(s[~bad], h[~bad])
+  noise = s[bad].ravel()  # N(0, 2.5^2), whatever the client's data
+  assert scipy.stats.kstest(noise / 2.5, "norm").pvalue > 1e-3
+  assert not np.allclose(s[bad][0], s[bad][-1])  # each malicious slot draws its own noise
+  assert fl.make_byzantine([], "gaussian", 1.0) is None
+
+
+def test_robust_round_applies_the_rule_to_the_clients_updates_and_counts_byzantine_ones():
+  store, _ = helpers.store(sizes=(8, 9, 16, 6, 12, 7, 5, 10))
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, selection.uniform(0, 1, store.counts, 7))
+  key = jax.random.key(4)
+  byz = fl.make_byzantine([0, 2], "sign_flip", 10.0)
+  _, sent = _honest_and_sent(byz, cohort, params, key)
+  flat0, unravel = jax.flatten_util.ravel_pytree(params)
+  for name, reference in (("median", np.median(_flat(sent), axis=0)),
+                          ("trimmed_mean", scipy.stats.trim_mean(_flat(sent), 0.3, axis=0))):
+    alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, aggregator=name,
+                    robust_fraction=0.3, byzantine=byz)
+    state, m = fl.run_round(alg, alg.init(params), cohort, key)
+    chex.assert_trees_all_close(state.params, unravel(flat0 + jnp.asarray(reference, jnp.float32)),
+                                atol=1e-6)
+    assert float(m["clients_byzantine"]) == np.isin(cohort.ids, [0, 2]).sum() > 0
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "gaussian"])
+def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(attack):
+  # 20 iid clients, 6 of them malicious (30%): the mean is dragged off the honest direction,
+  # the robust rules stay close to it.
+  store, _ = helpers.iid_store(num_clients=20, per_client=8)
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 20))
+  key = jax.random.key(0)
+  honest, sent = _honest_and_sent(fl.make_byzantine(np.arange(0, 20, 3)[:6], attack, 4.0),
+                                  cohort, params, key)
+  target = _flat(honest).mean(0)
+
+  def cosine(agg):
+    v = _flat(tmap(lambda x: x[None], agg))[0]
+    return float(v @ target / np.linalg.norm(v) / np.linalg.norm(target))
+
+  acc = jnp.ones(20, bool)
+  rule = lambda name: cosine(algorithms.robust_aggregate(sent, cohort.weights, acc, name, 0.3))
+  mean = rule("mean")
+  assert mean < 0.5, mean
+  for name in ("median", "trimmed_mean", "krum"):
+    assert rule(name) > 0.75 and rule(name) > mean + 0.4, (name, rule(name), mean)
+
+
+def test_robust_round_sharded_over_8_devices_equals_one_device():
+  assert jax.device_count() >= 8
+  store, _ = helpers.store(sizes=(5, 9, 16, 3, 12, 7, 4, 6, 10, 2))
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 10), multiple_of=8)
+  byz = fl.make_byzantine([3, 7], "gaussian", 1.0)
+  for name in ("median",):  # sorts over the sharded client axis (krum's products: the rules test)
+    alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, client_chunk=1,
+                    aggregator=name, robust_fraction=0.2, byzantine=byz)
+    one, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2), mesh=fl.client_mesh(1))
+    eight, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
+                            mesh=fl.client_mesh(8))
+    chex.assert_trees_all_close(one.params, eight.params, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"aggregator": "mode"}, "aggregator must be one of"),
+    ({"aggregator": "trimmed_mean", "robust_fraction": 0.5}, "robust_fraction=0.5"),
+    ({"aggregator": "krum", "robust_fraction": -0.1}, "robust_fraction=-0.1"),
+])
+def test_bad_robust_settings_are_named(kw, match):
+  with pytest.raises(ValueError, match=match):
+    fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, **kw)
+
+
+def test_bad_byzantine_settings_and_scaffold_with_a_robust_rule_are_refused():
+  with pytest.raises(ValueError, match="attack must be one of"):
+    fl.make_byzantine([1], "flip")
+  with pytest.raises(ValueError, match="scale=0"):
+    fl.make_byzantine([1], "sign_flip", 0.0)
+  with pytest.raises(ValueError, match="scaffold aggregates with the mean"):
+    algorithms.build("scaffold", loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4,
+                     num_clients=5, aggregator="median")
+
+
+def test_dp_fedavg_clips_a_byzantine_client_to_the_sensitivity_bound():
+  # Whatever a malicious client sends, DP-FedAvg clips it to C like any update: with no noise,
+  # the aggregate moves by at most 2C / (qN) between the attacked round and the honest one (its
+  # clipped update replaced by another of norm <= C), and the attacker is counted.
+  store, _ = helpers.store(sizes=(8, 8, 8, 8))
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, fl.Selection(np.arange(4), np.ones(4, np.float32)))
+  clip, denominator = 0.05, 3.0
+  run = lambda byz: fl.run_round(*(lambda a: (a, a.init(params)))(fl.dp_fedavg(
+      loss_fn=helpers.LOSS, client_lr=0.5, batch_size=4, l2_clip=clip, noise_multiplier=0.0,
+      expected_clients=denominator, byzantine=byz)), cohort, jax.random.key(1))
+  honest, _ = run(None)
+  attacked, m = run(fl.make_byzantine([2], "sign_flip", 1e6))
+  moved = np.linalg.norm(_flat(tmap(lambda a, b: (a - b)[None], attacked.params, honest.params)))
+  assert 0 < moved <= 2 * clip / denominator * (1 + 1e-5)
+  assert float(m["clients_byzantine"]) == 1 and float(m["clients_clipped"]) == 4
