@@ -3,7 +3,7 @@
   python scripts/fl_tables.py [--results results]
 
 Reads results/fl_snips_<partition>[_seed<s>]/summary.json (mean and sample std over the seeds
-found) and results/fl_selection_*/summary.json.
+found), results/fl_selection_*/summary.json and results/fl_robust_*/summary.json.
 """
 
 import argparse
@@ -74,6 +74,36 @@ def selection_table(root):
       ["data", "setting", "selection", "accuracy %", "next-period accuracies % / notes"], rows)
 
 
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+
+
+def robust_table(root):
+  """Final accuracy % / eval loss per aggregator, one row per malicious fraction and attack."""
+  rows = []
+  for path in glob.glob(os.path.join(root, "fl_robust_*", "summary.json")):
+    if path.split(os.sep)[-2].endswith("_runlocal"):
+      continue
+    summary = _load(path)
+    by = {s["strategy"]: s for s in summary["strategies"]}
+    first = next(iter(by.values()))
+    bad = first.get("byzantine_clients", 0)
+    attack = first.get("byzantine_attack", "-") if bad else "-"
+
+    def cell(a):
+      if a not in by:
+        return "-"
+      loss = by[a]["final_eval_loss"]
+      return (f"{100 * by[a]['final_eval_accuracy']:.1f} / "
+              + (f"{loss:.2f}" if np.isfinite(loss) else "diverged"))
+
+    rows.append(((attack, bad), [f"{bad} of {summary['num_clients']}", attack,
+                                 int(first.get("byzantine_updates_aggregated", 0))] +
+                 [cell(a) for a in AGGREGATORS]))
+  return reporting.markdown_table(["malicious clients", "attack", "malicious updates taken in"] +
+                                  [f"{a}: acc. % / loss" for a in AGGREGATORS],
+                                  [r for _, r in sorted(rows, key=lambda x: x[0])])
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--results", default="results")
@@ -81,6 +111,8 @@ def main():
   print(snips_table(args.results))
   print()
   print(selection_table(args.results))
+  print()
+  print(robust_table(args.results))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ import pytest
 
 from tests.conftest import REPO, override, shared_data
 from trustjax import data as tjdata
-from trustjax.federated import experiments, simulate
+from trustjax.federated import experiments, selection, simulate
 from trustjax.privacy import accounting
 from trustjax.training import Checkpointer
 
 sys.path.insert(0, str(REPO))
-from configs import fl_dp, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fl_dp, fl_robust, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _cfg(module, arg, tmp_path, **overrides):
@@ -35,6 +35,30 @@ def test_snips_strategies_write_a_run_folder(tmp_path):
   assert "fedadam" in (run / "report.md").read_text()
   for s in summary["strategies"]:
     assert s["final_eval_accuracy"] > 0.25  # chance is 1/7; iid clients, 3 rounds
+
+
+def test_byzantine_clients_and_robust_aggregators_in_a_run(tmp_path):
+  cfg = _cfg(fl_robust, "0.3,runlocal", tmp_path, **{"data.data_dir": str(shared_data("snips"))})
+  summary = experiments.run(cfg, show_progress=False)
+  task = experiments.load_task(cfg)
+  bad = experiments.byzantine_ids(cfg.fl, len(task.parts), cfg.seed)
+  assert len(bad) == 6 and len(set(bad.tolist())) == 6  # 30% of 20 clients
+  counts = np.array([len(p) for p in task.parts])
+  # every selected client trains (no dropout), so each selected malicious slot is aggregated
+  expected = sum(int(np.isin(selection.uniform(cfg.seed, r, counts, 10).ids, bad).sum())
+                 for r in range(cfg.fl.rounds))
+  assert expected > 0
+  by_name = {s["strategy"]: s for s in summary["strategies"]}
+  assert set(by_name) == {"mean", "median", "trimmed_mean", "krum"}
+  for name, s in by_name.items():
+    assert s["aggregator"] == name and s["byzantine_clients"] == 6
+    assert s["byzantine_updates_aggregated"] == expected
+  table = (tmp_path / cfg.run_name / "report.md").read_text()
+  assert "fedavg (median), 6 Byzantine (sign_flip x4)" in table
+  assert "| fedavg, 6 Byzantine (sign_flip x4) |" in table  # the mean
+  dp = _cfg(fl_dp, "runlocal", tmp_path / "dp", **{"fl.aggregator": "median"})
+  with pytest.raises(ValueError, match="DP-FedAvg's sensitivity is that of the clipped sum"):
+    experiments.run(dp, show_progress=False)
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -145,6 +169,13 @@ def test_continual_storage_keeps_newest_or_a_random_subset():
     ({"fl.algorithm": "fedprox", "fl.mu": 0.0}, "FedProx needs mu > 0"),
     ({"continual.enabled": True, "continual.num_periods": 1}, "num_periods must be >= 2"),
     ({"continual.enabled": True, "continual.policy": "lifo"}, "storage policy must be one of"),
+    ({"fl.aggregator": "mode"}, r"\[by_activity\] aggregator must be one of"),
+    ({"fl.aggregator": "krum", "fl.robust_fraction": 0.5}, "robust_fraction=0.5"),
+    ({"fl.algorithm": "scaffold", "fl.aggregator": "median"}, "scaffold aggregates with the mean"),
+    ({"fl.byzantine.fraction": 1.0}, "fl.byzantine.fraction must lie in"),
+    ({"fl.byzantine.fraction": 0.1, "fl.byzantine.attack": "flip"}, "attack must be one of"),
+    ({"fl.byzantine.fraction": 0.1, "fl.byzantine.scale": 0.0}, "scale must be positive"),
+    ({"fl.byzantine.fraction": 0.1, "continual.enabled": True}, "renumbers its clients"),
 ])
 def test_bad_input_names_the_value(tmp_path, overrides, message):
   """Each fails before anything is written (values used only late in a run included)."""
@@ -190,6 +221,19 @@ def test_resume_refuses_changed_hyperparameters(tmp_path):
   # More rounds is a resume.
   experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path, **{"fl.rounds": 2}),
                   show_progress=False)
+  # A folder written before fields were added to the config (here the robust aggregation's)
+  # resumes: the missing fields are read as their defaults.
+  path = tmp_path / "fl_selection_nlu_runlocal" / "config.json"
+  saved = json.loads(path.read_text())
+  for field in ("aggregator", "robust_fraction", "byzantine"):
+    del saved["fl"][field]
+  path.write_text(json.dumps(saved))
+  experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path, **{"fl.rounds": 2}),
+                  show_progress=False)
+  with pytest.raises(ValueError, match="fl.aggregator"):
+    path.write_text(json.dumps(saved))
+    experiments.run(_cfg(fl_selection, "nlu,runlocal", tmp_path,
+                         **{"fl.rounds": 2, "fl.aggregator": "median"}), show_progress=False)
 
 
 def test_shakespeare_roles_train_a_gpt_decoder(tmp_path, monkeypatch):

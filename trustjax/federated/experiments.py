@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -219,6 +218,9 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
     raise ValueError(f"[{name}] fl.activity_power must be >= 0, got {s.activity_power}")
   if not s.server_lr > 0:
     raise ValueError(f"[{name}] fl.server_lr must be positive, got {s.server_lr}")
+  if not 0.0 <= s.byzantine.fraction < 1.0:
+    raise ValueError(f"[{name}] fl.byzantine.fraction must lie in [0, 1), got "
+                     f"{s.byzantine.fraction}")
   try:
     build_algorithm(s, lambda params, batch: None, num_clients)
   except ValueError as e:
@@ -232,6 +234,12 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
     raise ValueError(f"[{name}] fl.selection must be one of {selection.SELECTIONS}, "
                      f"got {s.selection!r}")
   simulate.Faults(dropout=s.dropout, straggler=s.straggler)
+  if s.dp.enabled and s.aggregator != "mean":
+    raise ValueError(f"[{name}] DP-FedAvg's sensitivity is that of the clipped sum: "
+                     f"fl.aggregator must be 'mean', got {s.aggregator!r}")
+  if s.byzantine.fraction > 0 and continual:
+    raise ValueError(f"[{name}] fl.byzantine picks malicious clients by id, and the continual "
+                     "setting renumbers its clients every period; use it in the static setting")
   if s.algorithm == "scaffold" and continual:
     raise ValueError(f"[{name}] scaffold keeps per-client state, which the continual setting's "
                      "changing client sets would misalign; use it in the static setting")
@@ -253,7 +261,17 @@ def num_devices(s) -> int:
   return int(s.num_devices) or jax.device_count()
 
 
-def build_algorithm(s, loss_fn, num_clients: int):
+def byzantine_ids(s, num_clients: int, seed: int) -> np.ndarray:
+  """The malicious clients: round(fl.byzantine.fraction * N) of the N clients, drawn once from
+  the seed (the same ones every round and for every strategy of a run)."""
+  count = int(round(s.byzantine.fraction * num_clients))
+  rng = np.random.default_rng([seed, 0xB12A])
+  return np.sort(rng.choice(num_clients, size=count, replace=False)).astype(np.int32)
+
+
+def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
+  byzantine = algorithms.make_byzantine(byzantine_ids(s, num_clients, seed), s.byzantine.attack,
+                                        s.byzantine.scale)
   if s.dp.enabled:
     q = min(1.0, s.clients_per_round / num_clients)
     adaptive = quantile.from_config(s.dp) if s.dp.adaptive else None
@@ -262,12 +280,13 @@ def build_algorithm(s, loss_fn, num_clients: int):
         local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
         expected_clients=q * num_clients,
         server_optimizer=algorithms.make_server_optimizer(s.server_optimizer, s.server_lr),
-        adaptive=adaptive, client_chunk=client_chunk(s)), q
+        adaptive=adaptive, client_chunk=client_chunk(s), byzantine=byzantine), q
   return algorithms.build(s.algorithm, loss_fn=loss_fn, client_lr=s.client_lr,
                           batch_size=s.batch_size, local_epochs=s.local_epochs,
                           server_lr=s.server_lr, mu=s.mu, num_clients=num_clients,
                           server_optimizer=s.server_optimizer,
-                          client_chunk=client_chunk(s)), None
+                          client_chunk=client_chunk(s), aggregator=s.aggregator,
+                          robust_fraction=s.robust_fraction, byzantine=byzantine), None
 
 
 # ----------------------------------------------------------------------------- running
@@ -379,7 +398,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
             "seconds_this_invocation": time.perf_counter() - t_start}
   stages = _stages(cfg, task, s)
   num_clients = max(st.store.num_clients for st in stages)
-  alg, q = build_algorithm(s, loss_fn, num_clients)
+  alg, q = build_algorithm(s, loss_fn, num_clients, cfg.seed)
   faults = simulate.Faults(dropout=s.dropout, straggler=s.straggler)
   n_dev = num_devices(s)
   mesh = simulate.client_mesh(n_dev) if n_dev > 1 else None
@@ -454,6 +473,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
              "clients_rejected_nonfinite": sum(h.get("clients_rejected_nonfinite", 0)
                                                for h in history),
              "clients_dropped": sum(h.get("clients_dropped", 0) for h in history),
+             "aggregator": s.aggregator,
              "median_round_seconds": float(np.median(round_times)) if round_times else None,
              # over every invocation of a resumed run (from metrics.jsonl), rounds only:
              "round_seconds_total": sum(h.get("round_seconds", 0.0) for h in history),
@@ -469,6 +489,10 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     summary["continual_mean_accuracy"] = (float(np.mean([h.get("eval_accuracy", np.nan)
                                                          for h in per_stage]))
                                           if per_stage else None)
+  if s.byzantine.fraction > 0:
+    summary["byzantine_clients"] = len(byzantine_ids(s, num_clients, cfg.seed))
+    summary["byzantine_attack"] = f"{s.byzantine.attack} x{s.byzantine.scale:g}"
+    summary["byzantine_updates_aggregated"] = sum(h.get("clients_byzantine", 0) for h in history)
   if s.dp.enabled:
     summary.update(ledger.report(delta))
     summary["noise_multiplier"] = s.dp.noise_multiplier
@@ -498,10 +522,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
   cfg_path = os.path.join(workdir, "config.json")
   if os.path.exists(cfg_path):
-    with open(cfg_path, encoding="utf-8") as f:
-      old = _resume_view(json.load(f))
-    new = _resume_view(json.loads(cfg.to_json_best_effort()))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = _resume_changes(cfg_path, cfg)
     if changed:
       raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
                        "a resume may only change fl.rounds and fl.client_chunk (pick another "
@@ -520,22 +541,15 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   return summary
 
 
-def _resume_view(cfg: dict) -> dict:
-  """The config minus what a resume may change: the number of rounds, the client chunk, the
-  number of devices and the results folder."""
-  cfg = copy.deepcopy(cfg)
-  cfg.pop("results_dir", None)
-  for section in [cfg.get("fl", {}), *cfg.get("strategies", {}).values()]:
-    section.pop("rounds", None)
-    section.pop("client_chunk", None)  # speed only: every client's result is the same
-    section.pop("num_devices", None)  # speed only: the same round up to float rounding (tested)
-  flat = {}
-  for k, v in cfg.items():
-    if isinstance(v, dict):
-      flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-    else:
-      flat[k] = v
-  return flat
+def _resume_changes(cfg_path: str, cfg) -> list[str]:
+  """The fields in which `cfg` differs from the run saved at cfg_path, except what a resume may
+  change: the number of rounds, the client chunk and the number of devices (speed only: the same
+  round up to float rounding, tested), in `fl` and in every strategy, and the results folder.
+  A field the saved config lacks (added since) is unchanged while `cfg` keeps its default."""
+  resumable = ("rounds", "client_chunk", "num_devices")
+  allowed = ["results_dir", *(f"fl.{f}" for f in resumable),
+             *(f"strategies.{name}.{f}" for name in cfg.strategies for f in resumable)]
+  return reporting.config_changes(cfg_path, cfg, allowed, default_config())
 
 
 def _plot(workdir: str, cfg) -> None:
@@ -563,7 +577,12 @@ def summary_table(summary: dict) -> str:
   rows = []
   for s in summary["strategies"]:
     acc = s.get("final_eval_accuracy")
-    rows.append([s["strategy"], s["algorithm"], s.get("selection", "-"),
+    algorithm = s["algorithm"]
+    if s.get("aggregator", "mean") != "mean":
+      algorithm += f" ({s['aggregator']})"
+    if s.get("byzantine_clients"):
+      algorithm += f", {s['byzantine_clients']} Byzantine ({s['byzantine_attack']})"
+    rows.append([s["strategy"], algorithm, s.get("selection", "-"),
                  f"{acc:.4f}" if acc is not None else "-",
                  f"{s['continual_mean_accuracy']:.4f}" if s.get("continual_mean_accuracy")
                  is not None else "-",
@@ -624,6 +643,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.server_lr = 1.0
   c.fl.server_optimizer = "adam"  # for fedopt / dp: sgd | momentum | adam | yogi | adagrad
   c.fl.mu = 0.01  # FedProx
+  # The server's aggregate: mean (weighted) | median | trimmed_mean | krum (Byzantine-robust,
+  # unweighted; not with scaffold or DP-FedAvg).
+  c.fl.aggregator = "mean"
+  c.fl.robust_fraction = 0.1  # trimmed_mean: cut from each end; krum: assumed Byzantine fraction
+  c.fl.byzantine = ml_collections.ConfigDict()
+  c.fl.byzantine.fraction = 0.0  # malicious clients: this fraction of all clients, fixed by the seed
+  c.fl.byzantine.attack = "sign_flip"  # sign_flip (send -scale x update) | gaussian (N(0, scale^2))
+  c.fl.byzantine.scale = 4.0
   c.fl.dropout = 0.0  # per-round client dropout probability
   c.fl.straggler = 0.0  # per-round straggler probability
   c.fl.eval_every = 5
