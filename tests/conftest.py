@@ -11,6 +11,32 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run, in a fresh temporary folder shared
+  by the pytest-xdist workers and the scripts the tests start (they inherit the environment):
+  many tests compile a program that another test, a resumed run or a second seed has compiled
+  already, and read it back instead. Nothing outlives the run. TRUSTJAX_TEST_XLA_CACHE=0 turns it
+  off; a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is."""
+  if (hasattr(config, "workerinput") or os.environ.get("TRUSTJAX_TEST_XLA_CACHE") == "0"
+      or "JAX_COMPILATION_CACHE_DIR" in os.environ):
+    return  # a worker (its master made the folder), turned off, or the caller's own cache
+  import tempfile  # pylint: disable=import-outside-toplevel
+  config.trustjax_xla_cache = tempfile.mkdtemp(prefix="trustjax-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = config.trustjax_xla_cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+  # op names and source lines in the key: an executable read back carries its own metadata
+  # (the profiler splits steps by op names; a test compares HLO with and without named scopes)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_INCLUDE_METADATA_IN_KEY", "true")
+
+
+def pytest_unconfigure(config):
+  folder = getattr(config, "trustjax_xla_cache", None)
+  if folder:
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(folder, ignore_errors=True)
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+
 def shared_data(name: str) -> pathlib.Path:
   """A dataset of ../shared/data (or $TRUSTJAX_SHARED_DATA); skipped outside CI when absent."""
   root = pathlib.Path(os.environ.get("TRUSTJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
