@@ -331,6 +331,8 @@ def test_federated_evaluation_equals_pooled_evaluation():
                 for x, y in ((data["x"][p], data["label"][p]) for p in np.split(
                     np.arange(52), np.cumsum([5, 9, 16, 3, 12])))]
   assert fed["client_accuracy_mean"] == pytest.approx(np.mean(per_client), rel=1e-5)
+  assert fed["client_accuracy_sd"] == pytest.approx(np.std(per_client), rel=1e-5, abs=1e-7)
+  assert fed["client_accuracy_p10"] == pytest.approx(np.percentile(per_client, 10), rel=1e-5)
   # Bounded memory: 4 clients x 3 example slots per call (buckets of 16 in slices of 3, the
   # last one padded), and more clients per call than the store holds, give the same sums.
   # Over the clients mesh (3 devices: 4 clients a call rounded up to 6), parameters replicated.

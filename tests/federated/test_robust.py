@@ -1,7 +1,8 @@
-"""Byzantine clients and the robust aggregators, against numpy, scipy and a float64 loop."""
+"""Byzantine clients, the robust aggregators and q-FedAvg, against numpy, scipy and float64 loops."""
 
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -195,3 +196,55 @@ def test_dp_fedavg_clips_a_byzantine_client_to_the_sensitivity_bound():
   moved = np.linalg.norm(_flat(tmap(lambda a, b: (a - b)[None], attacked.params, honest.params)))
   assert 0 < moved <= 2 * clip / denominator * (1 + 1e-5)
   assert float(m["clients_byzantine"]) == 1 and float(m["clients_clipped"]) == 4
+
+
+# ----------------------------------------------------------------------------- q-FedAvg
+
+
+def _qffl_loop(params, cohort, key, q, client_lr, big_l):
+  """Li et al. 2020's q-FedAvg step in float64, each client trained alone."""
+  flat0, unravel = jax.flatten_util.ravel_pytree(params)
+  w = np.asarray(flat0, np.float64)
+  keys = jax.random.split(key, cohort.counts.shape[0])
+  num, den = np.zeros_like(w), 0.0
+  for i in range(cohort.counts.shape[0]):
+    n = int(cohort.counts[i])
+    ex = {k: v[i] for k, v in cohort.examples.items()}
+    loss = float(np.mean(np.asarray(helpers.LOSS(params, {k: v[:n] for k, v in ex.items()}),
+                                    np.float64)))
+    res = fl.local_train(params, ex, jnp.int32(n), keys[i], jnp.float32(1.0), loss_fn=helpers.LOSS,
+                         client_lr=client_lr, batch_size=4, local_epochs=1)
+    dw = big_l * (w - np.asarray(jax.flatten_util.ravel_pytree(res.params)[0], np.float64))
+    num += loss ** q * dw
+    den += q * loss ** (q - 1) * float(dw @ dw) + big_l * loss ** q
+  return unravel(jnp.asarray(w - num / den, jnp.float32))
+
+
+@pytest.mark.parametrize("q,lipschitz", [(2.0, None), (0.5, 3.0)])
+def test_qfedavg_equals_the_papers_update_in_float64(q, lipschitz):
+  store, _ = helpers.store()
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, selection.uniform(0, 2, store.counts, 4))
+  alg = algorithms.qfedavg(loss_fn=helpers.LOSS, client_lr=0.2, batch_size=4, q=q,
+                           lipschitz=lipschitz)
+  state, m = fl.run_round(alg, alg.init(params), cohort, jax.random.key(7))
+  ref = _qffl_loop(params, cohort, jax.random.key(7), q, 0.2, lipschitz or 1 / 0.2)
+  chex.assert_trees_all_close(state.params, ref, atol=2e-6, rtol=2e-5)
+  assert float(m["clients_accepted"]) == 4 and float(m["client_loss_max"]) > 0
+
+
+def test_qfedavg_with_q_0_is_the_unweighted_mean_of_the_clients_models():
+  store, _ = helpers.store()
+  params = helpers.init_params()
+  cohort = fl.make_cohort(store, selection.uniform(0, 1, store.counts, 5))
+  equal = cohort._replace(weights=jnp.full_like(cohort.weights, 1 / 5))  # FedAvg weights sum to 1
+  q0 = algorithms.build("qfedavg", loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, q=0.0)
+  avg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4)
+  chex.assert_trees_all_close(fl.run_round(q0, q0.init(params), cohort, jax.random.key(3))[0].params,
+                              fl.run_round(avg, avg.init(params), equal, jax.random.key(3))[0].params,
+                              atol=1e-6)
+  with pytest.raises(ValueError, match="q >= 0"):
+    algorithms.qfedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, q=-1.0)
+  with pytest.raises(ValueError, match="weighs the clients' updates by their losses"):
+    algorithms.build("qfedavg", loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4,
+                     aggregator="median")

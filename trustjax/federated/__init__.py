@@ -3,7 +3,7 @@
 from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.algorithms import (Byzantine, Cohort, FederatedAlgorithm, ServerState,
                                            dp_fedavg, fedavg, fedopt, fedprox, local_train,
-                                           make_byzantine, robust_aggregate, scaffold)
+                                           make_byzantine, qfedavg, robust_aggregate, scaffold)
 from trustjax.federated.client_data import ClientData, ClientStore, bucket_capacities
 from trustjax.federated.selection import Selection
 from trustjax.federated.simulate import (Faults, client_mesh, continual_parts, federated_evaluate,

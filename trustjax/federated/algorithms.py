@@ -21,6 +21,8 @@ References:
   (coordinate-wise median and trimmed mean).
   Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
   NeurIPS 2017 (Krum; the Gaussian Byzantine client).
+  Li, Sanjabi, Beirami and Smith, "Fair Resource Allocation in Federated Learning", ICLR 2020
+  (q-FFL, q-FedAvg).
   Li et al., "RSA: Byzantine-Robust Stochastic Aggregation Methods for Distributed Learning from
   Heterogeneous Datasets", AAAI 2019 (the sign-flipping client).
 """
@@ -419,7 +421,8 @@ def krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   flat = jnp.concatenate([jnp.where(_rows(accepted, d), d, 0.0).reshape(k, -1).astype(jnp.float32)
                           for d in leaves], axis=1)
   sq = jnp.sum(jnp.square(flat), axis=1)
-  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (flat @ flat.T), 0.0)
+  gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)  # full float32 on TPU too
+  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
   pair = accepted[:, None] & accepted[None, :] & ~jnp.eye(k, dtype=bool)
   nearest = jnp.sort(jnp.where(pair, dist, jnp.inf), axis=1)
   m = jnp.maximum(n - _floor_table(fraction, k)[n] - 2, 1)
@@ -509,6 +512,62 @@ def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
                 client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
                 prox_mu=mu, client_chunk=client_chunk, **robust)
+
+
+def client_losses(loss_fn: LossFn, params: Params, cohort: Cohort) -> jax.Array:
+  """float32 [k]: each client's mean loss over all its examples at `params` (0 for an empty
+  slot); one forward pass over the cohort's padded examples."""
+  def one(examples, count):
+    per = loss_fn(params, examples).astype(jnp.float32)
+    real = jnp.arange(per.shape[0]) < count
+    return jnp.where(real, per, 0.0).sum() / jnp.maximum(count, 1).astype(jnp.float32)
+
+  return jax.vmap(one)(tmap(jnp.asarray, cohort.examples), cohort.counts)
+
+
+def qfedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, q: float,
+            local_epochs: int = 1, lipschitz: float | None = None,
+            client_chunk: int | None = None,
+            byzantine: Byzantine | None = None) -> FederatedAlgorithm:
+  """q-FedAvg (Li et al. 2020), which minimises sum_k p_k F_k(w)^(q+1) / (q+1): larger q puts
+  more weight on the clients whose loss is high, for a more uniform accuracy across clients.
+
+  Each round every accepted client k reports its loss F_k at the server's model w (over all its
+  examples, `client_losses`) and its local model w_k after the usual local SGD; with
+  dw_k = L (w - w_k), the server sets
+    w <- w - sum_k F_k^q dw_k / sum_k (q F_k^(q-1) ||dw_k||^2 + L F_k^q)
+  over the accepted clients (unweighted: fairness comes from F_k^q, not from client sizes).
+  L = `lipschitz`, by default 1 / client_lr as in the paper; q = 0 is the unweighted mean of the
+  clients' models.
+  """
+  _check_client(client_lr, batch_size, local_epochs, client_chunk)
+  if not q >= 0:
+    raise ValueError(f"q-FedAvg needs q >= 0, got {q=}")
+  big_l = 1.0 / client_lr if lipschitz is None else float(lipschitz)
+  if not big_l > 0:
+    raise ValueError(f"lipschitz must be positive, got {lipschitz=}")
+  local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
+  opt = optax.sgd(1.0)
+
+  def init(params):
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32), ())
+
+  def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
+    losses = jnp.maximum(client_losses(loss_fn, state.params, cohort), 1e-10)
+    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key,
+                                                 client_chunk=client_chunk, byzantine=byzantine)
+    use = accepted & jnp.isfinite(losses)
+    sq = jax.vmap(_tree_sq_norm)(tmap(lambda d: jnp.where(_rows(use, d), d, 0.0), deltas))
+    fq = jnp.where(use, losses ** q, 0.0)
+    h = jnp.where(use, q * losses ** (q - 1.0) * big_l ** 2 * sq + big_l * fq, 0.0)
+    # w - sum_k fq_k L (w - w_k) / sum h = w + sum_k (fq_k L / sum h) * delta_k
+    agg = _weighted_sum(deltas, fq * big_l / jnp.maximum(h.sum(), 1e-30))
+    params, opt_state = _server_step(opt, state, agg)
+    metrics = _round_metrics(cohort, res, use, finite, agg, byzantine)
+    metrics["client_loss_max"] = jnp.where(use, losses, 0.0).max()
+    return ServerState(params, opt_state, state.round + 1, state.extra), metrics
+
+  return FederatedAlgorithm(init, apply)
 
 
 class ScaffoldState(NamedTuple):
@@ -651,10 +710,11 @@ def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, loca
           server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
           server_optimizer: str = "adam", client_chunk: int | None = None,
           aggregator: str = "mean", robust_fraction: float = 0.1,
-          byzantine: Byzantine | None = None) -> FederatedAlgorithm:
+          byzantine: Byzantine | None = None, q: float = 1.0) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
-  SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold". Every one
-  but SCAFFOLD (whose control variates are means) takes a robust `aggregator`."""
+  SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold", "qfedavg"
+  (with `q`). Every one but SCAFFOLD (whose control variates are means) and q-FedAvg (whose
+  aggregate is its own) takes a robust `aggregator`."""
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
                 local_epochs=local_epochs, client_chunk=client_chunk, byzantine=byzantine)
   robust = dict(aggregator=aggregator, robust_fraction=robust_fraction)
@@ -673,7 +733,13 @@ def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, loca
       raise ValueError(f"scaffold aggregates with the mean (its control variates are means), "
                        f"got aggregator={aggregator!r}")
     return scaffold(num_clients=num_clients, server_lr=server_lr, **common)
+  if name == "qfedavg":
+    if aggregator != "mean":
+      raise ValueError(f"qfedavg weighs the clients' updates by their losses itself, got "
+                       f"aggregator={aggregator!r}")
+    return qfedavg(q=q, **common)
   raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGORITHMS}")
 
 
-ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedadam", "fedyogi", "fedadagrad", "scaffold")
+ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedadam", "fedyogi", "fedadagrad", "scaffold",
+              "qfedavg")

@@ -150,7 +150,9 @@ def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Param
 
   Returns:
     {"loss", "accuracy" (if the metrics have "correct"), "count", "client_accuracy_mean",
-     "client_accuracy_p10"} (the last two: unweighted over clients, where "correct" exists).
+     "client_accuracy_p10", "client_accuracy_sd"} (the last three: unweighted over clients with
+     examples, where "correct" exists; sd is the population standard deviation, as q-FFL's
+     fairness is measured).
   """
   if clients_per_call < 1 or max_rows < 1:
     raise ValueError(f"clients_per_call and max_rows must be >= 1, got {clients_per_call=}, "
@@ -189,9 +191,10 @@ def federated_evaluate(metrics_fn: Callable[[Params, dict], dict], params: Param
   out = {"loss": float(tot["loss_sum"].sum() / count), "count": float(count)}
   if "correct" in tot:
     out["accuracy"] = float(tot["correct"].sum() / count)
-    acc = tot["correct"] / np.maximum(tot["count"], 1)
+    acc = (tot["correct"] / np.maximum(tot["count"], 1))[tot["count"] > 0]
     out["client_accuracy_mean"] = float(acc.mean())
     out["client_accuracy_p10"] = float(np.percentile(acc, 10))
+    out["client_accuracy_sd"] = float(acc.std())
   return out
 
 
