@@ -3,7 +3,8 @@
   python scripts/fl_tables.py [--results results]
 
 Reads results/fl_snips_<partition>[_seed<s>]/summary.json (mean and sample std over the seeds
-found), results/fl_selection_*/summary.json and results/fl_robust_*/summary.json.
+found), results/fl_selection_*/summary.json, results/fl_robust_*/summary.json and
+results/fl_fair/summary.json.
 """
 
 import argparse
@@ -104,6 +105,21 @@ def robust_table(root):
                                   [r for _, r in sorted(rows, key=lambda x: x[0])])
 
 
+def fair_table(root):
+  """Per strategy: pooled accuracy and the per-role accuracies' mean, 10th percentile and sd."""
+  path = os.path.join(root, "fl_fair", "summary.json")
+  if not os.path.exists(path):
+    return ""
+  rows = []
+  for s in _load(path)["strategies"]:
+    rows.append([s["strategy"], s["algorithm"] + (f" (q={s['q']:g})" if "q" in s else ""),
+                 f"{100 * s['final_eval_accuracy']:.1f}"] +
+                [f"{100 * s[f'federated_eval_client_accuracy_{k}']:.1f}"
+                 for k in ("mean", "p10", "sd")])
+  return reporting.markdown_table(["strategy", "algorithm", "accuracy %", "per-role mean %",
+                                   "per-role 10th percentile %", "per-role sd %"], rows)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--results", default="results")
@@ -113,6 +129,8 @@ def main():
   print(selection_table(args.results))
   print()
   print(robust_table(args.results))
+  print()
+  print(fair_table(args.results))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from trustjax.privacy import accounting
 from trustjax.training import Checkpointer
 
 sys.path.insert(0, str(REPO))
-from configs import fl_dp, fl_robust, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fl_dp, fl_fair, fl_robust, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _cfg(module, arg, tmp_path, **overrides):
@@ -59,6 +59,19 @@ def test_byzantine_clients_and_robust_aggregators_in_a_run(tmp_path):
   dp = _cfg(fl_dp, "runlocal", tmp_path / "dp", **{"fl.aggregator": "median"})
   with pytest.raises(ValueError, match="DP-FedAvg's sensitivity is that of the clipped sum"):
     experiments.run(dp, show_progress=False)
+
+
+def test_fairness_config_builds_q_fedavg_for_each_q():
+  cfg = fl_fair.get_config()
+  for name in cfg.strategies:
+    s = experiments.strategy_config(cfg, name)
+    experiments.validate_fl(s, 100, name)
+    assert (s.algorithm, s.q) == (("fedavg", 1.0) if name == "fedavg" else
+                                  ("qfedavg", float(name[len("qfedavg_q"):])))
+  row = {"strategy": "qfedavg_q5", "algorithm": "qfedavg", "q": 5.0, "selection": "uniform",
+         "final_eval_accuracy": 0.5, "seconds_this_invocation": 1.0}
+  assert "| qfedavg_q5 | qfedavg (q=5) | uniform | 0.5000 |" in experiments.summary_table(
+      {"strategies": [row]})
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -176,6 +189,8 @@ def test_continual_storage_keeps_newest_or_a_random_subset():
     ({"fl.byzantine.fraction": 0.1, "fl.byzantine.attack": "flip"}, "attack must be one of"),
     ({"fl.byzantine.fraction": 0.1, "fl.byzantine.scale": 0.0}, "scale must be positive"),
     ({"fl.byzantine.fraction": 0.1, "continual.enabled": True}, "renumbers its clients"),
+    ({"fl.algorithm": "qfedavg", "fl.q": -1.0}, "q-FedAvg needs q >= 0"),
+    ({"fl.algorithm": "qfedavg", "fl.aggregator": "krum"}, "weighs the clients' updates"),
 ])
 def test_bad_input_names_the_value(tmp_path, overrides, message):
   """Each fails before anything is written (values used only late in a run included)."""

@@ -286,7 +286,7 @@ def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
                           server_lr=s.server_lr, mu=s.mu, num_clients=num_clients,
                           server_optimizer=s.server_optimizer,
                           client_chunk=client_chunk(s), aggregator=s.aggregator,
-                          robust_fraction=s.robust_fraction, byzantine=byzantine), None
+                          robust_fraction=s.robust_fraction, byzantine=byzantine, q=s.q), None
 
 
 # ----------------------------------------------------------------------------- running
@@ -474,6 +474,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
                                                for h in history),
              "clients_dropped": sum(h.get("clients_dropped", 0) for h in history),
              "aggregator": s.aggregator,
+             **({"q": s.q} if s.algorithm == "qfedavg" and not s.dp.enabled else {}),
              "median_round_seconds": float(np.median(round_times)) if round_times else None,
              # over every invocation of a resumed run (from metrics.jsonl), rounds only:
              "round_seconds_total": sum(h.get("round_seconds", 0.0) for h in history),
@@ -525,8 +526,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     changed = _resume_changes(cfg_path, cfg)
     if changed:
       raise ValueError(f"{workdir} holds a run with a different config ({', '.join(changed)}); "
-                       "a resume may only change fl.rounds and fl.client_chunk (pick another "
-                       "run_name)")
+                       "a resume may only change fl.rounds, fl.client_chunk and fl.num_devices "
+                       "(pick another run_name)")
   with open(cfg_path, "w", encoding="utf-8") as f:
     f.write(cfg.to_json_best_effort(indent=2))
   summaries = []
@@ -578,6 +579,8 @@ def summary_table(summary: dict) -> str:
   for s in summary["strategies"]:
     acc = s.get("final_eval_accuracy")
     algorithm = s["algorithm"]
+    if "q" in s:
+      algorithm += f" (q={s['q']:g})"
     if s.get("aggregator", "mean") != "mean":
       algorithm += f" ({s['aggregator']})"
     if s.get("byzantine_clients"):
@@ -632,7 +635,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.hidden = 128  # LSTM width
   c.fl = ml_collections.ConfigDict()
-  c.fl.algorithm = "fedavg"  # fedavg | fedprox | fedopt | fedadam | fedyogi | fedadagrad | scaffold | centralized
+  # fedavg | fedprox | fedopt | fedadam | fedyogi | fedadagrad | scaffold | qfedavg | centralized
+  c.fl.algorithm = "fedavg"
   c.fl.rounds = 50  # per period in the continual setting; epochs for centralized
   c.fl.clients_per_round = 10
   c.fl.selection = "uniform"  # uniform | by_activity
@@ -643,6 +647,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.server_lr = 1.0
   c.fl.server_optimizer = "adam"  # for fedopt / dp: sgd | momentum | adam | yogi | adagrad
   c.fl.mu = 0.01  # FedProx
+  c.fl.q = 1.0  # q-FedAvg: weight of high-loss clients (0 = the unweighted mean)
   # The server's aggregate: mean (weighted) | median | trimmed_mean | krum (Byzantine-robust,
   # unweighted; not with scaffold or DP-FedAvg).
   c.fl.aggregator = "mean"
