@@ -2,8 +2,8 @@
 (next-character prediction), measured by federated evaluation on each role's own held-out
 windows: the mean, 10th percentile and standard deviation of the per-role accuracies.
 
-q = 0 is the unweighted mean of the clients' models (FedAvg weighs them by their sizes); larger
-q weighs the roles whose loss is high more. Append ":runlocal" for a seconds-long smoke version.
+q-FedAvg selects roles in proportion to their size and averages their models unweighted, so at
+q = 0 it is FedAvg in expectation; larger q weighs the roles whose loss is high more. Append ":runlocal" for a seconds-long smoke version.
 
   python scripts/federated.py --config configs/fl_fair.py
 """
@@ -28,11 +28,15 @@ def get_config(arg: str = ""):
   c.fl.rounds = 200
   c.fl.clients_per_round = 10
   c.fl.eval_every = 10
+  # q-FedAvg selects roles with probability proportional to their size, as the paper does
+  # (its objective weighs client k by that probability); FedAvg selects uniformly and weighs
+  # by size, which is the same in expectation.
+  by_size = {"algorithm": "qfedavg", "selection": "by_activity", "activity_power": 1.0}
   c.strategies = {
       "fedavg": {"algorithm": "fedavg"},
-      "qfedavg_q0": {"algorithm": "qfedavg", "q": 0.0},
-      "qfedavg_q1": {"algorithm": "qfedavg", "q": 1.0},
-      "qfedavg_q5": {"algorithm": "qfedavg", "q": 5.0},
+      "qfedavg_q0": dict(by_size, q=0.0),
+      "qfedavg_q1": dict(by_size, q=1.0),
+      "qfedavg_q5": dict(by_size, q=5.0),
   }
   c.run_name = "fl_fair"
   if arg == "runlocal":

@@ -113,10 +113,11 @@ def fair_table(root):
   rows = []
   for s in _load(path)["strategies"]:
     rows.append([s["strategy"], s["algorithm"] + (f" (q={s['q']:g})" if "q" in s else ""),
-                 f"{100 * s['final_eval_accuracy']:.1f}"] +
+                 s["selection"], f"{100 * s['final_eval_accuracy']:.1f}"] +
                 [f"{100 * s[f'federated_eval_client_accuracy_{k}']:.1f}"
                  for k in ("mean", "p10", "sd")])
-  return reporting.markdown_table(["strategy", "algorithm", "accuracy %", "per-role mean %",
+  return reporting.markdown_table(["strategy", "algorithm", "selection", "accuracy %",
+                                   "per-role mean %",
                                    "per-role 10th percentile %", "per-role sd %"], rows)
 
 

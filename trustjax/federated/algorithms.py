@@ -529,8 +529,10 @@ def qfedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, q: float,
             local_epochs: int = 1, lipschitz: float | None = None,
             client_chunk: int | None = None,
             byzantine: Byzantine | None = None) -> FederatedAlgorithm:
-  """q-FedAvg (Li et al. 2020), which minimises sum_k p_k F_k(w)^(q+1) / (q+1): larger q puts
-  more weight on the clients whose loss is high, for a more uniform accuracy across clients.
+  """q-FedAvg (Li et al. 2020), which minimises sum_k p_k F_k(w)^(q+1) / (q+1), p_k being the
+  probability that client k is selected (the paper selects by size: `selection.by_activity` at
+  power 1; uniform selection makes p_k = 1/N): larger q puts more weight on the clients whose
+  loss is high, for a more uniform accuracy across clients.
 
   Each round every accepted client k reports its loss F_k at the server's model w (over all its
   examples, `client_losses`) and its local model w_k after the usual local SGD; with
