@@ -165,6 +165,17 @@ def _tree_sq_norm(tree) -> jax.Array:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
 
 
+def _rows(v: jax.Array, d: jax.Array) -> jax.Array:
+  """A per-client vector [k] shaped to broadcast over the rows of a client-stacked leaf d."""
+  return v.reshape((-1,) + (1,) * (d.ndim - 1))
+
+
+def _masked_sq_norms(deltas: Params, mask: jax.Array) -> jax.Array:
+  """float32 [k]: each client's squared update norm over all parameters, 0 where mask is False
+  (whose rows may be NaN)."""
+  return jax.vmap(_tree_sq_norm)(tmap(lambda d: jnp.where(_rows(mask, d), d, 0.0), deltas))
+
+
 def _finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
@@ -172,7 +183,7 @@ def _finite(tree) -> jax.Array:
 def _weighted_sum(deltas: Params, w: jax.Array) -> Params:
   """sum_i w_i delta_i over the leading axis; zero-weight rows (maybe NaN) contribute exactly 0."""
   return tmap(lambda d: jnp.tensordot(w, jnp.where(
-      (w > 0).reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0).astype(jnp.float32), axes=1), deltas)
+      _rows(w > 0, d), d, 0.0).astype(jnp.float32), axes=1), deltas)
 
 
 def _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu=0.0):
@@ -337,7 +348,7 @@ class Byzantine:
         sent = -self.scale * d
       else:
         sent = self.scale * jax.random.normal(jax.random.fold_in(key, i), d.shape, d.dtype)
-      out.append(jnp.where(bad.reshape((-1,) + (1,) * (d.ndim - 1)), sent, d))
+      out.append(jnp.where(_rows(bad, d), sent, d))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -361,10 +372,6 @@ def check_aggregator(aggregator: str, robust_fraction: float) -> None:
     raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {aggregator!r}")
   if not 0.0 <= robust_fraction < 0.5:
     raise ValueError(f"robust_fraction must lie in [0, 0.5), got {robust_fraction=}")
-
-
-def _rows(mask: jax.Array, d: jax.Array) -> jax.Array:
-  return mask.reshape((-1,) + (1,) * (d.ndim - 1))
 
 
 def _floor_table(fraction: float, k: int) -> jax.Array:
@@ -402,7 +409,7 @@ def trimmed_mean(deltas: Params, accepted: jax.Array, fraction: float) -> Params
   def one(d):
     t = _floor_table(fraction, d.shape[0])[n]
     s = _sorted_accepted(d, accepted)
-    pos = jnp.arange(d.shape[0]).reshape((-1,) + (1,) * (d.ndim - 1))
+    pos = _rows(jnp.arange(d.shape[0]), d)
     kept = jnp.where((pos >= t) & (pos < n - t), s, 0.0).sum(0)
     return jnp.where(n > 0, kept / jnp.maximum(n - 2 * t, 1), 0.0)
 
@@ -559,7 +566,7 @@ def qfedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, q: float,
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key,
                                                  client_chunk=client_chunk, byzantine=byzantine)
     use = accepted & jnp.isfinite(losses)
-    sq = jax.vmap(_tree_sq_norm)(tmap(lambda d: jnp.where(_rows(use, d), d, 0.0), deltas))
+    sq = _masked_sq_norms(deltas, use)
     fq = jnp.where(use, losses ** q, 0.0)
     h = jnp.where(use, q * losses ** (q - 1.0) * big_l ** 2 * sq + big_l * fq, 0.0)
     # w - sum_k fq_k L (w - w_k) / sum h = w + sum_k (fq_k L / sum h) * delta_k
@@ -605,14 +612,13 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key, corr,
                                                  client_chunk=client_chunk, byzantine=byzantine)
     k_lr = jnp.maximum(res.steps, 1).astype(jnp.float32) * client_lr
-    ci_new = tmap(lambda cii, cc, d: cii - cc[None] - d / k_lr.reshape((-1,) + (1,) * (d.ndim - 1)),
-                  ci, c, deltas)
+    ci_new = tmap(lambda cii, cc, d: cii - cc[None] - d / _rows(k_lr, d), ci, c, deltas)
     # A client drawn more than once (selection with replacement) updates its control once, by the
     # mean of its accepted slots' updates.
     mult = jnp.zeros((num_clients,), jnp.float32).at[cohort.ids].add(accepted.astype(jnp.float32))
     share = jnp.where(accepted, 1.0 / jnp.maximum(mult[cohort.ids], 1.0), 0.0)
-    dci = tmap(lambda a, b: share.reshape((-1,) + (1,) * (a.ndim - 1)) * jnp.where(
-        accepted.reshape((-1,) + (1,) * (a.ndim - 1)), a - b, 0.0), ci_new, ci)
+    dci = tmap(lambda a, b: _rows(share, a) * jnp.where(_rows(accepted, a), a - b, 0.0),
+               ci_new, ci)
     agg = aggregate(deltas, cohort.weights, accepted)
     params, opt_state = _server_step(opt, state, agg)
     c = tmap(lambda cc, d: cc + d.sum(0) / num_clients, c, dci)
@@ -671,8 +677,7 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients,
                                                  client_chunk=client_chunk, byzantine=byzantine)
     use = accepted.astype(jnp.float32)  # 1 for clients that contribute, 0 otherwise
-    norms = jnp.sqrt(jax.vmap(_tree_sq_norm)(tmap(
-        lambda d: jnp.where(accepted.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0.0), deltas)))
+    norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
     factors = use * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
     clipped_sum = _weighted_sum(deltas, factors)
     mean = noise.privatize(clipped_sum, k_noise, l2_clip=clip, noise_multiplier=sum_sigma,
