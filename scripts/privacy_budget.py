@@ -1,7 +1,8 @@
-"""The privacy budget of Poisson-sampled DP-SGD before a run, or of finished runs from their ledgers.
+"""The privacy budget of DP-SGD or DP-FTRL before a run, or of finished runs from their ledgers.
 
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --noise-multiplier 1.1
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8
+  python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8 --mechanism dp_ftrl
   python scripts/privacy_budget.py --run results/dp_intents [--delta 1e-6]
 
 Before a run (`--examples`, `--batch-size`, `--epochs`, as `scripts/train.py` counts them: sampling
@@ -9,7 +10,9 @@ rate q = batch / examples, steps = round(epochs / q)): epsilon with the PLD and 
 after `--points` evenly spaced fractions of the run, for a given noise multiplier or for the
 smallest one that reaches `--target-epsilon` (calibrated as the training driver does), plus the
 extra delta from truncating Poisson batches at the static batch size (the driver's default size
-unless `--max-batch-size`). `--plot` draws epsilon against epochs.
+unless `--max-batch-size`). `--plot` draws epsilon against epochs. `--mechanism dp_ftrl`: DP-FTRL as
+the driver runs it (fixed batches, T = ceil(examples / batch) steps per epoch and tree, steps =
+round(epochs * T), a partial epoch counted as a whole tree; no sampling, so no truncation term).
 
 After runs (`--run`, a run folder or a folder of runs): every ledger saved with a run's latest
 checkpoint (DP-SGD runs, DP-FedAvg strategies), replayed at `--delta` (default: the delta in the
@@ -52,6 +55,8 @@ def before_a_run(args) -> str:
     raise ValueError("give exactly one of --noise-multiplier and --target-epsilon")
   if args.points < 1:
     raise ValueError(f"--points must be >= 1, got {args.points}")
+  if args.mechanism == "dp_ftrl":
+    return _dp_ftrl_before_a_run(args)
   q = b / n
   steps = max(1, round(args.epochs / q))
   delta = args.delta if args.delta is not None else default_delta(n)
@@ -71,7 +76,7 @@ def before_a_run(args) -> str:
   else:
     accounting.validate(noise_multiplier=sigma)
     lines.append(f"noise multiplier {sigma:g}")
-  points = sorted({max(1, round(steps * (i + 1) / args.points)) for i in range(args.points)})
+  points = _points(steps, args.points)
   eps = {a: accounting.epsilon_curve(noise_multiplier=sigma, sampling_rate=q, steps=points,
                                      delta=delta, accountant=a) for a in accounting.ACCOUNTANTS}
   max_b = args.max_batch_size or sampling.default_max_batch_size(n, q, steps)
@@ -84,13 +89,57 @@ def before_a_run(args) -> str:
                + f": overflow probability {ledger.entries[0].overflow_probability:.3g} per step, "
                f"so the total delta is {delta + ledger.truncation_delta(final):.6g} at the final "
                f"{args.accountant.upper()} epsilon")
-  rows = [[f"{t * q:.4g}", t, _fmt(e_pld), _fmt(e_rdp)]
+  return _with_table(args, lines, points, q, eps, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
+
+
+def _points(steps: int, count: int) -> list[int]:
+  """`count` evenly spaced step counts ending at `steps`."""
+  return sorted({max(1, round(steps * (i + 1) / count)) for i in range(count)})
+
+
+def _with_table(args, lines: list[str], points, steps_to_epochs: float, eps: dict,
+                title: str) -> str:
+  """`lines`, then the table of epsilon (PLD, RDP) at each step count in `points`, and the plot
+  of it when `--plot` asks."""
+  rows = [[f"{t * steps_to_epochs:.4g}", t, _fmt(e_pld), _fmt(e_rdp)]
           for t, e_pld, e_rdp in zip(points, eps["pld"], eps["rdp"])]
   table = reporting.markdown_table(["epochs", "steps", "epsilon (PLD)", "epsilon (RDP)"], rows)
   if args.plot:
-    _plot(points, q, eps, args.plot, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
+    _plot(points, steps_to_epochs, eps, args.plot, title)
     lines.append(f"plot: {args.plot}")
   return "\n".join(lines + ["", table])
+
+
+def _dp_ftrl_before_a_run(args) -> str:
+  n, b = args.examples, args.batch_size
+  spt = -(-n // b)
+  steps = max(1, round(args.epochs * spt))
+  trees = lambda t: -(-t // spt)
+  delta = args.delta if args.delta is not None else default_delta(n)
+  accounting.validate(delta=delta)
+  lines = [f"DP-FTRL (tree aggregation, no sampling): {n} examples, batches of {b}, "
+           f"{spt} steps per epoch and tree (depth {accounting.tree_depth(spt)}), "
+           f"{args.epochs:g} epochs = {steps} steps in {trees(steps)} trees, delta = {delta:g}"
+           + (" (the training driver's default: the largest power of ten below 1/N)"
+              if args.delta is None else "")
+           + "; neighbours: one example replaced with a zero example"]
+  sigma = args.noise_multiplier
+  if sigma is None:
+    sigma = accounting.calibrate_dp_ftrl_noise_multiplier(
+        target_epsilon=args.target_epsilon, steps_per_tree=spt, trees=trees(steps), delta=delta,
+        accountant=args.accountant)
+    lines.append(f"noise multiplier {sigma:.6g} per tree node: the smallest (to 0.1%) whose "
+                 f"{args.accountant.upper()} epsilon is <= {args.target_epsilon:g} after "
+                 f"{trees(steps)} trees")
+  else:
+    accounting.validate(noise_multiplier=sigma)
+    lines.append(f"noise multiplier {sigma:g} per tree node")
+  points = _points(steps, args.points)
+  eps = {a: [accounting.dp_ftrl_epsilon(noise_multiplier=sigma, steps_per_tree=spt,
+                                        trees=trees(t), delta=delta, accountant=a)
+             for t in points] for a in accounting.ACCOUNTANTS}
+  return _with_table(args, lines, points, 1.0 / spt, eps,
+                     f"DP-FTRL, sigma {sigma:.4g}, T {spt}, delta {delta:g}")
 
 
 def _plot(points, q, eps, path, title):
@@ -141,9 +190,11 @@ def after_runs(args) -> str:
       raise ValueError(f"no delta for {run!r} in a summary.json under {args.run!r}: pass --delta")
     rep = {a: ledger.report(delta, a) for a in accounting.ACCOUNTANTS}
     sigmas = sorted({e.noise_multiplier for e in ledger.entries})
-    rates = sorted({e.sampling_rate for e in ledger.entries})
-    rows.append([run, ledger.steps, ", ".join(f"{x:.4g}" for x in sigmas),
-                 ", ".join(f"{x:.4g}" for x in rates), f"{delta:g}",
+    rates = (", ".join(f"{x:.4g}" for x in sorted({e.sampling_rate for e in ledger.entries}))
+             if not ledger.is_tree else "none (DP-FTRL, " + ", ".join(
+                 f"{t} steps per tree" for t in sorted({e.steps_per_tree
+                                                        for e in ledger.entries})) + ")")
+    rows.append([run, ledger.steps, ", ".join(f"{x:.4g}" for x in sigmas), rates, f"{delta:g}",
                  _fmt(rep["pld"]["epsilon"]), _fmt(rep["rdp"]["epsilon"]),
                  f"{rep[args.accountant]['delta_total']:.6g}"])
   if not rows:
@@ -162,6 +213,8 @@ def main(argv=None) -> None:
   ap.add_argument("--examples", type=int, help="training examples N")
   ap.add_argument("--batch-size", type=int, help="expected batch size (q = batch / N)")
   ap.add_argument("--epochs", type=float, help="epochs (steps = round(epochs / q))")
+  ap.add_argument("--mechanism", choices=("dp_sgd", "dp_ftrl"), default="dp_sgd",
+                  help="dp_sgd: Poisson sampling at q; dp_ftrl: tree aggregation, one tree per epoch")
   ap.add_argument("--noise-multiplier", type=float)
   ap.add_argument("--target-epsilon", type=float)
   ap.add_argument("--delta", type=float, help="default: the driver's delta for N, or a run's own")

@@ -33,9 +33,12 @@ def main(argv):
   print(f"\nresults: {out}")
   print(f"eval accuracy: {summary['eval_accuracy']:.4f}  ({summary['eval_examples']} examples)")
   if "epsilon" in summary:
+    how = (f"q = {summary['sampling_rate']:.4g}" if summary["mechanism"] == "dp_sgd" else
+           f"DP-FTRL, {summary['trees']} trees of {summary['steps_per_tree']} steps, batch "
+           f"{summary['batch_size']}, replace-with-zero neighbours")
     print(f"privacy: epsilon = {summary['epsilon']:.3f} at delta = {summary['delta_total']:.3g} "
-          f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, "
-          f"q = {summary['sampling_rate']:.4g}, {summary['steps']} steps)")
+          f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, {how}, "
+          f"{summary['steps']} steps)")
   if "canary_exposure" in summary:
     print(f"canary exposure (bits; at most {summary['canary_exposure_max']:.1f}, "
           f"{summary['canary_exposure_chance']:.2f} by chance): " + ", ".join(

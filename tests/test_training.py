@@ -143,6 +143,50 @@ def test_run_profiles_its_steps(tmp_path, devices):
   assert (folder / "parts.png").exists() and (folder / "ops.csv").exists()
 
 
+def test_dp_ftrl_run_learns_resumes_mid_epoch_and_accounts_every_tree(tmp_path):
+  """dp.mechanism="dp_ftrl": fixed batches of 64 over 720 training examples (T = 12 steps per
+  tree), 1.5 epochs, stopped after 1.25 epochs and resumed: the same parameters and ledger as the
+  uninterrupted run, and the epsilon of two trees (the half one counted whole)."""
+  base = {"model.name": "bag_of_embeddings", "data.num_examples": 800, "train.batch_size": 64,
+          "dp.mechanism": "dp_ftrl", "dp.noise_multiplier": 0.8,
+          "optimizer.learning_rate": 0.1}
+  full_cfg = _cfg(tmp_path, **base, **{"train.epochs": 1.5, "train.run_name": "full"})
+  full = experiments.run(full_cfg, show_progress=False)
+  experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 1.25, "train.run_name": "split"}),
+                  show_progress=False)
+  resumed = experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 1.5,
+                                                      "train.run_name": "split"}),
+                            show_progress=False)
+  assert full["mechanism"] == "dp_ftrl" and full["steps"] == resumed["steps"] == 18
+  assert (full["steps_per_tree"], full["tree_depth"], full["trees"]) == (12, 4, 2)
+  assert full["epsilon"] == pytest.approx(accounting.dp_ftrl_epsilon(
+      noise_multiplier=0.8, steps_per_tree=12, trees=2, delta=full["delta"],
+      accountant=full["accountant"]), rel=1e-12)
+  assert resumed["epsilon"] == full["epsilon"] and "sampling_rate" not in full
+  assert full["eval_accuracy"] > 0.15, full  # 30 intents, 80 held out: chance is about 0.05
+  template = experiments.Setup(full_cfg).init_state()
+  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(template)
+            for name in ("full", "split")]
+  chex.assert_trees_all_equal(states[0][0], states[1][0])
+  ledgers = [accounting.PrivacyLedger.from_json(s[1]["ledger"]) for s in states]
+  assert ledgers[0] == ledgers[1] and ledgers[0].is_tree and ledgers[0].steps == 18
+  assert "replace one example with a zero example" in open(tmp_path / "full" / "report.md").read()
+
+
+def test_dp_snips_config_picks_mechanism_and_optimizer():
+  sys.path.insert(0, str(REPO))
+  from configs import dp_snips  # pylint: disable=import-outside-toplevel
+  c = dp_snips.get_config("3,ftrl,momentum")
+  assert (c.dp.mechanism, c.dp.target_epsilon, c.optimizer.name, c.optimizer.momentum) == (
+      "dp_ftrl", 3.0, "sgd", 0.9)
+  assert c.train.run_name == "snips_dp_eps3_ftrl_momentum"
+  c = dp_snips.get_config("8")
+  assert (c.dp.mechanism, c.optimizer.name, c.train.run_name) == ("dp_sgd", "adam", "snips_dp_eps8")
+  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl"):
+    with pytest.raises(ValueError, match="EPSILON"):
+      dp_snips.get_config(bad)
+
+
 def test_resume_refuses_a_different_config(tmp_path):
   experiments.run(_cfg(tmp_path, **{"data.num_examples": 300, "model.name": "bag_of_embeddings"}),
                   show_progress=False)
@@ -189,6 +233,9 @@ def _script(tmp_path, *args):
     (["--config.train.num_devices=-1"], "train.num_devices must be >= 0"),
     (["--config.train.eval_batch_size=0"], "train.eval_batch_size must be >= 1"),
     (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be positive"),
+    (["--config.dp.mechanism=dp_gd"], "dp.mechanism must be one of ('dp_sgd', 'dp_ftrl')"),
+    (["--config.dp.mechanism=dp_ftrl", "--config.dp.adaptive=True"],
+     "dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd'"),
 ])
 def test_script_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
   proc = _script(tmp_path, *args)

@@ -27,6 +27,7 @@ from trustjax.reporting import config_changes
 from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
+from trustjax.privacy.dp_ftrl import DPFTRLConfig
 from trustjax.privacy.dp_sgd import DPConfig
 from trustjax.privacy.ghost import fallback_leaves
 
@@ -204,6 +205,9 @@ def lora_targets(m: ml_collections.ConfigDict) -> tuple[str, ...]:
     raise ValueError(f"model.lora_targets={spec!r}: {e}") from None
 
 
+MECHANISMS = ("dp_sgd", "dp_ftrl")
+
+
 def set_privacy_level(c: ml_collections.ConfigDict, arg: str, run_prefix: str) -> None:
   """A config argument naming the privacy level, an epsilon ("8") or "nondp", set on config `c`:
   `dp.enabled`, `dp.target_epsilon` and `train.run_name` (<prefix>_nondp, <prefix>_dp_eps<arg>)."""
@@ -277,6 +281,8 @@ class Setup:
     self.mesh = sharding.data_mesh(self.num_devices) if self.num_devices > 1 else None
     self.optimizer = make_optimizer(cfg)
     self.dp_config, self.delta = None, None
+    if cfg.dp.enabled and cfg.dp.mechanism not in MECHANISMS:
+      raise ValueError(f"dp.mechanism must be one of {MECHANISMS}, got {cfg.dp.mechanism!r}")
     if cfg.dp.enabled:
       q = t.batch_size / n
       if not 0 < q <= 1:
@@ -285,6 +291,9 @@ class Setup:
       self.delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n)
       accounting.validate(delta=self.delta, accountant=cfg.dp.accountant,
                           target_epsilon=cfg.dp.target_epsilon)
+    if cfg.dp.enabled and cfg.dp.mechanism == "dp_ftrl":
+      self._dp_ftrl(cfg, n)
+    elif cfg.dp.enabled:
       sigma = cfg.dp.noise_multiplier
       if sigma is None:
         sigma = accounting.calibrate_noise_multiplier(
@@ -304,6 +313,30 @@ class Setup:
       bs = -(-t.batch_size // self.num_devices) * self.num_devices
       self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
       self.num_steps = int(t.epochs * self.schedule.steps_per_epoch)
+
+  def _dp_ftrl(self, cfg, n: int) -> None:
+    """DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, one tree per epoch,
+    sigma calibrated over ceil(epochs) trees (a partial last epoch is accounted as a whole one)."""
+    if cfg.dp.adaptive:
+      raise ValueError("dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd': its "
+                       "accounting assumes Poisson sampling")
+    bs = -(-cfg.train.batch_size // self.num_devices) * self.num_devices
+    if bs > n:
+      raise ValueError(f"train.batch_size={cfg.train.batch_size} (rounded up to {bs} for "
+                       f"{self.num_devices} devices) must be <= the {n} training examples")
+    self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
+    spt = self.schedule.steps_per_epoch
+    self.num_steps = max(1, round(cfg.train.epochs * spt))
+    sigma = cfg.dp.noise_multiplier
+    if sigma is None:
+      sigma = accounting.calibrate_dp_ftrl_noise_multiplier(
+          target_epsilon=cfg.dp.target_epsilon, steps_per_tree=spt,
+          trees=-(-self.num_steps // spt), delta=self.delta, accountant=cfg.dp.accountant)
+    self.dp_config = DPFTRLConfig(l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, batch_size=bs,
+                                  num_examples=n, microbatch_size=cfg.dp.microbatch_size or None,
+                                  method=cfg.dp.method, normalization=cfg.dp.normalization,
+                                  auto_s_gamma=cfg.dp.auto_s_gamma,
+                                  per_layer=cfg.dp.per_layer or None)
 
   def _insert_canaries(self, cfg) -> dict:
     """Secret Sharer canaries (`canaries.num` per count in `canaries.repeats`) appended to the
@@ -500,12 +533,17 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
              "backend": jax.default_backend(), "python": platform.python_version(),
              "jax": jax.__version__}
   if setup.dp_config is not None:
+    dp = setup.dp_config
     summary.update(result.ledger.report(setup.delta, cfg.dp.accountant))
-    summary.update(noise_multiplier=setup.dp_config.noise_multiplier,
-                   sampling_rate=setup.dp_config.sampling_rate, l2_clip=setup.dp_config.l2_clip,
-                   max_batch_size=setup.dp_config.max_batch_size,
-                   overflow_total=sum(r.get("overflow", 0) for r in result.history),
-                   dp_method=resolve_method(setup.dp_config.method), vmap_fallback_leaves=len(slow))
+    summary.update(mechanism=cfg.dp.mechanism, noise_multiplier=dp.noise_multiplier,
+                   l2_clip=dp.l2_clip, dp_method=resolve_method(dp.method),
+                   vmap_fallback_leaves=len(slow))
+    if isinstance(dp, DPFTRLConfig):
+      summary.update(batch_size=dp.batch_size, steps_per_tree=dp.steps_per_tree,
+                     tree_depth=dp.depth, trees=sum(e.trees for e in result.ledger.entries))
+    else:
+      summary.update(sampling_rate=dp.sampling_rate, max_batch_size=dp.max_batch_size,
+                     overflow_total=sum(r.get("overflow", 0) for r in result.history))
   if setup.canary_secrets:
     summary.update(setup.canary_exposure(result.state.params))
   if cfg.train.measure_step_time:
@@ -574,10 +612,19 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                     ", ".join(f"{e:.1f}" for e in summary["canary_exposures"][k])]
                    for k in summary["canary_exposure"]]), ""]
   if cfg.dp.enabled:
-    lines += ["Privacy: Poisson sampling at rate q with padded batches; Gaussian noise on the "
-              "clipped sum; epsilon from dp_accounting's "
-              f"{summary['accountant'].upper()} accountant over every step in the ledger "
-              "(resumes included). delta_total adds the batch-truncation bound. The vocabulary "
+    mechanism = ("Poisson sampling at rate q with padded batches; Gaussian noise on the clipped "
+                 "sum; epsilon from dp_accounting's "
+                 f"{summary['accountant'].upper()} accountant over every step in the ledger "
+                 "(resumes included). delta_total adds the batch-truncation bound."
+                 if cfg.dp.mechanism == "dp_sgd" else
+                 "DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, no "
+                 "amplification by sampling; tree-aggregation noise on the prefix sums of the "
+                 "clipped sums, one tree of steps_per_tree steps per epoch; epsilon over every "
+                 "tree in the ledger (resumes included, a partial tree counted whole) for "
+                 "replacing one example with a zero example ("
+                 + ("dp_accounting's tree-aggregation RDP" if summary["accountant"] == "rdp" else
+                    "the privacy loss distribution of the equivalent Gaussian mechanism") + ").")
+    lines += [f"Privacy: {mechanism} The vocabulary "
               f"({cfg.data.tokenizer}) is fixed independently of the data, so it reveals nothing "
               "about the training set." + (
                   " The encoder starts from a public checkpoint, also chosen without the data."
@@ -636,6 +683,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.lora_targets = "query,value"
   c.dp = ml_collections.ConfigDict()
   c.dp.enabled = True
+  # dp_sgd: Poisson sampling at rate batch_size / N, add/remove one example (Abadi et al. 2016) |
+  # dp_ftrl: shuffled epochs of fixed-size batches, tree aggregation restarted every epoch, no
+  # sampling assumed, replace one example with a zero one (Kairouz et al. 2021)
+  c.dp.mechanism = "dp_sgd"
   c.dp.l2_clip = 1.0
   c.dp.noise_multiplier = config_dict.placeholder(float)  # None = calibrate to target_epsilon
   c.dp.target_epsilon = 8.0

@@ -26,6 +26,7 @@ from trustjax import reporting, sharding
 from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.clipping import OPTIMIZER_SCOPE
+from trustjax.privacy.dp_ftrl import DPFTRLConfig, dp_ftrl_step
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step, dp_sgd_step_adaptive
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -126,9 +127,11 @@ def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    dp_config: DPConfig | None = None, *, donate: bool = True,
+                    dp_config: DPConfig | DPFTRLConfig | None = None, *, donate: bool = True,
                     frozen: Sequence[str] = ()) -> Callable:
-  """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is given.
+  """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is a `DPConfig`
+  (Poisson-sampled batches), DP-FTRL when it is a `DPFTRLConfig` (fixed-size batches of shuffled
+  epochs, `EpochSchedule` with the config's batch size: step s is in epoch s // T).
 
   `frozen` (parameter path prefixes, `split_frozen`) keeps those parameters at their values in
   the state: no gradient is computed for them, and under DP they are neither clipped nor
@@ -146,6 +149,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     if dp_config is None:
       params, opt_state, metrics = nondp_step(params, state.opt_state, batch,
                                               loss_fn=loss, optimizer=optimizer)
+    elif isinstance(dp_config, DPFTRLConfig):  # one noise key for the run, a tree per epoch
+      params, opt_state, metrics = dp_ftrl_step(
+          params, state.opt_state, batch, jax.random.wrap_key_data(state.rng), state.step,
+          loss_fn=loss, optimizer=optimizer, config=dp_config)
     elif dp_config.adaptive is not None:
       params, opt_state, clip, metrics = dp_sgd_step_adaptive(
           params, state.opt_state, state.clip, batch, key, loss_fn=loss,
@@ -341,8 +348,9 @@ class FitResult:
 
 
 def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
-        eval_fn: Callable[[Params], dict] | None = None, dp_config: DPConfig | None = None,
-        delta: float | None = None, accountant: str = "pld", workdir: str | None = None,
+        eval_fn: Callable[[Params], dict] | None = None,
+        dp_config: DPConfig | DPFTRLConfig | None = None, delta: float | None = None,
+        accountant: str = "pld", workdir: str | None = None,
         checkpoint_every: int | None = None, mesh=None, show_progress: bool = True,
         ledger: accounting.PrivacyLedger | None = None) -> FitResult:
   """Runs `num_steps` steps (total, counting steps already in a restored checkpoint).

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trustjax import models, privacy
+from trustjax import models, privacy, sharding, training
 
 # The library's functions compose inside the caller's jit; tests jit them the same way, since
 # op-by-op (eager) execution of vmapped transformer gradients is slow.
@@ -33,3 +33,23 @@ def tiny_problem(batch_size=8, seed=0, scale=1.0, model="transformer"):
   params = model.init(jax.random.key(seed), batch["tokens"])["params"]
   params = jax.tree_util.tree_map(lambda p: p * scale, params)
   return models.classification_loss(model), params, batch
+
+
+def params_on_1_and_8_devices(loss_fn, params, config, optimizer, schedule, steps):
+  """The parameters after `steps` steps of `training.make_train_step(config)` from the same
+  state, on one device and with each batch sharded over an 8-device data mesh."""
+  assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
+  results = []
+  for mesh in (None, sharding.data_mesh(8)):
+    step = training.make_train_step(loss_fn, optimizer, config, donate=False)
+    state = training.create_state(params, optimizer, jax.random.key(0))
+    if mesh is not None:
+      state = sharding.replicate(state, mesh)
+    for t in range(steps):
+      batch, _ = schedule(t)
+      if mesh is not None:
+        batch = sharding.shard_batch(batch, mesh)
+        assert len(batch["tokens"].sharding.device_set) == 8
+      state, _ = step(state, batch)
+    results.append(jax.device_get(state.params))
+  return results

@@ -77,6 +77,26 @@ def test_budget_before_a_run_calibrates_as_the_driver_does(capsys):
       noise_multiplier=sigma, sampling_rate=0.1, steps=20, delta=1e-5), rel=1e-3)
 
 
+def test_dp_ftrl_budget_counts_trees_as_the_driver_does(capsys):
+  """1000 examples in batches of 300: T = 4 steps per tree; 2.5 epochs = 10 steps in 3 trees."""
+  code, out, _ = _main(capsys, "--examples", "1000", "--batch-size", "300", "--epochs", "2.5",
+                       "--target-epsilon", "4", "--delta", "1e-5", "--points", "2",
+                       "--mechanism", "dp_ftrl")
+  assert code == 0, out
+  sigma = accounting.calibrate_dp_ftrl_noise_multiplier(target_epsilon=4, steps_per_tree=4,
+                                                        trees=3, delta=1e-5)
+  assert f"noise multiplier {sigma:.6g} per tree node" in out
+  assert "4 steps per epoch and tree (depth 3)" in out and "10 steps in 3 trees" in out
+  rows = _rows(out)
+  assert [r[1] for r in rows] == ["5", "10"]
+  for r, trees in zip(rows, (2, 3)):
+    for col, acc in ((2, "pld"), (3, "rdp")):
+      want = accounting.dp_ftrl_epsilon(noise_multiplier=sigma, steps_per_tree=4, trees=trees,
+                                        delta=1e-5, accountant=acc)
+      assert float(r[col]) == pytest.approx(want, rel=1e-3), (r, acc)
+  assert float(rows[-1][2]) <= 4.0 < float(rows[-1][3])  # calibrated on PLD; RDP is looser
+
+
 @pytest.mark.parametrize("args,message", [
     (["--examples", "10", "--batch-size", "50", "--epochs", "1", "--noise-multiplier", "1"],
      "--batch-size=50 must be <= --examples=10"),
@@ -111,15 +131,21 @@ def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
   _checkpoint(tmp_path / "fl_run" / "fedavg" / "checkpoints", accounting.PrivacyLedger())
   (tmp_path / "fl_run" / "summary.json").write_text(json.dumps({"strategies": [
       {"strategy": "dp_fedavg", "delta": 1e-3}, {"strategy": "fedavg"}]}))
+  ftrl = accounting.PrivacyLedger()
+  ftrl.record_tree(noise_multiplier=3.0, steps_per_tree=27, steps=100)
+  _checkpoint(tmp_path / "ftrl_run" / "checkpoints", ftrl)
+  (tmp_path / "ftrl_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   assert list(training.read_ledgers(str(tmp_path))) == [
-      "fl_run/dp_fedavg", "fl_run/fedavg", "train_run"]
+      "fl_run/dp_fedavg", "fl_run/fedavg", "ftrl_run", "train_run"]
 
   proc = _script("--run", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = {r[0]: r for r in _rows(proc.stdout)}
-  assert set(rows) == {"fl_run/dp_fedavg", "train_run"}
+  assert set(rows) == {"fl_run/dp_fedavg", "ftrl_run", "train_run"}
   assert "No private steps recorded (not DP): fl_run/fedavg" in proc.stdout
-  for run, ledger, delta in (("train_run", dp, 1e-5), ("fl_run/dp_fedavg", fed, 1e-3)):
+  assert rows["ftrl_run"][3] == "none (DP-FTRL, 27 steps per tree)"
+  for run, ledger, delta in (("train_run", dp, 1e-5), ("fl_run/dp_fedavg", fed, 1e-3),
+                             ("ftrl_run", ftrl, 1e-5)):
     r = rows[run]
     assert int(r[1]) == ledger.steps and float(r[4]) == delta
     assert float(r[5]) == pytest.approx(ledger.epsilon(delta), rel=1e-3)

@@ -6,10 +6,10 @@ import optax
 import pytest
 import scipy.stats
 
-from trustjax import privacy, sharding, training
+from trustjax import privacy, training
 from trustjax.data import gather_batch
-from tests.privacy.helpers import (clipped_grad_sum, dp_sgd_step, tiny_problem,
-                                   virtual_batch_accumulate, virtual_batch_apply)
+from tests.privacy.helpers import (clipped_grad_sum, dp_sgd_step, params_on_1_and_8_devices,
+                                   tiny_problem, virtual_batch_accumulate, virtual_batch_apply)
 
 
 def _config(**kw):
@@ -108,21 +108,8 @@ def test_sharded_over_8_devices_equals_single_device():
   arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
             "label": rng.integers(0, 3, 64).astype(np.int32)}
   cfg = _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24)
-  opt = optax.adam(1e-2)
-  schedule = training.PoissonSchedule(arrays, cfg, seed=0)
-  results = []
-  for mesh in (None, sharding.data_mesh(8)):
-    step = training.make_train_step(loss_fn, opt, cfg, donate=False)
-    state = training.create_state(params, opt, jax.random.key(0))
-    if mesh is not None:
-      state = sharding.replicate(state, mesh)
-    for t in range(3):
-      batch, _ = schedule(t)
-      if mesh is not None:
-        batch = sharding.shard_batch(batch, mesh)
-        assert len(batch["tokens"].sharding.device_set) == 8
-      state, _ = step(state, batch)
-    results.append(jax.device_get(state.params))
+  results = params_on_1_and_8_devices(loss_fn, params, cfg, optax.adam(1e-2),
+                                      training.PoissonSchedule(arrays, cfg, seed=0), steps=3)
   chex.assert_trees_all_close(results[0], results[1], atol=2e-5, rtol=1e-4)
 
 

@@ -1,4 +1,5 @@
-"""Privacy accounting for Poisson-subsampled Gaussian mechanisms, through dp_accounting.
+"""Privacy accounting for Poisson-subsampled Gaussian mechanisms (DP-SGD) and for tree
+aggregation (DP-FTRL), through dp_accounting.
 
 Host-side (plain Python/numpy): never call from jitted code.
 
@@ -6,7 +7,9 @@ References:
   Mironov, "Renyi Differential Privacy", CSF 2017 (RDP accountant);
   Koskela et al., "Computing Tight Differential Privacy Guarantees Using FFT", AISTATS 2020, and
   Doroshenko et al., "Connect the Dots: Tighter Discrete Approximations of Privacy Loss
-  Distributions", PETS 2022 (PLD accountant).
+  Distributions", PETS 2022 (PLD accountant);
+  Kairouz et al., "Practical and Private (Deep) Learning without Sampling or Shuffling", ICML
+  2021 (DP-FTRL's tree aggregation with restarts).
 """
 
 from __future__ import annotations
@@ -98,6 +101,78 @@ def epsilon(*, noise_multiplier: float, sampling_rate: float, steps: int, delta:
     return math.inf
   return _epsilon_of_event(dp_sgd_event(noise_multiplier, sampling_rate, steps), delta, accountant,
                            pld_grid)
+
+
+def tree_depth(steps_per_tree: int) -> int:
+  """ceil(log2(T + 1)): the most released nodes of a T-leaf tree (restarted each epoch) that one
+  example's leaf adds to, as dp_accounting's tree-aggregation RDP counts them."""
+  if int(steps_per_tree) != steps_per_tree or steps_per_tree < 1:
+    raise ValueError(f"steps_per_tree must be a positive integer, got {steps_per_tree=}")
+  return int(steps_per_tree).bit_length()
+
+
+def dp_ftrl_event(noise_multiplier: float, steps_per_tree: int, trees: int) -> dp_accounting.DpEvent:
+  """The DpEvent of `trees` epochs of DP-FTRL, one tree of `steps_per_tree` steps per epoch and
+  each example in at most one step per epoch (Kairouz et al. 2021, Appendix D). Only an RDP
+  accountant with the REPLACE_SPECIAL relation composes it (`dp_ftrl_epsilon`)."""
+  validate(noise_multiplier=noise_multiplier, steps=trees)
+  tree_depth(steps_per_tree)
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.SingleEpochTreeAggregationDpEvent(noise_multiplier, int(steps_per_tree)),
+      int(trees))
+
+
+def _gaussian_pld_epsilon(multiplier: float, delta: float) -> float:
+  """Epsilon of one Gaussian mechanism with noise std / L2 sensitivity = `multiplier`, from its
+  privacy loss distribution on the default grid."""
+  return float(pld.privacy_loss_distribution.from_gaussian_mechanism(
+      standard_deviation=multiplier,
+      value_discretization_interval=_PLD_GRID).get_epsilon_for_delta(delta))
+
+
+def dp_ftrl_epsilon(*, noise_multiplier: float, steps_per_tree: int, trees: int, delta: float,
+                    accountant: str = "pld") -> float:
+  """Epsilon of `trees` epochs of DP-FTRL under "replace one example with a zero example".
+
+  Each epoch's release is a Gaussian mechanism with sensitivity sqrt(depth) (in units of C), so
+  `trees` of them are one Gaussian mechanism with multiplier sigma / sqrt(depth * trees) (Gaussian
+  mechanisms compose adaptively into a Gaussian). "pld" is that Gaussian's privacy loss
+  distribution (exact up to the grid's pessimistic rounding); "rdp" is dp_accounting's
+  tree-aggregation RDP (`dp_ftrl_event`), the paper's accounting, looser by the RDP-to-DP
+  conversion.
+  """
+  validate(noise_multiplier=noise_multiplier, steps=trees, delta=delta, accountant=accountant)
+  ledger = PrivacyLedger()
+  ledger.record_tree(noise_multiplier=noise_multiplier, steps_per_tree=steps_per_tree,
+                     steps=int(trees) * int(steps_per_tree))
+  return ledger.epsilon(delta, accountant)
+
+
+def calibrate_dp_ftrl_noise_multiplier(*, target_epsilon: float, steps_per_tree: int, trees: int,
+                                       delta: float, accountant: str = "pld",
+                                       tol: float = 1e-3) -> float:
+  """Smallest node noise multiplier, to relative precision `tol`, whose `dp_ftrl_epsilon` is
+  <= target_epsilon (the upper end of a bisection bracket; its lower end exceeds the target)."""
+  validate(steps=trees, delta=delta, accountant=accountant, target_epsilon=target_epsilon)
+  if trees < 1:
+    raise ValueError(f"trees must be >= 1 to calibrate, got {trees=}")
+  if not 0 < tol < 0.5:
+    raise ValueError(f"tol must lie in (0, 0.5), got {tol=}")
+  scale = math.sqrt(tree_depth(steps_per_tree) * int(trees))
+  ok = lambda sigma: dp_ftrl_epsilon(noise_multiplier=sigma, steps_per_tree=steps_per_tree,
+                                     trees=trees, delta=delta, accountant=accountant) <= target_epsilon
+  hi = scale
+  while not ok(hi):
+    hi *= 2.0
+    if hi > 1e6 * scale:
+      raise ValueError(f"no noise multiplier reaches {target_epsilon=} at {delta=}")
+  lo = hi / 2.0
+  while ok(lo):
+    hi, lo = lo, lo / 2.0
+  while hi - lo > tol * hi:
+    mid = 0.5 * (lo + hi)
+    lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+  return hi
 
 
 # The PLD grid of calibration's coarse search: about 20x faster than the default 1e-4 and, on
@@ -214,10 +289,24 @@ def _subsampled_gaussian_pld(noise_multiplier: float, sampling_rate: float, grid
 
 @dataclasses.dataclass
 class LedgerEntry:
+  """`steps` steps of one mechanism: Poisson-subsampled Gaussian (DP-SGD; `steps_per_tree` 0) or
+  DP-FTRL's tree aggregation (`steps_per_tree` T > 0, sampling_rate 1, the run's steps
+  first_step .. first_step + steps - 1, step s in tree s // T)."""
+
   noise_multiplier: float
   sampling_rate: float
   steps: int
   overflow_probability: float = 0.0  # per-step truncation bound (see privacy.sampling)
+  steps_per_tree: int = 0
+  first_step: int = 0
+
+  @property
+  def trees(self) -> int:
+    """The trees (epochs) this entry's steps fall in, partial ones counted whole."""
+    if not self.steps_per_tree or not self.steps:
+      return 0
+    t = self.steps_per_tree
+    return (self.first_step + self.steps - 1) // t - self.first_step // t + 1
 
 
 @dataclasses.dataclass
@@ -230,9 +319,35 @@ class PrivacyLedger:
 
   entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
 
+  @property
+  def is_tree(self) -> bool:
+    """Whether the ledger holds DP-FTRL (tree aggregation) steps rather than DP-SGD's."""
+    return any(e.steps_per_tree for e in self.entries)
+
+  def _check_kind(self, tree: bool) -> None:
+    if self.entries and self.is_tree != tree:
+      raise ValueError("a PrivacyLedger holds either DP-SGD steps (Poisson sampling, add/remove "
+                       "one example) or DP-FTRL steps (tree aggregation, replace one example "
+                       "with a zero one), not both: their neighbouring relations differ")
+
+  def record_tree(self, *, noise_multiplier: float, steps_per_tree: int, steps: int = 1) -> None:
+    """Records the run's next `steps` DP-FTRL steps (tree aggregation, `steps_per_tree` steps per
+    tree): they are the ledger's steps `self.steps` onward, so the ledger must hold every earlier
+    step of the run (it is saved with each checkpoint)."""
+    validate(noise_multiplier=noise_multiplier, steps=steps)
+    tree_depth(steps_per_tree)
+    self._check_kind(True)
+    last = self.entries[-1] if self.entries else None
+    if last and (last.noise_multiplier, last.steps_per_tree) == (noise_multiplier, steps_per_tree):
+      last.steps += int(steps)
+    else:
+      self.entries.append(LedgerEntry(float(noise_multiplier), 1.0, int(steps),
+                                      steps_per_tree=int(steps_per_tree), first_step=self.steps))
+
   def record(self, *, noise_multiplier: float, sampling_rate: float, steps: int = 1,
              overflow_probability: float = 0.0) -> None:
     validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
+    self._check_kind(False)
     last = self.entries[-1] if self.entries else None
     if last and (last.noise_multiplier, last.sampling_rate, last.overflow_probability) == (
         noise_multiplier, sampling_rate, overflow_probability):
@@ -246,8 +361,24 @@ class PrivacyLedger:
     return sum(e.steps for e in self.entries)
 
   def dp_event(self) -> dp_accounting.DpEvent:
+    if self.is_tree:
+      return dp_accounting.ComposedDpEvent(
+          [dp_ftrl_event(e.noise_multiplier, e.steps_per_tree, e.trees) for e in self.entries])
     return dp_accounting.ComposedDpEvent(
         [dp_sgd_event(e.noise_multiplier, e.sampling_rate, e.steps) for e in self.entries])
+
+  def _tree_epsilon(self, delta: float, accountant: str) -> float:
+    """DP-FTRL entries: one Gaussian mechanism of multiplier 1 / sqrt(sum trees * depth /
+    sigma^2) ("pld"), or dp_accounting's tree RDP with REPLACE_SPECIAL ("rdp")."""
+    if accountant == "rdp":
+      acc = rdp.RdpAccountant(
+          neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+      with _quiet_rdp():
+        acc.compose(self.dp_event())
+        return float(acc.get_epsilon(delta))
+    precision = sum(e.trees * tree_depth(e.steps_per_tree) / e.noise_multiplier ** 2
+                    for e in self.entries)
+    return _gaussian_pld_epsilon(1.0 / math.sqrt(precision), delta)
 
   def epsilon(self, delta: float, accountant: str = "pld") -> float:
     """Epsilon of everything recorded, at `delta` for the untruncated mechanism.
@@ -261,6 +392,8 @@ class PrivacyLedger:
       return 0.0
     if any(e.noise_multiplier == 0 for e in self.entries):
       return math.inf
+    if self.is_tree:
+      return self._tree_epsilon(delta, accountant)
     if accountant != "pld":
       return _epsilon_of_event(self.dp_event(), delta, accountant)
     out = pld.privacy_loss_distribution.identity(
@@ -276,10 +409,14 @@ class PrivacyLedger:
     return 0.0 if mass == 0 else (1.0 + math.exp(min(eps, 700.0))) * mass
 
   def report(self, delta: float, accountant: str = "pld") -> dict:
-    """{"epsilon", "delta", "delta_total" (with truncation), "steps", "accountant"}."""
+    """{"epsilon", "delta", "delta_total" (with truncation), "steps", "accountant"}, and for
+    DP-FTRL "neighbouring" (its relation: replace one example with a zero example)."""
     eps = self.epsilon(delta, accountant)
-    return {"epsilon": eps, "delta": delta, "delta_total": delta + self.truncation_delta(eps),
-            "steps": self.steps, "accountant": accountant}
+    out = {"epsilon": eps, "delta": delta, "delta_total": delta + self.truncation_delta(eps),
+           "steps": self.steps, "accountant": accountant}
+    if self.is_tree:
+      out["neighbouring"] = "replace one example with a zero example"
+    return out
 
   def to_json(self) -> str:
     return json.dumps([dataclasses.asdict(e) for e in self.entries])

@@ -22,6 +22,27 @@ from trustjax.privacy.noise import privatize
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
 
+def check_mechanism_fields(config) -> None:
+  """Raises ValueError naming the first bad field that DPConfig and DPFTRLConfig share: the
+  clip, the noise, the dataset size and how the clipped sum is computed."""
+  if not config.l2_clip > 0:
+    raise ValueError(f"l2_clip must be positive, got l2_clip={config.l2_clip}")
+  if not config.noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got noise_multiplier={config.noise_multiplier}")
+  if config.num_examples <= 0:
+    raise ValueError(f"num_examples must be positive (empty dataset?), got "
+                     f"num_examples={config.num_examples}")
+  if config.method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got method={config.method!r}")
+  check_normalization(config.normalization, config.auto_s_gamma)
+  if not config.auto_s_gamma > 0:
+    raise ValueError(f"auto_s_gamma must be positive, got auto_s_gamma={config.auto_s_gamma}")
+  if config.microbatch_size is not None and config.microbatch_size <= 0:
+    raise ValueError(f"microbatch_size must be positive, got "
+                     f"microbatch_size={config.microbatch_size}")
+  check_per_layer(config.per_layer, config.method)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPConfig:
   """The DP-SGD mechanism.
@@ -59,25 +80,11 @@ class DPConfig:
   adaptive: quantile.QuantileClipping | None = None
 
   def __post_init__(self):
-    if not self.l2_clip > 0:
-      raise ValueError(f"l2_clip must be positive, got l2_clip={self.l2_clip}")
-    if not self.noise_multiplier >= 0:
-      raise ValueError(f"noise_multiplier must be >= 0, got noise_multiplier={self.noise_multiplier}")
+    check_mechanism_fields(self)
     if not 0.0 < self.sampling_rate <= 1.0:
       raise ValueError(f"sampling_rate must lie in (0, 1], got sampling_rate={self.sampling_rate}")
-    if self.num_examples <= 0:
-      raise ValueError(f"num_examples must be positive (empty dataset?), got "
-                       f"num_examples={self.num_examples}")
     if self.max_batch_size <= 0:
       raise ValueError(f"max_batch_size must be positive, got max_batch_size={self.max_batch_size}")
-    if self.method not in METHODS:
-      raise ValueError(f"method must be one of {METHODS}, got method={self.method!r}")
-    check_normalization(self.normalization, self.auto_s_gamma)
-    if not self.auto_s_gamma > 0:
-      raise ValueError(f"auto_s_gamma must be positive, got auto_s_gamma={self.auto_s_gamma}")
-    if self.microbatch_size is not None and self.microbatch_size <= 0:
-      raise ValueError(f"microbatch_size must be positive, got microbatch_size={self.microbatch_size}")
-    check_per_layer(self.per_layer, self.method)
     if self.adaptive is not None:
       self.sum_noise_multiplier  # pylint: disable=pointless-statement  (validates the split)
 
