@@ -34,7 +34,8 @@ def main(argv):
   print(f"eval accuracy: {summary['eval_accuracy']:.4f}  ({summary['eval_examples']} examples)")
   if "epsilon" in summary:
     how = (f"q = {summary['sampling_rate']:.4g}" if summary["mechanism"] == "dp_sgd" else
-           f"DP-FTRL, {summary['trees']} trees of {summary['steps_per_tree']} steps, batch "
+           f"DP-FTRL, {summary['trees']} tree{'s' * (summary['trees'] != 1)} of "
+           f"{summary['steps_per_tree']} steps, batch "
            f"{summary['batch_size']}, replace-with-zero neighbours")
     print(f"privacy: epsilon = {summary['epsilon']:.3f} at delta = {summary['delta_total']:.3g} "
           f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, {how}, "

@@ -470,8 +470,12 @@ def _profile(setup: Setup, state: training.TrainState, folder: str, calls: int) 
 
 
 def _step_times(setup: Setup, state: training.TrainState) -> dict:
-  """Median DP and non-DP step time on the same model and padded batch (no donation)."""
+  """Median DP and non-DP step time on the same model and padded batch (no donation). DP-FTRL's
+  step is timed at position 2 of its tree, which draws two nodes' noise, the mean over a tree
+  (position 1 draws one; see scripts/benchmark_ftrl.py)."""
   batch = _first_batch(setup)
+  if isinstance(setup.dp_config, DPFTRLConfig) and setup.dp_config.steps_per_tree > 1:
+    state = state.replace(step=jnp.ones_like(state.step))
   secs = {label: training.time_step(step, state, batch)
           for label, step in _comparison_steps(setup).items()}
   out = {"nondp_step_s": secs.pop("non-DP")}

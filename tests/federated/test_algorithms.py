@@ -318,6 +318,92 @@ def test_dp_fedavg_adaptive_clip_tracks_the_target_quantile():
     quantile.sum_noise_multiplier(2.0, 0.5)
 
 
+# ----------------------------------------------------------------------------- DP-FTRL
+
+
+def _ftrl(noise_multiplier=0.0, clip=0.05, per_tree=4, loss_fn=helpers.LOSS, **kw):
+  return fl.dp_ftrl_fedavg(loss_fn=loss_fn, client_lr=0.5, batch_size=4, l2_clip=clip,
+                           noise_multiplier=noise_multiplier, clients_per_round=3,
+                           rounds_per_tree=per_tree, noise_seed=5, **kw)
+
+
+def test_dp_ftrl_fedavg_without_noise_is_dp_fedavg_over_the_fixed_cohort_size():
+  store, _ = helpers.store(sizes=(8, 8, 8, 8))
+  params = helpers.init_params()
+  cohort = _all_clients(store, np.array([1, 1, 0, 1], np.float32))
+  out = []
+  common = dict(loss_fn=helpers.LOSS, client_lr=0.5, batch_size=8, l2_clip=0.05,
+                noise_multiplier=0.0)  # one full batch per client: no shuffling to match
+  for alg in (fl.dp_ftrl_fedavg(clients_per_round=3, rounds_per_tree=2, **common),
+              fl.dp_fedavg(expected_clients=3.0, **common)):  # both divide by 3
+    state = alg.init(params)
+    for r in range(3):
+      state, m = fl.run_round(alg, state, cohort, jax.random.key(r))
+    out.append(state.params)
+    assert float(m["clients_clipped"]) == 3
+  _close(out[0], out[1])
+
+
+def test_dp_ftrl_fedavg_one_client_moves_a_round_by_at_most_clip_over_cohort_size():
+  """From the same state deep in a tree (round 6: tree 1, position 3) and the same key, so the
+  same tree noise: a client replaced with a zero update moves the model by C / m, no more."""
+  store, _ = helpers.store(sizes=(8, 8, 8))
+  alg = _ftrl(noise_multiplier=2.0)
+  state = alg.init(helpers.init_params())._replace(round=jnp.int32(6))
+  flat = lambda s: np.asarray(jax.flatten_util.ravel_pytree(s.params)[0], np.float64)
+  full = _all_clients(store, np.ones(3))
+  base, _ = fl.run_round(alg, state, full, jax.random.key(0))
+  for j in range(3):
+    w = np.ones(3, np.float32)
+    w[j] = 0
+    nb, _ = fl.run_round(alg, state, full._replace(weights=w), jax.random.key(0))
+    diff = np.linalg.norm(flat(base) - flat(nb))
+    assert 0.05 / 3 * 0.99 < diff <= 0.05 / 3 * (1 + 1e-5)
+  # the noise is there: one node at position 3 (std 2 * 0.05 / 3), beside updates of C / 3
+  assert np.abs(flat(base) - flat(state)).max() > 3 * 0.05 / 3
+
+
+def test_dp_ftrl_fedavg_noise_is_the_tree_prefix_noise_across_a_restart():
+  """Clients whose updates are 0: after 7 rounds of 4 per tree, the model moved by minus the
+  noise of tree 0's prefix 4 (one node) and tree 1's prefix 3 (two nodes), over m = 3: std
+  sqrt(3) sigma C / 3 per coordinate; the per-round noises themselves are larger."""
+  store, _ = helpers.store(sizes=(8, 8, 8))
+  params = {"w": jnp.zeros((6000,))}
+  zero = lambda p, b: 0.0 * jnp.sum(p["w"]) + 0.0 * b["x"][:, 0]
+  alg = _ftrl(noise_multiplier=1.5, clip=0.6, loss_fn=zero)
+  state = alg.init(params)
+  cohort = _all_clients(store, np.ones(3))
+  first = None
+  for r in range(7):
+    state, _ = fl.run_round(alg, state, cohort, jax.random.key(r))
+    first = np.asarray(state.params["w"]) if first is None else first
+  moved = -np.asarray(state.params["w"])
+  std = 1.5 * 0.6 / 3
+  assert scipy.stats.kstest(moved, "norm", args=(0, np.sqrt(3) * std)).pvalue > 1e-3
+  assert scipy.stats.kstest(moved, "norm", args=(0, np.sqrt(4) * std)).pvalue < 1e-6
+  assert scipy.stats.kstest(moved, "norm", args=(0, np.sqrt(2) * std)).pvalue < 1e-6
+  assert scipy.stats.kstest(-first, "norm", args=(0, std)).pvalue > 1e-3  # round 1: one node
+
+
+def test_shuffled_selection_visits_every_client_once_per_epoch():
+  n, m = 23, 5
+  per_epoch = selection.rounds_per_epoch(n, m)
+  assert per_epoch == 5
+  for epoch in range(3):
+    seen = []
+    for r in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+      sel = selection.shuffled(7, r, n, m)
+      assert len(sel.ids) == m and set(np.unique(sel.weights)) <= {0.0, 1.0}
+      seen += sel.ids[sel.weights > 0].tolist()
+    assert sorted(seen) == list(range(n))
+  a, b = selection.shuffled(7, 0, n, m), selection.shuffled(7, per_epoch, n, m)
+  assert not np.array_equal(a.ids, b.ids)  # a new permutation each epoch
+  np.testing.assert_array_equal(selection.shuffled(7, 3, n, m).ids,
+                                selection.shuffled(7, 3, n, m).ids)
+  with pytest.raises(ValueError, match="clients per round"):
+    selection.shuffled(0, 0, 4, 5)
+
+
 def test_federated_evaluation_equals_pooled_evaluation():
   store, data = helpers.store(sizes=(5, 9, 16, 3, 12, 7))
   params = helpers.init_params(1)

@@ -103,13 +103,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 @pytest.mark.usefixtures("interactive_sigint")
 def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatch):
   """3 rounds; then 6, stopped by a Ctrl-C during round 5 of DP-FedAvg with adaptive clipping
-  (it saves that round with its ledger and clip estimate, and stops the run); then 6 again,
-  which resumes it."""
+  (it saves that round with its ledger and clip estimate, and stops the run before DP-FTRL's
+  rounds 4-6); then 6 again, which resumes both. DP-FTRL with cohorts of 40 of the about 100
+  devices: 3 rounds per tree, so the resume starts its second tree."""
   over = {"fl.rounds": 3, "data.max_client_examples": 16}  # one size bucket: one compilation
 
-  def dp_only(cfg):  # the non-DP baseline strategy spends no privacy
+  def dp_only(cfg):  # the non-DP baseline spends no privacy; the clip1 ones repeat mechanisms
     cfg.unlock()
-    del cfg.strategies["fedavg_nondp"]
+    for name in ("fedavg_nondp", "dp_fedavg_clip1", "dp_ftrl_clip1"):
+      del cfg.strategies[name]
+    cfg.strategies.dp_ftrl.clients_per_round = 40
     cfg.lock()
     return cfg
 
@@ -130,7 +133,7 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   monkeypatch.undo()
   steps = {d.name: Checkpointer(str(d / "checkpoints")).latest_step()
            for d in (tmp_path / cfg.run_name).iterdir() if (d / "checkpoints").is_dir()}
-  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5}
+  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5, "dp_ftrl": 3}
   summary = experiments.run(cfg, show_progress=False)
   dp = [s for s in summary["strategies"] if s["algorithm"] == "dp_fedavg"]
   assert len(dp) == 2  # fixed and adaptive clipping
@@ -140,6 +143,36 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
                                   sampling_rate=s["sampling_rate"], steps=6, delta=s["delta"])
     assert s["epsilon"] == pytest.approx(expected, rel=1e-6)
     assert s["delta_total"] >= s["delta"]
+  (ftrl,) = [s for s in summary["strategies"] if s["strategy"] == "dp_ftrl"]
+  num_clients = len(experiments.load_task(cfg).parts)
+  assert 80 < num_clients <= 120 and ftrl["rounds_per_tree"] == -(-num_clients // 40) == 3
+  assert (ftrl["algorithm"], ftrl["selection"], ftrl["steps"], ftrl["trees"]) == (
+      "dp_ftrl_fedavg", "shuffled", 6, 2)
+  assert "sampling_rate" not in ftrl and "zero" in ftrl["neighbouring"]
+  assert ftrl["epsilon"] == pytest.approx(accounting.dp_ftrl_epsilon(
+      noise_multiplier=2.87, steps_per_tree=3, trees=2, delta=ftrl["delta"]), rel=1e-9)
+  assert ftrl["delta_total"] == ftrl["delta"]
+
+
+def test_dp_ftrl_strategy_sits_at_dp_fedavgs_epsilon_and_refuses_what_it_cannot_account():
+  cfg = fl_dp.get_config()
+  s = experiments.strategy_config(cfg, "dp_ftrl")
+  fedavg = accounting.epsilon(noise_multiplier=cfg.fl.dp.noise_multiplier, sampling_rate=0.1,
+                              steps=60, delta=1e-4)
+  per_tree = -(-cfg.data.num_devices // s.clients_per_round)
+  ftrl = accounting.dp_ftrl_epsilon(noise_multiplier=s.dp.noise_multiplier,
+                                    steps_per_tree=per_tree, trees=-(-s.rounds // per_tree),
+                                    delta=1e-4)
+  assert per_tree == 10 and fedavg - 0.02 < ftrl <= fedavg
+  experiments.validate_fl(s, 2000, "dp_ftrl")
+  for field, value, message in (("dp.adaptive", True, "accounting assumes Poisson sampling"),
+                                 ("dp.mechanism", "dp_sgd", "fl.dp.mechanism must be one of"),
+                                 ("clients_per_round", 3000, "more clients per round than")):
+    bad = override(experiments.strategy_config(cfg, "dp_ftrl"), **{field: value})
+    with pytest.raises(ValueError, match=message):
+      experiments.validate_fl(bad, 2000, "dp_ftrl")
+  with pytest.raises(ValueError, match="continual setting renumbers"):
+    experiments.validate_fl(s, 2000, "dp_ftrl", continual=True)
 
 
 def test_continual_setting_evaluates_on_each_next_period(tmp_path):

@@ -2,7 +2,8 @@
 
 from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.algorithms import (Byzantine, Cohort, FederatedAlgorithm, ServerState,
-                                           dp_fedavg, fedavg, fedopt, fedprox, local_train,
+                                           dp_fedavg, dp_ftrl_fedavg, fedavg, fedopt, fedprox,
+                                           local_train,
                                            make_byzantine, qfedavg, robust_aggregate, scaffold)
 from trustjax.federated.client_data import ClientData, ClientStore, bucket_capacities
 from trustjax.federated.selection import Selection

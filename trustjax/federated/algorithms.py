@@ -17,6 +17,8 @@ References:
   Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML 2020.
   McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018 (DP-FedAvg).
   Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021.
+  Kairouz et al., "Practical and Private (Deep) Learning without Sampling or Shuffling", ICML
+  2021 (DP-FTRL).
   Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018
   (coordinate-wise median and trimmed mean).
   Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from trustjax.privacy import noise, quantile
+from trustjax.privacy.dp_ftrl import residual_noise
 from trustjax.types import LossFn, Params, PRNGKey
 
 tmap = jax.tree_util.tree_map
@@ -629,6 +632,19 @@ def scaffold(*, loss_fn: LossFn, client_lr: float, batch_size: int, num_clients:
   return FederatedAlgorithm(init, apply)
 
 
+def _clipped_client_sum(local, params, cohort: Cohort, key: PRNGKey, clip, client_chunk,
+                        byzantine):
+  """The cohort's updates, each clipped to L2 norm `clip` and summed with weight 1 (non-finite
+  updates and padded or dropped slots count 0). Returns (clipped sum, local results, accepted,
+  finite, use (1.0 where a client contributes), norms)."""
+  deltas, res, accepted, finite = _run_clients(local, params, cohort, key,
+                                               client_chunk=client_chunk, byzantine=byzantine)
+  use = accepted.astype(jnp.float32)
+  norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
+  factors = use * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
+  return _weighted_sum(deltas, factors), res, accepted, finite, use, norms
+
+
 def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: float,
               noise_multiplier: float, expected_clients: float, local_epochs: int = 1,
               server_optimizer: optax.GradientTransformation | None = None,
@@ -674,12 +690,8 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     k_clients, k_noise, k_count = jax.random.split(key, 3)
     clip = state.extra
-    deltas, res, accepted, finite = _run_clients(local, state.params, cohort, k_clients,
-                                                 client_chunk=client_chunk, byzantine=byzantine)
-    use = accepted.astype(jnp.float32)  # 1 for clients that contribute, 0 otherwise
-    norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
-    factors = use * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
-    clipped_sum = _weighted_sum(deltas, factors)
+    clipped_sum, res, accepted, finite, use, norms = _clipped_client_sum(
+        local, state.params, cohort, k_clients, clip, client_chunk, byzantine)
     mean = noise.privatize(clipped_sum, k_noise, l2_clip=clip, noise_multiplier=sum_sigma,
                            expected_batch_size=expected_clients)
     params, opt_state = _server_step(opt, state, mean)
@@ -693,6 +705,65 @@ def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: fl
                                             expected_count=expected_clients, config=adaptive)
       metrics["unclipped_fraction_noisy"] = frac
     return ServerState(params, opt_state, state.round + 1, new_clip), metrics
+
+  return FederatedAlgorithm(init, apply)
+
+
+def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: float,
+                   noise_multiplier: float, clients_per_round: int, rounds_per_tree: int,
+                   noise_seed: int = 0, local_epochs: int = 1,
+                   server_optimizer: optax.GradientTransformation | None = None,
+                   client_chunk: int | None = None,
+                   byzantine: Byzantine | None = None) -> FederatedAlgorithm:
+  """DP-FTRL in federated learning (Kairouz et al. 2021, who train on StackOverflow's users this
+  way): user-level DP without sampling clients at random.
+
+  Clients come in epochs (`selection.shuffled`: every client once per epoch, cohorts of m =
+  `clients_per_round`, `rounds_per_tree` = ceil(N / m) rounds). Each update is clipped to L2 norm
+  C and the clipped updates are summed as in DP-FedAvg; the server adds the tree-aggregation
+  residual of round r (`privacy.dp_ftrl.residual_noise`, node std sigma C, tree r //
+  rounds_per_tree, restarted every epoch), divides by the fixed m and applies
+  `server_optimizer` (default SGD with learning rate 1) to minus that. Replacing one client's
+  data with a zero update moves each released prefix sum by at most C, and a client adds to at
+  most ceil(log2(rounds_per_tree + 1)) released nodes per tree; the caller records each round
+  with `PrivacyLedger.record_tree`.
+
+  Args:
+    l2_clip: C.
+    noise_multiplier: sigma, per tree node.
+    clients_per_round: m, the fixed denominator.
+    rounds_per_tree: rounds per epoch of clients (one tree each).
+    noise_seed: seeds every tree's key (a fresh one per run).
+    byzantine: simulated malicious clients; their updates are clipped like any other.
+  """
+  _check_client(client_lr, batch_size, local_epochs, client_chunk)
+  if not noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
+  if not l2_clip > 0:
+    raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
+  if clients_per_round < 1 or rounds_per_tree < 1:
+    raise ValueError(f"clients_per_round and rounds_per_tree must be >= 1, got "
+                     f"{clients_per_round=}, {rounds_per_tree=}")
+  opt = server_optimizer or optax.sgd(1.0)
+  local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
+  run_key = jax.random.fold_in(jax.random.key(noise_seed), 0xF7E1)
+
+  def init(params):
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32), jnp.zeros(()))
+
+  def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
+    clipped_sum, res, accepted, finite, use, norms = _clipped_client_sum(
+        local, state.params, cohort, key, l2_clip, client_chunk, byzantine)
+    tree, pos = jnp.divmod(state.round, rounds_per_tree)
+    if noise_multiplier > 0:
+      z = residual_noise(jax.random.fold_in(run_key, tree), pos + 1, clipped_sum,
+                         noise_multiplier * l2_clip)
+      clipped_sum = jax.tree_util.tree_map(jnp.add, clipped_sum, z)
+    mean = jax.tree_util.tree_map(lambda g: g / clients_per_round, clipped_sum)
+    params, opt_state = _server_step(opt, state, mean)
+    metrics = _round_metrics(cohort, res, accepted, finite, mean, byzantine)
+    metrics["clients_clipped"] = (use * (norms > l2_clip)).sum()
+    return ServerState(params, opt_state, state.round + 1, state.extra), metrics
 
   return FederatedAlgorithm(init, apply)
 

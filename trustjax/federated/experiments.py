@@ -205,6 +205,9 @@ def strategy_config(cfg, name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fl)
 
 
+DP_MECHANISMS = ("dp_fedavg", "dp_ftrl")
+
+
 def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None:
   """Every setting of strategy `name`, before anything is written or trained (the algorithm's
   builder checks its own arguments here too)."""
@@ -234,6 +237,20 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
     raise ValueError(f"[{name}] fl.selection must be one of {selection.SELECTIONS}, "
                      f"got {s.selection!r}")
   simulate.Faults(dropout=s.dropout, straggler=s.straggler)
+  if s.dp.enabled and s.dp.mechanism not in DP_MECHANISMS:
+    raise ValueError(f"[{name}] fl.dp.mechanism must be one of {DP_MECHANISMS}, got "
+                     f"{s.dp.mechanism!r}")
+  if s.dp.enabled and s.dp.mechanism == "dp_ftrl":
+    if s.dp.adaptive:
+      raise ValueError(f"[{name}] fl.dp.adaptive (quantile clipping) is for fl.dp.mechanism="
+                       "'dp_fedavg': its accounting assumes Poisson sampling")
+    if continual:
+      raise ValueError(f"[{name}] fl.dp.mechanism='dp_ftrl' visits each client once per epoch "
+                       "of a fixed client set; the continual setting renumbers its clients every "
+                       "period; use it in the static setting")
+    if s.clients_per_round > num_clients:
+      raise ValueError(f"[{name}] more clients per round than clients: fl.clients_per_round="
+                       f"{s.clients_per_round} > {num_clients} clients")
   if s.dp.enabled and s.aggregator != "mean":
     raise ValueError(f"[{name}] DP-FedAvg's sensitivity is that of the clipped sum: "
                      f"fl.aggregator must be 'mean', got {s.aggregator!r}")
@@ -270,8 +287,18 @@ def byzantine_ids(s, num_clients: int, seed: int) -> np.ndarray:
 
 
 def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
+  """(algorithm, Poisson client sampling rate under DP-FedAvg or None)."""
   byzantine = algorithms.make_byzantine(byzantine_ids(s, num_clients, seed), s.byzantine.attack,
                                         s.byzantine.scale)
+  if s.dp.enabled and s.dp.mechanism == "dp_ftrl":
+    return algorithms.dp_ftrl_fedavg(
+        loss_fn=loss_fn, client_lr=s.client_lr, batch_size=s.batch_size,
+        local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
+        clients_per_round=s.clients_per_round,
+        rounds_per_tree=selection.rounds_per_epoch(num_clients, s.clients_per_round),
+        noise_seed=seed,
+        server_optimizer=algorithms.make_server_optimizer(s.server_optimizer, s.server_lr),
+        client_chunk=client_chunk(s), byzantine=byzantine), None
   if s.dp.enabled:
     q = min(1.0, s.clients_per_round / num_clients)
     adaptive = quantile.from_config(s.dp) if s.dp.adaptive else None
@@ -416,7 +443,9 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   elif os.path.exists(writer.path):
     os.remove(writer.path)
   max_slots = None
-  if s.dp.enabled:
+  ftrl = s.dp.enabled and s.dp.mechanism == "dp_ftrl"
+  per_tree = selection.rounds_per_epoch(num_clients, s.clients_per_round) if ftrl else None
+  if s.dp.enabled and not ftrl:
     max_slots = sampling.default_max_batch_size(num_clients, q, total_rounds,
                                                 multiple_of=n_dev)
   delta = s.dp.delta or (1.0 / num_clients ** 1.1 if s.dp.enabled else None)
@@ -428,7 +457,9 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     for r in range(start, total_rounds):
       stage = stages[r // s.rounds]
       store = stage.store
-      if s.dp.enabled:
+      if ftrl:
+        sel = selection.shuffled(cfg.seed, r, store.num_clients, s.clients_per_round)
+      elif s.dp.enabled:
         sel = selection.poisson(cfg.seed, r, store.num_clients, q, max_slots)
         overflow_p = sampling.overflow_probability(store.num_clients, q, max_slots)
       else:
@@ -440,7 +471,9 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
       state, m = simulate.run_round(alg, state, cohort, jax.random.fold_in(key, r), mesh=mesh)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       round_times.append(time.perf_counter() - t0)
-      if s.dp.enabled:
+      if ftrl:
+        ledger.record_tree(noise_multiplier=s.dp.noise_multiplier, steps_per_tree=per_tree)
+      elif s.dp.enabled:
         ledger.record(noise_multiplier=s.dp.noise_multiplier, sampling_rate=q,
                       overflow_probability=overflow_p)
       done = r + 1
@@ -466,8 +499,10 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   if bar is not None:
     bar.close()
   evals = [h for h in history if "eval_loss" in h]
-  summary = {"strategy": name, "algorithm": "dp_fedavg" if s.dp.enabled else s.algorithm,
-             "selection": "poisson" if s.dp.enabled else s.selection, "rounds": total_rounds,
+  summary = {"strategy": name, "algorithm": ("dp_ftrl_fedavg" if ftrl else "dp_fedavg")
+             if s.dp.enabled else s.algorithm,
+             "selection": ("shuffled" if ftrl else "poisson") if s.dp.enabled else s.selection,
+             "rounds": total_rounds,
              "final_eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
              "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
              "clients_rejected_nonfinite": sum(h.get("clients_rejected_nonfinite", 0)
@@ -497,7 +532,11 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   if s.dp.enabled:
     summary.update(ledger.report(delta))
     summary["noise_multiplier"] = s.dp.noise_multiplier
-    summary["sampling_rate"] = q
+    if ftrl:
+      summary.update(rounds_per_tree=per_tree,
+                     trees=sum(e.trees for e in ledger.entries))
+    else:
+      summary["sampling_rate"] = q
   return summary
 
 
@@ -508,8 +547,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   for name in cfg.strategies:
     if strategy_config(cfg, name).dp.enabled and (cfg.data.name == "shakespeare" or
                                                    cfg.data.tokenizer != "hash"):
-      raise ValueError(f"[{name}] DP-FedAvg needs data.tokenizer='hash' (a vocabulary built from "
-                       "the clients' text is itself a release that DP does not cover)")
+      raise ValueError(f"[{name}] DP (fl.dp) needs data.tokenizer='hash' (a vocabulary built "
+                       "from the clients' text is itself a release that DP does not cover)")
   task = load_task(cfg)
   for name in cfg.strategies:
     s = strategy_config(cfg, name)
@@ -664,6 +703,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.client_chunk = 0  # clients per vmap, in size-sorted chunks; 0 = 4 on a CPU, all elsewhere
   c.fl.dp = ml_collections.ConfigDict()
   c.fl.dp.enabled = False  # DP-FedAvg with Poisson client sampling (rate clients_per_round / N)
+  # dp_fedavg: Poisson client sampling, add/remove one user (McMahan et al. 2018) | dp_ftrl:
+  # epochs of shuffled cohorts of clients_per_round clients, tree aggregation restarted every
+  # epoch, replace one user's data with a zero update (Kairouz et al. 2021)
+  c.fl.dp.mechanism = "dp_fedavg"
   c.fl.dp.noise_multiplier = 1.0
   c.fl.dp.l2_clip = 0.5  # per-client update clip (initial clip when adaptive)
   c.fl.dp.delta = 0.0  # 0 = 1 / N^1.1

@@ -10,6 +10,9 @@ the uninterrupted run would have. Weights are the aggregation weights the server
   make sum_i w_i delta_i an unbiased estimate of the full-participation average sum_i (n_i/N) delta_i.
 - `poisson`: each client independently with probability q (what DP-FedAvg's accountant assumes),
   padded to a static number of slots; weights 1 for real slots, 0 for padding.
+- `shuffled`: epochs of clients: each epoch a permutation of all clients, cut into cohorts of m
+  (the last one padded), so every client takes part exactly once per epoch (what DP-FTRL's
+  tree accounting assumes); weights 1 for real slots, 0 for padding.
 
 References: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
 Data", AISTATS 2017 (FedAvg); Hansen and Hurwitz, "On the Theory of Sampling from Finite
@@ -78,6 +81,27 @@ def poisson(seed: int, round_num: int, num_clients: int, rate: float, max_client
   """Poisson client sampling with static shape (see privacy.sampling for the overflow rule)."""
   b = sampling.poisson_batch(seed, round_num, num_clients, rate, max_clients)
   return Selection(b.indices.astype(np.int32), b.mask.astype(np.float32), b.overflow)
+
+
+def rounds_per_epoch(num_clients: int, num_selected: int) -> int:
+  """ceil(N / m): the rounds `shuffled` takes to visit every client once."""
+  return -(-num_clients // num_selected)
+
+
+def shuffled(seed: int, round_num: int, num_clients: int, num_selected: int) -> Selection:
+  """Round r's cohort of m clients: part r mod R of epoch r // R's permutation of the N clients
+  (R = ceil(N / m)), padded with weight-0 slots to m; each client once per epoch."""
+  if num_clients < 1:
+    raise ValueError("no clients to select from")
+  if not 1 <= num_selected <= num_clients:
+    raise ValueError(f"clients per round must lie in [1, {num_clients} clients], got "
+                     f"{num_selected=}")
+  epoch, part = divmod(round_num, rounds_per_epoch(num_clients, num_selected))
+  perm = np.random.default_rng([seed, epoch, 2]).permutation(num_clients)
+  ids = perm[part * num_selected:(part + 1) * num_selected]
+  pad = num_selected - len(ids)
+  return Selection(np.concatenate([np.sort(ids), np.zeros(pad, int)]).astype(np.int32),
+                   np.concatenate([np.ones(len(ids)), np.zeros(pad)]).astype(np.float32))
 
 
 def select(kind: str, seed: int, round_num: int, counts: np.ndarray, num_selected: int, *,
