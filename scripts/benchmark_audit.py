@@ -144,8 +144,7 @@ def main():
            f"--repeats {args.repeats} --model-chunk {args.model_chunk}")
     body = (reporting.measured(cmd) + f": {args.models} models x {args.steps} steps, padded "
             f"batch {setup.batch_size}.\n\n" + table)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-    reporting.write_marked_block(path, "benchmark_audit",
+    reporting.write_marked_block(reporting.BENCHMARKS_MD, "benchmark_audit",
                                  "Shadow models for a membership audit", body)
 
 

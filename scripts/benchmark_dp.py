@@ -183,8 +183,8 @@ def main():
   print("\n" + table)
   if args.no_write:
     return
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-  reporting.write_marked_block(path, "benchmark_dp", "DP-SGD vs non-DP step", body)
+  reporting.write_marked_block(reporting.BENCHMARKS_MD, "benchmark_dp",
+                               "DP-SGD vs non-DP step", body)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,7 @@ def main():
     body = (reporting.measured(cmd) + f": all-MiniLM-L6-v2 + linear head (7 classes), batch "
             f"{args.batch} of {args.length} WordPiece ids, Adam; DP: book-keeping, clip 1, "
             "noise multiplier 1.\n\n" + table)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-    reporting.write_marked_block(path, "benchmark_finetune",
+    reporting.write_marked_block(reporting.BENCHMARKS_MD, "benchmark_finetune",
                                  "DP fine-tuning: what to train", body)
 
 

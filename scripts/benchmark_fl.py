@@ -259,8 +259,8 @@ def main():
   body = f"{reporting.measured(cmd)}; {desc}:\n\n{table}"
   print(body)
   if not args.no_write:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-    reporting.write_marked_block(path, "benchmark_fl", "One federated round (100 clients)", body)
+    reporting.write_marked_block(reporting.BENCHMARKS_MD, "benchmark_fl",
+                                 "One federated round (100 clients)", body)
 
 
 if __name__ == "__main__":

@@ -90,8 +90,7 @@ def main():
     cmd = f"python scripts/benchmark_lstm_dp.py --repeats {args.repeats} --batch {args.batch}"
     body = (reporting.measured(cmd) + f": vocabulary {VOCAB}, windows of {LENGTH}, embedding 8, "
             "Adam.\n\n" + table)
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-    reporting.write_marked_block(path, "benchmark_lstm_dp",
+    reporting.write_marked_block(reporting.BENCHMARKS_MD, "benchmark_lstm_dp",
                                  "DP-SGD on a character LSTM", body)
 
 

@@ -214,7 +214,8 @@ def main(argv=None) -> None:
   ap.add_argument("--batch-size", type=int, help="expected batch size (q = batch / N)")
   ap.add_argument("--epochs", type=float, help="epochs (steps = round(epochs / q))")
   ap.add_argument("--mechanism", choices=("dp_sgd", "dp_ftrl"), default="dp_sgd",
-                  help="dp_sgd: Poisson sampling at q; dp_ftrl: tree aggregation, one tree per epoch")
+                  help="dp_sgd: Poisson sampling at q; dp_ftrl: tree aggregation, a tree per "
+                       "epoch")
   ap.add_argument("--noise-multiplier", type=float)
   ap.add_argument("--target-epsilon", type=float)
   ap.add_argument("--delta", type=float, help="default: the driver's delta for N, or a run's own")

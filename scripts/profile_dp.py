@@ -73,8 +73,8 @@ def main():
       title=f"{reporting.measured(cmd)}: {title}")
   print(f"\n{body}\n\nwrote {run}")
   if args.benchmarks:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "BENCHMARKS.md")
-    reporting.write_marked_block(path, f"profile_dp_{args.case}", "DP step profile", body)
+    reporting.write_marked_block(reporting.BENCHMARKS_MD, f"profile_dp_{args.case}",
+                                 "DP step profile", body)
 
 
 if __name__ == "__main__":

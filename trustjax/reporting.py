@@ -192,6 +192,11 @@ def measured(command: str) -> str:
           f"cores, backend {jax.default_backend()}, jax {jax.__version__}) with `{command}`")
 
 
+# The repository's benchmark record, which every scripts/benchmark_*.py writes its table into.
+BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "BENCHMARKS.md")
+
+
 def write_marked_block(path: str, name: str, title: str, body: str) -> None:
   """Replaces the text between `<!-- {name}:begin -->` and `<!-- {name}:end -->` in the Markdown
   file `path` with `body` (appending a `## {title}` section with the markers if absent)."""
