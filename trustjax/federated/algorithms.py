@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from trustjax.privacy import noise, quantile
-from trustjax.privacy.dp_ftrl import residual_noise
+from trustjax.privacy.dp_ftrl import add_residual_noise
 from trustjax.types import LossFn, Params, PRNGKey
 
 tmap = jax.tree_util.tree_map
@@ -721,7 +721,7 @@ def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_cli
   Clients come in epochs (`selection.shuffled`: every client once per epoch, cohorts of m =
   `clients_per_round`, `rounds_per_tree` = ceil(N / m) rounds). Each update is clipped to L2 norm
   C and the clipped updates are summed as in DP-FedAvg; the server adds the tree-aggregation
-  residual of round r (`privacy.dp_ftrl.residual_noise`, node std sigma C, tree r //
+  residual of round r (`privacy.dp_ftrl.add_residual_noise`, node std sigma C, tree r //
   rounds_per_tree, restarted every epoch), divides by the fixed m and applies
   `server_optimizer` (default SGD with learning rate 1) to minus that. Replacing one client's
   data with a zero update moves each released prefix sum by at most C, and a client adds to at
@@ -755,11 +755,9 @@ def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_cli
     clipped_sum, res, accepted, finite, use, norms = _clipped_client_sum(
         local, state.params, cohort, key, l2_clip, client_chunk, byzantine)
     tree, pos = jnp.divmod(state.round, rounds_per_tree)
-    if noise_multiplier > 0:
-      z = residual_noise(jax.random.fold_in(run_key, tree), pos + 1, clipped_sum,
-                         noise_multiplier * l2_clip)
-      clipped_sum = jax.tree_util.tree_map(jnp.add, clipped_sum, z)
-    mean = jax.tree_util.tree_map(lambda g: g / clients_per_round, clipped_sum)
+    mean = add_residual_noise(clipped_sum, jax.random.fold_in(run_key, tree), pos + 1,
+                              l2_clip=l2_clip, noise_multiplier=noise_multiplier,
+                              divisor=clients_per_round)
     params, opt_state = _server_step(opt, state, mean)
     metrics = _round_metrics(cohort, res, accepted, finite, mean, byzantine)
     metrics["clients_clipped"] = (use * (norms > l2_clip)).sum()

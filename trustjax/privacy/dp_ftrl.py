@@ -123,15 +123,18 @@ def residual_noise(tree_key: PRNGKey, t, like: Params, std) -> Params:
   return jax.tree_util.tree_unflatten(treedef, [std * (a + z) for a, z in zip(acc, new)])
 
 
-def _add_residual(grad_sum: Params, tree_key: PRNGKey, t, config: DPFTRLConfig) -> Params:
-  """(grad_sum + residual_noise(tree_key, t, ., sigma C)) / batch_size, the same values, drawn
-  the cheaper way: the nodes that step t closes are subtracted in a loop (none at odd t, half the
-  steps), and the new node is added by `privatize` (the same key split and draws as
-  `_node_noise`), whose noise XLA keeps in one pass on a CPU instead of recomputing it in each
-  of the optimizer's fusions."""
-  if config.noise_multiplier == 0:  # nothing to draw
-    return jax.tree_util.tree_map(lambda g: g / config.batch_size, grad_sum)
-  std = config.noise_multiplier * config.l2_clip
+def add_residual_noise(grad_sum: Params, tree_key: PRNGKey, t, *, l2_clip: float,
+                       noise_multiplier: float, divisor: float) -> Params:
+  """(grad_sum + residual_noise(tree_key, t, grad_sum, noise_multiplier * l2_clip)) / divisor:
+  the noise on the clipped sum, before the division by the public denominator.
+
+  The same values as `residual_noise`, drawn the cheaper way: the nodes that step t closes are
+  subtracted in a loop (none at odd t, half the steps), and the new node is added by `privatize`
+  (the same key split and draws as `_node_noise`), whose noise XLA keeps in one pass on a CPU
+  instead of recomputing it in each of the optimizer's fusions."""
+  if noise_multiplier == 0:  # nothing to draw
+    return jax.tree_util.tree_map(lambda g: g / divisor, grad_sum)
+  std = noise_multiplier * l2_clip
   t = jnp.asarray(t, jnp.int32)
   k = jax.lax.population_count((t & -t) - 1)
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
@@ -142,9 +145,8 @@ def _add_residual(grad_sum: Params, tree_key: PRNGKey, t, config: DPFTRLConfig) 
 
   leaves = jax.lax.fori_loop(0, k, drop_old, leaves)
   new_node = jax.random.fold_in(jax.random.fold_in(tree_key, k), jnp.right_shift(t, k) - 1)
-  return privatize(jax.tree_util.tree_unflatten(treedef, leaves), new_node,
-                   l2_clip=config.l2_clip, noise_multiplier=config.noise_multiplier,
-                   expected_batch_size=config.batch_size)
+  return privatize(jax.tree_util.tree_unflatten(treedef, leaves), new_node, l2_clip=l2_clip,
+                   noise_multiplier=noise_multiplier, expected_batch_size=divisor)
 
 
 def dp_ftrl_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PRNGKey, step, *,
@@ -166,7 +168,9 @@ def dp_ftrl_step(params: Params, opt_state: optax.OptState, batch: Batch, key: P
   tree, pos = jnp.divmod(jnp.asarray(step, jnp.int32), config.steps_per_tree)
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
   with jax.named_scope(NOISE_SCOPE):
-    grads = _add_residual(grad_sum, jax.random.fold_in(key, tree), pos + 1, config)
+    grads = add_residual_noise(grad_sum, jax.random.fold_in(key, tree), pos + 1,
+                               l2_clip=config.l2_clip, noise_multiplier=config.noise_multiplier,
+                               divisor=config.batch_size)
   with jax.named_scope(OPTIMIZER_SCOPE):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
