@@ -715,8 +715,8 @@ def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_cli
                    server_optimizer: optax.GradientTransformation | None = None,
                    client_chunk: int | None = None,
                    byzantine: Byzantine | None = None) -> FederatedAlgorithm:
-  """DP-FTRL in federated learning (Kairouz et al. 2021, who train on StackOverflow's users this
-  way): user-level DP without sampling clients at random.
+  """DP-FTRL in federated learning (Kairouz et al. 2021, who designed it for settings like this
+  one): user-level DP without sampling clients at random.
 
   Clients come in epochs (`selection.shuffled`: every client once per epoch, cohorts of m =
   `clients_per_round`, `rounds_per_tree` = ceil(N / m) rounds). Each update is clipped to L2 norm

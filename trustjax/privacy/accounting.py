@@ -111,7 +111,8 @@ def tree_depth(steps_per_tree: int) -> int:
   return int(steps_per_tree).bit_length()
 
 
-def dp_ftrl_event(noise_multiplier: float, steps_per_tree: int, trees: int) -> dp_accounting.DpEvent:
+def dp_ftrl_event(noise_multiplier: float, steps_per_tree: int,
+                  trees: int) -> dp_accounting.DpEvent:
   """The DpEvent of `trees` epochs of DP-FTRL, one tree of `steps_per_tree` steps per epoch and
   each example in at most one step per epoch (Kairouz et al. 2021, Appendix D). Only an RDP
   accountant with the REPLACE_SPECIAL relation composes it (`dp_ftrl_epsilon`)."""
@@ -159,8 +160,9 @@ def calibrate_dp_ftrl_noise_multiplier(*, target_epsilon: float, steps_per_tree:
   if not 0 < tol < 0.5:
     raise ValueError(f"tol must lie in (0, 0.5), got {tol=}")
   scale = math.sqrt(tree_depth(steps_per_tree) * int(trees))
-  ok = lambda sigma: dp_ftrl_epsilon(noise_multiplier=sigma, steps_per_tree=steps_per_tree,
-                                     trees=trees, delta=delta, accountant=accountant) <= target_epsilon
+  ok = lambda sigma: target_epsilon >= dp_ftrl_epsilon(
+      noise_multiplier=sigma, steps_per_tree=steps_per_tree, trees=trees, delta=delta,
+      accountant=accountant)
   hi = scale
   while not ok(hi):
     hi *= 2.0

@@ -28,7 +28,8 @@ def check_mechanism_fields(config) -> None:
   if not config.l2_clip > 0:
     raise ValueError(f"l2_clip must be positive, got l2_clip={config.l2_clip}")
   if not config.noise_multiplier >= 0:
-    raise ValueError(f"noise_multiplier must be >= 0, got noise_multiplier={config.noise_multiplier}")
+    raise ValueError(f"noise_multiplier must be >= 0, got "
+                     f"noise_multiplier={config.noise_multiplier}")
   if config.num_examples <= 0:
     raise ValueError(f"num_examples must be positive (empty dataset?), got "
                      f"num_examples={config.num_examples}")
