@@ -1,11 +1,12 @@
 """Byzantine-robust aggregation on SNIPS: FedAvg's weighted mean against the coordinate-wise median,
-the trimmed mean (Yin et al. 2018) and Krum (Blanchard et al. 2017) when a fraction of the 100
-clients is malicious (the same clients every round, drawn from the seed).
+the trimmed mean (Yin et al. 2018), Krum and Multi-Krum (Blanchard et al. 2017) and Bulyan
+(El Mhamdi et al. 2018) when a fraction of the 100 clients is malicious (the same clients every
+round, drawn from the seed).
 
 The argument is that fraction, then optionally the attack ("sign_flip": each malicious client
 sends -4 x its update; "gaussian": N(0, 4^2) noise in every coordinate); append ",runlocal" for a
-seconds-long smoke version. The trimmed mean cuts, and Krum assumes, the malicious fraction
-(at least 10%).
+seconds-long smoke version. The trimmed mean cuts, and Krum, Multi-Krum and Bulyan assume, the
+malicious fraction (at least 10%).
 
   python scripts/federated.py --config configs/fl_robust.py:0.3
   python scripts/federated.py --config configs/fl_robust.py:0.1,gaussian
@@ -40,6 +41,8 @@ def get_config(arg: str = "0.2"):
       "median": {"aggregator": "median"},
       "trimmed_mean": {"aggregator": "trimmed_mean"},
       "krum": {"aggregator": "krum"},
+      "multi_krum": {"aggregator": "multi_krum"},
+      "bulyan": {"aggregator": "bulyan"},
   }
   c.run_name = f"fl_robust_{fraction}_{attack}"
   if "runlocal" in flags:

@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from trustjax import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trustjax.federated.algorithms import AGGREGATORS  # pylint: disable=wrong-import-position
 
 PARTITIONS = (("iid", "iid"), ("10", "Dir alpha=10"), ("1", "Dir alpha=1"), ("0.1", "Dir alpha=0.1"))
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "scaffold", "centralized")
@@ -73,9 +74,6 @@ def selection_table(root):
           rows.append([label, "static", strategy, f"{100 * final:.1f}", extra])
   return reporting.markdown_table(
       ["data", "setting", "selection", "accuracy %", "next-period accuracies % / notes"], rows)
-
-
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 
 
 def robust_table(root):

@@ -49,7 +49,7 @@ def test_byzantine_clients_and_robust_aggregators_in_a_run(tmp_path):
                  for r in range(cfg.fl.rounds))
   assert expected > 0
   by_name = {s["strategy"]: s for s in summary["strategies"]}
-  assert set(by_name) == {"mean", "median", "trimmed_mean", "krum"}
+  assert set(by_name) == {"mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan"}
   for name, s in by_name.items():
     assert s["aggregator"] == name and s["byzantine_clients"] == 6
     assert s["byzantine_updates_aggregated"] == expected

@@ -38,6 +38,41 @@ def _krum_loop(vectors, f):
   return vectors[int(np.argmin(scores))]
 
 
+def _krum_scores_loop(vectors, f):
+  n = len(vectors)
+  m = max(n - f - 2, 1)
+  return [sum(sorted(float(np.sum((vectors[i] - vectors[j]) ** 2))
+                     for j in range(n) if j != i)[:m]) for i in range(n)]
+
+
+def _multi_krum_loop(vectors, f):
+  """Blanchard et al.'s Multi-Krum: the mean of the n - f vectors with the lowest Krum scores."""
+  order = np.argsort(_krum_scores_loop(vectors, f), kind="stable")
+  return vectors[order[:max(len(vectors) - f, 1)]].mean(0)
+
+
+def _bulyan_loop(vectors, f):
+  """El Mhamdi et al.'s Bulyan, written out: Krum picks theta = n - 2f vectors one at a time,
+  each from those not yet picked (f fixed); then per coordinate the mean of the
+  beta = theta - 2f picked values closest to their median (theta at least 1; where beta < 1,
+  the picked values' median)."""
+  pool = list(range(len(vectors)))
+  theta = max(len(vectors) - 2 * f, 1)
+  chosen = []
+  for _ in range(theta):
+    scores = _krum_scores_loop(vectors[pool], f)
+    chosen.append(pool.pop(int(np.argmin(scores))))
+  s = vectors[chosen]
+  beta = theta - 2 * f
+  med = np.median(s, axis=0)
+  if beta < 1:
+    return med
+  out = np.empty(s.shape[1])
+  for c in range(s.shape[1]):
+    out[c] = s[np.argsort(np.abs(s[:, c] - med[c]), kind="stable")[:beta], c].mean()
+  return out
+
+
 MASKS = [np.ones(9, bool),  # all 9 (odd)
          np.array([1, 0, 1, 1, 0, 1, 1, 1, 1], bool),  # 7
          np.array([1, 1, 0, 1, 0, 1, 1, 0, 1], bool),  # 6 (even)
@@ -68,8 +103,16 @@ def test_robust_rules_equal_numpy_scipy_and_a_loop_and_ignore_rejected_rows(mask
     got = _flat(tmap(lambda x: x[None], agg(poisoned, weights, acc, "krum", frac)))[0]
     np.testing.assert_allclose(got, _krum_loop(kept, int(frac * len(kept))), rtol=1e-6,
                                err_msg=f"{frac=}")
+  for frac in (0.0, 0.12, 0.2, 0.34):
+    f = int(frac * len(kept))
+    got = _flat(tmap(lambda x: x[None], agg(poisoned, weights, acc, "multi_krum", frac)))[0]
+    np.testing.assert_allclose(got, _multi_krum_loop(kept, f), rtol=1e-5, atol=1e-6,
+                               err_msg=f"{frac=}")
+    got = _flat(tmap(lambda x: x[None], agg(poisoned, weights, acc, "bulyan", frac)))[0]
+    np.testing.assert_allclose(got, _bulyan_loop(kept, f), rtol=1e-5, atol=1e-6,
+                               err_msg=f"{frac=}")
   nobody = jnp.zeros(9, bool)
-  for name in ("median", "trimmed_mean", "krum"):
+  for name in ("median", "trimmed_mean", "krum", "multi_krum", "bulyan"):
     chex.assert_trees_all_equal(agg(poisoned, weights, nobody, name, 0.1),
                                 tmap(lambda d: np.zeros(d.shape[1:], np.float32), deltas))
 
@@ -112,7 +155,9 @@ def test_robust_round_applies_the_rule_to_the_clients_updates_and_counts_byzanti
   _, sent = _honest_and_sent(byz, cohort, params, key)
   flat0, unravel = jax.flatten_util.ravel_pytree(params)
   for name, reference in (("median", np.median(_flat(sent), axis=0)),
-                          ("trimmed_mean", scipy.stats.trim_mean(_flat(sent), 0.3, axis=0))):
+                          ("trimmed_mean", scipy.stats.trim_mean(_flat(sent), 0.3, axis=0)),
+                          ("multi_krum", _multi_krum_loop(_flat(sent), 2)),  # f = int(0.3 * 7)
+                          ("bulyan", _bulyan_loop(_flat(sent), 2))):
     alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, aggregator=name,
                     robust_fraction=0.3, byzantine=byz)
     state, m = fl.run_round(alg, alg.init(params), cohort, key)
@@ -141,7 +186,7 @@ def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(attack):
   rule = lambda name: cosine(algorithms.robust_aggregate(sent, cohort.weights, acc, name, 0.3))
   mean = rule("mean")
   assert mean < 0.5, mean
-  for name in ("median", "trimmed_mean", "krum"):
+  for name in ("median", "trimmed_mean", "krum", "multi_krum", "bulyan"):
     assert rule(name) > 0.75 and rule(name) > mean + 0.4, (name, rule(name), mean)
 
 

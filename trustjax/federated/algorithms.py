@@ -22,7 +22,9 @@ References:
   Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018
   (coordinate-wise median and trimmed mean).
   Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
-  NeurIPS 2017 (Krum; the Gaussian Byzantine client).
+  NeurIPS 2017 (Krum, Multi-Krum; the Gaussian Byzantine client).
+  El Mhamdi, Guerraoui and Rouault, "The Hidden Vulnerability of Distributed Learning in
+  Byzantium", ICML 2018 (Bulyan).
   Li, Sanjabi, Beirami and Smith, "Fair Resource Allocation in Federated Learning", ICLR 2020
   (q-FFL, q-FedAvg).
   Li et al., "RSA: Byzantine-Robust Stochastic Aggregation Methods for Distributed Learning from
@@ -367,7 +369,7 @@ def make_byzantine(ids, attack: str = "sign_flip", scale: float = 4.0) -> Byzant
 
 # ----------------------------------------------------------------------------- robust aggregation
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 
 
 def check_aggregator(aggregator: str, robust_fraction: float) -> None:
@@ -419,35 +421,102 @@ def trimmed_mean(deltas: Params, accepted: jax.Array, fraction: float) -> Params
   return tmap(one, deltas)
 
 
+def _flat_rows(deltas: Params, accepted: jax.Array) -> jax.Array:
+  """float32 [k, parameters]: each slot's update over all leaves, 0 for rejected slots."""
+  leaves = jax.tree_util.tree_leaves(deltas)
+  k = leaves[0].shape[0]
+  return jnp.concatenate([jnp.where(_rows(accepted, d), d, 0.0).reshape(k, -1)
+                          .astype(jnp.float32) for d in leaves], axis=1)
+
+
+def _sq_distances(flat: jax.Array) -> jax.Array:
+  """[k, k] squared L2 distances between the rows of `flat`."""
+  sq = jnp.sum(jnp.square(flat), axis=1)
+  gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)  # full float32 on TPU too
+  return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+
+
+def _krum_scores(dist: jax.Array, pool: jax.Array, f: jax.Array) -> jax.Array:
+  """Krum's score of every slot in `pool` (inf elsewhere): the summed squared distance to its
+  n - f - 2 nearest others in the pool (at least one), n the pool's size."""
+  k = dist.shape[0]
+  pair = pool[:, None] & pool[None, :] & ~jnp.eye(k, dtype=bool)
+  nearest = jnp.sort(jnp.where(pair, dist, jnp.inf), axis=1)
+  m = jnp.maximum(pool.sum() - f - 2, 1)
+  rank = jnp.arange(k)[None, :]
+  score = jnp.where((rank < m) & jnp.isfinite(nearest), nearest, 0.0).sum(1)
+  return jnp.where(pool, score, jnp.inf)
+
+
 def krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   """Krum (Blanchard et al. 2017): the one accepted update whose summed squared distance to its
   n - f - 2 nearest other accepted updates is smallest, where n is the number accepted and
   f = int(fraction * n) the number of Byzantine clients it assumes (at least one neighbour is
   used when n - f - 2 < 1, where the paper's guarantee, which needs n > 2f + 2, does not hold).
   Distances over all parameters together; 0 when nobody is accepted."""
-  leaves = jax.tree_util.tree_leaves(deltas)
-  k = leaves[0].shape[0]
+  k = accepted.shape[0]
   n = accepted.sum()
-  flat = jnp.concatenate([jnp.where(_rows(accepted, d), d, 0.0).reshape(k, -1).astype(jnp.float32)
-                          for d in leaves], axis=1)
-  sq = jnp.sum(jnp.square(flat), axis=1)
-  gram = jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)  # full float32 on TPU too
-  dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-  pair = accepted[:, None] & accepted[None, :] & ~jnp.eye(k, dtype=bool)
-  nearest = jnp.sort(jnp.where(pair, dist, jnp.inf), axis=1)
-  m = jnp.maximum(n - _floor_table(fraction, k)[n] - 2, 1)
-  rank = jnp.arange(k)[None, :]
-  score = jnp.where((rank < m) & jnp.isfinite(nearest), nearest, 0.0).sum(1)
-  best = jnp.argmin(jnp.where(accepted, score, jnp.inf))
+  scores = _krum_scores(_sq_distances(_flat_rows(deltas, accepted)), accepted,
+                        _floor_table(fraction, k)[n])
+  best = jnp.argmin(scores)
   return tmap(lambda d: jnp.where(n > 0, d[best].astype(jnp.float32), 0.0), deltas)
+
+
+def multi_krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
+  """Multi-Krum (Blanchard et al. 2017): the unweighted mean of the n - f accepted updates with
+  the lowest Krum scores (f = int(fraction * n), scores as in `krum`); 0 when nobody is
+  accepted."""
+  k = accepted.shape[0]
+  n = accepted.sum()
+  f = _floor_table(fraction, k)[n]
+  scores = _krum_scores(_sq_distances(_flat_rows(deltas, accepted)), accepted, f)
+  rank = jnp.argsort(jnp.argsort(scores))  # 0 = the best score; rejected slots rank last
+  keep = accepted & (rank < jnp.maximum(n - f, 1))
+  count = jnp.maximum(keep.sum(), 1)
+  return tmap(lambda d: jnp.where(_rows(keep, d), d.astype(jnp.float32), 0.0).sum(0) / count,
+              deltas)
+
+
+def bulyan(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
+  """Bulyan (El Mhamdi, Guerraoui and Rouault, ICML 2018) over Krum: theta = n - 2f updates are
+  chosen one at a time, each the Krum choice (f as in `krum`) among the accepted updates not yet
+  chosen; then, coordinate by coordinate, the mean of the beta = theta - 2f chosen values
+  closest to their median. Its guarantee needs n >= 4f + 3; below that theta is kept at least 1,
+  and where beta < 1 the coordinate-wise median of the chosen updates is the output (with f = 0:
+  the mean of all). Unweighted; 0 when nobody is accepted."""
+  k = accepted.shape[0]
+  n = accepted.sum()
+  f = _floor_table(fraction, k)[n]
+  dist = _sq_distances(_flat_rows(deltas, accepted))
+  theta = jnp.maximum(n - 2 * f, 1)
+  beta = theta - 2 * f
+
+  def choose(i, carry):
+    pool, chosen = carry
+    best = jnp.argmin(_krum_scores(dist, pool, f))
+    take = (i < theta) & pool[best]
+    return pool.at[best].set(pool[best] & ~take), chosen.at[best].set(chosen[best] | take)
+
+  _, chosen = jax.lax.fori_loop(0, k, choose, (accepted, jnp.zeros_like(accepted)))
+
+  def one(d):
+    s = _sorted_accepted(d, chosen)  # the theta chosen values first, in order
+    median = 0.5 * (jnp.take(s, (theta - 1) // 2, axis=0) + jnp.take(s, theta // 2, axis=0))
+    gap = jnp.where(_rows(jnp.arange(k) < theta, s), jnp.abs(s - median), jnp.inf)
+    closest = jnp.take_along_axis(s, jnp.argsort(gap, axis=0), axis=0)
+    pos = _rows(jnp.arange(k), d)
+    mean = jnp.where(pos < beta, closest, 0.0).sum(0) / jnp.maximum(beta, 1)
+    return jnp.where(n > 0, jnp.where(beta >= 1, mean, median), 0.0)
+
+  return tmap(one, deltas)
 
 
 def robust_aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array,
                      aggregator: str = "mean", robust_fraction: float = 0.1) -> Params:
   """The server's aggregate of the accepted updates: "mean" is `aggregate` (weighted by the
-  selection's weights); "median", "trimmed_mean" (cutting `robust_fraction` from each end) and
-  "krum" (assuming a `robust_fraction` of Byzantine clients) are unweighted, as their papers
-  define them: they treat every accepted slot alike whatever its weight, so with non-uniform
+  selection's weights); "median", "trimmed_mean" (cutting `robust_fraction` from each end),
+  "krum", "multi_krum" and "bulyan" (assuming a `robust_fraction` of Byzantine clients) are
+  unweighted, as their papers define them: they treat every accepted slot alike whatever its weight, so with non-uniform
   selection weights they are not unbiased estimates of the mean update."""
   check_aggregator(aggregator, robust_fraction)
   if aggregator == "mean":
@@ -456,6 +525,10 @@ def robust_aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array,
     return coordinate_median(deltas, accepted)
   if aggregator == "trimmed_mean":
     return trimmed_mean(deltas, accepted, robust_fraction)
+  if aggregator == "multi_krum":
+    return multi_krum(deltas, accepted, robust_fraction)
+  if aggregator == "bulyan":
+    return bulyan(deltas, accepted, robust_fraction)
   return krum(deltas, accepted, robust_fraction)
 
 
@@ -479,7 +552,8 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
   client_chunk (every builder): clients trained together per vmap, see `_run_clients`; None = the
   whole cohort at once. It changes speed and memory, not results.
   aggregator: "mean" (the weighted mean above) or a Byzantine-robust rule in its place, "median",
-  "trimmed_mean" or "krum", with `robust_fraction` (see `robust_aggregate`).
+  "trimmed_mean", "krum", "multi_krum" or "bulyan", with `robust_fraction` (see
+  `robust_aggregate`).
   byzantine (every builder): simulated malicious clients (`make_byzantine`); None = none.
   """
   _check_client(client_lr, batch_size, local_epochs, client_chunk)

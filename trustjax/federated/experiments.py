@@ -687,10 +687,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.server_optimizer = "adam"  # for fedopt / dp: sgd | momentum | adam | yogi | adagrad
   c.fl.mu = 0.01  # FedProx
   c.fl.q = 1.0  # q-FedAvg: weight of high-loss clients (0 = the unweighted mean)
-  # The server's aggregate: mean (weighted) | median | trimmed_mean | krum (Byzantine-robust,
-  # unweighted; not with scaffold or DP-FedAvg).
+  # The server's aggregate: mean (weighted) | median | trimmed_mean | krum | multi_krum | bulyan
+  # (Byzantine-robust, unweighted; not with scaffold, q-FedAvg or DP).
   c.fl.aggregator = "mean"
-  c.fl.robust_fraction = 0.1  # trimmed_mean: cut from each end; krum: assumed Byzantine fraction
+  # trimmed_mean: cut from each end; krum, multi_krum, bulyan: the assumed Byzantine fraction
+  c.fl.robust_fraction = 0.1
   c.fl.byzantine = ml_collections.ConfigDict()
   c.fl.byzantine.fraction = 0.0  # malicious clients: this fraction of all clients, fixed by the seed
   c.fl.byzantine.attack = "sign_flip"  # sign_flip (send -scale x update) | gaussian (N(0, scale^2))
