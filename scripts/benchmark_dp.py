@@ -156,6 +156,15 @@ def run(names, repeats, opacus=True):
   return rows, summary
 
 
+def case_names(ap: argparse.ArgumentParser, only: str) -> list[str]:
+  """The CASES named in `--only` (a comma list); an unknown one is a usage error."""
+  names = [n for n in only.split(",") if n]
+  unknown = sorted(set(names) - set(CASES))
+  if unknown:
+    ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+  return names
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--repeats", type=int, default=10)
@@ -163,10 +172,7 @@ def main():
   ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
   ap.add_argument("--no-opacus", action="store_true", help="skip the PyTorch/Opacus rows")
   args = ap.parse_args()
-  names = [n for n in args.only.split(",") if n]
-  unknown = sorted(set(names) - set(CASES))
-  if unknown:
-    ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+  names = case_names(ap, args.only)
   rows, summary = run(names, args.repeats, opacus=not args.no_opacus)
   table = reporting.markdown_table(
       ["model", "step", "median ms", "ratio to non-DP (trustjax)", "peak MiB (XLA estimate)"],

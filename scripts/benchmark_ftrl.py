@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-from benchmark_dp import CASES, setup  # scripts/ is on sys.path when this script runs
+from benchmark_dp import CASES, case_names, setup  # scripts/ is on sys.path when it runs
 from trustjax import reporting, training
 from trustjax.privacy import DPFTRLConfig
 
@@ -63,10 +63,7 @@ def main():
   ap.add_argument("--only", default="mlp,encoder", help=f"comma list of {list(CASES)}")
   ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
   args = ap.parse_args()
-  names = [n for n in args.only.split(",") if n]
-  unknown = sorted(set(names) - set(CASES))
-  if unknown:
-    ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+  names = case_names(ap, args.only)
   table = reporting.markdown_table(
       ["model", "step", "noise nodes drawn", "median ms", "ratio to non-DP",
        "ms over DP-SGD"], run(names, args.repeats))

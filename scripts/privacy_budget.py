@@ -59,23 +59,13 @@ def before_a_run(args) -> str:
     return _dp_ftrl_before_a_run(args)
   q = b / n
   steps = max(1, round(args.epochs / q))
-  delta = args.delta if args.delta is not None else default_delta(n)
-  accounting.validate(delta=delta, sampling_rate=q)
+  delta, delta_note = _delta(args, n)
+  accounting.validate(sampling_rate=q)
   lines = [f"Poisson-sampled DP-SGD: {n} examples, expected batch {b} (q = {q:.6g}), "
-           f"{args.epochs:g} epochs = {steps} steps, delta = {delta:g}"
-           + (" (the training driver's default: the largest power of ten below 1/N)"
-              if args.delta is None else "")]
-  sigma = args.noise_multiplier
-  if sigma is None:
-    sigma = accounting.calibrate_noise_multiplier(target_epsilon=args.target_epsilon,
-                                                  sampling_rate=q, steps=steps, delta=delta,
-                                                  accountant=args.accountant)
-    lines.append(f"noise multiplier {sigma:.6g}: the smallest (to 0.1%) whose "
-                 f"{args.accountant.upper()} epsilon is <= {args.target_epsilon:g} after "
-                 f"{steps} steps")
-  else:
-    accounting.validate(noise_multiplier=sigma)
-    lines.append(f"noise multiplier {sigma:g}")
+           f"{args.epochs:g} epochs = {steps} steps, delta = {delta:g}{delta_note}"]
+  sigma = _noise_multiplier(args, lines, lambda eps: accounting.calibrate_noise_multiplier(
+      target_epsilon=eps, sampling_rate=q, steps=steps, delta=delta,
+      accountant=args.accountant), "", f"{steps} steps")
   points = _points(steps, args.points)
   eps = {a: accounting.epsilon_curve(noise_multiplier=sigma, sampling_rate=q, steps=points,
                                      delta=delta, accountant=a) for a in accounting.ACCOUNTANTS}
@@ -90,6 +80,29 @@ def before_a_run(args) -> str:
                f"so the total delta is {delta + ledger.truncation_delta(final):.6g} at the final "
                f"{args.accountant.upper()} epsilon")
   return _with_table(args, lines, points, q, eps, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
+
+
+def _delta(args, n: int) -> tuple[float, str]:
+  """(--delta, or the training driver's default for n examples, checked; a note on which)."""
+  delta = args.delta if args.delta is not None else default_delta(n)
+  accounting.validate(delta=delta)
+  return delta, ("" if args.delta is not None else
+                 " (the training driver's default: the largest power of ten below 1/N)")
+
+
+def _noise_multiplier(args, lines: list[str], calibrate, unit: str, horizon: str) -> float:
+  """--noise-multiplier (checked), or `calibrate(--target-epsilon)`; says which in `lines`
+  (`unit` after "noise multiplier <sigma>", `horizon`: what the calibration covers)."""
+  sigma = args.noise_multiplier
+  if sigma is None:
+    sigma = calibrate(args.target_epsilon)
+    lines.append(f"noise multiplier {sigma:.6g}{unit}: the smallest (to 0.1%) whose "
+                 f"{args.accountant.upper()} epsilon is <= {args.target_epsilon:g} after "
+                 f"{horizon}")
+  else:
+    accounting.validate(noise_multiplier=sigma)
+    lines.append(f"noise multiplier {sigma:g}{unit}")
+  return sigma
 
 
 def _points(steps: int, count: int) -> list[int]:
@@ -115,25 +128,14 @@ def _dp_ftrl_before_a_run(args) -> str:
   spt = -(-n // b)
   steps = max(1, round(args.epochs * spt))
   trees = lambda t: -(-t // spt)
-  delta = args.delta if args.delta is not None else default_delta(n)
-  accounting.validate(delta=delta)
+  delta, delta_note = _delta(args, n)
   lines = [f"DP-FTRL (tree aggregation, no sampling): {n} examples, batches of {b}, "
            f"{spt} steps per epoch and tree (depth {accounting.tree_depth(spt)}), "
            f"{args.epochs:g} epochs = {steps} steps in {trees(steps)} trees, delta = {delta:g}"
-           + (" (the training driver's default: the largest power of ten below 1/N)"
-              if args.delta is None else "")
-           + "; neighbours: one example replaced with a zero example"]
-  sigma = args.noise_multiplier
-  if sigma is None:
-    sigma = accounting.calibrate_dp_ftrl_noise_multiplier(
-        target_epsilon=args.target_epsilon, steps_per_tree=spt, trees=trees(steps), delta=delta,
-        accountant=args.accountant)
-    lines.append(f"noise multiplier {sigma:.6g} per tree node: the smallest (to 0.1%) whose "
-                 f"{args.accountant.upper()} epsilon is <= {args.target_epsilon:g} after "
-                 f"{trees(steps)} trees")
-  else:
-    accounting.validate(noise_multiplier=sigma)
-    lines.append(f"noise multiplier {sigma:g} per tree node")
+           f"{delta_note}; neighbours: one example replaced with a zero example"]
+  sigma = _noise_multiplier(args, lines, lambda eps: accounting.calibrate_dp_ftrl_noise_multiplier(
+      target_epsilon=eps, steps_per_tree=spt, trees=trees(steps), delta=delta,
+      accountant=args.accountant), " per tree node", f"{trees(steps)} trees")
   points = _points(steps, args.points)
   eps = {a: [accounting.dp_ftrl_epsilon(noise_multiplier=sigma, steps_per_tree=spt,
                                         trees=trees(t), delta=delta, accountant=a)

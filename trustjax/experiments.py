@@ -281,19 +281,19 @@ class Setup:
     self.mesh = sharding.data_mesh(self.num_devices) if self.num_devices > 1 else None
     self.optimizer = make_optimizer(cfg)
     self.dp_config, self.delta = None, None
-    if cfg.dp.enabled and cfg.dp.mechanism not in MECHANISMS:
-      raise ValueError(f"dp.mechanism must be one of {MECHANISMS}, got {cfg.dp.mechanism!r}")
     if cfg.dp.enabled:
-      q = t.batch_size / n
-      if not 0 < q <= 1:
+      if cfg.dp.mechanism not in MECHANISMS:
+        raise ValueError(f"dp.mechanism must be one of {MECHANISMS}, got {cfg.dp.mechanism!r}")
+      if not 0 < t.batch_size <= n:
         raise ValueError(f"train.batch_size={t.batch_size} must be <= the {n} training examples")
-      self.num_steps = max(1, round(t.epochs / q))
       self.delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(n)
       accounting.validate(delta=self.delta, accountant=cfg.dp.accountant,
                           target_epsilon=cfg.dp.target_epsilon)
     if cfg.dp.enabled and cfg.dp.mechanism == "dp_ftrl":
       self._dp_ftrl(cfg, n)
     elif cfg.dp.enabled:
+      q = t.batch_size / n
+      self.num_steps = max(1, round(t.epochs / q))
       sigma = cfg.dp.noise_multiplier
       if sigma is None:
         sigma = accounting.calibrate_noise_multiplier(

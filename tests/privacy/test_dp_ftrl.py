@@ -43,8 +43,8 @@ def test_residuals_sum_to_the_tree_noise_of_each_prefix():
 
 
 def test_the_steps_noise_path_adds_the_same_residuals():
-  """add_residual_noise (subtract the closed nodes, add the new one through privatize) equals
-  (sum + residual_noise) / divisor, on a pytree, at odd and even positions."""
+  """add_residual_noise adds to a pytree sum what residual_noise draws alone (the residuals the
+  tests above check), then divides, at odd and even positions."""
   key = jax.random.key(9)
   g = {"a": jnp.arange(12.0).reshape(3, 4), "b": {"c": jnp.ones((7,))}}
   add = jax.jit(privacy.add_residual_noise,

@@ -390,6 +390,14 @@ def _sorted_accepted(d: jax.Array, accepted: jax.Array) -> jax.Array:
   return jnp.sort(jnp.where(_rows(accepted, d), d.astype(jnp.float32), jnp.inf), axis=0)
 
 
+def _median_of_sorted(s: jax.Array, n: jax.Array) -> jax.Array:
+  """The median over axis 0 of the first n rows of `s`, each column sorted (the mean of the two
+  middle values for an even n)."""
+  lo = jnp.take(s, jnp.maximum((n - 1) // 2, 0), axis=0)
+  hi = jnp.take(s, n // 2, axis=0, mode="clip")
+  return 0.5 * (lo + hi)
+
+
 def coordinate_median(deltas: Params, accepted: jax.Array) -> Params:
   """Coordinate-wise median of the accepted clients' updates (Yin et al. 2018), unweighted: every
   accepted slot counts once whatever its examples; for an even count, the mean of the two middle
@@ -397,10 +405,7 @@ def coordinate_median(deltas: Params, accepted: jax.Array) -> Params:
   n = accepted.sum()
 
   def one(d):
-    s = _sorted_accepted(d, accepted)
-    lo = jnp.take(s, jnp.maximum((n - 1) // 2, 0), axis=0)
-    hi = jnp.take(s, n // 2, axis=0, mode="clip")
-    return jnp.where(n > 0, 0.5 * (lo + hi), 0.0)
+    return jnp.where(n > 0, _median_of_sorted(_sorted_accepted(d, accepted), n), 0.0)
 
   return tmap(one, deltas)
 
@@ -501,7 +506,7 @@ def bulyan(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
 
   def one(d):
     s = _sorted_accepted(d, chosen)  # the theta chosen values first, in order
-    median = 0.5 * (jnp.take(s, (theta - 1) // 2, axis=0) + jnp.take(s, theta // 2, axis=0))
+    median = _median_of_sorted(s, theta)
     gap = jnp.where(_rows(jnp.arange(k) < theta, s), jnp.abs(s - median), jnp.inf)
     closest = jnp.take_along_axis(s, jnp.argsort(gap, axis=0), axis=0)
     pos = _rows(jnp.arange(k), d)
@@ -516,8 +521,9 @@ def robust_aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array,
   """The server's aggregate of the accepted updates: "mean" is `aggregate` (weighted by the
   selection's weights); "median", "trimmed_mean" (cutting `robust_fraction` from each end),
   "krum", "multi_krum" and "bulyan" (assuming a `robust_fraction` of Byzantine clients) are
-  unweighted, as their papers define them: they treat every accepted slot alike whatever its weight, so with non-uniform
-  selection weights they are not unbiased estimates of the mean update."""
+  unweighted, as their papers define them: they treat every accepted slot alike whatever its
+  weight, so with non-uniform selection weights they are not unbiased estimates of the mean
+  update."""
   check_aggregator(aggregator, robust_fraction)
   if aggregator == "mean":
     return aggregate(deltas, weights, accepted)
@@ -822,8 +828,8 @@ def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_cli
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
   run_key = jax.random.fold_in(jax.random.key(noise_seed), 0xF7E1)
 
-  def init(params):
-    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32), jnp.zeros(()))
+  def init(params):  # no extra state: the tree's position is the round
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32), ())
 
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     clipped_sum, res, accepted, finite, use, norms = _clipped_client_sum(

@@ -230,7 +230,9 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
     raise ValueError(f"[{name}] {e}") from None
   if s.clients_per_round < 1:
     raise ValueError(f"[{name}] fl.clients_per_round must be >= 1, got {s.clients_per_round}")
-  if s.clients_per_round > num_clients and s.selection == "uniform" and not s.dp.enabled:
+  ftrl = s.dp.enabled and s.dp.mechanism == "dp_ftrl"
+  distinct = ftrl or (s.selection == "uniform" and not s.dp.enabled)  # no client twice a round
+  if s.clients_per_round > num_clients and distinct:
     raise ValueError(f"[{name}] more clients per round than clients: fl.clients_per_round="
                      f"{s.clients_per_round} > {num_clients} clients")
   if s.selection not in selection.SELECTIONS:
@@ -240,17 +242,13 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
   if s.dp.enabled and s.dp.mechanism not in DP_MECHANISMS:
     raise ValueError(f"[{name}] fl.dp.mechanism must be one of {DP_MECHANISMS}, got "
                      f"{s.dp.mechanism!r}")
-  if s.dp.enabled and s.dp.mechanism == "dp_ftrl":
-    if s.dp.adaptive:
-      raise ValueError(f"[{name}] fl.dp.adaptive (quantile clipping) is for fl.dp.mechanism="
-                       "'dp_fedavg': its accounting assumes Poisson sampling")
-    if continual:
-      raise ValueError(f"[{name}] fl.dp.mechanism='dp_ftrl' visits each client once per epoch "
-                       "of a fixed client set; the continual setting renumbers its clients every "
-                       "period; use it in the static setting")
-    if s.clients_per_round > num_clients:
-      raise ValueError(f"[{name}] more clients per round than clients: fl.clients_per_round="
-                       f"{s.clients_per_round} > {num_clients} clients")
+  if ftrl and s.dp.adaptive:
+    raise ValueError(f"[{name}] fl.dp.adaptive (quantile clipping) is for fl.dp.mechanism="
+                     "'dp_fedavg': its accounting assumes Poisson sampling")
+  if ftrl and continual:
+    raise ValueError(f"[{name}] fl.dp.mechanism='dp_ftrl' visits each client once per epoch "
+                     "of a fixed client set; the continual setting renumbers its clients every "
+                     "period; use it in the static setting")
   if s.dp.enabled and s.aggregator != "mean":
     raise ValueError(f"[{name}] DP-FedAvg's sensitivity is that of the clipped sum: "
                      f"fl.aggregator must be 'mean', got {s.aggregator!r}")

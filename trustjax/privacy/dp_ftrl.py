@@ -99,7 +99,8 @@ def _node_noise(key: PRNGKey, level, index, leaves: list) -> list:
 
 
 def residual_noise(tree_key: PRNGKey, t, like: Params, std) -> Params:
-  """Tree noise of prefix sum t minus that of prefix sum t - 1, times `std` (float32).
+  """Tree noise of prefix sum t minus that of prefix sum t - 1, times `std` (float32): what
+  `add_residual_noise` adds to a sum, alone.
 
   Summed over steps 1..t, the residuals are the tree's noise on the t-th prefix sum: the nodes
   (l, t // 2^l - 1) for every set bit l of t, each N(0, std^2), independent across nodes.
@@ -108,38 +109,31 @@ def residual_noise(tree_key: PRNGKey, t, like: Params, std) -> Params:
     tree_key: the tree's key (one per epoch; never reused for another tree).
     t: the step within the tree, 1-based (int or traced int32 scalar).
     like: a pytree of arrays whose shapes the noise takes.
-    std: the node noise's standard deviation (sigma * C).
+    std: the node noise's standard deviation (sigma * C), a positive float.
   """
-  t = jnp.asarray(t, jnp.int32)
-  k = jax.lax.population_count((t & -t) - 1)  # trailing zero bits of t
-  leaves, treedef = jax.tree_util.tree_flatten(like)
-
-  def drop_old(level, acc):  # node `level` of t - 1's decomposition (bits below k are all set)
-    old = _node_noise(tree_key, level, jnp.right_shift(t - 1, level) - 1, leaves)
-    return [a - z for a, z in zip(acc, old)]
-
-  acc = jax.lax.fori_loop(0, k, drop_old, [jnp.zeros(x.shape, jnp.float32) for x in leaves])
-  new = _node_noise(tree_key, k, jnp.right_shift(t, k) - 1, leaves)
-  return jax.tree_util.tree_unflatten(treedef, [std * (a + z) for a, z in zip(acc, new)])
+  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), like)
+  return add_residual_noise(zeros, tree_key, t, l2_clip=std, noise_multiplier=1.0, divisor=1.0)
 
 
 def add_residual_noise(grad_sum: Params, tree_key: PRNGKey, t, *, l2_clip: float,
                        noise_multiplier: float, divisor: float) -> Params:
-  """(grad_sum + residual_noise(tree_key, t, grad_sum, noise_multiplier * l2_clip)) / divisor:
-  the noise on the clipped sum, before the division by the public denominator.
+  """(grad_sum + the tree residual of step t) / divisor: the noise goes on the clipped sum,
+  before the division by the public denominator.
 
-  The same values as `residual_noise`, drawn the cheaper way: the nodes that step t closes are
-  subtracted in a loop (none at odd t, half the steps), and the new node is added by `privatize`
-  (the same key split and draws as `_node_noise`), whose noise XLA keeps in one pass on a CPU
-  instead of recomputing it in each of the optimizer's fusions."""
+  The residual is the new node of step t (level k = the trailing zero bits of t, index
+  t // 2^k - 1) minus the k nodes of t - 1's decomposition below level k, each node
+  N(0, (noise_multiplier * l2_clip)^2). The old nodes are subtracted in a loop (none at odd t,
+  half the steps); the new one is added by `privatize` (the same key split and draws as
+  `_node_noise`), whose noise XLA keeps in one pass on a CPU instead of recomputing it in each
+  of the optimizer's fusions."""
   if noise_multiplier == 0:  # nothing to draw
     return jax.tree_util.tree_map(lambda g: g / divisor, grad_sum)
   std = noise_multiplier * l2_clip
   t = jnp.asarray(t, jnp.int32)
-  k = jax.lax.population_count((t & -t) - 1)
+  k = jax.lax.population_count((t & -t) - 1)  # trailing zero bits of t
   leaves, treedef = jax.tree_util.tree_flatten(grad_sum)
 
-  def drop_old(level, acc):
+  def drop_old(level, acc):  # node `level` of t - 1's decomposition (bits below k are all set)
     old = _node_noise(tree_key, level, jnp.right_shift(t - 1, level) - 1, acc)
     return [a - std * z for a, z in zip(acc, old)]
 
