@@ -2,11 +2,14 @@
 
 The config argument picks the privacy level: an epsilon ("1", "3", "8") or "nondp". After it,
 ",ftrl" trains with DP-FTRL (shuffled epochs of fixed batches of 512, tree aggregation, no
-sampling; Kairouz et al. 2021) instead of DP-SGD (Poisson sampling at q = 512 / N), and
+sampling; Kairouz et al. 2021) and ",mf" with DP-MF (the data shuffled once, fixed batches of
+512, correlated noise of the banded square root factorization with one band per step of an
+epoch; Kalinin and Lampert 2024) instead of DP-SGD (Poisson sampling at q = 512 / N), and
 ",momentum" with SGD (momentum 0.9, learning rate 0.5) instead of Adam (3e-3).
 
   python scripts/train.py --config configs/dp_snips.py:8 --config.data.data_dir=../shared/data/snips
   python scripts/train.py --config configs/dp_snips.py:8,ftrl,momentum
+  python scripts/train.py --config configs/dp_snips.py:1,mf
   python scripts/train.py --config configs/dp_snips.py:nondp --config.data.data_dir=../shared/data/snips
 """
 
@@ -25,14 +28,16 @@ def get_config(arg: str = "8"):
   c.train.epochs = 6.0
   c.train.measure_step_time = False
   level, *options = arg.split(",")
-  if not set(options) <= {"ftrl", "momentum"} or len(set(options)) < len(options) or (
-      "ftrl" in options and level == "nondp"):
-    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl][,momentum] or nondp[,momentum], "
-                     f"got {arg!r}")
+  mechanisms = {"ftrl": "dp_ftrl", "mf": "dp_mf"}
+  if not set(options) <= {"ftrl", "mf", "momentum"} or len(set(options)) < len(options) or (
+      len(set(options) & set(mechanisms)) > (level != "nondp")):
+    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf][,momentum] or "
+                     f"nondp[,momentum], got {arg!r}")
   set_privacy_level(c, level, "snips")
-  if "ftrl" in options:
-    c.dp.mechanism = "dp_ftrl"
-    c.train.run_name += "_ftrl"
+  for option, mechanism in mechanisms.items():
+    if option in options:
+      c.dp.mechanism = mechanism
+      c.train.run_name += "_" + option
   if "momentum" in options:
     c.optimizer.name = "sgd"
     c.optimizer.momentum = 0.9

@@ -1,4 +1,4 @@
-"""DP-FTRL vs DP-SGD vs non-DP step time, in one run.
+"""DP-FTRL and DP-MF vs DP-SGD vs non-DP step time, in one run.
 
   python scripts/benchmark_ftrl.py [--repeats 10] [--only mlp,encoder] [--no-write]
 
@@ -9,8 +9,11 @@ tree's residual noise) at three positions of a 64-step tree. A step at position 
 nodes, k the trailing zero bits of t: one node at t = 1 (and every odd t, half of all steps), four
 at t = 8, seven at t = 64 (the last step of the tree); on average two per step over a tree of
 2^j steps. So DP-FTRL's noise costs DP-SGD's noise times the number of nodes drawn, and its mean
-cost over a tree is about that of two DP-SGD noise draws. Writes the table into BENCHMARKS.md
-between markers.
+cost over a tree is about that of two DP-SGD noise draws. The DP-MF step (book-keeping, banded
+square root noise) draws one normal per parameter, as DP-SGD, and adds b - 1 stored noises
+times their coefficients (a read of the b - 1 stored noises, one slot written): with BANDS = 4,
+16, 64 bands, every step alike, its state donated as in training (the other steps are not, as
+in benchmark_dp.py). Writes the table into BENCHMARKS.md between markers.
 """
 
 import argparse
@@ -20,14 +23,16 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
 
 from benchmark_dp import CASES, case_names, setup  # scripts/ is on sys.path when it runs
 from trustjax import reporting, training
-from trustjax.privacy import DPFTRLConfig
+from trustjax.privacy import DPFTRLConfig, DPMFConfig, dp_mf
 
 POSITIONS = (1, 8, 64)  # nodes drawn: 1, 4, 7
 TREE = 64
+BANDS = (4, 16, 64)
 
 
 def run(names, repeats):
@@ -46,13 +51,27 @@ def run(names, repeats):
     for t in POSITIONS:  # the step's position in its tree is state.step % T + 1
       at = state.replace(step=jnp.asarray(t - 1, jnp.int32))
       calls[f"DP-FTRL, tree step {t}"] = lambda at=at: steps["DP-FTRL"](at, batch)
+    for bands in BANDS:
+      mf = DPMFConfig(l2_clip=1.0, noise_multiplier=1.0, batch_size=b, num_examples=TREE * b,
+                      bands=bands, method="bookkeeping")
+      # donated, as in training, so the history's one new slot is written in place; each call
+      # takes the state the previous one returned
+      mf_step = training.make_train_step(loss_fn, opt, mf, donate=True)
+      chain = [jax.tree_util.tree_map(jnp.copy, state.replace(
+          opt_state=dp_mf.init_state(state.params, opt, mf)))]
+
+      def mf_call(f=mf_step, chain=chain):
+        chain[0], metrics = f(chain[0], batch)
+        return metrics
+
+      calls[f"DP-MF, {bands} bands"] = mf_call
     secs = training.time_interleaved(calls, repeats=repeats)
     base, sgd = secs["non-DP"], secs["DP-SGD"]
     for label, s in secs.items():
       nodes = {f"DP-FTRL, tree step {t}": (t & -t).bit_length() for t in POSITIONS}.get(
-          label, 1 if label == "DP-SGD" else 0)
+          label, 1 if label == "DP-SGD" or label.startswith("DP-MF") else 0)
       rows.append([title, label, nodes, s * 1e3, s / base,
-                   (s - sgd) * 1e3 if label.startswith("DP-FTRL") else "-"])
+                   (s - sgd) * 1e3 if label.startswith(("DP-FTRL", "DP-MF")) else "-"])
       print(f"{title:45s} {label:22s} {s * 1e3:9.2f} ms  x{s / base:5.2f}", flush=True)
   return rows
 
@@ -65,7 +84,7 @@ def main():
   args = ap.parse_args()
   names = case_names(ap, args.only)
   table = reporting.markdown_table(
-      ["model", "step", "noise nodes drawn", "median ms", "ratio to non-DP",
+      ["model", "step", "normal draws per parameter", "median ms", "ratio to non-DP",
        "ms over DP-SGD"], run(names, args.repeats))
   cmd = "python scripts/benchmark_ftrl.py" + (
       f" --only {args.only}" if args.only != "mlp,encoder" else "") + (
@@ -75,7 +94,7 @@ def main():
   if args.no_write:
     return
   reporting.write_marked_block(reporting.BENCHMARKS_MD, "benchmark_ftrl",
-                               "DP-FTRL vs DP-SGD step", body)
+                               "DP-FTRL and DP-MF vs DP-SGD step", body)
 
 
 if __name__ == "__main__":

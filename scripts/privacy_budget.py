@@ -1,8 +1,10 @@
-"""The privacy budget of DP-SGD or DP-FTRL before a run, or of finished runs from their ledgers.
+"""The privacy budget of DP-SGD, DP-FTRL or DP-MF before a run, or of finished runs from their
+ledgers.
 
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --noise-multiplier 1.1
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8 --mechanism dp_ftrl
+  python scripts/privacy_budget.py --examples 13784 --batch-size 512 --epochs 6 --target-epsilon 1 --mechanism dp_mf --momentum 0.9
   python scripts/privacy_budget.py --run results/dp_intents [--delta 1e-6]
 
 Before a run (`--examples`, `--batch-size`, `--epochs`, as `scripts/train.py` counts them: sampling
@@ -13,6 +15,9 @@ extra delta from truncating Poisson batches at the static batch size (the driver
 unless `--max-batch-size`). `--plot` draws epsilon against epochs. `--mechanism dp_ftrl`: DP-FTRL as
 the driver runs it (fixed batches, T = ceil(examples / batch) steps per epoch and tree, steps =
 round(epochs * T), a partial epoch counted as a whole tree; no sampling, so no truncation term).
+`--mechanism dp_mf`: DP-MF as the driver runs it (the data in one fixed order, k = ceil(examples /
+batch) steps per epoch, `--bands` b (0: min(k, 64)), the banded square root of the workload of
+SGD with `--momentum`; epsilon after t steps is that of the release's first t rows).
 
 After runs (`--run`, a run folder or a folder of runs): every ledger saved with a run's latest
 checkpoint (DP-SGD runs, DP-FedAvg strategies), replayed at `--delta` (default: the delta in the
@@ -36,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
+from trustjax.privacy.dp_mf import bsr_coefficients  # pylint: disable=wrong-import-position
 
 
 def _fmt(x: float) -> str:
@@ -57,6 +63,8 @@ def before_a_run(args) -> str:
     raise ValueError(f"--points must be >= 1, got {args.points}")
   if args.mechanism == "dp_ftrl":
     return _dp_ftrl_before_a_run(args)
+  if args.mechanism == "dp_mf":
+    return _dp_mf_before_a_run(args)
   q = b / n
   steps = max(1, round(args.epochs / q))
   delta, delta_note = _delta(args, n)
@@ -144,6 +152,31 @@ def _dp_ftrl_before_a_run(args) -> str:
                      f"DP-FTRL, sigma {sigma:.4g}, T {spt}, delta {delta:g}")
 
 
+def _dp_mf_before_a_run(args) -> str:
+  n, b = args.examples, args.batch_size
+  k = -(-n // b)
+  steps = max(1, round(args.epochs * k))
+  if args.bands < 0:
+    raise ValueError(f"--bands must be >= 0 (0 = min(steps per epoch, 64)), got {args.bands}")
+  coefficients = bsr_coefficients(args.bands or min(k, 64), args.momentum)
+  delta, delta_note = _delta(args, n)
+  sens = accounting.mf_sensitivity(coefficients, steps, k)
+  lines = [f"DP-MF (banded square root, no sampling): {n} examples in one fixed order, batches "
+           f"of {b}, {k} steps per epoch, {args.epochs:g} epochs = {steps} steps, "
+           f"{len(coefficients)} bands, workload momentum {args.momentum:g}, sensitivity "
+           f"{sens:.4g} clip norms over the run, delta = {delta:g}{delta_note}; neighbours: one "
+           "example replaced with a zero example"]
+  sigma = _noise_multiplier(args, lines, lambda eps: accounting.calibrate_mf_noise_multiplier(
+      target_epsilon=eps, coefficients=coefficients, steps=steps, separation=k, delta=delta,
+      accountant=args.accountant), " per row of C G", f"{steps} steps")
+  points = _points(steps, args.points)
+  eps = {a: [accounting.mf_epsilon(noise_multiplier=sigma, coefficients=coefficients, steps=t,
+                                   separation=k, delta=delta, accountant=a) for t in points]
+         for a in accounting.ACCOUNTANTS}
+  return _with_table(args, lines, points, 1.0 / k,
+                     eps, f"DP-MF, sigma {sigma:.4g}, {len(coefficients)} bands, delta {delta:g}")
+
+
 def _plot(points, q, eps, path, title):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -192,10 +225,14 @@ def after_runs(args) -> str:
       raise ValueError(f"no delta for {run!r} in a summary.json under {args.run!r}: pass --delta")
     rep = {a: ledger.report(delta, a) for a in accounting.ACCOUNTANTS}
     sigmas = sorted({e.noise_multiplier for e in ledger.entries})
-    rates = (", ".join(f"{x:.4g}" for x in sorted({e.sampling_rate for e in ledger.entries}))
-             if not ledger.is_tree else "none (DP-FTRL, " + ", ".join(
+    rates = {"dp_sgd": lambda: ", ".join(f"{x:.4g}" for x in sorted({e.sampling_rate
+                                                                    for e in ledger.entries})),
+             "dp_ftrl": lambda: "none (DP-FTRL, " + ", ".join(
                  f"{t} steps per tree" for t in sorted({e.steps_per_tree
-                                                        for e in ledger.entries})) + ")")
+                                                        for e in ledger.entries})) + ")",
+             "dp_mf": lambda: f"none (DP-MF, {len(ledger.entries[0].coefficients)} bands, "
+                              f"{ledger.entries[0].steps_per_epoch} steps per epoch)",
+             }[ledger.kind]()
     rows.append([run, ledger.steps, ", ".join(f"{x:.4g}" for x in sigmas), rates, f"{delta:g}",
                  _fmt(rep["pld"]["epsilon"]), _fmt(rep["rdp"]["epsilon"]),
                  f"{rep[args.accountant]['delta_total']:.6g}"])
@@ -215,9 +252,13 @@ def main(argv=None) -> None:
   ap.add_argument("--examples", type=int, help="training examples N")
   ap.add_argument("--batch-size", type=int, help="expected batch size (q = batch / N)")
   ap.add_argument("--epochs", type=float, help="epochs (steps = round(epochs / q))")
-  ap.add_argument("--mechanism", choices=("dp_sgd", "dp_ftrl"), default="dp_sgd",
+  ap.add_argument("--mechanism", choices=("dp_sgd", "dp_ftrl", "dp_mf"), default="dp_sgd",
                   help="dp_sgd: Poisson sampling at q; dp_ftrl: tree aggregation, a tree per "
-                       "epoch")
+                       "epoch; dp_mf: banded square root matrix factorization")
+  ap.add_argument("--bands", type=int, default=0,
+                  help="dp_mf: bands of C (0: min(steps per epoch, 64), as the driver)")
+  ap.add_argument("--momentum", type=float, default=0.0,
+                  help="dp_mf: the workload's momentum (the SGD optimizer's; 0 for Adam)")
   ap.add_argument("--noise-multiplier", type=float)
   ap.add_argument("--target-epsilon", type=float)
   ap.add_argument("--delta", type=float, help="default: the driver's delta for N, or a run's own")

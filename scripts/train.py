@@ -33,10 +33,14 @@ def main(argv):
   print(f"\nresults: {out}")
   print(f"eval accuracy: {summary['eval_accuracy']:.4f}  ({summary['eval_examples']} examples)")
   if "epsilon" in summary:
-    how = (f"q = {summary['sampling_rate']:.4g}" if summary["mechanism"] == "dp_sgd" else
-           f"DP-FTRL, {summary['trees']} tree{'s' * (summary['trees'] != 1)} of "
-           f"{summary['steps_per_tree']} steps, batch "
-           f"{summary['batch_size']}, replace-with-zero neighbours")
+    how = {"dp_sgd": lambda: f"q = {summary['sampling_rate']:.4g}",
+           "dp_ftrl": lambda: f"DP-FTRL, {summary['trees']} tree"
+                              f"{'s' * (summary['trees'] != 1)} of {summary['steps_per_tree']} "
+                              f"steps, batch {summary['batch_size']}, replace-with-zero neighbours",
+           "dp_mf": lambda: f"DP-MF, {summary['bands']} bands, sensitivity "
+                            f"{summary['sensitivity']:.3f}, epochs of {summary['steps_per_epoch']}"
+                            f" steps, batch {summary['batch_size']}, replace-with-zero neighbours",
+           }[summary["mechanism"]]()
     print(f"privacy: epsilon = {summary['epsilon']:.3f} at delta = {summary['delta_total']:.3g} "
           f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, {how}, "
           f"{summary['steps']} steps)")

@@ -1,16 +1,18 @@
 """The training loop, the experiment runner and scripts/train.py end to end."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 
 import chex
+import jax
 import numpy as np
 import pytest
 
-from trustjax import experiments, training
+from trustjax import experiments, privacy, training
 from trustjax.privacy import accounting
 from tests.conftest import REPO, override, tiny_bert_checkpoint
 
@@ -23,6 +25,24 @@ def _cfg(tmp_path, **overrides):
       "train.results_dir": str(tmp_path), "dp.noise_multiplier": 1.0, **overrides})
 
 
+def _full_and_resumed(tmp_path, base, epochs=(1.5, 1.25), **full_only):
+  """A run of epochs[0] ("full", with `full_only` overrides too) and the same run stopped after
+  epochs[1] and resumed to epochs[0] ("split"): ((both summaries), both final checkpoints'
+  (state, meta), the initial state as a restore template)."""
+  full_cfg = _cfg(tmp_path, **base, **{"train.epochs": epochs[0], "train.run_name": "full"},
+                  **full_only)
+  full = experiments.run(full_cfg, show_progress=False)
+  experiments.run(_cfg(tmp_path, **base, **{"train.epochs": epochs[1],
+                                            "train.run_name": "split"}), show_progress=False)
+  resumed = experiments.run(_cfg(tmp_path, **base, **{"train.epochs": epochs[0],
+                                                      "train.run_name": "split"}),
+                            show_progress=False)
+  template = experiments.Setup(full_cfg).init_state()
+  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(template)
+            for name in ("full", "split")]
+  return (full, resumed), states, template
+
+
 @pytest.mark.usefixtures("interactive_sigint")
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   """Interrupted twice: after one epoch (a shorter run), and by a SIGINT (Ctrl-C) during step 7
@@ -31,21 +51,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
   folder. Each resumed run ends as the uninterrupted one, bit for bit."""
   base = dict(**{"model.name": "bag_of_embeddings", "data.num_examples": 800,
                  "train.batch_size": 64, "train.checkpoint_every": 5})
-  full_cfg = _cfg(tmp_path, **base, **{"train.epochs": 2.0, "train.run_name": "full"})
-  full = experiments.run(full_cfg, show_progress=False)
   # The same run interrupted after one epoch, then resumed with the full length.
-  experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 1.0, "train.run_name": "split"}),
-                  show_progress=False)
-  resumed = experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 2.0,
-                                                      "train.run_name": "split"}),
-                            show_progress=False)
+  (full, resumed), states, template = _full_and_resumed(tmp_path, base, epochs=(2.0, 1.0))
   assert resumed["steps"] == full["steps"]
   assert resumed["epsilon"] == pytest.approx(full["epsilon"], rel=1e-12)
   assert resumed["eval_accuracy"] == full["eval_accuracy"]
-  setup = experiments.Setup(full_cfg)
-  template = setup.init_state()
-  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(template)
-            for name in ("full", "split")]
   chex.assert_trees_all_equal(states[0][0], states[1][0])
   assert states[0][1]["ledger"] == states[1][1]["ledger"]
   lines = [open(tmp_path / n / "metrics.jsonl").read().splitlines() for n in ("full", "split")]
@@ -150,13 +160,7 @@ def test_dp_ftrl_run_learns_resumes_mid_epoch_and_accounts_every_tree(tmp_path):
   base = {"model.name": "bag_of_embeddings", "data.num_examples": 800, "train.batch_size": 64,
           "dp.mechanism": "dp_ftrl", "dp.noise_multiplier": 0.8,
           "optimizer.learning_rate": 0.1}
-  full_cfg = _cfg(tmp_path, **base, **{"train.epochs": 1.5, "train.run_name": "full"})
-  full = experiments.run(full_cfg, show_progress=False)
-  experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 1.25, "train.run_name": "split"}),
-                  show_progress=False)
-  resumed = experiments.run(_cfg(tmp_path, **base, **{"train.epochs": 1.5,
-                                                      "train.run_name": "split"}),
-                            show_progress=False)
+  (full, resumed), states, _ = _full_and_resumed(tmp_path, base)
   assert full["mechanism"] == "dp_ftrl" and full["steps"] == resumed["steps"] == 18
   assert (full["steps_per_tree"], full["tree_depth"], full["trees"]) == (12, 4, 2)
   assert full["epsilon"] == pytest.approx(accounting.dp_ftrl_epsilon(
@@ -164,13 +168,40 @@ def test_dp_ftrl_run_learns_resumes_mid_epoch_and_accounts_every_tree(tmp_path):
       accountant=full["accountant"]), rel=1e-12)
   assert resumed["epsilon"] == full["epsilon"] and "sampling_rate" not in full
   assert full["eval_accuracy"] > 0.15, full  # 30 intents, 80 held out: chance is about 0.05
-  template = experiments.Setup(full_cfg).init_state()
-  states = [training.Checkpointer(str(tmp_path / name / "checkpoints")).restore(template)
-            for name in ("full", "split")]
   chex.assert_trees_all_equal(states[0][0], states[1][0])
   ledgers = [accounting.PrivacyLedger.from_json(s[1]["ledger"]) for s in states]
   assert ledgers[0] == ledgers[1] and ledgers[0].is_tree and ledgers[0].steps == 18
   assert "replace one example with a zero example" in open(tmp_path / "full" / "report.md").read()
+
+
+def test_dp_mf_run_resumes_mid_epoch_with_its_noise_history_and_accounts_every_step(tmp_path):
+  """dp.mechanism="dp_mf": fixed batches of 64 over 720 training examples in one order (k = 12
+  steps per epoch), 5 bands, 1.5 epochs, stopped after 1.25 epochs and resumed: the same
+  parameters, noise history and ledger as the uninterrupted run, and the epsilon of the release
+  over all 18 steps."""
+  base = {"model.name": "bag_of_embeddings", "data.num_examples": 800, "train.batch_size": 64,
+          "dp.mechanism": "dp_mf", "dp.bands": 5, "dp.noise_multiplier": 1.5,
+          "optimizer.learning_rate": 0.1}
+  (full, resumed), states, _ = _full_and_resumed(
+      tmp_path, base, **{"train.measure_step_time": True, "train.profile_calls": 2})
+  assert full["mechanism"] == "dp_mf" and full["steps"] == resumed["steps"] == 18
+  # the non-DP step of the comparisons runs on the optimizer state inside the MFState
+  assert full["dp_step_s"] > 0 and full["nondp_step_s"] > 0
+  assert "| noise |" in (tmp_path / "full" / "profile" / "report.md").read_text()
+  assert (full["steps_per_epoch"], full["bands"], full["workload_momentum"]) == (12, 5, 0.0)
+  c = privacy.bsr_coefficients(5)
+  assert full["sensitivity"] == pytest.approx(math.sqrt(2) * np.linalg.norm(c), rel=1e-12)
+  assert full["epsilon"] == pytest.approx(accounting.mf_epsilon(
+      noise_multiplier=1.5, coefficients=c, steps=18, separation=12, delta=full["delta"],
+      accountant=full["accountant"]), rel=1e-12)
+  assert resumed["epsilon"] == full["epsilon"] and "sampling_rate" not in full
+  assert full["eval_accuracy"] > 0.15, full  # 30 intents, 80 held out: chance is about 0.05
+  history = jax.tree_util.tree_leaves(states[0][0].opt_state.history)
+  assert history[0].shape[0] == 4 and all(np.any(h != 0) for h in history)
+  chex.assert_trees_all_equal(states[0][0], states[1][0])
+  ledgers = [accounting.PrivacyLedger.from_json(s[1]["ledger"]) for s in states]
+  assert ledgers[0] == ledgers[1] and ledgers[0].kind == "dp_mf" and ledgers[0].steps == 18
+  assert "banded square root" in open(tmp_path / "full" / "report.md").read()
 
 
 def test_dp_snips_config_picks_mechanism_and_optimizer():
@@ -182,7 +213,9 @@ def test_dp_snips_config_picks_mechanism_and_optimizer():
   assert c.train.run_name == "snips_dp_eps3_ftrl_momentum"
   c = dp_snips.get_config("8")
   assert (c.dp.mechanism, c.optimizer.name, c.train.run_name) == ("dp_sgd", "adam", "snips_dp_eps8")
-  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl"):
+  c = dp_snips.get_config("1,mf")
+  assert (c.dp.mechanism, c.train.run_name) == ("dp_mf", "snips_dp_eps1_mf")
+  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl", "8,ftrl,mf", "nondp,mf"):
     with pytest.raises(ValueError, match="EPSILON"):
       dp_snips.get_config(bad)
 
@@ -233,7 +266,8 @@ def _script(tmp_path, *args):
     (["--config.train.num_devices=-1"], "train.num_devices must be >= 0"),
     (["--config.train.eval_batch_size=0"], "train.eval_batch_size must be >= 1"),
     (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be positive"),
-    (["--config.dp.mechanism=dp_gd"], "dp.mechanism must be one of ('dp_sgd', 'dp_ftrl')"),
+    (["--config.dp.mechanism=dp_gd"], "dp.mechanism must be one of ('dp_sgd', 'dp_ftrl', 'dp_mf')"),
+    (["--config.dp.mechanism=dp_mf", "--config.dp.bands=-1"], "dp.bands must be >= 0"),
     (["--config.dp.mechanism=dp_ftrl", "--config.dp.adaptive=True"],
      "dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd'"),
 ])

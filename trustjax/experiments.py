@@ -7,6 +7,7 @@ leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -28,6 +29,7 @@ from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
+from trustjax.privacy.dp_mf import DPMFConfig
 from trustjax.privacy.dp_sgd import DPConfig
 from trustjax.privacy.ghost import fallback_leaves
 
@@ -205,7 +207,7 @@ def lora_targets(m: ml_collections.ConfigDict) -> tuple[str, ...]:
     raise ValueError(f"model.lora_targets={spec!r}: {e}") from None
 
 
-MECHANISMS = ("dp_sgd", "dp_ftrl")
+MECHANISMS = ("dp_sgd", "dp_ftrl", "dp_mf")
 
 
 def set_privacy_level(c: ml_collections.ConfigDict, arg: str, run_prefix: str) -> None:
@@ -291,6 +293,8 @@ class Setup:
                           target_epsilon=cfg.dp.target_epsilon)
     if cfg.dp.enabled and cfg.dp.mechanism == "dp_ftrl":
       self._dp_ftrl(cfg, n)
+    elif cfg.dp.enabled and cfg.dp.mechanism == "dp_mf":
+      self._dp_mf(cfg, n)
     elif cfg.dp.enabled:
       q = t.batch_size / n
       self.num_steps = max(1, round(t.epochs / q))
@@ -314,9 +318,9 @@ class Setup:
       self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
       self.num_steps = int(t.epochs * self.schedule.steps_per_epoch)
 
-  def _dp_ftrl(self, cfg, n: int) -> None:
-    """DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, one tree per epoch,
-    sigma calibrated over ceil(epochs) trees (a partial last epoch is accounted as a whole one)."""
+  def _fixed_batches(self, cfg, n: int, reshuffle: bool) -> int:
+    """DP-FTRL's and DP-MF's schedule: epochs of fixed-size batches, no sampling. Returns the
+    batch size (rounded up to a multiple of the devices)."""
     if cfg.dp.adaptive:
       raise ValueError("dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd': its "
                        "accounting assumes Poisson sampling")
@@ -324,7 +328,39 @@ class Setup:
     if bs > n:
       raise ValueError(f"train.batch_size={cfg.train.batch_size} (rounded up to {bs} for "
                        f"{self.num_devices} devices) must be <= the {n} training examples")
-    self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
+    self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed, reshuffle=reshuffle)
+    return bs
+
+  def _dp_mf(self, cfg, n: int) -> None:
+    """DP-MF with the banded square root factorization (Kalinin and Lampert 2024): the data
+    shuffled once and passed in that order every epoch, `dp.bands` diagonals (0 = the steps of
+    an epoch, at most 64), the workload's momentum the SGD optimizer's (0 for Adam); sigma
+    calibrated to the release's sensitivity over the whole run."""
+    bs = self._fixed_batches(cfg, n, reshuffle=False)
+    spe = self.schedule.steps_per_epoch
+    self.num_steps = max(1, round(cfg.train.epochs * spe))
+    if cfg.dp.bands < 0:
+      raise ValueError(f"dp.bands must be >= 0 (0 = min(steps per epoch, 64)), got "
+                       f"dp.bands={cfg.dp.bands}")
+    bands = cfg.dp.bands or min(spe, 64)
+    momentum = cfg.optimizer.momentum if cfg.optimizer.name == "sgd" else 0.0
+    config = functools.partial(
+        DPMFConfig, l2_clip=cfg.dp.l2_clip, batch_size=bs, num_examples=n, bands=bands,
+        momentum=momentum, microbatch_size=cfg.dp.microbatch_size or None,
+        method=cfg.dp.method, normalization=cfg.dp.normalization,
+        auto_s_gamma=cfg.dp.auto_s_gamma, per_layer=cfg.dp.per_layer or None)
+    sigma = cfg.dp.noise_multiplier
+    if sigma is None:
+      sigma = accounting.calibrate_mf_noise_multiplier(
+          target_epsilon=cfg.dp.target_epsilon, coefficients=config(
+              noise_multiplier=0.0).coefficients, steps=self.num_steps, separation=spe,
+          delta=self.delta, accountant=cfg.dp.accountant)
+    self.dp_config = config(noise_multiplier=sigma)
+
+  def _dp_ftrl(self, cfg, n: int) -> None:
+    """DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, one tree per epoch,
+    sigma calibrated over ceil(epochs) trees (a partial last epoch is accounted as a whole one)."""
+    bs = self._fixed_batches(cfg, n, reshuffle=True)
     spt = self.schedule.steps_per_epoch
     self.num_steps = max(1, round(cfg.train.epochs * spt))
     sigma = cfg.dp.noise_multiplier
@@ -383,7 +419,7 @@ class Setup:
       params = training.merge_frozen(params, {"encoder": jax.tree.map(jnp.array,
                                                                      self.pretrained)})
     return training.create_state(params, self.optimizer, train_key, clip=self.cfg.dp.l2_clip,
-                                 frozen=self.frozen)
+                                 frozen=self.frozen, dp_config=self.dp_config)
 
   def trainable(self, params) -> tuple:
     """(the trainable part of `params`, the loss as a function of it): what DP clips and
@@ -450,9 +486,15 @@ def _first_batch(setup: Setup) -> dict:
 
 def _comparison_steps(setup: Setup) -> dict:
   """{"non-DP": step, "DP <method>": step (under DP only)}: the run's steps, jitted without
-  donation, for the measurements after training."""
-  steps = {"non-DP": training.make_train_step(setup.loss_fn, setup.optimizer, donate=False,
-                                              frozen=setup.frozen)}
+  donation, for the measurements after training; both take the DP run's state (under DP-MF the
+  non-DP step uses the optimizer's state inside its `MFState`)."""
+  nondp = training.make_train_step(setup.loss_fn, setup.optimizer, donate=False,
+                                   frozen=setup.frozen)
+  if isinstance(setup.dp_config, DPMFConfig):  # the state's optimizer state is an MFState
+    plain = nondp
+    nondp = jax.jit(lambda state, batch: plain(
+        state.replace(opt_state=state.opt_state.inner), batch))
+  steps = {"non-DP": nondp}
   if setup.dp_config is not None:
     steps[f"DP {resolve_method(setup.dp_config.method)}"] = training.make_train_step(
         setup.loss_fn, setup.optimizer, setup.dp_config, donate=False, frozen=setup.frozen)
@@ -545,6 +587,10 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     if isinstance(dp, DPFTRLConfig):
       summary.update(batch_size=dp.batch_size, steps_per_tree=dp.steps_per_tree,
                      tree_depth=dp.depth, trees=sum(e.trees for e in result.ledger.entries))
+    elif isinstance(dp, DPMFConfig):
+      summary.update(batch_size=dp.batch_size, steps_per_epoch=dp.steps_per_epoch,
+                     bands=dp.bands, workload_momentum=dp.momentum,
+                     sensitivity=dp.sensitivity(result.ledger.steps))
     else:
       summary.update(sampling_rate=dp.sampling_rate, max_batch_size=dp.max_batch_size,
                      overflow_total=sum(r.get("overflow", 0) for r in result.history))
@@ -621,6 +667,15 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                  f"{summary['accountant'].upper()} accountant over every step in the ledger "
                  "(resumes included). delta_total adds the batch-truncation bound."
                  if cfg.dp.mechanism == "dp_sgd" else
+                 "DP-MF with the banded square root factorization (Kalinin and Lampert 2024): "
+                 "the data shuffled once and passed in that order every epoch, no "
+                 "amplification by sampling; correlated noise C^-1 Z on the clipped sums "
+                 f"({summary['bands']} bands); the release C G + Z is one Gaussian mechanism of "
+                 f"sensitivity {summary['sensitivity']:.3f} clip norms over the steps in the "
+                 "ledger (resumes included), for replacing one example with a zero example ("
+                 + ("dp_accounting's Gaussian RDP" if summary["accountant"] == "rdp" else
+                    "its privacy loss distribution") + ")."
+                 if cfg.dp.mechanism == "dp_mf" else
                  "DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, no "
                  "amplification by sampling; tree-aggregation noise on the prefix sums of the "
                  "clipped sums, one tree of steps_per_tree steps per epoch; epsilon over every "
@@ -690,7 +745,10 @@ def default_config() -> ml_collections.ConfigDict:
   # dp_sgd: Poisson sampling at rate batch_size / N, add/remove one example (Abadi et al. 2016) |
   # dp_ftrl: shuffled epochs of fixed-size batches, tree aggregation restarted every epoch, no
   # sampling assumed, replace one example with a zero one (Kairouz et al. 2021)
+  # dp_mf: the data shuffled once, the same order every epoch, correlated noise from the banded
+  # square root factorization (Kalinin and Lampert 2024), replace one example with a zero one
   c.dp.mechanism = "dp_sgd"
+  c.dp.bands = 0  # dp_mf: diagonals of C (the step keeps bands - 1 noises); 0 = min(epoch, 64)
   c.dp.l2_clip = 1.0
   c.dp.noise_multiplier = config_dict.placeholder(float)  # None = calibrate to target_epsilon
   c.dp.target_epsilon = 8.0

@@ -26,7 +26,9 @@ from trustjax import reporting, sharding
 from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.privacy import accounting, sampling
 from trustjax.privacy.clipping import OPTIMIZER_SCOPE
+from trustjax.privacy import dp_mf
 from trustjax.privacy.dp_ftrl import DPFTRLConfig, dp_ftrl_step
+from trustjax.privacy.dp_mf import DPMFConfig, dp_mf_step
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step, dp_sgd_step_adaptive
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -101,12 +103,16 @@ def with_frozen(loss_fn: LossFn, frozen: Params) -> LossFn:
 
 
 def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey,
-                 clip: float = 0.0, frozen: Sequence[str] = ()) -> TrainState:
+                 clip: float = 0.0, frozen: Sequence[str] = (),
+                 dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None) -> TrainState:
   """The state at step 0. With `frozen` (see `split_frozen`) the optimizer's state covers the
-  trainable parameters only; `params` keeps all of them."""
+  trainable parameters only; `params` keeps all of them. A `DPMFConfig` adds its noise history
+  to the optimizer's state (`dp_mf.MFState`); other configs change nothing here."""
   trainable = split_frozen(params, frozen)[0] if frozen else params
+  opt_state = (dp_mf.init_state(trainable, optimizer, dp_config)
+               if isinstance(dp_config, DPMFConfig) else optimizer.init(trainable))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(trainable), rng=jax.random.key_data(rng),
+                    opt_state=opt_state, rng=jax.random.key_data(rng),
                     clip=jnp.asarray(clip, jnp.float32))
 
 
@@ -127,11 +133,13 @@ def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    dp_config: DPConfig | DPFTRLConfig | None = None, *, donate: bool = True,
-                    frozen: Sequence[str] = ()) -> Callable:
+                    dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None, *,
+                    donate: bool = True, frozen: Sequence[str] = ()) -> Callable:
   """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is a `DPConfig`
   (Poisson-sampled batches), DP-FTRL when it is a `DPFTRLConfig` (fixed-size batches of shuffled
-  epochs, `EpochSchedule` with the config's batch size: step s is in epoch s // T).
+  epochs, `EpochSchedule` with the config's batch size: step s is in epoch s // T), DP-MF when
+  it is a `DPMFConfig` (the same, with `reshuffle=False`; the state from `create_state` with
+  that config).
 
   `frozen` (parameter path prefixes, `split_frozen`) keeps those parameters at their values in
   the state: no gradient is computed for them, and under DP they are neither clipped nor
@@ -153,6 +161,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       params, opt_state, metrics = dp_ftrl_step(
           params, state.opt_state, batch, jax.random.wrap_key_data(state.rng), state.step,
           loss_fn=loss, optimizer=optimizer, config=dp_config)
+    elif isinstance(dp_config, DPMFConfig):
+      params, opt_state, metrics = dp_mf_step(params, state.opt_state, batch, key, loss_fn=loss,
+                                              optimizer=optimizer, config=dp_config)
     elif dp_config.adaptive is not None:
       params, opt_state, clip, metrics = dp_sgd_step_adaptive(
           params, state.opt_state, state.clip, batch, key, loss_fn=loss,
@@ -186,16 +197,22 @@ class PoissonSchedule:
 
 
 class EpochSchedule:
-  """Shuffled epochs of fixed-size batches (the last one padded); step t -> (epoch, batch)."""
+  """Shuffled epochs of fixed-size batches (the last one padded); step t -> (epoch, batch).
+  With `reshuffle=False` the data are shuffled once (epoch 0's order) and every epoch passes
+  them in that order: batch t0 of every epoch holds the same examples (what DP-MF's
+  sensitivity assumes)."""
 
-  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int):
+  def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int,
+               reshuffle: bool = True):
     self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+    self.reshuffle = reshuffle
     self.n = len(next(iter(arrays.values())))
     self.steps_per_epoch = -(-self.n // batch_size)
     self._perm = (None, None)
 
   def __call__(self, step: int) -> tuple[dict, int]:
     epoch, b = divmod(step, self.steps_per_epoch)
+    epoch = epoch if self.reshuffle else 0
     if self._perm[0] != epoch:
       self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
     idx = self._perm[1][b * self.batch_size:(b + 1) * self.batch_size]
@@ -349,7 +366,8 @@ class FitResult:
 
 def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
         eval_fn: Callable[[Params], dict] | None = None,
-        dp_config: DPConfig | DPFTRLConfig | None = None, delta: float | None = None,
+        dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None,
+        delta: float | None = None,
         accountant: str = "pld", workdir: str | None = None,
         checkpoint_every: int | None = None, mesh=None, show_progress: bool = True,
         ledger: accounting.PrivacyLedger | None = None) -> FitResult:

@@ -42,7 +42,7 @@ def params_on_1_and_8_devices(loss_fn, params, config, optimizer, schedule, step
   results = []
   for mesh in (None, sharding.data_mesh(8)):
     step = training.make_train_step(loss_fn, optimizer, config, donate=False)
-    state = training.create_state(params, optimizer, jax.random.key(0))
+    state = training.create_state(params, optimizer, jax.random.key(0), dp_config=config)
     if mesh is not None:
       state = sharding.replicate(state, mesh)
     for t in range(steps):

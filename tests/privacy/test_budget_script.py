@@ -14,6 +14,7 @@ from tests.conftest import REPO
 from trustjax import training
 from trustjax.experiments import default_delta
 from trustjax.privacy import accounting, sampling
+from trustjax.privacy.dp_mf import bsr_coefficients
 
 
 def _script(*args, cwd=REPO):
@@ -97,6 +98,32 @@ def test_dp_ftrl_budget_counts_trees_as_the_driver_does(capsys):
   assert float(rows[-1][2]) <= 4.0 < float(rows[-1][3])  # calibrated on PLD; RDP is looser
 
 
+def test_dp_mf_budget_is_the_release_of_the_first_t_steps(capsys):
+  """1000 examples in batches of 300: k = 4 steps per epoch, 2.5 epochs = 10 steps, 4 bands
+  (min(k, 64)) of the momentum-0.9 workload; each row's epsilon is that of the first t rows."""
+  code, out, _ = _main(capsys, "--examples", "1000", "--batch-size", "300", "--epochs", "2.5",
+                       "--target-epsilon", "2", "--delta", "1e-5", "--points", "2",
+                       "--mechanism", "dp_mf", "--momentum", "0.9")
+  assert code == 0, out
+  c = bsr_coefficients(4, 0.9)
+  sigma = accounting.calibrate_mf_noise_multiplier(target_epsilon=2, coefficients=c, steps=10,
+                                                   separation=4, delta=1e-5)
+  assert f"noise multiplier {sigma:.6g} per row of C G" in out
+  assert "4 steps per epoch, 2.5 epochs = 10 steps, 4 bands, workload momentum 0.9" in out
+  assert f"sensitivity {accounting.mf_sensitivity(c, 10, 4):.4g} clip norms" in out
+  rows = _rows(out)
+  assert [r[1] for r in rows] == ["5", "10"]
+  for r, steps in zip(rows, (5, 10)):
+    for col, acc in ((2, "pld"), (3, "rdp")):
+      want = accounting.mf_epsilon(noise_multiplier=sigma, coefficients=c, steps=steps,
+                                   separation=4, delta=1e-5, accountant=acc)
+      assert float(r[col]) == pytest.approx(want, rel=1e-3), (r, acc)
+  assert float(rows[0][2]) < float(rows[-1][2]) <= 2.0 < float(rows[-1][3])
+  code, _, err = _main(capsys, "--examples", "1000", "--batch-size", "300", "--epochs", "1",
+                       "--noise-multiplier", "1", "--mechanism", "dp_mf", "--bands", "-2")
+  assert code == 2 and "--bands must be >= 0" in err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--examples", "10", "--batch-size", "50", "--epochs", "1", "--noise-multiplier", "1"],
      "--batch-size=50 must be <= --examples=10"),
@@ -135,17 +162,23 @@ def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
   ftrl.record_tree(noise_multiplier=3.0, steps_per_tree=27, steps=100)
   _checkpoint(tmp_path / "ftrl_run" / "checkpoints", ftrl)
   (tmp_path / "ftrl_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
+  mf = accounting.PrivacyLedger()
+  mf.record_mf(noise_multiplier=9.0, coefficients=bsr_coefficients(27), steps_per_epoch=27,
+               steps=162)
+  _checkpoint(tmp_path / "mf_run" / "checkpoints", mf)
+  (tmp_path / "mf_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   assert list(training.read_ledgers(str(tmp_path))) == [
-      "fl_run/dp_fedavg", "fl_run/fedavg", "ftrl_run", "train_run"]
+      "fl_run/dp_fedavg", "fl_run/fedavg", "ftrl_run", "mf_run", "train_run"]
 
   proc = _script("--run", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = {r[0]: r for r in _rows(proc.stdout)}
-  assert set(rows) == {"fl_run/dp_fedavg", "ftrl_run", "train_run"}
+  assert set(rows) == {"fl_run/dp_fedavg", "ftrl_run", "mf_run", "train_run"}
   assert "No private steps recorded (not DP): fl_run/fedavg" in proc.stdout
   assert rows["ftrl_run"][3] == "none (DP-FTRL, 27 steps per tree)"
+  assert rows["mf_run"][3] == "none (DP-MF, 27 bands, 27 steps per epoch)"
   for run, ledger, delta in (("train_run", dp, 1e-5), ("fl_run/dp_fedavg", fed, 1e-3),
-                             ("ftrl_run", ftrl, 1e-5)):
+                             ("ftrl_run", ftrl, 1e-5), ("mf_run", mf, 1e-5)):
     r = rows[run]
     assert int(r[1]) == ledger.steps and float(r[4]) == delta
     assert float(r[5]) == pytest.approx(ledger.epsilon(delta), rel=1e-3)

@@ -266,11 +266,11 @@ def test_ledger_counts_the_trees_its_steps_touch():
   assert restored == ledger and restored.epsilon(1e-6) == ledger.epsilon(1e-6)
   report = ledger.report(1e-6)
   assert report["steps"] == 14 and "zero" in report["neighbouring"]
-  with pytest.raises(ValueError, match="either DP-SGD steps"):
+  with pytest.raises(ValueError, match="holds dp_ftrl steps and cannot take dp_sgd"):
     ledger.record(noise_multiplier=1.0, sampling_rate=0.1)
   sgd = accounting.PrivacyLedger()
   sgd.record(noise_multiplier=1.0, sampling_rate=0.1)
-  with pytest.raises(ValueError, match="either DP-SGD steps"):
+  with pytest.raises(ValueError, match="holds dp_sgd steps and cannot take dp_ftrl"):
     sgd.record_tree(noise_multiplier=1.0, steps_per_tree=4)
   # a DP-SGD ledger saved before tree entries existed still loads
   old = accounting.PrivacyLedger.from_json(

@@ -1,5 +1,5 @@
-"""Privacy accounting for Poisson-subsampled Gaussian mechanisms (DP-SGD) and for tree
-aggregation (DP-FTRL), through dp_accounting.
+"""Privacy accounting for Poisson-subsampled Gaussian mechanisms (DP-SGD), for tree aggregation
+(DP-FTRL) and for matrix-factorization mechanisms (DP-MF), through dp_accounting.
 
 Host-side (plain Python/numpy): never call from jitted code.
 
@@ -9,7 +9,9 @@ References:
   Doroshenko et al., "Connect the Dots: Tighter Discrete Approximations of Privacy Loss
   Distributions", PETS 2022 (PLD accountant);
   Kairouz et al., "Practical and Private (Deep) Learning without Sampling or Shuffling", ICML
-  2021 (DP-FTRL's tree aggregation with restarts).
+  2021 (DP-FTRL's tree aggregation with restarts);
+  Choquette-Choo et al., "Multi-Epoch Matrix Factorization Mechanisms for Private Machine
+  Learning", ICML 2023 (the sensitivity of a factorization under participation every k steps).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Sequence
 
 from absl import logging
 import dp_accounting
+import numpy as np
 from dp_accounting import pld, rdp
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -157,16 +160,24 @@ def calibrate_dp_ftrl_noise_multiplier(*, target_epsilon: float, steps_per_tree:
   validate(steps=trees, delta=delta, accountant=accountant, target_epsilon=target_epsilon)
   if trees < 1:
     raise ValueError(f"trees must be >= 1 to calibrate, got {trees=}")
+  return _smallest_passing(lambda sigma: dp_ftrl_epsilon(
+      noise_multiplier=sigma, steps_per_tree=steps_per_tree, trees=trees, delta=delta,
+      accountant=accountant), math.sqrt(tree_depth(steps_per_tree) * int(trees)),
+                           target_epsilon=target_epsilon, delta=delta, tol=tol)
+
+
+def _smallest_passing(epsilon_of, start: float, *, target_epsilon: float, delta: float,
+                      tol: float) -> float:
+  """The smallest sigma, to relative precision `tol`, with epsilon_of(sigma) <= target_epsilon
+  (epsilon falls as sigma grows): doubling from `start` until one passes, halving until one
+  fails, then bisection; the bracket's upper end, which passes."""
   if not 0 < tol < 0.5:
     raise ValueError(f"tol must lie in (0, 0.5), got {tol=}")
-  scale = math.sqrt(tree_depth(steps_per_tree) * int(trees))
-  ok = lambda sigma: target_epsilon >= dp_ftrl_epsilon(
-      noise_multiplier=sigma, steps_per_tree=steps_per_tree, trees=trees, delta=delta,
-      accountant=accountant)
-  hi = scale
+  ok = lambda sigma: target_epsilon >= epsilon_of(sigma)
+  hi = start
   while not ok(hi):
     hi *= 2.0
-    if hi > 1e6 * scale:
+    if hi > 1e6 * start:
       raise ValueError(f"no noise multiplier reaches {target_epsilon=} at {delta=}")
   lo = hi / 2.0
   while ok(lo):
@@ -175,6 +186,80 @@ def calibrate_dp_ftrl_noise_multiplier(*, target_epsilon: float, steps_per_tree:
     mid = 0.5 * (lo + hi)
     lo, hi = (lo, mid) if ok(mid) else (mid, hi)
   return hi
+
+
+def mf_sensitivity(coefficients: Sequence[float], steps: int, separation: int,
+                   row_noise: Sequence[float] | None = None) -> float:
+  """The L2 sensitivity, in units of the clip norm, of a matrix-factorization mechanism's release
+  C G + Z over `steps` steps, when C is the lower-triangular banded Toeplitz matrix with first
+  column `coefficients` (c_0 .. c_{b-1}, non-negative) and each example takes part once every
+  `separation` steps, always at the same position (the data in one fixed order, a batch of it
+  per step: the example of batch t0 is in steps t0, t0 + k, t0 + 2k, ...).
+
+  With `row_noise` (sigma_t per step, > 0) the rows are divided by it first: the result mu is
+  then the whole release's Gaussian multiplier, 1 / mu (`mf_epsilon`). Without, sigma_t = 1.
+
+  Exact, not a bound: with non-negative C every column pair has a non-negative inner product, so
+  over per-step contributions of norm <= 1 the worst case puts them all along one direction, and
+  the sensitivity is max over t0 of || D^-1 sum_e C[:, t0 + e k] ||. When b <= k the columns of
+  one example do not overlap and this is sqrt(sum_e ||D^-1 C[:, t0 + e k]||^2); otherwise each
+  t0's column sum is formed by a convolution. (Choquette-Choo et al., ICML 2023, Section 3, for
+  the participation pattern; Denisov et al., NeurIPS 2022, Theorem 2.1, for why the sensitivity
+  of fixed data streams covers gradients that depend on the earlier releases.)
+  """
+  c = np.asarray(coefficients, np.float64)
+  if c.ndim != 1 or c.size < 1 or not np.all(np.isfinite(c)) or np.any(c < 0) or not c[0] > 0:
+    raise ValueError(f"coefficients must be a non-empty 1-D sequence of finite non-negative "
+                     f"numbers with c_0 > 0, got {coefficients!r}")
+  validate(steps=steps)
+  if int(separation) != separation or separation < 1:
+    raise ValueError(f"separation must be a positive integer, got {separation=}")
+  n, k, b = int(steps), int(separation), c.size
+  if n == 0:
+    return 0.0
+  sigmas = np.ones(n) if row_noise is None else np.asarray(row_noise, np.float64)
+  if sigmas.shape != (n,) or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
+    raise ValueError(f"row_noise must hold {n} finite positive numbers, one per step")
+  inv = 1.0 / sigmas
+  if b <= k:  # disjoint columns: ||D^-1 C[:, t]||^2 = sum_j c_j^2 / sigma_{t+j}^2
+    col = np.correlate(np.concatenate([inv ** 2, np.zeros(b - 1)]), c ** 2, mode="valid")
+    per_t0 = np.bincount(np.arange(n) % k, weights=col, minlength=k)
+    return float(math.sqrt(per_t0.max()))
+  best = 0.0
+  for t0 in range(min(k, n)):
+    ind = np.zeros(n)
+    ind[t0::k] = 1.0
+    v = np.convolve(ind, c)[:n] * inv
+    best = max(best, float(v @ v))
+  return math.sqrt(best)
+
+
+def mf_epsilon(*, noise_multiplier: float, coefficients: Sequence[float], steps: int,
+               separation: int, delta: float, accountant: str = "pld") -> float:
+  """Epsilon of `steps` steps of a matrix-factorization mechanism (`mf_sensitivity`'s setting)
+  with noise std sigma * C on every row of C G, under "replace one example with a zero example".
+
+  The release is one Gaussian mechanism with multiplier sigma / sensitivity: "pld" is its privacy
+  loss distribution, "rdp" dp_accounting's RDP of that Gaussian (looser by the conversion)."""
+  validate(noise_multiplier=noise_multiplier, steps=steps, delta=delta, accountant=accountant)
+  ledger = PrivacyLedger()
+  ledger.record_mf(noise_multiplier=noise_multiplier, coefficients=coefficients,
+                   steps_per_epoch=separation, steps=steps)
+  return ledger.epsilon(delta, accountant)
+
+
+def calibrate_mf_noise_multiplier(*, target_epsilon: float, coefficients: Sequence[float],
+                                  steps: int, separation: int, delta: float,
+                                  accountant: str = "pld", tol: float = 1e-3) -> float:
+  """Smallest noise multiplier, to relative precision `tol`, whose `mf_epsilon` is <=
+  target_epsilon (`_smallest_passing`, starting from the sensitivity)."""
+  validate(steps=steps, delta=delta, accountant=accountant, target_epsilon=target_epsilon)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 to calibrate, got {steps=}")
+  return _smallest_passing(lambda sigma: mf_epsilon(
+      noise_multiplier=sigma, coefficients=coefficients, steps=steps, separation=separation,
+      delta=delta, accountant=accountant), mf_sensitivity(coefficients, steps, separation),
+                           target_epsilon=target_epsilon, delta=delta, tol=tol)
 
 
 # The PLD grid of calibration's coarse search: about 20x faster than the default 1e-4 and, on
@@ -291,9 +376,11 @@ def _subsampled_gaussian_pld(noise_multiplier: float, sampling_rate: float, grid
 
 @dataclasses.dataclass
 class LedgerEntry:
-  """`steps` steps of one mechanism: Poisson-subsampled Gaussian (DP-SGD; `steps_per_tree` 0) or
-  DP-FTRL's tree aggregation (`steps_per_tree` T > 0, sampling_rate 1, the run's steps
-  first_step .. first_step + steps - 1, step s in tree s // T)."""
+  """`steps` steps of one mechanism: Poisson-subsampled Gaussian (DP-SGD; `steps_per_tree` 0 and
+  no `coefficients`), DP-FTRL's tree aggregation (`steps_per_tree` T > 0, sampling_rate 1, the
+  run's steps first_step .. first_step + steps - 1, step s in tree s // T) or a banded
+  matrix factorization (DP-MF: `coefficients` c_0 .. c_{b-1} of C, `steps_per_epoch` k, the
+  data in one fixed order; sampling_rate 1)."""
 
   noise_multiplier: float
   sampling_rate: float
@@ -301,6 +388,8 @@ class LedgerEntry:
   overflow_probability: float = 0.0  # per-step truncation bound (see privacy.sampling)
   steps_per_tree: int = 0
   first_step: int = 0
+  coefficients: list = dataclasses.field(default_factory=list)
+  steps_per_epoch: int = 0
 
   @property
   def trees(self) -> int:
@@ -322,15 +411,23 @@ class PrivacyLedger:
   entries: list[LedgerEntry] = dataclasses.field(default_factory=list)
 
   @property
-  def is_tree(self) -> bool:
-    """Whether the ledger holds DP-FTRL (tree aggregation) steps rather than DP-SGD's."""
-    return any(e.steps_per_tree for e in self.entries)
+  def kind(self) -> str:
+    """"dp_sgd", "dp_ftrl" or "dp_mf": the mechanism of the ledger's steps ("dp_sgd" when empty)."""
+    if any(e.coefficients for e in self.entries):
+      return "dp_mf"
+    return "dp_ftrl" if any(e.steps_per_tree for e in self.entries) else "dp_sgd"
 
-  def _check_kind(self, tree: bool) -> None:
-    if self.entries and self.is_tree != tree:
-      raise ValueError("a PrivacyLedger holds either DP-SGD steps (Poisson sampling, add/remove "
-                       "one example) or DP-FTRL steps (tree aggregation, replace one example "
-                       "with a zero one), not both: their neighbouring relations differ")
+  @property
+  def is_tree(self) -> bool:
+    """Whether the ledger holds DP-FTRL (tree aggregation) steps."""
+    return self.kind == "dp_ftrl"
+
+  def _check_kind(self, kind: str) -> None:
+    if self.entries and self.kind != kind:
+      raise ValueError(f"this PrivacyLedger holds {self.kind} steps and cannot take {kind} ones: "
+                       "a ledger holds DP-SGD steps (Poisson sampling, add/remove one example), "
+                       "DP-FTRL steps (tree aggregation) or DP-MF steps (matrix factorization; "
+                       "both replace one example with a zero one), one kind per ledger")
 
   def record_tree(self, *, noise_multiplier: float, steps_per_tree: int, steps: int = 1) -> None:
     """Records the run's next `steps` DP-FTRL steps (tree aggregation, `steps_per_tree` steps per
@@ -338,7 +435,7 @@ class PrivacyLedger:
     step of the run (it is saved with each checkpoint)."""
     validate(noise_multiplier=noise_multiplier, steps=steps)
     tree_depth(steps_per_tree)
-    self._check_kind(True)
+    self._check_kind("dp_ftrl")
     last = self.entries[-1] if self.entries else None
     if last and (last.noise_multiplier, last.steps_per_tree) == (noise_multiplier, steps_per_tree):
       last.steps += int(steps)
@@ -346,10 +443,34 @@ class PrivacyLedger:
       self.entries.append(LedgerEntry(float(noise_multiplier), 1.0, int(steps),
                                       steps_per_tree=int(steps_per_tree), first_step=self.steps))
 
+  def record_mf(self, *, noise_multiplier: float, coefficients: Sequence[float],
+                steps_per_epoch: int, steps: int = 1) -> None:
+    """Records the run's next `steps` DP-MF steps: rows `self.steps` onward of C G + Z, C banded
+    Toeplitz with first column `coefficients`, each example once every `steps_per_epoch` steps.
+    Every entry of a ledger must share C and the epoch (the noise is correlated across all the
+    run's steps; a run that changes them is a different mechanism); sigma may change."""
+    validate(noise_multiplier=noise_multiplier, steps=steps)
+    coefficients = [float(x) for x in coefficients]
+    mf_sensitivity(coefficients, 1, steps_per_epoch)  # validates both
+    self._check_kind("dp_mf")
+    if self.entries and (self.entries[0].coefficients, self.entries[0].steps_per_epoch) != (
+        coefficients, steps_per_epoch):
+      raise ValueError("every DP-MF step of a run must use the same factorization and epoch: "
+                       f"the ledger has {len(self.entries[0].coefficients)} bands and "
+                       f"steps_per_epoch={self.entries[0].steps_per_epoch}, this step "
+                       f"{len(coefficients)} bands and {steps_per_epoch=}")
+    last = self.entries[-1] if self.entries else None
+    if last and last.noise_multiplier == noise_multiplier:
+      last.steps += int(steps)
+    else:
+      self.entries.append(LedgerEntry(float(noise_multiplier), 1.0, int(steps),
+                                      first_step=self.steps, coefficients=coefficients,
+                                      steps_per_epoch=int(steps_per_epoch)))
+
   def record(self, *, noise_multiplier: float, sampling_rate: float, steps: int = 1,
              overflow_probability: float = 0.0) -> None:
     validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
-    self._check_kind(False)
+    self._check_kind("dp_sgd")
     last = self.entries[-1] if self.entries else None
     if last and (last.noise_multiplier, last.sampling_rate, last.overflow_probability) == (
         noise_multiplier, sampling_rate, overflow_probability):
@@ -362,7 +483,16 @@ class PrivacyLedger:
   def steps(self) -> int:
     return sum(e.steps for e in self.entries)
 
+  def mf_multiplier(self) -> float:
+    """DP-MF ledgers: the whole release's Gaussian multiplier, 1 / `mf_sensitivity` of C with
+    each step's rows divided by its sigma."""
+    row_noise = np.concatenate([np.full(e.steps, e.noise_multiplier) for e in self.entries])
+    first = self.entries[0]
+    return 1.0 / mf_sensitivity(first.coefficients, self.steps, first.steps_per_epoch, row_noise)
+
   def dp_event(self) -> dp_accounting.DpEvent:
+    if self.kind == "dp_mf":
+      return dp_accounting.GaussianDpEvent(self.mf_multiplier())
     if self.is_tree:
       return dp_accounting.ComposedDpEvent(
           [dp_ftrl_event(e.noise_multiplier, e.steps_per_tree, e.trees) for e in self.entries])
@@ -396,6 +526,10 @@ class PrivacyLedger:
       return math.inf
     if self.is_tree:
       return self._tree_epsilon(delta, accountant)
+    if self.kind == "dp_mf":
+      if accountant == "pld":
+        return _gaussian_pld_epsilon(self.mf_multiplier(), delta)
+      return _epsilon_of_event(self.dp_event(), delta, accountant)
     if accountant != "pld":
       return _epsilon_of_event(self.dp_event(), delta, accountant)
     out = pld.privacy_loss_distribution.identity(
@@ -412,11 +546,11 @@ class PrivacyLedger:
 
   def report(self, delta: float, accountant: str = "pld") -> dict:
     """{"epsilon", "delta", "delta_total" (with truncation), "steps", "accountant"}, and for
-    DP-FTRL "neighbouring" (its relation: replace one example with a zero example)."""
+    DP-FTRL and DP-MF "neighbouring" (their relation: replace one example with a zero example)."""
     eps = self.epsilon(delta, accountant)
     out = {"epsilon": eps, "delta": delta, "delta_total": delta + self.truncation_delta(eps),
            "steps": self.steps, "accountant": accountant}
-    if self.is_tree:
+    if self.kind != "dp_sgd":
       out["neighbouring"] = "replace one example with a zero example"
     return out
 

@@ -43,15 +43,15 @@ from trustjax.types import Batch, LossFn, Params, PRNGKey
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPFTRLConfig:
-  """The DP-FTRL mechanism (tree aggregation restarted every epoch).
+class FixedBatchConfig:
+  """The fields of a mechanism without sampling (DP-FTRL, DP-MF): epochs of fixed-size batches.
 
   Attributes:
-    l2_clip: per-example clipping norm C (a leaf's sensitivity under replace-with-zero).
-    noise_multiplier: sigma; every tree node's noise std is sigma * C.
+    l2_clip: per-example clipping norm C.
+    noise_multiplier: sigma (what it scales is the mechanism's own).
     batch_size: fixed rows per step (the last batch of an epoch is padded with masked rows);
       also the public denominator of the gradient.
-    num_examples: N; an epoch (one tree) is ceil(N / batch_size) steps.
+    num_examples: N; an epoch is ceil(N / batch_size) steps.
     method, microbatch_size, normalization, auto_s_gamma, per_layer: the clipped sum, as in
       `DPConfig`.
   """
@@ -74,9 +74,20 @@ class DPFTRLConfig:
                        f"batch_size={self.batch_size}")
 
   @property
+  def steps_per_epoch(self) -> int:
+    return -(-self.num_examples // self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPFTRLConfig(FixedBatchConfig):
+  """The DP-FTRL mechanism (tree aggregation restarted every epoch): `FixedBatchConfig`'s fields,
+  with l2_clip a leaf's sensitivity under replace-with-zero and every tree node's noise std
+  noise_multiplier * l2_clip."""
+
+  @property
   def steps_per_tree(self) -> int:
     """T: steps per epoch, one tree each."""
-    return -(-self.num_examples // self.batch_size)
+    return self.steps_per_epoch
 
   @property
   def depth(self) -> int:

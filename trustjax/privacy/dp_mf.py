@@ -1,0 +1,188 @@
+"""DP-MF: private training with correlated noise from a banded matrix factorization.
+
+The prefix sums that SGD's parameters follow are A G, with A the lower-triangular matrix of ones
+and G the stacked clipped sums. A factorization A = B C releases C G + Z (a Gaussian mechanism)
+and computes B (C G + Z) = A (G + C^-1 Z) from it: step t's optimizer receives
+
+    (clipped_sum_t + w_t) / batch_size,   w = C^-1 Z,   Z_t ~ N(0, (sigma * l2_clip)^2 I),
+
+noise correlated across steps so that much of it cancels in the prefix sums. C here is the banded
+square root (BSR) of the workload: lower-triangular Toeplitz with first column c_0 .. c_{b-1},
+the first b coefficients of the power series sqrt(1 / (1 - x)) = sum_j binom(2j, j) / 4^j x^j
+(of sqrt(1 / ((1 - x)(1 - beta x))) when the workload is SGD with momentum beta), and 0 below
+the b-th diagonal. Then w_t = (Z_t - sum_{j=1}^{b-1} c_j w_{t-j}) / c_0: the step keeps its last
+b - 1 noises (`MFState.history`, b - 1 copies of the trainable parameters, a ring buffer whose
+oldest slot the new noise overwrites) and draws one; its cost is one read of that buffer per
+step, so memory traffic grows with b (see scripts/benchmark_ftrl.py).
+
+The data are shuffled once and passed in the same order every epoch (`EpochSchedule` with
+`reshuffle=False`), so an example is in steps t0, t0 + k, t0 + 2k, ... (k steps per epoch) and
+the release's sensitivity is `accounting.mf_sensitivity` (sqrt(epochs) * ||c|| when b <= k). The
+neighbouring relation is "replace one example with a zero example", as for DP-FTRL. With b = 1
+this is DP-SGD without sampling (independent noise, full passes in a fixed order).
+
+References: Kalinin and Lampert, "Banded Square Root Matrix Factorization for Differentially
+Private Model Training", NeurIPS 2024 (the BSR coefficients, with momentum); Choquette-Choo,
+McMahan, Rush and Thakurta, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine
+Learning", ICML 2023 (participation every k steps, banded C); Denisov, McMahan, Rush, Smith and
+Thakurta, "Improved Differential Privacy for SGD via Optimal Private Linear Operators on
+Adaptive Streams", NeurIPS 2022 (adaptively chosen gradients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trustjax.privacy import accounting
+from trustjax.privacy.clipping import NOISE_SCOPE, OPTIMIZER_SCOPE
+from trustjax.privacy.dp_ftrl import FixedBatchConfig
+from trustjax.privacy.dp_sgd import _clipped_sum, _metrics
+from trustjax.privacy.noise import standard_normal
+from trustjax.types import Batch, LossFn, Params, PRNGKey
+
+
+@functools.lru_cache(maxsize=64)
+def _bsr(bands: int, momentum: float) -> tuple[float, ...]:
+  r = np.ones(bands)
+  for j in range(1, bands):  # binom(2j, j) / 4^j = r_{j-1} (2j - 1) / (2j)
+    r[j] = r[j - 1] * (2 * j - 1) / (2 * j)
+  if momentum == 0:
+    return tuple(float(x) for x in r)
+  rb = r * momentum ** np.arange(bands)  # coefficients of (1 - beta x)^(-1/2)
+  return tuple(float(np.dot(r[:j + 1][::-1], rb[:j + 1])) for j in range(bands))
+
+
+def bsr_coefficients(bands: int, momentum: float = 0.0) -> np.ndarray:
+  """c_0 .. c_{bands-1} of the banded square root factorization (Kalinin and Lampert 2024): the
+  power series of (1 - x)^(-1/2) (1 - momentum x)^(-1/2), whose Toeplitz matrix squares to SGD
+  with momentum's workload; c_0 = 1, all positive, float64."""
+  if int(bands) != bands or bands < 1:
+    raise ValueError(f"bands must be a positive integer, got {bands=}")
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f"momentum must lie in [0, 1), got {momentum=}")
+  return np.array(_bsr(int(bands), float(momentum)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPMFConfig(FixedBatchConfig):
+  """The DP-MF mechanism with a banded square root factorization: `FixedBatchConfig`'s fields
+  (each row of C G gets noise of std noise_multiplier * l2_clip, before C^-1; the batches are in
+  the same order every epoch, so an example's steps are steps_per_epoch = k apart), and
+
+  Attributes:
+    bands: b, the nonzero diagonals of C; the step stores b - 1 past noises.
+    momentum: the workload's momentum beta (0: plain prefix sums); only the utility depends on it.
+  """
+
+  bands: int
+  momentum: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    bsr_coefficients(self.bands, self.momentum)
+
+  @property
+  def coefficients(self) -> np.ndarray:
+    return bsr_coefficients(self.bands, self.momentum)
+
+  def sensitivity(self, steps: int) -> float:
+    """The release's L2 sensitivity over `steps` steps, in units of l2_clip."""
+    return accounting.mf_sensitivity(self.coefficients, steps, self.steps_per_epoch)
+
+  def record(self, ledger: accounting.PrivacyLedger, steps: int = 1) -> None:
+    """Records the next `steps` steps in `ledger` (which must hold the run's earlier steps)."""
+    ledger.record_mf(noise_multiplier=self.noise_multiplier, coefficients=self.coefficients,
+                     steps_per_epoch=self.steps_per_epoch, steps=steps)
+
+
+class MFState(NamedTuple):
+  """The optimizer state of a DP-MF run: the last b - 1 noises (leaves [b - 1, *shape], float32;
+  a ring buffer: w_s is in slot s mod (b - 1); zeros before the first steps), the steps taken
+  (int32) and the optimizer's own state."""
+
+  history: Params
+  count: jax.Array
+  inner: optax.OptState
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation,
+               config: DPMFConfig) -> MFState:
+  """The state at step 0 for `params` (the trainable ones)."""
+  history = jax.tree_util.tree_map(
+      lambda x: jnp.zeros((config.bands - 1,) + jnp.shape(x), jnp.float32), params)
+  return MFState(history=history, count=jnp.zeros((), jnp.int32), inner=optimizer.init(params))
+
+
+def correlated_noise(history: Params, t, key: PRNGKey, *, std,
+                     coefficients) -> tuple[Params, Params]:
+  """Step t of w = C^-1 Z: (w_t, the new history).
+
+  w_t = (std * z_t - sum_{j=1}^{b-1} c_j w_{t-j}) / c_0 with z_t standard normal (one key split
+  per leaf, the same draws as `privatize`'s). `history` holds w_s in slot s mod (b - 1) for the
+  last b - 1 steps s (zeros for s < 0); the new history has w_t in slot t mod (b - 1), where
+  w_{t-b+1}, no longer needed, was: one slot written (in place when the state is donated), and
+  the whole buffer read once for the weighted sum.
+
+  Args:
+    history: leaves [b - 1, *shape] (b = len(coefficients)).
+    t: the step, 0-based (int or traced int32 scalar).
+    key: this step's key (fold the step into the run's key).
+    std: the noise std of a row of C G (sigma * l2_clip).
+    coefficients: c_0 .. c_{b-1} (a numpy array or sequence; static).
+  """
+  c = np.asarray(coefficients, np.float64)
+  leaves, treedef = jax.tree_util.tree_flatten(history)
+  keys = jax.random.split(key, len(leaves))
+  ring = c.size - 1
+  if ring:  # slot s holds w_{t-j} with j = (t - 1 - s) mod (b - 1) + 1
+    t = jnp.asarray(t, jnp.int32)
+    ages = jnp.mod(t - 1 - jnp.arange(ring), ring)
+    weights = jnp.take(jnp.asarray(c[1:], jnp.float32), ages)
+  out, new = [], []
+  for k, h in zip(keys, leaves):
+    w = std * standard_normal(k, h.shape[1:])
+    if ring:
+      w = w - jnp.tensordot(weights, h, axes=1)
+    w = w / float(c[0])
+    out.append(w)
+    new.append(jax.lax.dynamic_update_index_in_dim(h, w, jnp.mod(t, ring), 0) if ring else h)
+  return treedef.unflatten(out), treedef.unflatten(new)
+
+
+def dp_mf_step(params: Params, opt_state: MFState, batch: Batch, key: PRNGKey, *,
+               loss_fn: LossFn, optimizer: optax.GradientTransformation, config: DPMFConfig):
+  """One DP-MF step: (clipped sum + w_t) / batch_size into `optimizer`.
+
+  Args:
+    params: the trainable parameters.
+    opt_state: an `MFState` (`init_state`).
+    batch: dict of arrays [batch_size, ...] with "mask": this step's batch (fixed order).
+    key: this step's key (the run's key with the step folded in).
+    loss_fn: per-example loss.
+    optimizer: any optax transformation.
+    config: the mechanism.
+
+  Returns:
+    (params, opt_state, metrics) with metrics as sums: loss_sum, count, clipped, norm_sum.
+  """
+  grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
+  with jax.named_scope(NOISE_SCOPE):
+    if config.noise_multiplier == 0:
+      noise, history = jax.tree_util.tree_map(jnp.zeros_like, grad_sum), opt_state.history
+    else:
+      noise, history = correlated_noise(
+          opt_state.history, opt_state.count, key, std=config.noise_multiplier * config.l2_clip,
+          coefficients=config.coefficients)
+    grads = jax.tree_util.tree_map(lambda g, w: (g + w) / config.batch_size, grad_sum, noise)
+  with jax.named_scope(OPTIMIZER_SCOPE):
+    updates, inner = optimizer.update(grads, opt_state.inner, params)
+    params = optax.apply_updates(params, updates)
+  return (params, MFState(history, opt_state.count + 1, inner),
+          _metrics(aux, batch["mask"], config.l2_clip))
