@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.federated import helpers
 from trustjax import federated as fl
+from trustjax import privacy
 from trustjax.federated import selection, simulate
 from trustjax.privacy import quantile
 
@@ -335,32 +336,15 @@ def test_dp_ftrl_fedavg_without_noise_is_dp_fedavg_over_the_fixed_cohort_size():
   common = dict(loss_fn=helpers.LOSS, client_lr=0.5, batch_size=8, l2_clip=0.05,
                 noise_multiplier=0.0)  # one full batch per client: no shuffling to match
   for alg in (fl.dp_ftrl_fedavg(clients_per_round=3, rounds_per_tree=2, **common),
-              fl.dp_fedavg(expected_clients=3.0, **common)):  # both divide by 3
+              fl.dp_mf_fedavg(clients_per_round=3, bands=3, **common),
+              fl.dp_fedavg(expected_clients=3.0, **common)):  # all divide by 3
     state = alg.init(params)
     for r in range(3):
       state, m = fl.run_round(alg, state, cohort, jax.random.key(r))
     out.append(state.params)
     assert float(m["clients_clipped"]) == 3
-  _close(out[0], out[1])
-
-
-def test_dp_ftrl_fedavg_one_client_moves_a_round_by_at_most_clip_over_cohort_size():
-  """From the same state deep in a tree (round 6: tree 1, position 3) and the same key, so the
-  same tree noise: a client replaced with a zero update moves the model by C / m, no more."""
-  store, _ = helpers.store(sizes=(8, 8, 8))
-  alg = _ftrl(noise_multiplier=2.0)
-  state = alg.init(helpers.init_params())._replace(round=jnp.int32(6))
-  flat = lambda s: np.asarray(jax.flatten_util.ravel_pytree(s.params)[0], np.float64)
-  full = _all_clients(store, np.ones(3))
-  base, _ = fl.run_round(alg, state, full, jax.random.key(0))
-  for j in range(3):
-    w = np.ones(3, np.float32)
-    w[j] = 0
-    nb, _ = fl.run_round(alg, state, full._replace(weights=w), jax.random.key(0))
-    diff = np.linalg.norm(flat(base) - flat(nb))
-    assert 0.05 / 3 * 0.99 < diff <= 0.05 / 3 * (1 + 1e-5)
-  # the noise is there: one node at position 3 (std 2 * 0.05 / 3), beside updates of C / 3
-  assert np.abs(flat(base) - flat(state)).max() > 3 * 0.05 / 3
+  _close(out[0], out[2])
+  _close(out[1], out[2])
 
 
 def test_dp_ftrl_fedavg_noise_is_the_tree_prefix_noise_across_a_restart():
@@ -383,6 +367,76 @@ def test_dp_ftrl_fedavg_noise_is_the_tree_prefix_noise_across_a_restart():
   assert scipy.stats.kstest(moved, "norm", args=(0, np.sqrt(4) * std)).pvalue < 1e-6
   assert scipy.stats.kstest(moved, "norm", args=(0, np.sqrt(2) * std)).pvalue < 1e-6
   assert scipy.stats.kstest(-first, "norm", args=(0, std)).pvalue > 1e-3  # round 1: one node
+
+
+# ----------------------------------------------------------------------------- DP-MF
+
+
+def _mf(noise_multiplier=0.0, clip=0.05, bands=4, loss_fn=helpers.LOSS, **kw):
+  return fl.dp_mf_fedavg(loss_fn=loss_fn, client_lr=0.5, batch_size=4, l2_clip=clip,
+                         noise_multiplier=noise_multiplier, clients_per_round=3, bands=bands,
+                         noise_seed=5, **kw)
+
+
+@pytest.mark.parametrize("mechanism", ["dp_ftrl", "dp_mf"])
+def test_one_client_moves_a_fixed_cohort_round_by_at_most_clip_over_cohort_size(mechanism):
+  """From the same state (DP-FTRL: deep in a tree, round 6 = tree 1, position 3; DP-MF: after 5
+  noisy rounds, a full noise history) and the same key, so the same noise: a client replaced
+  with a zero update moves the model by C / m, no more."""
+  store, _ = helpers.store(sizes=(8, 8, 8))
+  full = _all_clients(store, np.ones(3))
+  if mechanism == "dp_ftrl":
+    alg = _ftrl(noise_multiplier=2.0)
+    state = alg.init(helpers.init_params())._replace(round=jnp.int32(6))
+  else:
+    alg = _mf(noise_multiplier=2.0)
+    state = alg.init(helpers.init_params())
+    for r in range(5):
+      state, _ = fl.run_round(alg, state, full, jax.random.key(10 + r))
+    assert all(np.abs(np.asarray(h)).min() > 0 for h in jax.tree_util.tree_leaves(state.extra))
+  flat = lambda s: np.asarray(jax.flatten_util.ravel_pytree(s.params)[0], np.float64)
+  base, _ = fl.run_round(alg, state, full, jax.random.key(0))
+  for j in range(3):
+    w = np.ones(3, np.float32)
+    w[j] = 0
+    nb, _ = fl.run_round(alg, state, full._replace(weights=w), jax.random.key(0))
+    diff = np.linalg.norm(flat(base) - flat(nb))
+    assert 0.05 / 3 * 0.99 < diff <= 0.05 / 3 * (1 + 1e-5)
+  # the noise is there (at least one row's, std 2 * 0.05 / 3), beside updates of C / 3
+  assert np.abs(flat(base) - flat(state)).max() > 3 * 0.05 / 3
+
+
+def test_dp_mf_fedavg_noise_cancels_in_the_model_as_the_factorization_says():
+  """Clients whose updates are 0, server SGD at learning rate 1, b = 8 bands: after t <= 8 rounds
+  the model moved by minus the prefix sum of the noises over m = 3, whose std per coordinate is
+  sigma C / 3 * sqrt(sum_{j < t} c_j^2) (C squares to the prefix sums), below independent
+  noise's sigma C / 3 * sqrt(t); round 1's noise is one row's."""
+  store, _ = helpers.store(sizes=(8, 8, 8))
+  params = {"w": jnp.zeros((6000,))}
+  zero = lambda p, b: 0.0 * jnp.sum(p["w"]) + 0.0 * b["x"][:, 0]
+  alg = _mf(noise_multiplier=1.5, clip=0.6, bands=8, loss_fn=zero)
+  state = alg.init(params)
+  cohort = _all_clients(store, np.ones(3))
+  std, c = 1.5 * 0.6 / 3, privacy.bsr_coefficients(8)
+  for t in range(1, 7):
+    state, _ = fl.run_round(alg, state, cohort, jax.random.key(t))
+    moved = -np.asarray(state.params["w"])
+    want = std * np.sqrt(np.sum(c[:t] ** 2))
+    assert scipy.stats.kstest(moved, "norm", args=(0, want)).pvalue > 1e-3, t
+    if t >= 3:
+      assert scipy.stats.kstest(moved, "norm", args=(0, std * np.sqrt(t))).pvalue < 1e-6
+
+
+def test_cyclic_selection_repeats_its_cohorts_every_epoch():
+  n, m = 23, 5
+  per_epoch = selection.rounds_per_epoch(n, m)
+  for r in range(per_epoch):
+    first = selection.shuffled(7, r, n, m, reshuffle=False)
+    np.testing.assert_array_equal(first.ids, selection.shuffled(7, r, n, m).ids)  # epoch 0
+    for epoch in (1, 2):
+      again = selection.shuffled(7, r + epoch * per_epoch, n, m, reshuffle=False)
+      np.testing.assert_array_equal(first.ids, again.ids)
+      np.testing.assert_array_equal(first.weights, again.weights)
 
 
 def test_shuffled_selection_visits_every_client_once_per_epoch():

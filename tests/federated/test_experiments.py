@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import REPO, override, shared_data
 from trustjax import data as tjdata
+from trustjax import privacy
 from trustjax.federated import experiments, selection, simulate
 from trustjax.privacy import accounting
 from trustjax.training import Checkpointer
@@ -105,14 +106,16 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   """3 rounds; then 6, stopped by a Ctrl-C during round 5 of DP-FedAvg with adaptive clipping
   (it saves that round with its ledger and clip estimate, and stops the run before DP-FTRL's
   rounds 4-6); then 6 again, which resumes both. DP-FTRL with cohorts of 40 of the about 100
-  devices: 3 rounds per tree, so the resume starts its second tree."""
+  devices: 3 rounds per tree, so the resume starts its second tree. DP-MF likewise (3 rounds per
+  epoch, 3 bands): its resume restores the server's noise history."""
   over = {"fl.rounds": 3, "data.max_client_examples": 16}  # one size bucket: one compilation
 
   def dp_only(cfg):  # the non-DP baseline spends no privacy; the clip1 ones repeat mechanisms
     cfg.unlock()
-    for name in ("fedavg_nondp", "dp_fedavg_clip1", "dp_ftrl_clip1"):
+    for name in ("fedavg_nondp", "dp_fedavg_clip1", "dp_ftrl_clip1", "dp_mf_clip1"):
       del cfg.strategies[name]
     cfg.strategies.dp_ftrl.clients_per_round = 40
+    cfg.strategies.dp_mf.clients_per_round = 40
     cfg.lock()
     return cfg
 
@@ -133,7 +136,7 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   monkeypatch.undo()
   steps = {d.name: Checkpointer(str(d / "checkpoints")).latest_step()
            for d in (tmp_path / cfg.run_name).iterdir() if (d / "checkpoints").is_dir()}
-  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5, "dp_ftrl": 3}
+  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5, "dp_ftrl": 3, "dp_mf": 3}
   summary = experiments.run(cfg, show_progress=False)
   dp = [s for s in summary["strategies"] if s["algorithm"] == "dp_fedavg"]
   assert len(dp) == 2  # fixed and adaptive clipping
@@ -152,27 +155,55 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   assert ftrl["epsilon"] == pytest.approx(accounting.dp_ftrl_epsilon(
       noise_multiplier=2.87, steps_per_tree=3, trees=2, delta=ftrl["delta"]), rel=1e-9)
   assert ftrl["delta_total"] == ftrl["delta"]
+  (mf,) = [s for s in summary["strategies"] if s["strategy"] == "dp_mf"]
+  assert (mf["algorithm"], mf["selection"], mf["steps"], mf["rounds_per_epoch"], mf["bands"]) == (
+      "dp_mf_fedavg", "cyclic", 6, 3, 3)
+  c = privacy.bsr_coefficients(3, 0.9)  # the server's momentum
+  assert mf["sensitivity"] == pytest.approx(accounting.mf_sensitivity(c, 6, 3), rel=1e-12)
+  assert mf["epsilon"] == pytest.approx(accounting.mf_epsilon(
+      noise_multiplier=3.73, coefficients=c, steps=6, separation=3, delta=mf["delta"]), rel=1e-9)
+  assert "zero" in mf["neighbouring"] and "sampling_rate" not in mf
+  # the resumed run continued the noise history: the same model as one run of 6 rounds
+  one = dp_only(_cfg(fl_dp, "runlocal", tmp_path / "one", **dict(over, **{"fl.rounds": 6})))
+  one.unlock()
+  for name in ("dp_fedavg", "dp_fedavg_adaptive", "dp_ftrl"):
+    del one.strategies[name]
+  one.lock()
+  (again,) = experiments.run(one, show_progress=False)["strategies"]
+  assert again["final_eval_loss"] == mf["final_eval_loss"]
 
 
-def test_dp_ftrl_strategy_sits_at_dp_fedavgs_epsilon_and_refuses_what_it_cannot_account():
+@pytest.mark.parametrize("mechanism", ["dp_ftrl", "dp_mf"])
+def test_fixed_cohort_strategies_sit_at_dp_fedavgs_epsilon_and_refuse_what_they_cannot_account(
+    mechanism):
   cfg = fl_dp.get_config()
-  s = experiments.strategy_config(cfg, "dp_ftrl")
+  s = experiments.strategy_config(cfg, mechanism)
   fedavg = accounting.epsilon(noise_multiplier=cfg.fl.dp.noise_multiplier, sampling_rate=0.1,
                               steps=60, delta=1e-4)
-  per_tree = -(-cfg.data.num_devices // s.clients_per_round)
-  ftrl = accounting.dp_ftrl_epsilon(noise_multiplier=s.dp.noise_multiplier,
-                                    steps_per_tree=per_tree, trees=-(-s.rounds // per_tree),
-                                    delta=1e-4)
-  assert per_tree == 10 and fedavg - 0.02 < ftrl <= fedavg
-  experiments.validate_fl(s, 2000, "dp_ftrl")
-  for field, value, message in (("dp.adaptive", True, "accounting assumes Poisson sampling"),
-                                 ("dp.mechanism", "dp_sgd", "fl.dp.mechanism must be one of"),
-                                 ("clients_per_round", 3000, "more clients per round than")):
-    bad = override(experiments.strategy_config(cfg, "dp_ftrl"), **{field: value})
+  per_epoch = -(-cfg.data.num_devices // s.clients_per_round)
+  assert per_epoch == 10
+  if mechanism == "dp_ftrl":
+    eps = accounting.dp_ftrl_epsilon(noise_multiplier=s.dp.noise_multiplier,
+                                     steps_per_tree=per_epoch, trees=-(-s.rounds // per_epoch),
+                                     delta=1e-4)
+  else:  # one band per round of an epoch, the server's momentum
+    assert experiments.mf_bands(s, 2000) == 10
+    eps = accounting.mf_epsilon(noise_multiplier=s.dp.noise_multiplier,
+                                coefficients=privacy.bsr_coefficients(10, 0.9), steps=s.rounds,
+                                separation=per_epoch, delta=1e-4)
+  assert fedavg - 0.02 < eps <= fedavg
+  experiments.validate_fl(s, 2000, mechanism)
+  bad_values = [("dp.adaptive", True, "accounting assumes Poisson sampling"),
+                ("dp.mechanism", "dp_sgd", "fl.dp.mechanism must be one of"),
+                ("clients_per_round", 3000, "more clients per round than")]
+  if mechanism == "dp_mf":
+    bad_values.append(("dp.bands", -1, "fl.dp.bands must be >= 0"))
+  for field, value, message in bad_values:
+    bad = override(experiments.strategy_config(cfg, mechanism), **{field: value})
     with pytest.raises(ValueError, match=message):
-      experiments.validate_fl(bad, 2000, "dp_ftrl")
+      experiments.validate_fl(bad, 2000, mechanism)
   with pytest.raises(ValueError, match="continual setting renumbers"):
-    experiments.validate_fl(s, 2000, "dp_ftrl", continual=True)
+    experiments.validate_fl(s, 2000, mechanism, continual=True)
 
 
 def test_continual_setting_evaluates_on_each_next_period(tmp_path):

@@ -2,7 +2,8 @@
 
 from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.algorithms import (Byzantine, Cohort, FederatedAlgorithm, ServerState,
-                                           dp_fedavg, dp_ftrl_fedavg, fedavg, fedopt, fedprox,
+                                           dp_fedavg, dp_ftrl_fedavg, dp_mf_fedavg,
+                                           fedavg, fedopt, fedprox,
                                            local_train,
                                            make_byzantine, qfedavg, robust_aggregate, scaffold)
 from trustjax.federated.client_data import ClientData, ClientStore, bucket_capacities

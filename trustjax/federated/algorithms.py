@@ -19,6 +19,8 @@ References:
   Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021.
   Kairouz et al., "Practical and Private (Deep) Learning without Sampling or Shuffling", ICML
   2021 (DP-FTRL).
+  Kalinin and Lampert, "Banded Square Root Matrix Factorization for Differentially Private Model
+  Training", NeurIPS 2024 (the factorization of DP-MF).
   Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018
   (coordinate-wise median and trimmed mean).
   Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
@@ -45,6 +47,7 @@ import optax
 
 from trustjax.privacy import noise, quantile
 from trustjax.privacy.dp_ftrl import add_residual_noise
+from trustjax.privacy.dp_mf import bsr_coefficients, correlated_noise
 from trustjax.types import LossFn, Params, PRNGKey
 
 tmap = jax.tree_util.tree_map
@@ -816,14 +819,10 @@ def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_cli
     noise_seed: seeds every tree's key (a fresh one per run).
     byzantine: simulated malicious clients; their updates are clipped like any other.
   """
-  _check_client(client_lr, batch_size, local_epochs, client_chunk)
-  if not noise_multiplier >= 0:
-    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
-  if not l2_clip > 0:
-    raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
-  if clients_per_round < 1 or rounds_per_tree < 1:
-    raise ValueError(f"clients_per_round and rounds_per_tree must be >= 1, got "
-                     f"{clients_per_round=}, {rounds_per_tree=}")
+  _check_fixed_cohorts(client_lr, batch_size, local_epochs, client_chunk, noise_multiplier,
+                       l2_clip, clients_per_round)
+  if rounds_per_tree < 1:
+    raise ValueError(f"rounds_per_tree must be >= 1, got {rounds_per_tree=}")
   opt = server_optimizer or optax.sgd(1.0)
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
   run_key = jax.random.fold_in(jax.random.key(noise_seed), 0xF7E1)
@@ -842,6 +841,78 @@ def dp_ftrl_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_cli
     metrics = _round_metrics(cohort, res, accepted, finite, mean, byzantine)
     metrics["clients_clipped"] = (use * (norms > l2_clip)).sum()
     return ServerState(params, opt_state, state.round + 1, state.extra), metrics
+
+  return FederatedAlgorithm(init, apply)
+
+
+def _check_fixed_cohorts(client_lr, batch_size, local_epochs, client_chunk, noise_multiplier,
+                         l2_clip, clients_per_round) -> None:
+  """The arguments DP-FTRL and DP-MF share: the clients' training, the noise, the clip and the
+  fixed cohort size (the public denominator)."""
+  _check_client(client_lr, batch_size, local_epochs, client_chunk)
+  if not noise_multiplier >= 0:
+    raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier=}")
+  if not l2_clip > 0:
+    raise ValueError(f"l2_clip must be positive, got {l2_clip=}")
+  if clients_per_round < 1:
+    raise ValueError(f"clients_per_round must be >= 1, got {clients_per_round=}")
+
+
+def dp_mf_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: float,
+                 noise_multiplier: float, clients_per_round: int, bands: int,
+                 momentum: float = 0.0, noise_seed: int = 0, local_epochs: int = 1,
+                 server_optimizer: optax.GradientTransformation | None = None,
+                 client_chunk: int | None = None,
+                 byzantine: Byzantine | None = None) -> FederatedAlgorithm:
+  """DP-MF in federated learning: user-level DP without sampling clients, with the correlated
+  noise of the banded square root factorization (Kalinin and Lampert 2024; the matrix mechanism
+  of Denisov et al. 2022 and Choquette-Choo et al. 2023, which production federated training
+  uses in place of tree aggregation).
+
+  Clients come in epochs in one fixed order (`selection.shuffled(..., reshuffle=False)`: client
+  i in rounds t0, t0 + R, ...). Each update is clipped to L2 norm C and the clipped updates are
+  summed as in DP-FedAvg; round t adds w_t = (C^-1 Z)_t (`privacy.dp_mf.correlated_noise`, rows
+  of Z with std sigma C, b = `bands` diagonals, the server keeping b - 1 past noises in
+  `ServerState.extra`), divides by the fixed m and applies `server_optimizer` (default SGD with
+  learning rate 1) to minus that. The caller records each round with
+  `PrivacyLedger.record_mf` (sensitivity `accounting.mf_sensitivity`, replace one client's data
+  with a zero update).
+
+  Args:
+    l2_clip: C.
+    noise_multiplier: sigma, per row of C G.
+    clients_per_round: m, the fixed denominator.
+    bands: b.
+    momentum: the workload's momentum (the server optimizer's); only utility depends on it.
+    noise_seed: seeds the noise (a fresh one per run).
+    byzantine: simulated malicious clients; their updates are clipped like any other.
+  """
+  _check_fixed_cohorts(client_lr, batch_size, local_epochs, client_chunk, noise_multiplier,
+                       l2_clip, clients_per_round)
+  coefficients = tuple(bsr_coefficients(bands, momentum))
+  opt = server_optimizer or optax.sgd(1.0)
+  local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
+  run_key = jax.random.fold_in(jax.random.key(noise_seed), 0x3F0)
+
+  def init(params):  # extra: the ring buffer of the last b - 1 noises
+    history = jax.tree_util.tree_map(
+        lambda x: jnp.zeros((bands - 1,) + jnp.shape(x), jnp.float32), params)
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32), history)
+
+  def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
+    clipped_sum, res, accepted, finite, use, norms = _clipped_client_sum(
+        local, state.params, cohort, key, l2_clip, client_chunk, byzantine)
+    history = state.extra
+    if noise_multiplier > 0:
+      noise, history = correlated_noise(history, state.round,
+                                        jax.random.fold_in(run_key, state.round),
+                                        std=noise_multiplier * l2_clip, coefficients=coefficients)
+      clipped_sum = jax.tree_util.tree_map(jnp.add, clipped_sum, noise)
+    mean = jax.tree_util.tree_map(lambda x: x / clients_per_round, clipped_sum)
+    params, opt_state = _server_step(opt, state, mean)
+    metrics = _round_metrics(cohort, res, accepted, finite, mean, byzantine)
+    metrics["clients_clipped"] = (use * (norms > l2_clip)).sum()
+    return ServerState(params, opt_state, state.round + 1, history), metrics
 
   return FederatedAlgorithm(init, apply)
 

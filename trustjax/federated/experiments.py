@@ -37,6 +37,7 @@ from trustjax import models, reporting, training
 from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.client_data import ClientStore
 from trustjax.privacy import accounting, quantile, sampling
+from trustjax.privacy.dp_mf import bsr_coefficients
 from trustjax.training import Checkpointer
 
 EVAL_BATCH = 256  # rows per evaluation batch (pooled held-out data)
@@ -205,7 +206,8 @@ def strategy_config(cfg, name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fl)
 
 
-DP_MECHANISMS = ("dp_fedavg", "dp_ftrl")
+DP_MECHANISMS = ("dp_fedavg", "dp_ftrl", "dp_mf")
+FIXED_COHORTS = ("dp_ftrl", "dp_mf")  # every client once per epoch, no sampling
 
 
 def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None:
@@ -230,8 +232,8 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
     raise ValueError(f"[{name}] {e}") from None
   if s.clients_per_round < 1:
     raise ValueError(f"[{name}] fl.clients_per_round must be >= 1, got {s.clients_per_round}")
-  ftrl = s.dp.enabled and s.dp.mechanism == "dp_ftrl"
-  distinct = ftrl or (s.selection == "uniform" and not s.dp.enabled)  # no client twice a round
+  fixed = s.dp.enabled and s.dp.mechanism in FIXED_COHORTS
+  distinct = fixed or (s.selection == "uniform" and not s.dp.enabled)  # no client twice a round
   if s.clients_per_round > num_clients and distinct:
     raise ValueError(f"[{name}] more clients per round than clients: fl.clients_per_round="
                      f"{s.clients_per_round} > {num_clients} clients")
@@ -242,13 +244,13 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
   if s.dp.enabled and s.dp.mechanism not in DP_MECHANISMS:
     raise ValueError(f"[{name}] fl.dp.mechanism must be one of {DP_MECHANISMS}, got "
                      f"{s.dp.mechanism!r}")
-  if ftrl and s.dp.adaptive:
+  if fixed and s.dp.adaptive:
     raise ValueError(f"[{name}] fl.dp.adaptive (quantile clipping) is for fl.dp.mechanism="
                      "'dp_fedavg': its accounting assumes Poisson sampling")
-  if ftrl and continual:
-    raise ValueError(f"[{name}] fl.dp.mechanism='dp_ftrl' visits each client once per epoch "
-                     "of a fixed client set; the continual setting renumbers its clients every "
-                     "period; use it in the static setting")
+  if fixed and continual:
+    raise ValueError(f"[{name}] fl.dp.mechanism={s.dp.mechanism!r} visits each client once per "
+                     "epoch of a fixed client set; the continual setting renumbers its clients "
+                     "every period; use it in the static setting")
   if s.dp.enabled and s.aggregator != "mean":
     raise ValueError(f"[{name}] DP-FedAvg's sensitivity is that of the clipped sum: "
                      f"fl.aggregator must be 'mean', got {s.aggregator!r}")
@@ -284,6 +286,17 @@ def byzantine_ids(s, num_clients: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num_clients, size=count, replace=False)).astype(np.int32)
 
 
+SERVER_MOMENTUM = {"momentum": 0.9}  # algorithms.SERVER_OPTIMIZERS["momentum"]'s: DP-MF's workload
+
+
+def mf_bands(s, num_clients: int) -> int:
+  """fl.dp.bands, with 0 = min(rounds per epoch, 64)."""
+  if s.dp.bands < 0:
+    raise ValueError(f"fl.dp.bands must be >= 0 (0 = min(rounds per epoch, 64)), got "
+                     f"{s.dp.bands}")
+  return int(s.dp.bands) or min(selection.rounds_per_epoch(num_clients, s.clients_per_round), 64)
+
+
 def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
   """(algorithm, Poisson client sampling rate under DP-FedAvg or None)."""
   byzantine = algorithms.make_byzantine(byzantine_ids(s, num_clients, seed), s.byzantine.attack,
@@ -295,6 +308,14 @@ def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
         clients_per_round=s.clients_per_round,
         rounds_per_tree=selection.rounds_per_epoch(num_clients, s.clients_per_round),
         noise_seed=seed,
+        server_optimizer=algorithms.make_server_optimizer(s.server_optimizer, s.server_lr),
+        client_chunk=client_chunk(s), byzantine=byzantine), None
+  if s.dp.enabled and s.dp.mechanism == "dp_mf":
+    return algorithms.dp_mf_fedavg(
+        loss_fn=loss_fn, client_lr=s.client_lr, batch_size=s.batch_size,
+        local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
+        clients_per_round=s.clients_per_round, bands=mf_bands(s, num_clients),
+        momentum=SERVER_MOMENTUM.get(s.server_optimizer, 0.0), noise_seed=seed,
         server_optimizer=algorithms.make_server_optimizer(s.server_optimizer, s.server_lr),
         client_chunk=client_chunk(s), byzantine=byzantine), None
   if s.dp.enabled:
@@ -441,9 +462,13 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   elif os.path.exists(writer.path):
     os.remove(writer.path)
   max_slots = None
-  ftrl = s.dp.enabled and s.dp.mechanism == "dp_ftrl"
-  per_tree = selection.rounds_per_epoch(num_clients, s.clients_per_round) if ftrl else None
-  if s.dp.enabled and not ftrl:
+  mechanism = s.dp.mechanism if s.dp.enabled else None
+  ftrl, mf = mechanism == "dp_ftrl", mechanism == "dp_mf"
+  per_epoch = (selection.rounds_per_epoch(num_clients, s.clients_per_round)
+               if mechanism in FIXED_COHORTS else None)
+  coefficients = bsr_coefficients(mf_bands(s, num_clients),
+                                  SERVER_MOMENTUM.get(s.server_optimizer, 0.0)) if mf else None
+  if mechanism == "dp_fedavg":
     max_slots = sampling.default_max_batch_size(num_clients, q, total_rounds,
                                                 multiple_of=n_dev)
   delta = s.dp.delta or (1.0 / num_clients ** 1.1 if s.dp.enabled else None)
@@ -455,8 +480,9 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     for r in range(start, total_rounds):
       stage = stages[r // s.rounds]
       store = stage.store
-      if ftrl:
-        sel = selection.shuffled(cfg.seed, r, store.num_clients, s.clients_per_round)
+      if mechanism in FIXED_COHORTS:  # DP-MF: the same order every epoch
+        sel = selection.shuffled(cfg.seed, r, store.num_clients, s.clients_per_round,
+                                 reshuffle=not mf)
       elif s.dp.enabled:
         sel = selection.poisson(cfg.seed, r, store.num_clients, q, max_slots)
         overflow_p = sampling.overflow_probability(store.num_clients, q, max_slots)
@@ -470,7 +496,10 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       round_times.append(time.perf_counter() - t0)
       if ftrl:
-        ledger.record_tree(noise_multiplier=s.dp.noise_multiplier, steps_per_tree=per_tree)
+        ledger.record_tree(noise_multiplier=s.dp.noise_multiplier, steps_per_tree=per_epoch)
+      elif mf:
+        ledger.record_mf(noise_multiplier=s.dp.noise_multiplier, coefficients=coefficients,
+                         steps_per_epoch=per_epoch)
       elif s.dp.enabled:
         ledger.record(noise_multiplier=s.dp.noise_multiplier, sampling_rate=q,
                       overflow_probability=overflow_p)
@@ -497,9 +526,10 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   if bar is not None:
     bar.close()
   evals = [h for h in history if "eval_loss" in h]
-  summary = {"strategy": name, "algorithm": ("dp_ftrl_fedavg" if ftrl else "dp_fedavg")
-             if s.dp.enabled else s.algorithm,
-             "selection": ("shuffled" if ftrl else "poisson") if s.dp.enabled else s.selection,
+  summary = {"strategy": name, "algorithm": mechanism + "_fedavg" if mechanism in FIXED_COHORTS
+             else "dp_fedavg" if s.dp.enabled else s.algorithm,
+             "selection": {"dp_ftrl": "shuffled", "dp_mf": "cyclic", "dp_fedavg": "poisson"}.get(
+                 mechanism, s.selection),
              "rounds": total_rounds,
              "final_eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
              "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -531,8 +561,11 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     summary.update(ledger.report(delta))
     summary["noise_multiplier"] = s.dp.noise_multiplier
     if ftrl:
-      summary.update(rounds_per_tree=per_tree,
+      summary.update(rounds_per_tree=per_epoch,
                      trees=sum(e.trees for e in ledger.entries))
+    elif mf:
+      summary.update(rounds_per_epoch=per_epoch, bands=len(coefficients),
+                     sensitivity=accounting.mf_sensitivity(coefficients, ledger.steps, per_epoch))
     else:
       summary["sampling_rate"] = q
   return summary
@@ -705,7 +738,10 @@ def default_config() -> ml_collections.ConfigDict:
   # dp_fedavg: Poisson client sampling, add/remove one user (McMahan et al. 2018) | dp_ftrl:
   # epochs of shuffled cohorts of clients_per_round clients, tree aggregation restarted every
   # epoch, replace one user's data with a zero update (Kairouz et al. 2021)
+  # dp_mf: the cohorts in one fixed order every epoch, correlated noise of the banded square
+  # root factorization (Kalinin and Lampert 2024), replace one user's data with a zero update
   c.fl.dp.mechanism = "dp_fedavg"
+  c.fl.dp.bands = 0  # dp_mf: diagonals of C; 0 = min(rounds per epoch, 64)
   c.fl.dp.noise_multiplier = 1.0
   c.fl.dp.l2_clip = 0.5  # per-client update clip (initial clip when adaptive)
   c.fl.dp.delta = 0.0  # 0 = 1 / N^1.1

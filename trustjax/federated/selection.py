@@ -88,16 +88,19 @@ def rounds_per_epoch(num_clients: int, num_selected: int) -> int:
   return -(-num_clients // num_selected)
 
 
-def shuffled(seed: int, round_num: int, num_clients: int, num_selected: int) -> Selection:
+def shuffled(seed: int, round_num: int, num_clients: int, num_selected: int,
+             reshuffle: bool = True) -> Selection:
   """Round r's cohort of m clients: part r mod R of epoch r // R's permutation of the N clients
-  (R = ceil(N / m)), padded with weight-0 slots to m; each client once per epoch."""
+  (R = ceil(N / m)), padded with weight-0 slots to m; each client once per epoch. With
+  `reshuffle=False` every epoch uses epoch 0's permutation: client i is in rounds t0, t0 + R,
+  t0 + 2R, ... (what DP-MF's sensitivity assumes)."""
   if num_clients < 1:
     raise ValueError("no clients to select from")
   if not 1 <= num_selected <= num_clients:
     raise ValueError(f"clients per round must lie in [1, {num_clients} clients], got "
                      f"{num_selected=}")
   epoch, part = divmod(round_num, rounds_per_epoch(num_clients, num_selected))
-  perm = np.random.default_rng([seed, epoch, 2]).permutation(num_clients)
+  perm = np.random.default_rng([seed, epoch if reshuffle else 0, 2]).permutation(num_clients)
   ids = perm[part * num_selected:(part + 1) * num_selected]
   pad = num_selected - len(ids)
   return Selection(np.concatenate([np.sort(ids), np.zeros(pad, int)]).astype(np.int32),
