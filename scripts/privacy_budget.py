@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
-from trustjax.privacy.dp_mf import bsr_coefficients  # pylint: disable=wrong-import-position
+from trustjax.privacy.dp_mf import bsr_coefficients, resolve_bands  # pylint: disable=wrong-import-position
 
 
 def _fmt(x: float) -> str:
@@ -156,9 +156,7 @@ def _dp_mf_before_a_run(args) -> str:
   n, b = args.examples, args.batch_size
   k = -(-n // b)
   steps = max(1, round(args.epochs * k))
-  if args.bands < 0:
-    raise ValueError(f"--bands must be >= 0 (0 = min(steps per epoch, 64)), got {args.bands}")
-  coefficients = bsr_coefficients(args.bands or min(k, 64), args.momentum)
+  coefficients = bsr_coefficients(resolve_bands(args.bands, k, "--bands"), args.momentum)
   delta, delta_note = _delta(args, n)
   sens = accounting.mf_sensitivity(coefficients, steps, k)
   lines = [f"DP-MF (banded square root, no sampling): {n} examples in one fixed order, batches "

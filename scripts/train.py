@@ -37,7 +37,8 @@ def main(argv):
            "dp_ftrl": lambda: f"DP-FTRL, {summary['trees']} tree"
                               f"{'s' * (summary['trees'] != 1)} of {summary['steps_per_tree']} "
                               f"steps, batch {summary['batch_size']}, replace-with-zero neighbours",
-           "dp_mf": lambda: f"DP-MF, {summary['bands']} bands, sensitivity "
+           "dp_mf": lambda: f"DP-MF, {summary['bands']} band{'s' * (summary['bands'] != 1)}, "
+                            f"sensitivity "
                             f"{summary['sensitivity']:.3f}, epochs of {summary['steps_per_epoch']}"
                             f" steps, batch {summary['batch_size']}, replace-with-zero neighbours",
            }[summary["mechanism"]]()

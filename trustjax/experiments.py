@@ -29,7 +29,7 @@ from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
-from trustjax.privacy.dp_mf import DPMFConfig
+from trustjax.privacy.dp_mf import DPMFConfig, resolve_bands
 from trustjax.privacy.dp_sgd import DPConfig
 from trustjax.privacy.ghost import fallback_leaves
 
@@ -339,10 +339,7 @@ class Setup:
     bs = self._fixed_batches(cfg, n, reshuffle=False)
     spe = self.schedule.steps_per_epoch
     self.num_steps = max(1, round(cfg.train.epochs * spe))
-    if cfg.dp.bands < 0:
-      raise ValueError(f"dp.bands must be >= 0 (0 = min(steps per epoch, 64)), got "
-                       f"dp.bands={cfg.dp.bands}")
-    bands = cfg.dp.bands or min(spe, 64)
+    bands = resolve_bands(cfg.dp.bands, spe, "dp.bands")
     momentum = cfg.optimizer.momentum if cfg.optimizer.name == "sgd" else 0.0
     config = functools.partial(
         DPMFConfig, l2_clip=cfg.dp.l2_clip, batch_size=bs, num_examples=n, bands=bands,

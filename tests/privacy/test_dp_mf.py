@@ -63,13 +63,15 @@ def test_the_steps_noise_is_c_inverse_of_independent_row_noise(bands):
   keys; so C w / std is independent N(0, 1) noise (a KS test), and a wrong std is rejected."""
   n, std, shape = 10, 1.7, (3000,)
   c = privacy.bsr_coefficients(bands)
-  history = {"a": jnp.zeros((bands - 1,) + shape), "b": {"c": jnp.zeros((bands - 1, 4))}}
+  like = {"a": jnp.zeros(shape), "b": {"c": jnp.zeros((4,))}}
+  history = privacy.dp_mf.empty_history(like, bands)
+  assert (history is None) == (bands == 1)
   step = jax.jit(privacy.correlated_noise, static_argnames=("std", "coefficients"))
   key = jax.random.key(4)
   got, z = [], []
   for t in range(n):
     k = jax.random.fold_in(key, t)
-    w, history = step(history, t, k, std=std, coefficients=tuple(c))
+    w, history = step(history, t, k, std=std, coefficients=tuple(c), like=like)
     got.append(np.asarray(w["a"], np.float64))
     z.append(np.asarray(standard_normal(jax.random.split(k, 2)[0], shape), np.float64))
     assert w["b"]["c"].shape == (4,)
@@ -183,6 +185,28 @@ def test_one_trace_and_each_step_overwrites_the_oldest_noise():
     np.testing.assert_array_equal(leaf(s)[kept], before[kept])
     assert np.all(leaf(s)[t % 3] != before[t % 3])
   assert leaf(s).shape[0] == 3
+
+
+@pytest.mark.parametrize("bands", [1, 3])
+def test_the_state_checkpoints_and_restores(tmp_path, bands):
+  """A DP-MF train state after two steps saves and restores (one band keeps no history: a
+  checkpoint refuses zero-size arrays)."""
+  loss_fn, params, batch = tiny_problem(model="bag")
+  cfg = privacy.DPMFConfig(l2_clip=1.0, noise_multiplier=1.0, batch_size=8, num_examples=40,
+                           bands=bands)
+  opt = optax.adam(1e-2)
+  state = training.create_state(params, opt, jax.random.key(0), dp_config=cfg)
+  step = training.make_train_step(loss_fn, opt, cfg, donate=False)
+  for _ in range(2):
+    state, _ = step(state, batch)
+  assert (state.opt_state.history is None) == (bands == 1)
+  ckpt = training.Checkpointer(str(tmp_path))
+  ckpt.save(2, state, {"step": 2})
+  restored, _ = ckpt.restore(training.create_state(params, opt, jax.random.key(1), dp_config=cfg))
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+  with pytest.raises(ValueError, match="3 bands need a history of 2 noises"):
+    privacy.correlated_noise(None, 0, jax.random.key(0), std=1.0,
+                             coefficients=tuple(privacy.bsr_coefficients(3)), like=params)
 
 
 def test_fixed_order_schedule_repeats_its_batches_every_epoch():

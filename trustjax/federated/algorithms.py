@@ -47,7 +47,7 @@ import optax
 
 from trustjax.privacy import noise, quantile
 from trustjax.privacy.dp_ftrl import add_residual_noise
-from trustjax.privacy.dp_mf import bsr_coefficients, correlated_noise
+from trustjax.privacy.dp_mf import bsr_coefficients, correlated_noise, empty_history
 from trustjax.types import LossFn, Params, PRNGKey
 
 tmap = jax.tree_util.tree_map
@@ -894,10 +894,9 @@ def dp_mf_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip:
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs)
   run_key = jax.random.fold_in(jax.random.key(noise_seed), 0x3F0)
 
-  def init(params):  # extra: the ring buffer of the last b - 1 noises
-    history = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((bands - 1,) + jnp.shape(x), jnp.float32), params)
-    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32), history)
+  def init(params):  # extra: the ring buffer of the last b - 1 noises (None for one band)
+    return ServerState(params, opt.init(params), jnp.zeros((), jnp.int32),
+                       empty_history(params, bands))
 
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     clipped_sum, res, accepted, finite, use, norms = _clipped_client_sum(
@@ -906,7 +905,8 @@ def dp_mf_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip:
     if noise_multiplier > 0:
       noise, history = correlated_noise(history, state.round,
                                         jax.random.fold_in(run_key, state.round),
-                                        std=noise_multiplier * l2_clip, coefficients=coefficients)
+                                        std=noise_multiplier * l2_clip, coefficients=coefficients,
+                                        like=clipped_sum)
       clipped_sum = jax.tree_util.tree_map(jnp.add, clipped_sum, noise)
     mean = jax.tree_util.tree_map(lambda x: x / clients_per_round, clipped_sum)
     params, opt_state = _server_step(opt, state, mean)

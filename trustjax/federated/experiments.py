@@ -37,7 +37,7 @@ from trustjax import models, reporting, training
 from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.client_data import ClientStore
 from trustjax.privacy import accounting, quantile, sampling
-from trustjax.privacy.dp_mf import bsr_coefficients
+from trustjax.privacy.dp_mf import bsr_coefficients, resolve_bands
 from trustjax.training import Checkpointer
 
 EVAL_BATCH = 256  # rows per evaluation batch (pooled held-out data)
@@ -290,11 +290,9 @@ SERVER_MOMENTUM = {"momentum": 0.9}  # algorithms.SERVER_OPTIMIZERS["momentum"]'
 
 
 def mf_bands(s, num_clients: int) -> int:
-  """fl.dp.bands, with 0 = min(rounds per epoch, 64)."""
-  if s.dp.bands < 0:
-    raise ValueError(f"fl.dp.bands must be >= 0 (0 = min(rounds per epoch, 64)), got "
-                     f"{s.dp.bands}")
-  return int(s.dp.bands) or min(selection.rounds_per_epoch(num_clients, s.clients_per_round), 64)
+  """fl.dp.bands, with 0 = min(rounds per epoch, 64) (`dp_mf.resolve_bands`)."""
+  return resolve_bands(s.dp.bands, selection.rounds_per_epoch(num_clients, s.clients_per_round),
+                       "fl.dp.bands")
 
 
 def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):

@@ -59,6 +59,16 @@ def _bsr(bands: int, momentum: float) -> tuple[float, ...]:
   return tuple(float(np.dot(r[:j + 1][::-1], rb[:j + 1])) for j in range(bands))
 
 
+def resolve_bands(bands: int, steps_per_epoch: int, name: str = "bands") -> int:
+  """`bands`, or for 0 the drivers' default min(steps_per_epoch, 64): one band per step of an
+  epoch (an example's columns of C then do not overlap: the sensitivity grows only as
+  sqrt(epochs)), at most 64 stored noises. ValueError naming `name` when bands < 0."""
+  if int(bands) != bands or bands < 0:
+    raise ValueError(f"{name} must be >= 0 (an integer; 0 = min(steps per epoch, 64)), got "
+                     f"{name}={bands}")
+  return int(bands) or min(int(steps_per_epoch), 64)
+
+
 def bsr_coefficients(bands: int, momentum: float = 0.0) -> np.ndarray:
   """c_0 .. c_{bands-1} of the banded square root factorization (Kalinin and Lampert 2024): the
   power series of (1 - x)^(-1/2) (1 - momentum x)^(-1/2), whose Toeplitz matrix squares to SGD
@@ -104,24 +114,32 @@ class DPMFConfig(FixedBatchConfig):
 
 class MFState(NamedTuple):
   """The optimizer state of a DP-MF run: the last b - 1 noises (leaves [b - 1, *shape], float32;
-  a ring buffer: w_s is in slot s mod (b - 1); zeros before the first steps), the steps taken
-  (int32) and the optimizer's own state."""
+  a ring buffer: w_s is in slot s mod (b - 1); zeros before the first steps; None when b = 1),
+  the steps taken (int32) and the optimizer's own state."""
 
   history: Params
   count: jax.Array
   inner: optax.OptState
 
 
+def empty_history(params: Params, bands: int) -> Params | None:
+  """Zeros for the last bands - 1 noises of `params`' shapes (None for one band: nothing to
+  keep, and no zero-size arrays for a checkpoint to refuse)."""
+  if bands == 1:
+    return None
+  return jax.tree_util.tree_map(lambda x: jnp.zeros((bands - 1,) + jnp.shape(x), jnp.float32),
+                                params)
+
+
 def init_state(params: Params, optimizer: optax.GradientTransformation,
                config: DPMFConfig) -> MFState:
   """The state at step 0 for `params` (the trainable ones)."""
-  history = jax.tree_util.tree_map(
-      lambda x: jnp.zeros((config.bands - 1,) + jnp.shape(x), jnp.float32), params)
-  return MFState(history=history, count=jnp.zeros((), jnp.int32), inner=optimizer.init(params))
+  return MFState(history=empty_history(params, config.bands), count=jnp.zeros((), jnp.int32),
+                 inner=optimizer.init(params))
 
 
-def correlated_noise(history: Params, t, key: PRNGKey, *, std,
-                     coefficients) -> tuple[Params, Params]:
+def correlated_noise(history: Params | None, t, key: PRNGKey, *, std, coefficients,
+                     like: Params | None = None) -> tuple[Params, Params | None]:
   """Step t of w = C^-1 Z: (w_t, the new history).
 
   w_t = (std * z_t - sum_{j=1}^{b-1} c_j w_{t-j}) / c_0 with z_t standard normal (one key split
@@ -131,16 +149,24 @@ def correlated_noise(history: Params, t, key: PRNGKey, *, std,
   the whole buffer read once for the weighted sum.
 
   Args:
-    history: leaves [b - 1, *shape] (b = len(coefficients)).
+    history: leaves [b - 1, *shape] (b = len(coefficients)); None when b = 1.
     t: the step, 0-based (int or traced int32 scalar).
     key: this step's key (fold the step into the run's key).
     std: the noise std of a row of C G (sigma * l2_clip).
     coefficients: c_0 .. c_{b-1} (a numpy array or sequence; static).
+    like: when b = 1, a pytree whose leaves' shapes the noise takes.
   """
   c = np.asarray(coefficients, np.float64)
-  leaves, treedef = jax.tree_util.tree_flatten(history)
-  keys = jax.random.split(key, len(leaves))
   ring = c.size - 1
+  if (history is None) != (ring == 0) or (history is None and like is None):
+    raise ValueError(f"{c.size} bands need a history of {ring} noises (None and `like` for one "
+                     f"band), got history={'None' if history is None else 'a pytree'}")
+  if history is None:
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    leaves = [jnp.zeros((0,) + jnp.shape(x), jnp.float32) for x in leaves]
+  else:
+    leaves, treedef = jax.tree_util.tree_flatten(history)
+  keys = jax.random.split(key, len(leaves))
   if ring:  # slot s holds w_{t-j} with j = (t - 1 - s) mod (b - 1) + 1
     t = jnp.asarray(t, jnp.int32)
     ages = jnp.mod(t - 1 - jnp.arange(ring), ring)
@@ -153,7 +179,7 @@ def correlated_noise(history: Params, t, key: PRNGKey, *, std,
     w = w / float(c[0])
     out.append(w)
     new.append(jax.lax.dynamic_update_index_in_dim(h, w, jnp.mod(t, ring), 0) if ring else h)
-  return treedef.unflatten(out), treedef.unflatten(new)
+  return treedef.unflatten(out), (treedef.unflatten(new) if ring else None)
 
 
 def dp_mf_step(params: Params, opt_state: MFState, batch: Batch, key: PRNGKey, *,
@@ -179,7 +205,7 @@ def dp_mf_step(params: Params, opt_state: MFState, batch: Batch, key: PRNGKey, *
     else:
       noise, history = correlated_noise(
           opt_state.history, opt_state.count, key, std=config.noise_multiplier * config.l2_clip,
-          coefficients=config.coefficients)
+          coefficients=config.coefficients, like=grad_sum)
     grads = jax.tree_util.tree_map(lambda g, w: (g + w) / config.batch_size, grad_sum, noise)
   with jax.named_scope(OPTIMIZER_SCOPE):
     updates, inner = optimizer.update(grads, opt_state.inner, params)
