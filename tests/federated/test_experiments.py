@@ -106,16 +106,14 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   """3 rounds; then 6, stopped by a Ctrl-C during round 5 of DP-FedAvg with adaptive clipping
   (it saves that round with its ledger and clip estimate, and stops the run before DP-FTRL's
   rounds 4-6); then 6 again, which resumes both. DP-FTRL with cohorts of 40 of the about 100
-  devices: 3 rounds per tree, so the resume starts its second tree. DP-MF likewise (3 rounds per
-  epoch, 3 bands), whose server state holds its noise history."""
+  devices: 3 rounds per tree, so the resume starts its second tree."""
   over = {"fl.rounds": 3, "data.max_client_examples": 16}  # one size bucket: one compilation
 
   def dp_only(cfg):  # the non-DP baseline spends no privacy; the clip1 ones repeat mechanisms
     cfg.unlock()
-    for name in ("fedavg_nondp", "dp_fedavg_clip1", "dp_ftrl_clip1", "dp_mf_clip1"):
+    for name in ("fedavg_nondp", "dp_fedavg_clip1", "dp_ftrl_clip1", "dp_mf", "dp_mf_clip1"):
       del cfg.strategies[name]
     cfg.strategies.dp_ftrl.clients_per_round = 40
-    cfg.strategies.dp_mf.clients_per_round = 40
     cfg.lock()
     return cfg
 
@@ -136,7 +134,7 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   monkeypatch.undo()
   steps = {d.name: Checkpointer(str(d / "checkpoints")).latest_step()
            for d in (tmp_path / cfg.run_name).iterdir() if (d / "checkpoints").is_dir()}
-  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5, "dp_ftrl": 3, "dp_mf": 3}
+  assert steps == {"dp_fedavg": 6, "dp_fedavg_adaptive": 5, "dp_ftrl": 3}
   summary = experiments.run(cfg, show_progress=False)
   dp = [s for s in summary["strategies"] if s["algorithm"] == "dp_fedavg"]
   assert len(dp) == 2  # fixed and adaptive clipping
@@ -155,7 +153,16 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   assert ftrl["epsilon"] == pytest.approx(accounting.dp_ftrl_epsilon(
       noise_multiplier=2.87, steps_per_tree=3, trees=2, delta=ftrl["delta"]), rel=1e-9)
   assert ftrl["delta_total"] == ftrl["delta"]
-  (mf,) = [s for s in summary["strategies"] if s["strategy"] == "dp_mf"]
+
+
+def test_dp_mf_strategy_run_accounts_every_round(tmp_path):
+  """DP-MF alone, 6 rounds of cohorts of 40 of the about 100 devices in one fixed order: 3 rounds
+  per epoch, 3 bands of server momentum's workload; the summary's epsilon is the release's."""
+  cfg = _cfg(fl_dp, "runlocal", tmp_path, **{"fl.rounds": 6, "data.max_client_examples": 16})
+  cfg.unlock()
+  cfg.strategies = {"dp_mf": dict(cfg.strategies.dp_mf.to_dict(), clients_per_round=40)}
+  cfg.lock()
+  (mf,) = experiments.run(cfg, show_progress=False)["strategies"]
   assert (mf["algorithm"], mf["selection"], mf["steps"], mf["rounds_per_epoch"], mf["bands"]) == (
       "dp_mf_fedavg", "cyclic", 6, 3, 3)
   c = privacy.bsr_coefficients(3, 0.9)  # the server's momentum
@@ -163,6 +170,7 @@ def test_dp_fedavg_run_accounts_every_round_across_a_resume(tmp_path, monkeypatc
   assert mf["epsilon"] == pytest.approx(accounting.mf_epsilon(
       noise_multiplier=3.73, coefficients=c, steps=6, separation=3, delta=mf["delta"]), rel=1e-9)
   assert "zero" in mf["neighbouring"] and "sampling_rate" not in mf
+  assert mf["final_eval_accuracy"] is not None
 
 
 @pytest.mark.parametrize("mechanism", ["dp_ftrl", "dp_mf"])

@@ -295,6 +295,13 @@ def mf_bands(s, num_clients: int) -> int:
                        "fl.dp.bands")
 
 
+def mf_workload(s, num_clients: int) -> dict:
+  """DP-MF's factorization for strategy `s`: {"bands", "momentum"} (the server optimizer's
+  momentum), what both `dp_mf_fedavg` and the ledger's coefficients are built from."""
+  return {"bands": mf_bands(s, num_clients),
+          "momentum": SERVER_MOMENTUM.get(s.server_optimizer, 0.0)}
+
+
 def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
   """(algorithm, Poisson client sampling rate under DP-FedAvg or None)."""
   byzantine = algorithms.make_byzantine(byzantine_ids(s, num_clients, seed), s.byzantine.attack,
@@ -312,8 +319,7 @@ def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
     return algorithms.dp_mf_fedavg(
         loss_fn=loss_fn, client_lr=s.client_lr, batch_size=s.batch_size,
         local_epochs=s.local_epochs, l2_clip=s.dp.l2_clip, noise_multiplier=s.dp.noise_multiplier,
-        clients_per_round=s.clients_per_round, bands=mf_bands(s, num_clients),
-        momentum=SERVER_MOMENTUM.get(s.server_optimizer, 0.0), noise_seed=seed,
+        clients_per_round=s.clients_per_round, **mf_workload(s, num_clients), noise_seed=seed,
         server_optimizer=algorithms.make_server_optimizer(s.server_optimizer, s.server_lr),
         client_chunk=client_chunk(s), byzantine=byzantine), None
   if s.dp.enabled:
@@ -464,8 +470,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   ftrl, mf = mechanism == "dp_ftrl", mechanism == "dp_mf"
   per_epoch = (selection.rounds_per_epoch(num_clients, s.clients_per_round)
                if mechanism in FIXED_COHORTS else None)
-  coefficients = bsr_coefficients(mf_bands(s, num_clients),
-                                  SERVER_MOMENTUM.get(s.server_optimizer, 0.0)) if mf else None
+  coefficients = bsr_coefficients(**mf_workload(s, num_clients)) if mf else None
   if mechanism == "dp_fedavg":
     max_slots = sampling.default_max_batch_size(num_clients, q, total_rounds,
                                                 multiple_of=n_dev)
