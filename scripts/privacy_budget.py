@@ -12,7 +12,10 @@ rate q = batch / examples, steps = round(epochs / q)): epsilon with the PLD and 
 after `--points` evenly spaced fractions of the run, for a given noise multiplier or for the
 smallest one that reaches `--target-epsilon` (calibrated as the training driver does), plus the
 extra delta from truncating Poisson batches at the static batch size (the driver's default size
-unless `--max-batch-size`). `--plot` draws epsilon against epochs. `--mechanism dp_ftrl`: DP-FTRL as
+unless `--max-batch-size`). `--plot` draws epsilon against epochs. `--federated` plans user-level
+DP as `scripts/federated.py` runs it (DP-FedAvg, or its DP-FTRL and DP-MF rounds): examples are
+users, the batch is the clients per round, and the default delta is that driver's 1 / N^1.1.
+`--mechanism dp_ftrl`: DP-FTRL as
 the driver runs it (fixed batches, T = ceil(examples / batch) steps per epoch and tree, steps =
 round(epochs * T), a partial epoch counted as a whole tree; no sampling, so no truncation term).
 `--mechanism dp_mf`: DP-MF as the driver runs it (the data in one fixed order, k = ceil(examples /
@@ -69,7 +72,8 @@ def before_a_run(args) -> str:
   steps = max(1, round(args.epochs / q))
   delta, delta_note = _delta(args, n)
   accounting.validate(sampling_rate=q)
-  lines = [f"Poisson-sampled DP-SGD: {n} examples, expected batch {b} (q = {q:.6g}), "
+  lines = [f"Poisson-sampled {'DP-FedAvg' if args.federated else 'DP-SGD'}: {n} "
+           f"{_unit(args)}, expected {'cohort' if args.federated else 'batch'} {b} (q = {q:.6g}), "
            f"{args.epochs:g} epochs = {steps} steps, delta = {delta:g}{delta_note}"]
   sigma = _noise_multiplier(args, lines, lambda eps: accounting.calibrate_noise_multiplier(
       target_epsilon=eps, sampling_rate=q, steps=steps, delta=delta,
@@ -90,12 +94,28 @@ def before_a_run(args) -> str:
   return _with_table(args, lines, points, q, eps, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
 
 
+def _unit(args) -> str:
+  return "users" if args.federated else "examples"
+
+
+def _zero_neighbour(args) -> str:
+  """DP-FTRL's and DP-MF's neighbouring relation, in the planned run's units."""
+  return ("one user's data replaced with a zero update" if args.federated else
+          "one example replaced with a zero example")
+
+
 def _delta(args, n: int) -> tuple[float, str]:
-  """(--delta, or the training driver's default for n examples, checked; a note on which)."""
-  delta = args.delta if args.delta is not None else default_delta(n)
+  """(--delta, or the driver's default for n examples or, with --federated, n users, checked; a
+  note on which)."""
+  if args.delta is not None:
+    delta, note = args.delta, ""
+  elif args.federated:  # scripts/federated.py's default
+    delta, note = 1.0 / n ** 1.1, " (the federated driver's default: 1 / N^1.1 for N users)"
+  else:
+    delta, note = default_delta(n), (" (the training driver's default: the largest power of ten "
+                                     "below 1/N)")
   accounting.validate(delta=delta)
-  return delta, ("" if args.delta is not None else
-                 " (the training driver's default: the largest power of ten below 1/N)")
+  return delta, note
 
 
 def _noise_multiplier(args, lines: list[str], calibrate, unit: str, horizon: str) -> float:
@@ -137,10 +157,10 @@ def _dp_ftrl_before_a_run(args) -> str:
   steps = max(1, round(args.epochs * spt))
   trees = lambda t: -(-t // spt)
   delta, delta_note = _delta(args, n)
-  lines = [f"DP-FTRL (tree aggregation, no sampling): {n} examples, batches of {b}, "
+  lines = [f"DP-FTRL (tree aggregation, no sampling): {n} {_unit(args)}, batches of {b}, "
            f"{spt} steps per epoch and tree (depth {accounting.tree_depth(spt)}), "
            f"{args.epochs:g} epochs = {steps} steps in {trees(steps)} trees, delta = {delta:g}"
-           f"{delta_note}; neighbours: one example replaced with a zero example"]
+           f"{delta_note}; neighbours: " + _zero_neighbour(args)]
   sigma = _noise_multiplier(args, lines, lambda eps: accounting.calibrate_dp_ftrl_noise_multiplier(
       target_epsilon=eps, steps_per_tree=spt, trees=trees(steps), delta=delta,
       accountant=args.accountant), " per tree node", f"{trees(steps)} trees")
@@ -159,11 +179,11 @@ def _dp_mf_before_a_run(args) -> str:
   coefficients = bsr_coefficients(resolve_bands(args.bands, k, "--bands"), args.momentum)
   delta, delta_note = _delta(args, n)
   sens = accounting.mf_sensitivity(coefficients, steps, k)
-  lines = [f"DP-MF (banded square root, no sampling): {n} examples in one fixed order, batches "
-           f"of {b}, {k} steps per epoch, {args.epochs:g} epochs = {steps} steps, "
+  lines = [f"DP-MF (banded square root, no sampling): {n} {_unit(args)} in one fixed order, "
+           f"batches of {b}, {k} steps per epoch, {args.epochs:g} epochs = {steps} steps, "
            f"{len(coefficients)} bands, workload momentum {args.momentum:g}, sensitivity "
-           f"{sens:.4g} clip norms over the run, delta = {delta:g}{delta_note}; neighbours: one "
-           "example replaced with a zero example"]
+           f"{sens:.4g} clip norms over the run, delta = {delta:g}{delta_note}; neighbours: "
+           + _zero_neighbour(args)]
   sigma = _noise_multiplier(args, lines, lambda eps: accounting.calibrate_mf_noise_multiplier(
       target_epsilon=eps, coefficients=coefficients, steps=steps, separation=k, delta=delta,
       accountant=args.accountant), " per row of C G", f"{steps} steps")
@@ -260,6 +280,10 @@ def main(argv=None) -> None:
   ap.add_argument("--noise-multiplier", type=float)
   ap.add_argument("--target-epsilon", type=float)
   ap.add_argument("--delta", type=float, help="default: the driver's delta for N, or a run's own")
+  ap.add_argument("--federated", action="store_true",
+                  help="user-level DP as scripts/federated.py runs it: --examples counts users "
+                       "(clients), --batch-size the clients per round, an epoch a pass over the "
+                       "users; the default delta is that driver's, 1 / N^1.1")
   ap.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default="pld",
                   help="the one that calibrates and sets the total delta (both are shown)")
   ap.add_argument("--max-batch-size", type=int, default=0,

@@ -29,7 +29,7 @@ from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
-from trustjax.privacy.dp_mf import DPMFConfig, resolve_bands
+from trustjax.privacy.dp_mf import DPMFConfig, bsr_coefficients, resolve_bands
 from trustjax.privacy.dp_sgd import DPConfig
 from trustjax.privacy.ghost import fallback_leaves
 
@@ -349,9 +349,8 @@ class Setup:
     sigma = cfg.dp.noise_multiplier
     if sigma is None:
       sigma = accounting.calibrate_mf_noise_multiplier(
-          target_epsilon=cfg.dp.target_epsilon, coefficients=config(
-              noise_multiplier=0.0).coefficients, steps=self.num_steps, separation=spe,
-          delta=self.delta, accountant=cfg.dp.accountant)
+          target_epsilon=cfg.dp.target_epsilon, coefficients=bsr_coefficients(bands, momentum),
+          steps=self.num_steps, separation=spe, delta=self.delta, accountant=cfg.dp.accountant)
     self.dp_config = config(noise_multiplier=sigma)
 
   def _dp_ftrl(self, cfg, n: int) -> None:

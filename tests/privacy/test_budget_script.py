@@ -124,6 +124,24 @@ def test_dp_mf_budget_is_the_release_of_the_first_t_steps(capsys):
   assert code == 2 and "--bands must be >= 0" in err
 
 
+def test_federated_budget_uses_the_federated_drivers_delta_and_units(capsys):
+  """--federated: users and cohorts, and scripts/federated.py's default delta 1 / N^1.1 (what
+  trustjax.federated.experiments.run_strategy sets when fl.dp.delta is 0)."""
+  code, out, _ = _main(capsys, "--examples", "2000", "--batch-size", "200", "--epochs", "6",
+                       "--noise-multiplier", "0.8", "--points", "1", "--federated")
+  assert code == 0, out
+  delta = 1.0 / 2000 ** 1.1
+  assert "Poisson-sampled DP-FedAvg: 2000 users, expected cohort 200 (q = 0.1)" in out
+  assert f"delta = {delta:g} (the federated driver's default: 1 / N^1.1" in out
+  (row,) = _rows(out)
+  assert float(row[2]) == pytest.approx(accounting.epsilon(
+      noise_multiplier=0.8, sampling_rate=0.1, steps=60, delta=delta), rel=1e-3)
+  code, out, _ = _main(capsys, "--examples", "2000", "--batch-size", "200", "--epochs", "6",
+                       "--noise-multiplier", "3.73", "--points", "1", "--federated",
+                       "--mechanism", "dp_mf", "--momentum", "0.9")
+  assert code == 0 and "neighbours: one user's data replaced with a zero update" in out
+
+
 @pytest.mark.parametrize("args,message", [
     (["--examples", "10", "--batch-size", "50", "--epochs", "1", "--noise-multiplier", "1"],
      "--batch-size=50 must be <= --examples=10"),
