@@ -456,17 +456,22 @@ def _krum_scores(dist: jax.Array, pool: jax.Array, f: jax.Array) -> jax.Array:
   return jnp.where(pool, score, jnp.inf)
 
 
+def _krum_inputs(deltas: Params, accepted: jax.Array, fraction: float):
+  """(n accepted, f = int(fraction * n) assumed Byzantine, [k, k] squared distances between the
+  slots' flattened updates): what Krum, Multi-Krum and Bulyan start from."""
+  n = accepted.sum()
+  f = _floor_table(fraction, accepted.shape[0])[n]
+  return n, f, _sq_distances(_flat_rows(deltas, accepted))
+
+
 def krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   """Krum (Blanchard et al. 2017): the one accepted update whose summed squared distance to its
   n - f - 2 nearest other accepted updates is smallest, where n is the number accepted and
   f = int(fraction * n) the number of Byzantine clients it assumes (at least one neighbour is
   used when n - f - 2 < 1, where the paper's guarantee, which needs n > 2f + 2, does not hold).
   Distances over all parameters together; 0 when nobody is accepted."""
-  k = accepted.shape[0]
-  n = accepted.sum()
-  scores = _krum_scores(_sq_distances(_flat_rows(deltas, accepted)), accepted,
-                        _floor_table(fraction, k)[n])
-  best = jnp.argmin(scores)
+  n, f, dist = _krum_inputs(deltas, accepted, fraction)
+  best = jnp.argmin(_krum_scores(dist, accepted, f))
   return tmap(lambda d: jnp.where(n > 0, d[best].astype(jnp.float32), 0.0), deltas)
 
 
@@ -474,11 +479,8 @@ def multi_krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   """Multi-Krum (Blanchard et al. 2017): the unweighted mean of the n - f accepted updates with
   the lowest Krum scores (f = int(fraction * n), scores as in `krum`); 0 when nobody is
   accepted."""
-  k = accepted.shape[0]
-  n = accepted.sum()
-  f = _floor_table(fraction, k)[n]
-  scores = _krum_scores(_sq_distances(_flat_rows(deltas, accepted)), accepted, f)
-  rank = jnp.argsort(jnp.argsort(scores))  # 0 = the best score; rejected slots rank last
+  n, f, dist = _krum_inputs(deltas, accepted, fraction)
+  rank = jnp.argsort(jnp.argsort(_krum_scores(dist, accepted, f)))  # 0 = the best score; rejected slots rank last
   keep = accepted & (rank < jnp.maximum(n - f, 1))
   count = jnp.maximum(keep.sum(), 1)
   return tmap(lambda d: jnp.where(_rows(keep, d), d.astype(jnp.float32), 0.0).sum(0) / count,
@@ -493,9 +495,7 @@ def bulyan(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   and where beta < 1 the coordinate-wise median of the chosen updates is the output (with f = 0:
   the mean of all). Unweighted; 0 when nobody is accepted."""
   k = accepted.shape[0]
-  n = accepted.sum()
-  f = _floor_table(fraction, k)[n]
-  dist = _sq_distances(_flat_rows(deltas, accepted))
+  n, f, dist = _krum_inputs(deltas, accepted, fraction)
   theta = jnp.maximum(n - 2 * f, 1)
   beta = theta - 2 * f
 

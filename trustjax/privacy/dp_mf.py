@@ -161,24 +161,22 @@ def correlated_noise(history: Params | None, t, key: PRNGKey, *, std, coefficien
   if (history is None) != (ring == 0) or (history is None and like is None):
     raise ValueError(f"{c.size} bands need a history of {ring} noises (None and `like` for one "
                      f"band), got history={'None' if history is None else 'a pytree'}")
-  if history is None:
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    leaves = [jnp.zeros((0,) + jnp.shape(x), jnp.float32) for x in leaves]
-  else:
-    leaves, treedef = jax.tree_util.tree_flatten(history)
+  leaves, treedef = jax.tree_util.tree_flatten(like if history is None else history)
+  shapes = [jnp.shape(x) if history is None else x.shape[1:] for x in leaves]
   keys = jax.random.split(key, len(leaves))
   if ring:  # slot s holds w_{t-j} with j = (t - 1 - s) mod (b - 1) + 1
     t = jnp.asarray(t, jnp.int32)
     ages = jnp.mod(t - 1 - jnp.arange(ring), ring)
     weights = jnp.take(jnp.asarray(c[1:], jnp.float32), ages)
   out, new = [], []
-  for k, h in zip(keys, leaves):
-    w = std * standard_normal(k, h.shape[1:])
+  for k, h, shape in zip(keys, leaves, shapes):
+    w = std * standard_normal(k, shape)
     if ring:
       w = w - jnp.tensordot(weights, h, axes=1)
     w = w / float(c[0])
     out.append(w)
-    new.append(jax.lax.dynamic_update_index_in_dim(h, w, jnp.mod(t, ring), 0) if ring else h)
+    if ring:
+      new.append(jax.lax.dynamic_update_index_in_dim(h, w, jnp.mod(t, ring), 0))
   return treedef.unflatten(out), (treedef.unflatten(new) if ring else None)
 
 
