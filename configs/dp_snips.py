@@ -4,12 +4,15 @@ The config argument picks the privacy level: an epsilon ("1", "3", "8") or "nond
 ",ftrl" trains with DP-FTRL (shuffled epochs of fixed batches of 512, tree aggregation, no
 sampling; Kairouz et al. 2021) and ",mf" with DP-MF (the data shuffled once, fixed batches of
 512, correlated noise of the banded square root factorization with one band per step of an
-epoch; Kalinin and Lampert 2024) instead of DP-SGD (Poisson sampling at q = 512 / N), and
-",momentum" with SGD (momentum 0.9, learning rate 0.5) instead of Adam (3e-3).
+epoch; Kalinin and Lampert 2024) and ",amf" with amplified DP-MF (the same noise on cyclic
+Poisson samples of an expected 512 over b groups, b chosen for the epsilon unless
+--config.dp.bands sets it; Choquette-Choo et al. 2023) instead of DP-SGD (Poisson sampling at
+q = 512 / N), and ",momentum" with SGD (momentum 0.9, learning rate 0.5) instead of Adam (3e-3).
 
   python scripts/train.py --config configs/dp_snips.py:8 --config.data.data_dir=../shared/data/snips
   python scripts/train.py --config configs/dp_snips.py:8,ftrl,momentum
   python scripts/train.py --config configs/dp_snips.py:1,mf
+  python scripts/train.py --config configs/dp_snips.py:1,amf,momentum
   python scripts/train.py --config configs/dp_snips.py:nondp --config.data.data_dir=../shared/data/snips
 """
 
@@ -28,10 +31,10 @@ def get_config(arg: str = "8"):
   c.train.epochs = 6.0
   c.train.measure_step_time = False
   level, *options = arg.split(",")
-  mechanisms = {"ftrl": "dp_ftrl", "mf": "dp_mf"}
-  if not set(options) <= {"ftrl", "mf", "momentum"} or len(set(options)) < len(options) or (
+  mechanisms = {"ftrl": "dp_ftrl", "mf": "dp_mf", "amf": "amplified_mf"}
+  if not set(options) <= {*mechanisms, "momentum"} or len(set(options)) < len(options) or (
       len(set(options) & set(mechanisms)) > (level != "nondp")):
-    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf][,momentum] or "
+    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf|,amf][,momentum] or "
                      f"nondp[,momentum], got {arg!r}")
   set_privacy_level(c, level, "snips")
   for option, mechanism in mechanisms.items():

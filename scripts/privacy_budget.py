@@ -1,10 +1,11 @@
-"""The privacy budget of DP-SGD, DP-FTRL or DP-MF before a run, or of finished runs from their
-ledgers.
+"""The privacy budget of DP-SGD, DP-FTRL, DP-MF or amplified DP-MF before a run, or of finished
+runs from their ledgers.
 
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --noise-multiplier 1.1
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8
   python scripts/privacy_budget.py --examples 13084 --batch-size 256 --epochs 3 --target-epsilon 8 --mechanism dp_ftrl
   python scripts/privacy_budget.py --examples 13784 --batch-size 512 --epochs 6 --target-epsilon 1 --mechanism dp_mf --momentum 0.9
+  python scripts/privacy_budget.py --examples 13784 --batch-size 512 --epochs 6 --target-epsilon 1 --mechanism amplified_mf --momentum 0.9
   python scripts/privacy_budget.py --run results/dp_intents [--delta 1e-6]
 
 Before a run (`--examples`, `--batch-size`, `--epochs`, as `scripts/train.py` counts them: sampling
@@ -21,6 +22,10 @@ round(epochs * T), a partial epoch counted as a whole tree; no sampling, so no t
 `--mechanism dp_mf`: DP-MF as the driver runs it (the data in one fixed order, k = ceil(examples /
 batch) steps per epoch, `--bands` b (0: min(k, 64)), the banded square root of the workload of
 SGD with `--momentum`; epsilon after t steps is that of the release's first t rows).
+`--mechanism amplified_mf`: amplified DP-MF as the driver runs it (cyclic Poisson sampling over
+`--bands` b random groups at q = b * batch / examples within a group, as many steps as DP-SGD;
+`--bands 0` picks b as the driver does, for `--target-epsilon`; DP-SGD's epsilon at sigma / ||c||
+over the steps one example can be in; centralized only).
 
 After runs (`--run`, a run folder or a folder of runs): every ledger saved with a run's latest
 checkpoint (DP-SGD runs, DP-FedAvg strategies), replayed at `--delta` (default: the delta in the
@@ -44,7 +49,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
-from trustjax.privacy.dp_mf import bsr_coefficients, resolve_bands  # pylint: disable=wrong-import-position
+from trustjax.privacy.dp_mf import (bsr_coefficients, choose_amplified_bands,  # pylint: disable=wrong-import-position
+                                    resolve_bands)
 
 
 def _fmt(x: float) -> str:
@@ -68,6 +74,8 @@ def before_a_run(args) -> str:
     return _dp_ftrl_before_a_run(args)
   if args.mechanism == "dp_mf":
     return _dp_mf_before_a_run(args)
+  if args.mechanism == "amplified_mf":
+    return _amplified_mf_before_a_run(args)
   q = b / n
   steps = max(1, round(args.epochs / q))
   delta, delta_note = _delta(args, n)
@@ -85,13 +93,19 @@ def before_a_run(args) -> str:
   ledger = accounting.PrivacyLedger()
   ledger.record(noise_multiplier=sigma, sampling_rate=q, steps=steps,
                 overflow_probability=sampling.overflow_probability(n, q, max_b))
-  final = eps[args.accountant][-1]
-  lines.append(f"static batch size {max_b}" + ("" if args.max_batch_size else
-                                               " (the driver's default on one device)")
-               + f": overflow probability {ledger.entries[0].overflow_probability:.3g} per step, "
-               f"so the total delta is {delta + ledger.truncation_delta(final):.6g} at the final "
-               f"{args.accountant.upper()} epsilon")
+  lines.append(_truncation(args, ledger, max_b, delta, eps[args.accountant][-1]))
   return _with_table(args, lines, points, q, eps, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
+
+
+def _truncation(args, ledger: accounting.PrivacyLedger, max_b: int, delta: float,
+                final: float) -> str:
+  """The line on the static batch size: its per-step overflow bound (in the ledger of the whole
+  run) and the total delta at the final epsilon."""
+  return (f"static batch size {max_b}" + ("" if args.max_batch_size else
+                                          " (the driver's default on one device)")
+          + f": overflow probability {ledger.entries[0].overflow_probability:.3g} per step, "
+          f"so the total delta is {delta + ledger.truncation_delta(final):.6g} at the final "
+          f"{args.accountant.upper()} epsilon")
 
 
 def _unit(args) -> str:
@@ -195,6 +209,53 @@ def _dp_mf_before_a_run(args) -> str:
                      eps, f"DP-MF, sigma {sigma:.4g}, {len(coefficients)} bands, delta {delta:g}")
 
 
+def _amplified_mf_before_a_run(args) -> str:
+  n, b = args.examples, args.batch_size
+  if args.federated:
+    raise ValueError("--mechanism amplified_mf plans centralized runs only: the federated "
+                     "driver has no cyclic Poisson cohorts")
+  steps = max(1, round(args.epochs * n / b))
+  most = n // b
+  bands = resolve_bands(args.bands, most, "--bands")
+  delta, delta_note = _delta(args, n)
+  if args.bands == 0:
+    if args.target_epsilon is None:
+      raise ValueError("--bands 0 picks the bands for --target-epsilon; with "
+                       "--noise-multiplier, give --bands too")
+    bands = choose_amplified_bands(target_epsilon=args.target_epsilon, batch_size=b,
+                                   num_examples=n, steps=steps, delta=delta,
+                                   momentum=args.momentum)
+  if bands > most:
+    raise ValueError(f"--bands={bands} groups at an expected batch of {b} need a rate "
+                     f"bands * {b} / {n} <= 1 within a group: at most {most}")
+  q = bands * b / n
+  coefficients = bsr_coefficients(bands, args.momentum)
+  lines = [f"amplified DP-MF (banded square root, cyclic Poisson sampling): {n} examples in "
+           f"{bands} random groups, expected batch {b} (q = {q:.6g} within a group), "
+           f"{args.epochs:g} epochs = {steps} steps, at most {-(-steps // bands)} per example, "
+           f"workload momentum {args.momentum:g}, column norm "
+           f"{math.sqrt(float(coefficients @ coefficients)):.4g}, delta = {delta:g}{delta_note}"
+           + ("; bands chosen for the least prefix-sum error" if args.bands == 0 else "")
+           + "; neighbours: one example added or removed"]
+  sigma = _noise_multiplier(
+      args, lines, lambda eps: accounting.calibrate_amplified_mf_noise_multiplier(
+          target_epsilon=eps, sampling_rate=q, coefficients=coefficients, steps=steps,
+          delta=delta, accountant=args.accountant), " per row of C G", f"{steps} steps")
+  points = _points(steps, args.points)
+  eps = {a: [accounting.amplified_mf_epsilon(noise_multiplier=sigma, sampling_rate=q,
+                                             coefficients=coefficients, steps=t, delta=delta,
+                                             accountant=a) for t in points]
+         for a in accounting.ACCOUNTANTS}
+  max_b = args.max_batch_size or sampling.default_max_batch_size(n, q / bands, steps)
+  ledger = accounting.PrivacyLedger()
+  ledger.record_amplified_mf(noise_multiplier=sigma, sampling_rate=q, coefficients=coefficients,
+                             steps=steps, overflow_probability=sampling.overflow_probability(
+                                 n, q / bands, max_b))
+  lines.append(_truncation(args, ledger, max_b, delta, eps[args.accountant][-1]))
+  return _with_table(args, lines, points, b / n, eps,
+                     f"amplified DP-MF, sigma {sigma:.4g}, {bands} bands, delta {delta:g}")
+
+
 def _plot(points, q, eps, path, title):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -250,6 +311,9 @@ def after_runs(args) -> str:
                                                         for e in ledger.entries})) + ")",
              "dp_mf": lambda: f"none (DP-MF, {len(ledger.entries[0].coefficients)} bands, "
                               f"{ledger.entries[0].steps_per_epoch} steps per epoch)",
+             "amplified_mf": lambda: ", ".join(f"{x:.4g}" for x in sorted(
+                 {e.sampling_rate for e in ledger.entries})) + " in each of "
+                 f"{len(ledger.entries[0].coefficients)} groups (amplified DP-MF)",
              }[ledger.kind]()
     rows.append([run, ledger.steps, ", ".join(f"{x:.4g}" for x in sigmas), rates, f"{delta:g}",
                  _fmt(rep["pld"]["epsilon"]), _fmt(rep["rdp"]["epsilon"]),
@@ -270,13 +334,17 @@ def main(argv=None) -> None:
   ap.add_argument("--examples", type=int, help="training examples N")
   ap.add_argument("--batch-size", type=int, help="expected batch size (q = batch / N)")
   ap.add_argument("--epochs", type=float, help="epochs (steps = round(epochs / q))")
-  ap.add_argument("--mechanism", choices=("dp_sgd", "dp_ftrl", "dp_mf"), default="dp_sgd",
+  ap.add_argument("--mechanism", choices=("dp_sgd", "dp_ftrl", "dp_mf", "amplified_mf"),
+                  default="dp_sgd",
                   help="dp_sgd: Poisson sampling at q; dp_ftrl: tree aggregation, a tree per "
-                       "epoch; dp_mf: banded square root matrix factorization")
+                       "epoch; dp_mf: banded square root matrix factorization; amplified_mf: "
+                       "the same on cyclic Poisson samples of --bands groups")
   ap.add_argument("--bands", type=int, default=0,
-                  help="dp_mf: bands of C (0: min(steps per epoch, 64), as the driver)")
+                  help="dp_mf: bands of C (0: min(steps per epoch, 64), as the driver); "
+                       "amplified_mf: bands and groups (0: the driver's choice for the epsilon)")
   ap.add_argument("--momentum", type=float, default=0.0,
-                  help="dp_mf: the workload's momentum (the SGD optimizer's; 0 for Adam)")
+                  help="dp_mf, amplified_mf: the workload's momentum (the SGD optimizer's; 0 "
+                       "for Adam)")
   ap.add_argument("--noise-multiplier", type=float)
   ap.add_argument("--target-epsilon", type=float)
   ap.add_argument("--delta", type=float, help="default: the driver's delta for N, or a run's own")

@@ -41,6 +41,11 @@ def main(argv):
                             f"sensitivity "
                             f"{summary['sensitivity']:.3f}, epochs of {summary['steps_per_epoch']}"
                             f" steps, batch {summary['batch_size']}, replace-with-zero neighbours",
+           "amplified_mf": lambda: f"amplified MF, {summary['bands']} band"
+                                   f"{'s' * (summary['bands'] != 1)} and groups, q = "
+                                   f"{summary['sampling_rate']:.4g} in a group, "
+                                   f"{summary['participations']} participations at sigma / "
+                                   f"{summary['column_norm']:.3f}",
            }[summary["mechanism"]]()
     print(f"privacy: epsilon = {summary['epsilon']:.3f} at delta = {summary['delta_total']:.3g} "
           f"({summary['accountant'].upper()}, sigma = {summary['noise_multiplier']:.4f}, {how}, "

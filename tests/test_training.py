@@ -204,6 +204,56 @@ def test_dp_mf_run_resumes_mid_epoch_with_its_noise_history_and_accounts_every_s
   assert "banded square root" in open(tmp_path / "full" / "report.md").read()
 
 
+def test_amplified_mf_run_resumes_mid_epoch_and_accounts_each_groups_participations(tmp_path):
+  """dp.mechanism="amplified_mf": 3 groups of the 720 training examples, an expected batch of
+  64 (q = 3 * 64 / 720 within a group), 17 steps, stopped after 14 and resumed: the same
+  parameters, noise history and ledger as the uninterrupted run, and DP-SGD's epsilon at
+  sigma / ||c|| over the 6 steps an example can be in."""
+  base = {"model.name": "bag_of_embeddings", "data.num_examples": 800, "train.batch_size": 64,
+          "dp.mechanism": "amplified_mf", "dp.bands": 3, "dp.noise_multiplier": 1.5,
+          "optimizer.learning_rate": 0.1}
+  (full, resumed), states, _ = _full_and_resumed(tmp_path, base,
+                                                **{"train.measure_step_time": True})
+  assert full["mechanism"] == "amplified_mf" and full["steps"] == resumed["steps"] == 17
+  assert full["dp_step_s"] > 0 and full["nondp_step_s"] > 0
+  assert (full["bands"], full["participations"]) == (3, 6)
+  assert full["sampling_rate"] == pytest.approx(3 * 64 / 720)
+  assert full["expected_batch_size"] == pytest.approx(64.0)
+  c = privacy.bsr_coefficients(3)
+  assert full["column_norm"] == pytest.approx(np.linalg.norm(c))
+  assert full["epsilon"] == pytest.approx(accounting.epsilon(
+      noise_multiplier=1.5 / np.linalg.norm(c), sampling_rate=3 * 64 / 720, steps=6,
+      delta=full["delta"], accountant=full["accountant"]), rel=1e-9)
+  assert resumed["epsilon"] == full["epsilon"]
+  assert full["eval_accuracy"] > 0.15, full  # 30 intents, 80 held out: chance is about 0.05
+  chex.assert_trees_all_equal(states[0][0], states[1][0])
+  ledgers = [accounting.PrivacyLedger.from_json(s[1]["ledger"]) for s in states]
+  assert ledgers[0] == ledgers[1] and ledgers[0].kind == "amplified_mf"
+  assert "groups at random" in open(tmp_path / "full" / "report.md").read()
+
+
+def test_amplified_mf_setup_chooses_its_bands_and_refuses_too_many(tmp_path):
+  cfg = _cfg(tmp_path, **{"model.name": "bag_of_embeddings", "data.num_examples": 800,
+                          "train.batch_size": 64, "dp.mechanism": "amplified_mf",
+                          "dp.target_epsilon": 1.0, "dp.noise_multiplier": None})
+  setup = experiments.Setup(cfg)
+  dp = setup.dp_config
+  assert dp.bands == privacy.dp_mf.choose_amplified_bands(
+      target_epsilon=1.0, batch_size=64, num_examples=720, steps=setup.num_steps,
+      delta=setup.delta)
+  assert dp.sampling_rate == pytest.approx(dp.bands * 64 / 720)
+  assert accounting.amplified_mf_epsilon(
+      noise_multiplier=dp.noise_multiplier, sampling_rate=dp.sampling_rate,
+      coefficients=dp.coefficients, steps=setup.num_steps, delta=setup.delta,
+      accountant=cfg.dp.accountant) <= 1.0
+  with pytest.raises(ValueError, match="at most 11"):
+    experiments.Setup(_cfg(tmp_path, **{"data.num_examples": 800, "train.batch_size": 64,
+                                        "dp.mechanism": "amplified_mf", "dp.bands": 12}))
+  with pytest.raises(ValueError, match="give dp.bands too"):
+    experiments.Setup(_cfg(tmp_path, **{"data.num_examples": 800, "dp.mechanism": "amplified_mf",
+                                        "dp.noise_multiplier": 1.0}))
+
+
 def test_dp_snips_config_picks_mechanism_and_optimizer():
   sys.path.insert(0, str(REPO))
   from configs import dp_snips  # pylint: disable=import-outside-toplevel
@@ -215,7 +265,9 @@ def test_dp_snips_config_picks_mechanism_and_optimizer():
   assert (c.dp.mechanism, c.optimizer.name, c.train.run_name) == ("dp_sgd", "adam", "snips_dp_eps8")
   c = dp_snips.get_config("1,mf")
   assert (c.dp.mechanism, c.train.run_name) == ("dp_mf", "snips_dp_eps1_mf")
-  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl", "8,ftrl,mf", "nondp,mf"):
+  c = dp_snips.get_config("1,amf,momentum")
+  assert (c.dp.mechanism, c.train.run_name) == ("amplified_mf", "snips_dp_eps1_amf_momentum")
+  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl", "8,ftrl,mf", "nondp,mf", "8,mf,amf"):
     with pytest.raises(ValueError, match="EPSILON"):
       dp_snips.get_config(bad)
 
@@ -266,7 +318,8 @@ def _script(tmp_path, *args):
     (["--config.train.num_devices=-1"], "train.num_devices must be >= 0"),
     (["--config.train.eval_batch_size=0"], "train.eval_batch_size must be >= 1"),
     (["--config.optimizer.learning_rate=-1"], "optimizer.learning_rate must be positive"),
-    (["--config.dp.mechanism=dp_gd"], "dp.mechanism must be one of ('dp_sgd', 'dp_ftrl', 'dp_mf')"),
+    (["--config.dp.mechanism=dp_gd"],
+     "dp.mechanism must be one of ('dp_sgd', 'dp_ftrl', 'dp_mf', 'amplified_mf')"),
     (["--config.dp.mechanism=dp_mf", "--config.dp.bands=-1"], "dp.bands must be >= 0"),
     (["--config.dp.mechanism=dp_ftrl", "--config.dp.adaptive=True"],
      "dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd'"),

@@ -29,7 +29,8 @@ from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
-from trustjax.privacy.dp_mf import DPMFConfig, bsr_coefficients, resolve_bands
+from trustjax.privacy.dp_mf import (MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, bsr_coefficients,
+                                    choose_amplified_bands, resolve_bands)
 from trustjax.privacy.dp_sgd import DPConfig
 from trustjax.privacy.ghost import fallback_leaves
 
@@ -207,7 +208,7 @@ def lora_targets(m: ml_collections.ConfigDict) -> tuple[str, ...]:
     raise ValueError(f"model.lora_targets={spec!r}: {e}") from None
 
 
-MECHANISMS = ("dp_sgd", "dp_ftrl", "dp_mf")
+MECHANISMS = ("dp_sgd", "dp_ftrl", "dp_mf", "amplified_mf")
 
 
 def set_privacy_level(c: ml_collections.ConfigDict, arg: str, run_prefix: str) -> None:
@@ -295,6 +296,8 @@ class Setup:
       self._dp_ftrl(cfg, n)
     elif cfg.dp.enabled and cfg.dp.mechanism == "dp_mf":
       self._dp_mf(cfg, n)
+    elif cfg.dp.enabled and cfg.dp.mechanism == "amplified_mf":
+      self._amplified_mf(cfg, n)
     elif cfg.dp.enabled:
       q = t.batch_size / n
       self.num_steps = max(1, round(t.epochs / q))
@@ -318,12 +321,16 @@ class Setup:
       self.schedule = training.EpochSchedule(self.train_arrays, bs, cfg.seed)
       self.num_steps = int(t.epochs * self.schedule.steps_per_epoch)
 
+  @staticmethod
+  def _no_adaptive(cfg) -> None:
+    if cfg.dp.adaptive:
+      raise ValueError("dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd': its "
+                       "accounting is DP-SGD's (Poisson sampling, independent noise)")
+
   def _fixed_batches(self, cfg, n: int, reshuffle: bool) -> int:
     """DP-FTRL's and DP-MF's schedule: epochs of fixed-size batches, no sampling. Returns the
     batch size (rounded up to a multiple of the devices)."""
-    if cfg.dp.adaptive:
-      raise ValueError("dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd': its "
-                       "accounting assumes Poisson sampling")
+    self._no_adaptive(cfg)
     bs = -(-cfg.train.batch_size // self.num_devices) * self.num_devices
     if bs > n:
       raise ValueError(f"train.batch_size={cfg.train.batch_size} (rounded up to {bs} for "
@@ -352,6 +359,46 @@ class Setup:
           target_epsilon=cfg.dp.target_epsilon, coefficients=bsr_coefficients(bands, momentum),
           steps=self.num_steps, separation=spe, delta=self.delta, accountant=cfg.dp.accountant)
     self.dp_config = config(noise_multiplier=sigma)
+
+  def _amplified_mf(self, cfg, n: int) -> None:
+    """Amplified banded MF (Choquette-Choo et al. 2023) with the banded square root
+    factorization: cyclic Poisson sampling over `dp.bands` groups (0 = the number of groups
+    with the least prefix-sum error at the target epsilon, `choose_amplified_bands`) at the rate
+    that keeps the expected batch train.batch_size, as many steps as DP-SGD's; the workload's
+    momentum the SGD optimizer's (0 for Adam); sigma calibrated over ceil(steps / bands)
+    participations."""
+    self._no_adaptive(cfg)
+    t, bs = cfg.train, cfg.train.batch_size
+    self.num_steps = max(1, round(t.epochs * n / bs))
+    momentum = cfg.optimizer.momentum if cfg.optimizer.name == "sgd" else 0.0
+    most = n // bs
+    bands = resolve_bands(cfg.dp.bands, most, "dp.bands")  # validated; 0 is chosen below
+    if cfg.dp.bands == 0:
+      if cfg.dp.noise_multiplier is not None:
+        raise ValueError("dp.bands=0 chooses the bands for dp.target_epsilon; with "
+                         "dp.noise_multiplier set, give dp.bands too")
+      bands = choose_amplified_bands(target_epsilon=cfg.dp.target_epsilon, batch_size=bs,
+                                     num_examples=n, steps=self.num_steps, delta=self.delta,
+                                     momentum=momentum)
+    if bands > most:
+      raise ValueError(f"dp.bands={bands} groups at an expected batch of train.batch_size={bs} "
+                       f"need a rate bands * {bs} / {n} <= 1 within a group: at most {most}")
+    q = bands * bs / n
+    coefficients = bsr_coefficients(bands, momentum)
+    sigma = cfg.dp.noise_multiplier
+    if sigma is None:
+      sigma = accounting.calibrate_amplified_mf_noise_multiplier(
+          target_epsilon=cfg.dp.target_epsilon, sampling_rate=q, coefficients=coefficients,
+          steps=self.num_steps, delta=self.delta, accountant=cfg.dp.accountant)
+    max_b = cfg.dp.max_batch_size or sampling.default_max_batch_size(
+        n, q / bands, self.num_steps, multiple_of=8 * self.num_devices)
+    self.dp_config = AmplifiedMFConfig(
+        l2_clip=cfg.dp.l2_clip, noise_multiplier=sigma, sampling_rate=q, num_examples=n,
+        max_batch_size=max_b, bands=bands, momentum=momentum,
+        microbatch_size=cfg.dp.microbatch_size or None, method=cfg.dp.method,
+        normalization=cfg.dp.normalization, auto_s_gamma=cfg.dp.auto_s_gamma,
+        per_layer=cfg.dp.per_layer or None)
+    self.schedule = training.PoissonSchedule(self.train_arrays, self.dp_config, cfg.seed)
 
   def _dp_ftrl(self, cfg, n: int) -> None:
     """DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, one tree per epoch,
@@ -486,7 +533,7 @@ def _comparison_steps(setup: Setup) -> dict:
   non-DP step uses the optimizer's state inside its `MFState`)."""
   nondp = training.make_train_step(setup.loss_fn, setup.optimizer, donate=False,
                                    frozen=setup.frozen)
-  if isinstance(setup.dp_config, DPMFConfig):  # the state's optimizer state is an MFState
+  if isinstance(setup.dp_config, MF_CONFIGS):  # the state's optimizer state is an MFState
     plain = nondp
     nondp = jax.jit(lambda state, batch: plain(
         state.replace(opt_state=state.opt_state.inner), batch))
@@ -587,7 +634,11 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       summary.update(batch_size=dp.batch_size, steps_per_epoch=dp.steps_per_epoch,
                      bands=dp.bands, workload_momentum=dp.momentum,
                      sensitivity=dp.sensitivity(result.ledger.steps))
-    else:
+    if isinstance(dp, AmplifiedMFConfig):
+      summary.update(bands=dp.bands, workload_momentum=dp.momentum,
+                     expected_batch_size=dp.expected_batch_size,
+                     column_norm=float(np.linalg.norm(dp.coefficients)))
+    if isinstance(dp, DPConfig):
       summary.update(sampling_rate=dp.sampling_rate, max_batch_size=dp.max_batch_size,
                      overflow_total=sum(r.get("overflow", 0) for r in result.history))
   if setup.canary_secrets:
@@ -672,6 +723,18 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                  + ("dp_accounting's Gaussian RDP" if summary["accountant"] == "rdp" else
                     "its privacy loss distribution") + ")."
                  if cfg.dp.mechanism == "dp_mf" else
+                 "amplified banded MF (Choquette-Choo et al. 2023) with the banded square root "
+                 f"factorization ({summary['bands']} bands): every example in one of "
+                 f"{summary['bands']} groups at random, step t samples group t mod "
+                 f"{summary['bands']} at rate q = {summary['sampling_rate']:.4g}; correlated "
+                 "noise C^-1 Z on the clipped sums; an example's steps are at least "
+                 f"{summary['bands']} apart, so epsilon is DP-SGD's at multiplier sigma / ||c|| "
+                 f"= sigma / {summary['column_norm']:.3f} over the {summary['participations']} "
+                 "steps it can take part in, from dp_accounting's "
+                 f"{summary['accountant'].upper()} accountant over every step in the ledger "
+                 "(resumes included), for adding or removing one example. delta_total adds the "
+                 "batch-truncation bound."
+                 if cfg.dp.mechanism == "amplified_mf" else
                  "DP-FTRL (Kairouz et al. 2021): shuffled epochs of fixed-size batches, no "
                  "amplification by sampling; tree-aggregation noise on the prefix sums of the "
                  "clipped sums, one tree of steps_per_tree steps per epoch; epsilon over every "
@@ -742,9 +805,13 @@ def default_config() -> ml_collections.ConfigDict:
   # dp_ftrl: shuffled epochs of fixed-size batches, tree aggregation restarted every epoch, no
   # sampling assumed, replace one example with a zero one (Kairouz et al. 2021)
   # dp_mf: the data shuffled once, the same order every epoch, correlated noise from the banded
-  # square root factorization (Kalinin and Lampert 2024), replace one example with a zero one
+  # square root factorization (Kalinin and Lampert 2024), replace one example with a zero one |
+  # amplified_mf: the same noise on cyclic Poisson samples of `bands` groups, add/remove one
+  # example, accounted as DP-SGD over the steps an example can be in (Choquette-Choo et al. 2023)
   c.dp.mechanism = "dp_sgd"
-  c.dp.bands = 0  # dp_mf: diagonals of C (the step keeps bands - 1 noises); 0 = min(epoch, 64)
+  # dp_mf, amplified_mf: diagonals of C (the step keeps bands - 1 noises); 0 = dp_mf: min(epoch,
+  # 64), amplified_mf: the power of two (or N // batch_size) with the least prefix-sum error
+  c.dp.bands = 0
   c.dp.l2_clip = 1.0
   c.dp.noise_multiplier = config_dict.placeholder(float)  # None = calibrate to target_epsilon
   c.dp.target_epsilon = 8.0

@@ -24,11 +24,11 @@ import orbax.checkpoint as ocp
 
 from trustjax import reporting, sharding
 from trustjax.data.batching import gather_batch, pad_indices
-from trustjax.privacy import accounting, sampling
+from trustjax.privacy import accounting
 from trustjax.privacy.clipping import OPTIMIZER_SCOPE
 from trustjax.privacy import dp_mf
 from trustjax.privacy.dp_ftrl import DPFTRLConfig, dp_ftrl_step
-from trustjax.privacy.dp_mf import DPMFConfig, dp_mf_step
+from trustjax.privacy.dp_mf import MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, dp_mf_step
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step, dp_sgd_step_adaptive
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -104,13 +104,14 @@ def with_frozen(loss_fn: LossFn, frozen: Params) -> LossFn:
 
 def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey,
                  clip: float = 0.0, frozen: Sequence[str] = (),
-                 dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None) -> TrainState:
+                 dp_config: DPConfig | DPFTRLConfig | DPMFConfig | AmplifiedMFConfig | None = None) -> TrainState:
   """The state at step 0. With `frozen` (see `split_frozen`) the optimizer's state covers the
-  trainable parameters only; `params` keeps all of them. A `DPMFConfig` adds its noise history
-  to the optimizer's state (`dp_mf.MFState`); other configs change nothing here."""
+  trainable parameters only; `params` keeps all of them. A `DPMFConfig` or `AmplifiedMFConfig`
+  adds its noise history to the optimizer's state (`dp_mf.MFState`); other configs change
+  nothing here."""
   trainable = split_frozen(params, frozen)[0] if frozen else params
   opt_state = (dp_mf.init_state(trainable, optimizer, dp_config)
-               if isinstance(dp_config, DPMFConfig) else optimizer.init(trainable))
+               if isinstance(dp_config, MF_CONFIGS) else optimizer.init(trainable))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=opt_state, rng=jax.random.key_data(rng),
                     clip=jnp.asarray(clip, jnp.float32))
@@ -133,13 +134,14 @@ def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None, *,
+                    dp_config: DPConfig | DPFTRLConfig | DPMFConfig | AmplifiedMFConfig | None = None, *,
                     donate: bool = True, frozen: Sequence[str] = ()) -> Callable:
   """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is a `DPConfig`
   (Poisson-sampled batches), DP-FTRL when it is a `DPFTRLConfig` (fixed-size batches of shuffled
   epochs, `EpochSchedule` with the config's batch size: step s is in epoch s // T), DP-MF when
   it is a `DPMFConfig` (the same, with `reshuffle=False`; the state from `create_state` with
-  that config).
+  that config), amplified DP-MF when it is an `AmplifiedMFConfig` (cyclic Poisson batches,
+  `PoissonSchedule`; the state as DP-MF's).
 
   `frozen` (parameter path prefixes, `split_frozen`) keeps those parameters at their values in
   the state: no gradient is computed for them, and under DP they are neither clipped nor
@@ -161,7 +163,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
       params, opt_state, metrics = dp_ftrl_step(
           params, state.opt_state, batch, jax.random.wrap_key_data(state.rng), state.step,
           loss_fn=loss, optimizer=optimizer, config=dp_config)
-    elif isinstance(dp_config, DPMFConfig):
+    elif isinstance(dp_config, MF_CONFIGS):
       params, opt_state, metrics = dp_mf_step(params, state.opt_state, batch, key, loss_fn=loss,
                                               optimizer=optimizer, config=dp_config)
     elif dp_config.adaptive is not None:
@@ -184,15 +186,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 
 class PoissonSchedule:
-  """Step t's batch is the Poisson sample `sampling.poisson_batch(seed, t, ...)`, padded."""
+  """Step t's batch is the config's Poisson sample `config.batch(seed, t)`, padded
+  (`sampling.poisson_batch` for a `DPConfig`, `sampling.cyclic_poisson_batch` for an
+  `AmplifiedMFConfig`); an epoch is N / expected batch size steps."""
 
   def __init__(self, arrays: Mapping[str, np.ndarray], config: DPConfig, seed: int):
     self.arrays, self.config, self.seed = arrays, config, seed
-    self.steps_per_epoch = max(1, round(1.0 / config.sampling_rate))
+    self.steps_per_epoch = max(1, round(config.num_examples / config.expected_batch_size))
 
   def __call__(self, step: int) -> tuple[dict, int]:
-    pb = sampling.poisson_batch(self.seed, step, self.config.num_examples,
-                                self.config.sampling_rate, self.config.max_batch_size)
+    pb = self.config.batch(self.seed, step)
     return gather_batch(self.arrays, pb.indices, pb.mask), pb.overflow
 
 
@@ -366,7 +369,7 @@ class FitResult:
 
 def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
         eval_fn: Callable[[Params], dict] | None = None,
-        dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None,
+        dp_config: DPConfig | DPFTRLConfig | DPMFConfig | AmplifiedMFConfig | None = None,
         delta: float | None = None,
         accountant: str = "pld", workdir: str | None = None,
         checkpoint_every: int | None = None, mesh=None, show_progress: bool = True,

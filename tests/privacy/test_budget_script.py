@@ -14,7 +14,7 @@ from tests.conftest import REPO
 from trustjax import training
 from trustjax.experiments import default_delta
 from trustjax.privacy import accounting, sampling
-from trustjax.privacy.dp_mf import bsr_coefficients
+from trustjax.privacy.dp_mf import bsr_coefficients, choose_amplified_bands
 
 
 def _script(*args, cwd=REPO):
@@ -124,6 +124,35 @@ def test_dp_mf_budget_is_the_release_of_the_first_t_steps(capsys):
   assert code == 2 and "--bands must be >= 0" in err
 
 
+def test_amplified_mf_budget_chooses_bands_and_accounts_as_the_driver_does(capsys):
+  """1000 examples, expected batch 50, 3 epochs = 60 steps; --bands 0 picks b as the driver
+  does; each row's epsilon is DP-SGD's at sigma / ||c|| over ceil(t / b) steps, from
+  dp_accounting through the library."""
+  code, out, _ = _main(capsys, "--examples", "1000", "--batch-size", "50", "--epochs", "3",
+                       "--target-epsilon", "1", "--delta", "1e-5", "--points", "2",
+                       "--mechanism", "amplified_mf", "--momentum", "0.9")
+  assert code == 0, out
+  b = choose_amplified_bands(target_epsilon=1, batch_size=50, num_examples=1000, steps=60,
+                             delta=1e-5, momentum=0.9)
+  c, q = bsr_coefficients(b, 0.9), b * 50 / 1000
+  sigma = accounting.calibrate_amplified_mf_noise_multiplier(
+      target_epsilon=1, sampling_rate=q, coefficients=c, steps=60, delta=1e-5)
+  assert f"1000 examples in {b} random groups, expected batch 50 (q = {q:.6g}" in out
+  assert f"at most {-(-60 // b)} per example" in out
+  assert f"noise multiplier {sigma:.6g} per row of C G" in out
+  rows = _rows(out)
+  assert [r[1] for r in rows] == ["30", "60"]
+  for r, steps in zip(rows, (30, 60)):
+    want = accounting.epsilon(noise_multiplier=sigma / np.linalg.norm(c), sampling_rate=q,
+                              steps=-(-steps // b), delta=1e-5)
+    assert float(r[2]) == pytest.approx(want, rel=1e-3), r
+  for args, message in ((["--bands", "21"], "at most 20"),
+                        (["--federated", "--bands", "2"], "centralized runs only")):
+    code, _, err = _main(capsys, "--examples", "1000", "--batch-size", "50", "--epochs", "1",
+                         "--noise-multiplier", "1", "--mechanism", "amplified_mf", *args)
+    assert code == 2 and message in err, err
+
+
 def test_federated_budget_uses_the_federated_drivers_delta_and_units(capsys):
   """--federated: users and cohorts, and scripts/federated.py's default delta 1 / N^1.1 (what
   trustjax.federated.experiments.run_strategy sets when fl.dp.delta is 0)."""
@@ -185,18 +214,25 @@ def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
                steps=162)
   _checkpoint(tmp_path / "mf_run" / "checkpoints", mf)
   (tmp_path / "mf_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
+  amf = accounting.PrivacyLedger()
+  amf.record_amplified_mf(noise_multiplier=7.0, sampling_rate=0.15,
+                          coefficients=bsr_coefficients(4, 0.9), steps=162)
+  _checkpoint(tmp_path / "amf_run" / "checkpoints", amf)
+  (tmp_path / "amf_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   assert list(training.read_ledgers(str(tmp_path))) == [
-      "fl_run/dp_fedavg", "fl_run/fedavg", "ftrl_run", "mf_run", "train_run"]
+      "amf_run", "fl_run/dp_fedavg", "fl_run/fedavg", "ftrl_run", "mf_run", "train_run"]
 
   proc = _script("--run", str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = {r[0]: r for r in _rows(proc.stdout)}
-  assert set(rows) == {"fl_run/dp_fedavg", "ftrl_run", "mf_run", "train_run"}
+  assert set(rows) == {"amf_run", "fl_run/dp_fedavg", "ftrl_run", "mf_run", "train_run"}
   assert "No private steps recorded (not DP): fl_run/fedavg" in proc.stdout
   assert rows["ftrl_run"][3] == "none (DP-FTRL, 27 steps per tree)"
   assert rows["mf_run"][3] == "none (DP-MF, 27 bands, 27 steps per epoch)"
+  assert rows["amf_run"][3] == "0.15 in each of 4 groups (amplified DP-MF)"
   for run, ledger, delta in (("train_run", dp, 1e-5), ("fl_run/dp_fedavg", fed, 1e-3),
-                             ("ftrl_run", ftrl, 1e-5), ("mf_run", mf, 1e-5)):
+                             ("ftrl_run", ftrl, 1e-5), ("mf_run", mf, 1e-5),
+                             ("amf_run", amf, 1e-5)):
     r = rows[run]
     assert int(r[1]) == ledger.steps and float(r[4]) == delta
     assert float(r[5]) == pytest.approx(ledger.epsilon(delta), rel=1e-3)

@@ -1,5 +1,6 @@
 """Privacy accounting for Poisson-subsampled Gaussian mechanisms (DP-SGD), for tree aggregation
-(DP-FTRL) and for matrix-factorization mechanisms (DP-MF), through dp_accounting.
+(DP-FTRL), for matrix-factorization mechanisms (DP-MF) and for banded ones amplified by cyclic
+Poisson sampling, through dp_accounting.
 
 Host-side (plain Python/numpy): never call from jitted code.
 
@@ -11,7 +12,9 @@ References:
   Kairouz et al., "Practical and Private (Deep) Learning without Sampling or Shuffling", ICML
   2021 (DP-FTRL's tree aggregation with restarts);
   Choquette-Choo et al., "Multi-Epoch Matrix Factorization Mechanisms for Private Machine
-  Learning", ICML 2023 (the sensitivity of a factorization under participation every k steps).
+  Learning", ICML 2023 (the sensitivity of a factorization under participation every k steps);
+  Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta and Xu, "(Amplified) Banded Matrix
+  Factorization: A unified approach to private training", NeurIPS 2023 (amplified BandMF).
 """
 
 from __future__ import annotations
@@ -262,6 +265,64 @@ def calibrate_mf_noise_multiplier(*, target_epsilon: float, coefficients: Sequen
                            target_epsilon=target_epsilon, delta=delta, tol=tol)
 
 
+def amplified_mf_participations(steps: int, groups: int, first_step: int = 0) -> np.ndarray:
+  """How many of steps first_step .. first_step + steps - 1 sample group g, for each g (int
+  [groups]): under cyclic Poisson sampling an example of group g can take part only in those."""
+  validate(steps=steps)
+  if int(groups) != groups or groups < 1:
+    raise ValueError(f"groups must be a positive integer, got {groups=}")
+  g = np.arange(groups)
+  return (first_step + steps - 1 - g) // groups - (first_step - 1 - g) // groups
+
+
+def amplified_mf_epsilon(*, noise_multiplier: float, sampling_rate: float,
+                         coefficients: Sequence[float], steps: int, delta: float,
+                         accountant: str = "pld") -> float:
+  """Epsilon of `steps` steps of amplified banded MF (`dp_mf.AmplifiedMFConfig`): C b-banded,
+  cyclic Poisson sampling over b = len(coefficients) groups at rate q, noise std sigma * C on
+  every row of C G, under add/remove one example.
+
+  An example's participations are at least b steps apart, so their columns of C have disjoint
+  supports: the release is ceil(steps / b) adaptively composed Poisson-subsampled Gaussian
+  mechanisms, each of sensitivity at most ||c|| (a column of C), i.e. DP-SGD's accounting with
+  multiplier sigma / ||c|| over ceil(steps / b) steps (the amplification result for b-banded
+  C of Choquette-Choo et al., NeurIPS 2023). ||c|| is the exact column norm for all but the
+  last b - 1 steps (shorter columns), so it is a bound, tight when steps >= b."""
+  validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps,
+           delta=delta, accountant=accountant)
+  ledger = PrivacyLedger()
+  ledger.record_amplified_mf(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate,
+                             coefficients=coefficients, steps=steps)
+  return ledger.epsilon(delta, accountant)
+
+
+def calibrate_amplified_mf_noise_multiplier(*, target_epsilon: float, sampling_rate: float,
+                                            coefficients: Sequence[float], steps: int,
+                                            delta: float, accountant: str = "pld",
+                                            tol: float = 1e-3) -> float:
+  """Smallest noise multiplier, to relative precision `tol`, whose `amplified_mf_epsilon` is
+  <= target_epsilon: ||c|| times DP-SGD's (`calibrate_noise_multiplier`) for ceil(steps / b)
+  steps at rate q, raised by float rounding's margin and checked on the ledger's epsilon."""
+  validate(steps=steps, delta=delta, accountant=accountant, target_epsilon=target_epsilon)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 to calibrate, got {steps=}")
+  norm = _column_norm(coefficients)
+  sigma = norm * calibrate_noise_multiplier(
+      target_epsilon=target_epsilon, sampling_rate=sampling_rate,
+      steps=-(-int(steps) // len(coefficients)), delta=delta, accountant=accountant, tol=tol)
+  sigma *= 1.0 + 1e-9
+  while amplified_mf_epsilon(noise_multiplier=sigma, sampling_rate=sampling_rate,
+                             coefficients=coefficients, steps=steps, delta=delta,
+                             accountant=accountant) > target_epsilon:
+    sigma *= 1.0 + tol / 4
+  return sigma
+
+
+def _column_norm(coefficients: Sequence[float]) -> float:
+  """||c||, the longest column's norm of the banded Toeplitz C (validated as `mf_sensitivity`'s)."""
+  return mf_sensitivity(coefficients, len(coefficients), len(coefficients))
+
+
 # The PLD grid of calibration's coarse search: about 20x faster than the default 1e-4 and, on
 # DP-SGD events, within 1e-4 of its epsilon; the answer is then checked on the default grid.
 _COARSE_PLD_GRID = 2e-3
@@ -374,13 +435,25 @@ def _subsampled_gaussian_pld(noise_multiplier: float, sampling_rate: float, grid
       neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
 
 
+def _composed_pld_epsilon(parts: Sequence[tuple[float, float, int]], delta: float) -> float:
+  """Epsilon of the composition of (sigma, q, steps) Poisson-subsampled Gaussian runs, with PLD
+  on the default grid (each one-step PLD built once per process)."""
+  out = pld.privacy_loss_distribution.identity(value_discretization_interval=_PLD_GRID)
+  for sigma, q, steps in parts:
+    if steps:
+      out = out.compose(_subsampled_gaussian_pld(sigma, q, _PLD_GRID).self_compose(steps))
+  return float(out.get_epsilon_for_delta(delta))
+
+
 @dataclasses.dataclass
 class LedgerEntry:
   """`steps` steps of one mechanism: Poisson-subsampled Gaussian (DP-SGD; `steps_per_tree` 0 and
   no `coefficients`), DP-FTRL's tree aggregation (`steps_per_tree` T > 0, sampling_rate 1, the
   run's steps first_step .. first_step + steps - 1, step s in tree s // T) or a banded
   matrix factorization (DP-MF: `coefficients` c_0 .. c_{b-1} of C, `steps_per_epoch` k, the
-  data in one fixed order; sampling_rate 1)."""
+  data in one fixed order; sampling_rate 1), or amplified banded MF (`cyclic_poisson`: the
+  coefficients, cyclic Poisson sampling at `sampling_rate` over b groups, the run's steps
+  first_step .. first_step + steps - 1)."""
 
   noise_multiplier: float
   sampling_rate: float
@@ -390,6 +463,7 @@ class LedgerEntry:
   first_step: int = 0
   coefficients: list = dataclasses.field(default_factory=list)
   steps_per_epoch: int = 0
+  cyclic_poisson: bool = False
 
   @property
   def trees(self) -> int:
@@ -412,7 +486,10 @@ class PrivacyLedger:
 
   @property
   def kind(self) -> str:
-    """"dp_sgd", "dp_ftrl" or "dp_mf": the mechanism of the ledger's steps ("dp_sgd" when empty)."""
+    """"dp_sgd", "dp_ftrl", "dp_mf" or "amplified_mf": the mechanism of the ledger's steps
+    ("dp_sgd" when empty)."""
+    if any(e.cyclic_poisson for e in self.entries):
+      return "amplified_mf"
     if any(e.coefficients for e in self.entries):
       return "dp_mf"
     return "dp_ftrl" if any(e.steps_per_tree for e in self.entries) else "dp_sgd"
@@ -426,8 +503,9 @@ class PrivacyLedger:
     if self.entries and self.kind != kind:
       raise ValueError(f"this PrivacyLedger holds {self.kind} steps and cannot take {kind} ones: "
                        "a ledger holds DP-SGD steps (Poisson sampling, add/remove one example), "
-                       "DP-FTRL steps (tree aggregation) or DP-MF steps (matrix factorization; "
-                       "both replace one example with a zero one), one kind per ledger")
+                       "amplified MF steps (cyclic Poisson sampling, add/remove), DP-FTRL steps "
+                       "(tree aggregation) or DP-MF steps (matrix factorization; both replace "
+                       "one example with a zero one), one kind per ledger")
 
   def record_tree(self, *, noise_multiplier: float, steps_per_tree: int, steps: int = 1) -> None:
     """Records the run's next `steps` DP-FTRL steps (tree aggregation, `steps_per_tree` steps per
@@ -436,12 +514,7 @@ class PrivacyLedger:
     validate(noise_multiplier=noise_multiplier, steps=steps)
     tree_depth(steps_per_tree)
     self._check_kind("dp_ftrl")
-    last = self.entries[-1] if self.entries else None
-    if last and (last.noise_multiplier, last.steps_per_tree) == (noise_multiplier, steps_per_tree):
-      last.steps += int(steps)
-    else:
-      self.entries.append(LedgerEntry(float(noise_multiplier), 1.0, int(steps),
-                                      steps_per_tree=int(steps_per_tree), first_step=self.steps))
+    self._extend(steps, noise_multiplier, steps_per_tree=int(steps_per_tree))
 
   def record_mf(self, *, noise_multiplier: float, coefficients: Sequence[float],
                 steps_per_epoch: int, steps: int = 1) -> None:
@@ -459,25 +532,63 @@ class PrivacyLedger:
                        f"the ledger has {len(self.entries[0].coefficients)} bands and "
                        f"steps_per_epoch={self.entries[0].steps_per_epoch}, this step "
                        f"{len(coefficients)} bands and {steps_per_epoch=}")
-    last = self.entries[-1] if self.entries else None
-    if last and last.noise_multiplier == noise_multiplier:
-      last.steps += int(steps)
-    else:
-      self.entries.append(LedgerEntry(float(noise_multiplier), 1.0, int(steps),
-                                      first_step=self.steps, coefficients=coefficients,
-                                      steps_per_epoch=int(steps_per_epoch)))
+    self._extend(steps, noise_multiplier, coefficients=coefficients,
+                 steps_per_epoch=int(steps_per_epoch))
+
+  def record_amplified_mf(self, *, noise_multiplier: float, sampling_rate: float,
+                         coefficients: Sequence[float], steps: int = 1,
+                         overflow_probability: float = 0.0) -> None:
+    """Records the run's next `steps` steps of amplified banded MF (`amplified_mf_epsilon`):
+    steps `self.steps` onward, so the ledger must hold every earlier step of the run. Every
+    entry shares C (hence the groups); sigma and q may change."""
+    validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
+    coefficients = [float(x) for x in coefficients]
+    _column_norm(coefficients)  # validates them
+    self._check_kind("amplified_mf")
+    if self.entries and self.entries[0].coefficients != coefficients:
+      raise ValueError("every amplified MF step of a run must use the same factorization: the "
+                       f"ledger has {len(self.entries[0].coefficients)} bands, this step "
+                       f"{len(coefficients)} (or other coefficients)")
+    self._extend(steps, noise_multiplier, sampling_rate, overflow_probability,
+                 coefficients=coefficients, cyclic_poisson=True)
+
+  def amplified_participations(self) -> list[tuple[int, ...]]:
+    """Amplified MF ledgers: the steps per entry in which one example can take part, for each
+    group whose tuple is not dominated by another group's (usually one tuple: the groups sampled
+    ceil(steps / b) times)."""
+    b = len(self.entries[0].coefficients)
+    counts = np.stack([amplified_mf_participations(e.steps, b, e.first_step)
+                       for e in self.entries], axis=1)
+    rows = {tuple(int(x) for x in r) for r in counts}
+    return sorted(r for r in rows
+                  if not any(o != r and all(x >= y for x, y in zip(o, r)) for o in rows))
+
+  def _amplified_events(self) -> list[dp_accounting.DpEvent]:
+    norm = _column_norm(self.entries[0].coefficients)
+    return [dp_accounting.ComposedDpEvent(
+        [dp_sgd_event(e.noise_multiplier / norm, e.sampling_rate, k)
+         for e, k in zip(self.entries, counts)]) for counts in self.amplified_participations()]
 
   def record(self, *, noise_multiplier: float, sampling_rate: float, steps: int = 1,
              overflow_probability: float = 0.0) -> None:
     validate(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
     self._check_kind("dp_sgd")
+    self._extend(steps, noise_multiplier, sampling_rate, overflow_probability, first_step=0)
+
+  def _extend(self, steps: int, noise_multiplier: float, sampling_rate: float = 1.0,
+              overflow_probability: float = 0.0, **fields) -> None:
+    """Adds `steps` steps to the last entry when it has the same parameters, or a new entry
+    (first_step: the ledger's steps so far, unless `fields` sets it)."""
     last = self.entries[-1] if self.entries else None
+    same = {k: v for k, v in fields.items() if k != "first_step"}
     if last and (last.noise_multiplier, last.sampling_rate, last.overflow_probability) == (
-        noise_multiplier, sampling_rate, overflow_probability):
+        noise_multiplier, sampling_rate, overflow_probability) and all(
+            getattr(last, k) == v for k, v in same.items()):
       last.steps += int(steps)
     else:
       self.entries.append(LedgerEntry(float(noise_multiplier), float(sampling_rate), int(steps),
-                                      float(overflow_probability)))
+                                      float(overflow_probability),
+                                      **{"first_step": self.steps, **fields}))
 
   @property
   def steps(self) -> int:
@@ -491,6 +602,12 @@ class PrivacyLedger:
     return 1.0 / mf_sensitivity(first.coefficients, self.steps, first.steps_per_epoch, row_noise)
 
   def dp_event(self) -> dp_accounting.DpEvent:
+    """The ledger's DpEvent; for amplified MF, the participation pattern with the most
+    participations (the one `epsilon` reports when the entries share sigma and q; with several
+    patterns `epsilon` takes the worst of them all)."""
+    if self.kind == "amplified_mf":
+      return max(self._amplified_events(),
+                 key=lambda ev: sum(x.count for x in ev.events))
     if self.kind == "dp_mf":
       return dp_accounting.GaussianDpEvent(self.mf_multiplier())
     if self.is_tree:
@@ -530,14 +647,17 @@ class PrivacyLedger:
       if accountant == "pld":
         return _gaussian_pld_epsilon(self.mf_multiplier(), delta)
       return _epsilon_of_event(self.dp_event(), delta, accountant)
+    if self.kind == "amplified_mf":
+      if accountant != "pld":
+        return max(_epsilon_of_event(ev, delta, accountant) for ev in self._amplified_events())
+      norm = _column_norm(self.entries[0].coefficients)
+      return max(_composed_pld_epsilon(
+          [(e.noise_multiplier / norm, e.sampling_rate, k) for e, k in zip(self.entries, counts)],
+          delta) for counts in self.amplified_participations())
     if accountant != "pld":
       return _epsilon_of_event(self.dp_event(), delta, accountant)
-    out = pld.privacy_loss_distribution.identity(
-        value_discretization_interval=_PLD_GRID)
-    for e in self.entries:
-      step = _subsampled_gaussian_pld(e.noise_multiplier, e.sampling_rate, _PLD_GRID)
-      out = out.compose(step.self_compose(e.steps))
-    return float(out.get_epsilon_for_delta(delta))
+    return _composed_pld_epsilon([(e.noise_multiplier, e.sampling_rate, e.steps)
+                                  for e in self.entries], delta)
 
   def truncation_delta(self, eps: float) -> float:
     """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds."""
@@ -546,12 +666,15 @@ class PrivacyLedger:
 
   def report(self, delta: float, accountant: str = "pld") -> dict:
     """{"epsilon", "delta", "delta_total" (with truncation), "steps", "accountant"}, and for
-    DP-FTRL and DP-MF "neighbouring" (their relation: replace one example with a zero example)."""
+    DP-FTRL and DP-MF "neighbouring" (their relation: replace one example with a zero example);
+    for amplified MF "participations", the most steps one example can take part in."""
     eps = self.epsilon(delta, accountant)
     out = {"epsilon": eps, "delta": delta, "delta_total": delta + self.truncation_delta(eps),
            "steps": self.steps, "accountant": accountant}
-    if self.kind != "dp_sgd":
+    if self.kind in ("dp_ftrl", "dp_mf"):
       out["neighbouring"] = "replace one example with a zero example"
+    if self.kind == "amplified_mf" and self.steps:
+      out["participations"] = max(sum(p) for p in self.amplified_participations())
     return out
 
   def to_json(self) -> str:

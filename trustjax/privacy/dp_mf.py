@@ -21,29 +21,42 @@ the release's sensitivity is `accounting.mf_sensitivity` (sqrt(epochs) * ||c|| w
 neighbouring relation is "replace one example with a zero example", as for DP-FTRL. With b = 1
 this is DP-SGD without sampling (independent noise, full passes in a fixed order).
 
+Amplified (`AmplifiedMFConfig`): the same step on batches drawn by cyclic Poisson sampling
+(`sampling.cyclic_poisson_batch`): every example is put in one of b groups at random, and step t
+takes each example of group t mod b with probability q. An example's steps are then at least b
+apart, its columns of the b-banded C do not overlap, and the run is accounted as DP-SGD with
+multiplier sigma / ||c|| over ceil(steps / b) steps, under add/remove one example
+(`accounting.amplified_mf_epsilon`). One band is DP-SGD itself; b = N / batch size groups
+sampled at q = 1 is DP-MF in a fixed order again (with random group sizes): amplification and
+correlated noise traded against each other by b.
+
 References: Kalinin and Lampert, "Banded Square Root Matrix Factorization for Differentially
 Private Model Training", NeurIPS 2024 (the BSR coefficients, with momentum); Choquette-Choo,
 McMahan, Rush and Thakurta, "Multi-Epoch Matrix Factorization Mechanisms for Private Machine
 Learning", ICML 2023 (participation every k steps, banded C); Denisov, McMahan, Rush, Smith and
 Thakurta, "Improved Differential Privacy for SGD via Optimal Private Linear Operators on
-Adaptive Streams", NeurIPS 2022 (adaptively chosen gradients).
+Adaptive Streams", NeurIPS 2022 (adaptively chosen gradients); Choquette-Choo, Ganesh, McKenna,
+McMahan, Rush, Thakurta and Xu, "(Amplified) Banded Matrix Factorization: A unified approach to
+private training", NeurIPS 2023 (cyclic Poisson sampling and its accounting).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.linalg
 
-from trustjax.privacy import accounting
+from trustjax.privacy import accounting, sampling
 from trustjax.privacy.clipping import NOISE_SCOPE, OPTIMIZER_SCOPE
 from trustjax.privacy.dp_ftrl import FixedBatchConfig
-from trustjax.privacy.dp_sgd import _clipped_sum, _metrics
+from trustjax.privacy.dp_sgd import DPConfig, _clipped_sum, _metrics
 from trustjax.privacy.noise import standard_normal
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -112,6 +125,99 @@ class DPMFConfig(FixedBatchConfig):
                      steps_per_epoch=self.steps_per_epoch, steps=steps)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AmplifiedMFConfig(DPConfig):
+  """Amplified banded MF (Choquette-Choo et al. 2023) with the banded square root factorization:
+  `DPConfig`'s fields, where `sampling_rate` q is the rate within the group a step samples
+  (cyclic Poisson over `bands` groups: the expected batch is q N / bands) and `max_batch_size`
+  pads those batches; noise std noise_multiplier * l2_clip on each row of C G, before C^-1; no
+  adaptive clipping. And
+
+  Attributes:
+    bands: b, the nonzero diagonals of C and the number of groups; the step stores b - 1 noises.
+    momentum: the workload's momentum beta (0: plain prefix sums); only the utility depends on it.
+  """
+
+  bands: int
+  momentum: float = 0.0
+
+  def __post_init__(self):
+    if self.adaptive is not None:
+      raise ValueError("adaptive clipping is for DP-SGD (its count's accounting is DP-SGD's); "
+                       "AmplifiedMFConfig takes adaptive=None")
+    super().__post_init__()
+    bsr_coefficients(self.bands, self.momentum)
+
+  @property
+  def coefficients(self) -> np.ndarray:
+    return bsr_coefficients(self.bands, self.momentum)
+
+  @property
+  def expected_batch_size(self) -> float:
+    return self.sampling_rate * self.num_examples / self.bands
+
+  @property
+  def overflow_probability(self) -> float:
+    """A step's overflow bound: its batch is Binomial(N + 1, q / bands) over the groups'
+    assignment and the sampling (the larger neighbour)."""
+    return sampling.overflow_probability(self.num_examples, self.sampling_rate / self.bands,
+                                         self.max_batch_size)
+
+  def batch(self, seed: int, step: int) -> sampling.PoissonBatch:
+    """Step `step`'s cyclic Poisson sample (`sampling.cyclic_poisson_batch`)."""
+    return sampling.cyclic_poisson_batch(seed, step, self.num_examples, self.sampling_rate,
+                                         self.bands, self.max_batch_size)
+
+  def record(self, ledger: accounting.PrivacyLedger, steps: int = 1) -> None:
+    """Records the next `steps` steps in `ledger` (which must hold the run's earlier steps)."""
+    ledger.record_amplified_mf(noise_multiplier=self.noise_multiplier,
+                               sampling_rate=self.sampling_rate, coefficients=self.coefficients,
+                               steps=steps, overflow_probability=self.overflow_probability)
+
+
+def prefix_error(coefficients, steps: int, momentum: float = 0.0) -> float:
+  """||A C^-1||_F / sqrt(steps): the root mean squared error, per unit of row noise, of the
+  prefix sums (with momentum beta: SGD with momentum's workload A, a_j = sum_{i<=j} beta^i)
+  that the release C G + Z gives, C the banded Toeplitz matrix of `coefficients` (float64)."""
+  c = np.asarray(coefficients, np.float64)
+  n = int(steps)
+  col = np.zeros(n)
+  col[:min(n, c.size)] = c[:n]
+  cmat = np.tril(scipy.linalg.toeplitz(col))
+  a = np.cumsum(momentum ** np.arange(n))
+  amat = np.tril(scipy.linalg.toeplitz(a))
+  b = scipy.linalg.solve_triangular(cmat, amat.T, lower=True, trans="T").T  # A C^-1
+  return float(np.linalg.norm(b) / math.sqrt(n))
+
+
+def choose_amplified_bands(*, target_epsilon: float, batch_size: int, num_examples: int,
+                           steps: int, delta: float, momentum: float = 0.0,
+                           max_bands: int = 64) -> int:
+  """The bands b, among 1, 2, 4, ... and N // batch_size (all <= max_bands and <= N // batch
+  size, so that q = b * batch / N <= 1), whose amplified MF run of `steps` steps at expected
+  batch `batch_size` has the smallest prefix-sum error sigma_b * `prefix_error` at
+  `target_epsilon`: more bands correlate more noise away but sample less (Choquette-Choo et al.
+  2023 choose b the same way). sigma_b is calibrated with RDP here (fast; the run then
+  calibrates its own accountant for the chosen b). The choice reads no data: only the
+  run's public sizes."""
+  most = min(int(num_examples) // int(batch_size), int(max_bands))
+  if most < 1:
+    raise ValueError(f"batch_size={batch_size} must be <= num_examples={num_examples}")
+  candidates = sorted({2 ** i for i in range(int(math.log2(most)) + 1)} | {most})
+
+  def error(b: int) -> float:
+    c = bsr_coefficients(b, momentum)
+    sigma = accounting.calibrate_amplified_mf_noise_multiplier(
+        target_epsilon=target_epsilon, sampling_rate=b * batch_size / num_examples,
+        coefficients=c, steps=steps, delta=delta, accountant="rdp")
+    return sigma * prefix_error(c, steps, momentum)
+
+  return min(candidates, key=error)
+
+
+MF_CONFIGS = (DPMFConfig, AmplifiedMFConfig)  # the configs whose step is `dp_mf_step`
+
+
 class MFState(NamedTuple):
   """The optimizer state of a DP-MF run: the last b - 1 noises (leaves [b - 1, *shape], float32;
   a ring buffer: w_s is in slot s mod (b - 1); zeros before the first steps; None when b = 1),
@@ -132,7 +238,7 @@ def empty_history(params: Params, bands: int) -> Params | None:
 
 
 def init_state(params: Params, optimizer: optax.GradientTransformation,
-               config: DPMFConfig) -> MFState:
+               config: DPMFConfig | AmplifiedMFConfig) -> MFState:
   """The state at step 0 for `params` (the trainable ones)."""
   return MFState(history=empty_history(params, config.bands), count=jnp.zeros((), jnp.int32),
                  inner=optimizer.init(params))
@@ -181,13 +287,16 @@ def correlated_noise(history: Params | None, t, key: PRNGKey, *, std, coefficien
 
 
 def dp_mf_step(params: Params, opt_state: MFState, batch: Batch, key: PRNGKey, *,
-               loss_fn: LossFn, optimizer: optax.GradientTransformation, config: DPMFConfig):
-  """One DP-MF step: (clipped sum + w_t) / batch_size into `optimizer`.
+               loss_fn: LossFn, optimizer: optax.GradientTransformation,
+               config: DPMFConfig | AmplifiedMFConfig):
+  """One DP-MF step: (clipped sum + w_t) / batch size into `optimizer` (the fixed batch size,
+  or for `AmplifiedMFConfig` the expected one, q N / bands).
 
   Args:
     params: the trainable parameters.
     opt_state: an `MFState` (`init_state`).
-    batch: dict of arrays [batch_size, ...] with "mask": this step's batch (fixed order).
+    batch: dict of arrays [batch_size, ...] with "mask": this step's batch (fixed order; for
+      `AmplifiedMFConfig`, its cyclic Poisson sample, padded to max_batch_size).
     key: this step's key (the run's key with the step folded in).
     loss_fn: per-example loss.
     optimizer: any optax transformation.
@@ -204,7 +313,9 @@ def dp_mf_step(params: Params, opt_state: MFState, batch: Batch, key: PRNGKey, *
       noise, history = correlated_noise(
           opt_state.history, opt_state.count, key, std=config.noise_multiplier * config.l2_clip,
           coefficients=config.coefficients, like=grad_sum)
-    grads = jax.tree_util.tree_map(lambda g, w: (g + w) / config.batch_size, grad_sum, noise)
+    size = (config.batch_size if isinstance(config, DPMFConfig) else
+            config.expected_batch_size)
+    grads = jax.tree_util.tree_map(lambda g, w: (g + w) / size, grad_sum, noise)
   with jax.named_scope(OPTIMIZER_SCOPE):
     updates, inner = optimizer.update(grads, opt_state.inner, params)
     params = optax.apply_updates(params, updates)

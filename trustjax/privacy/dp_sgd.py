@@ -105,6 +105,11 @@ class DPConfig:
   def overflow_probability(self) -> float:
     return sampling.overflow_probability(self.num_examples, self.sampling_rate, self.max_batch_size)
 
+  def batch(self, seed: int, step: int) -> sampling.PoissonBatch:
+    """Step `step`'s Poisson sample (`sampling.poisson_batch`)."""
+    return sampling.poisson_batch(seed, step, self.num_examples, self.sampling_rate,
+                                  self.max_batch_size)
+
   def record(self, ledger: accounting.PrivacyLedger, steps: int = 1) -> None:
     """Records `steps` steps of this mechanism in `ledger`."""
     ledger.record(noise_multiplier=self.noise_multiplier, sampling_rate=self.sampling_rate,

@@ -13,12 +13,22 @@ max_batch_size] (taken at N + 1, the larger neighbour). `accounting.PrivacyLedge
 every step and reports the total delta. `default_max_batch_size` picks a bound whose overflow
 probability is negligible (1e-12 per run by default).
 
-Reference: Chua et al., "Scalable DP-SGD: Shuffling vs. Poisson Subsampling", NeurIPS 2024
-(truncated Poisson subsampling with static shapes).
+Cyclic Poisson sampling (`cyclic_poisson_batch`, for amplified DP-MF). Every example is put in
+one of `groups` groups, independently and uniformly at random (once per run, from the seed), and
+step t samples only group t mod groups, each of its examples independently with probability q:
+an example can be in steps g, g + groups, g + 2 groups, ... only. The realised batch size is
+Binomial(N, q / groups) over the assignment and the sampling together, so the overflow bound is
+`overflow_probability(N, q / groups, max_batch_size)`.
+
+References: Chua et al., "Scalable DP-SGD: Shuffling vs. Poisson Subsampling", NeurIPS 2024
+(truncated Poisson subsampling with static shapes); Choquette-Choo, Ganesh, McKenna, McMahan,
+Rush, Thakurta and Xu, "(Amplified) Banded Matrix Factorization: A unified approach to private
+training", NeurIPS 2023 (cyclic Poisson sampling).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, NamedTuple
 
@@ -71,11 +81,19 @@ def poisson_batch(seed: int, step: int, num_examples: int, sampling_rate: float,
   distribution of independent inclusion with probability q.
   """
   _check(num_examples, sampling_rate, max_batch_size)
-  rng = np.random.default_rng([seed, step])
-  size = int(rng.binomial(num_examples, sampling_rate))
+  return _padded_sample(np.random.default_rng([seed, step]), num_examples, sampling_rate,
+                        max_batch_size)
+
+
+def _padded_sample(rng: np.random.Generator, population, sampling_rate: float,
+                   max_batch_size: int) -> PoissonBatch:
+  """Each of `population` (a count N, meaning 0 .. N - 1, or an index array) with probability
+  q, padded to max_batch_size (a uniformly random subset kept on overflow)."""
+  size = int(rng.binomial(population if np.ndim(population) == 0 else len(population),
+                          sampling_rate))
   kept = min(size, max_batch_size)
   idx = np.zeros(max_batch_size, np.int32)
-  idx[:kept] = np.sort(rng.choice(num_examples, size=kept, replace=False))
+  idx[:kept] = np.sort(rng.choice(population, size=kept, replace=False))
   mask = np.zeros(max_batch_size, bool)
   mask[:kept] = True
   return PoissonBatch(idx, mask, kept, size - kept)
@@ -98,3 +116,28 @@ def poisson_batches(rng: int, num_examples: int, sampling_rate: float, max_batch
   while num_steps is None or step < start_step + num_steps:
     yield poisson_batch(rng, step, num_examples, sampling_rate, max_batch_size)
     step += 1
+
+
+@functools.lru_cache(maxsize=4)
+def cyclic_groups(seed: int, num_examples: int, groups: int) -> np.ndarray:
+  """Each example's group (int32 [num_examples], uniform on 0 .. groups - 1, independent):
+  a pure function of the seed, drawn from a stream no step's sample uses. Read-only."""
+  if groups < 1 or int(groups) != groups:
+    raise ValueError(f"groups must be a positive integer, got {groups=}")
+  _check(num_examples, 1.0)
+  out = np.random.default_rng([seed, 0, int(groups)]).integers(0, groups, num_examples,
+                                                                dtype=np.int32)
+  out.flags.writeable = False
+  return out
+
+
+def cyclic_poisson_batch(seed: int, step: int, num_examples: int, sampling_rate: float,
+                         groups: int, max_batch_size: int) -> PoissonBatch:
+  """Step `step`'s cyclic Poisson sample: each example of group step mod `groups`
+  (`cyclic_groups`) independently with probability `sampling_rate`, padded as `poisson_batch`'s
+  (a uniformly random subset of max_batch_size kept on overflow). A pure function of
+  (seed, step)."""
+  _check(num_examples, sampling_rate, max_batch_size)
+  members = np.flatnonzero(cyclic_groups(seed, num_examples, groups) == step % groups)
+  return _padded_sample(np.random.default_rng([seed, step]), members, sampling_rate,
+                        max_batch_size)
