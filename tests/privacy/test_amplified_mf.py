@@ -220,3 +220,4 @@ def test_schedule_samples_the_configs_groups():
   for t in range(8):
     batch, _ = schedule(t)
     assert np.all(groups[batch["i"][batch["mask"]]] == t % 4)
+

@@ -101,13 +101,17 @@ def test_microbatching_gives_the_same_step():
   chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5)
 
 
-def test_sharded_over_8_devices_equals_single_device():
+@pytest.mark.parametrize("amplified", [False, True])
+def test_sharded_over_8_devices_equals_single_device(amplified):
+  """DP-SGD, and amplified DP-MF (cyclic Poisson samples of 3 groups, its noise history)."""
   assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
   loss_fn, params, _ = tiny_problem(model="bag")
   rng = np.random.default_rng(1)
   arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
             "label": rng.integers(0, 3, 64).astype(np.int32)}
-  cfg = _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24)
+  cfg = (privacy.AmplifiedMFConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.6,
+                                   num_examples=64, max_batch_size=24, bands=3) if amplified else
+         _config(noise_multiplier=1.0, sampling_rate=0.2, num_examples=64, max_batch_size=24))
   results = params_on_1_and_8_devices(loss_fn, params, cfg, optax.adam(1e-2),
                                       training.PoissonSchedule(arrays, cfg, seed=0), steps=3)
   chex.assert_trees_all_close(results[0], results[1], atol=2e-5, rtol=1e-4)
