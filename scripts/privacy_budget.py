@@ -49,8 +49,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
-from trustjax.privacy.dp_mf import (bsr_coefficients, choose_amplified_bands,  # pylint: disable=wrong-import-position
-                                    resolve_bands)
+from trustjax.privacy.dp_mf import (  # pylint: disable=wrong-import-position
+    bsr_coefficients, choose_amplified_bands, resolve_bands)
 
 
 def _fmt(x: float) -> str:

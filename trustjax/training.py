@@ -28,7 +28,7 @@ from trustjax.privacy import accounting
 from trustjax.privacy.clipping import OPTIMIZER_SCOPE
 from trustjax.privacy import dp_mf
 from trustjax.privacy.dp_ftrl import DPFTRLConfig, dp_ftrl_step
-from trustjax.privacy.dp_mf import MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, dp_mf_step
+from trustjax.privacy.dp_mf import MF_CONFIGS, DPMFConfig, dp_mf_step
 from trustjax.privacy.dp_sgd import DPConfig, dp_sgd_step, dp_sgd_step_adaptive
 from trustjax.types import Batch, LossFn, Params, PRNGKey
 
@@ -104,11 +104,11 @@ def with_frozen(loss_fn: LossFn, frozen: Params) -> LossFn:
 
 def create_state(params: Params, optimizer: optax.GradientTransformation, rng: PRNGKey,
                  clip: float = 0.0, frozen: Sequence[str] = (),
-                 dp_config: DPConfig | DPFTRLConfig | DPMFConfig | AmplifiedMFConfig | None = None) -> TrainState:
+                 dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None) -> TrainState:
   """The state at step 0. With `frozen` (see `split_frozen`) the optimizer's state covers the
-  trainable parameters only; `params` keeps all of them. A `DPMFConfig` or `AmplifiedMFConfig`
-  adds its noise history to the optimizer's state (`dp_mf.MFState`); other configs change
-  nothing here."""
+  trainable parameters only; `params` keeps all of them. A `DPMFConfig` or an
+  `AmplifiedMFConfig` (a `DPConfig`) adds its noise history to the optimizer's state
+  (`dp_mf.MFState`); other configs change nothing here."""
   trainable = split_frozen(params, frozen)[0] if frozen else params
   opt_state = (dp_mf.init_state(trainable, optimizer, dp_config)
                if isinstance(dp_config, MF_CONFIGS) else optimizer.init(trainable))
@@ -134,7 +134,7 @@ def nondp_step(params: Params, opt_state: optax.OptState, batch: Batch, *, loss_
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    dp_config: DPConfig | DPFTRLConfig | DPMFConfig | AmplifiedMFConfig | None = None, *,
+                    dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None, *,
                     donate: bool = True, frozen: Sequence[str] = ()) -> Callable:
   """A jitted `step(state, batch) -> (state, metrics)`; DP-SGD when `dp_config` is a `DPConfig`
   (Poisson-sampled batches), DP-FTRL when it is a `DPFTRLConfig` (fixed-size batches of shuffled
@@ -369,7 +369,7 @@ class FitResult:
 
 def fit(state: TrainState, *, train_step: Callable, schedule, num_steps: int,
         eval_fn: Callable[[Params], dict] | None = None,
-        dp_config: DPConfig | DPFTRLConfig | DPMFConfig | AmplifiedMFConfig | None = None,
+        dp_config: DPConfig | DPFTRLConfig | DPMFConfig | None = None,
         delta: float | None = None,
         accountant: str = "pld", workdir: str | None = None,
         checkpoint_every: int | None = None, mesh=None, show_progress: bool = True,
