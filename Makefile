@@ -24,13 +24,10 @@ demo: $(VENV)/.installed
 
 # Two pytest workers (pytest-xdist): most tests are bound by XLA compilation, which runs on one
 # core, so two workers on 2 cores took 14 min 51 s against 18 min 19 s in one process.
-# worksteal: a worker that runs out of tests takes pending ones from the other, so the slow
-# whole-driver tests at the end of the collection (tests/test_training.py) do not leave one
-# worker idle while the other finishes them.
 TEST_WORKERS ?= 2
 
 test: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
+	$(TEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 benchmark: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python scripts/benchmark_dp.py
