@@ -50,7 +50,7 @@ from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,
 from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
 from trustjax.privacy.dp_mf import (  # pylint: disable=wrong-import-position
-    bsr_coefficients, choose_amplified_bands, resolve_bands)
+    amplified_bands, bsr_coefficients, resolve_bands)
 
 
 def _fmt(x: float) -> str:
@@ -215,19 +215,10 @@ def _amplified_mf_before_a_run(args) -> str:
     raise ValueError("--mechanism amplified_mf plans centralized runs only: the federated "
                      "driver has no cyclic Poisson cohorts")
   steps = max(1, round(args.epochs * n / b))
-  most = n // b
-  bands = resolve_bands(args.bands, most, "--bands")
   delta, delta_note = _delta(args, n)
-  if args.bands == 0:
-    if args.target_epsilon is None:
-      raise ValueError("--bands 0 picks the bands for --target-epsilon; with "
-                       "--noise-multiplier, give --bands too")
-    bands = choose_amplified_bands(target_epsilon=args.target_epsilon, batch_size=b,
-                                   num_examples=n, steps=steps, delta=delta,
-                                   momentum=args.momentum)
-  if bands > most:
-    raise ValueError(f"--bands={bands} groups at an expected batch of {b} need a rate "
-                     f"bands * {b} / {n} <= 1 within a group: at most {most}")
+  bands = amplified_bands(args.bands, batch_size=b, num_examples=n, steps=steps, delta=delta,
+                          momentum=args.momentum, target_epsilon=args.target_epsilon,
+                          name="--bands")
   q = bands * b / n
   coefficients = bsr_coefficients(bands, args.momentum)
   lines = [f"amplified DP-MF (banded square root, cyclic Poisson sampling): {n} examples in "

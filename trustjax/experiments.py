@@ -29,8 +29,8 @@ from trustjax.attacks import canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
-from trustjax.privacy.dp_mf import (MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, bsr_coefficients,
-                                    choose_amplified_bands, resolve_bands)
+from trustjax.privacy.dp_mf import (MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, amplified_bands,
+                                    bsr_coefficients, resolve_bands)
 from trustjax.privacy.dp_sgd import DPConfig
 from trustjax.privacy.ghost import fallback_leaves
 
@@ -363,7 +363,7 @@ class Setup:
   def _amplified_mf(self, cfg, n: int) -> None:
     """Amplified banded MF (Choquette-Choo et al. 2023) with the banded square root
     factorization: cyclic Poisson sampling over `dp.bands` groups (0 = the number of groups
-    with the least prefix-sum error at the target epsilon, `choose_amplified_bands`) at the rate
+    with the least prefix-sum error at the target epsilon, `dp_mf.amplified_bands`) at the rate
     that keeps the expected batch train.batch_size, as many steps as DP-SGD's; the workload's
     momentum the SGD optimizer's (0 for Adam); sigma calibrated over ceil(steps / bands)
     participations."""
@@ -371,18 +371,10 @@ class Setup:
     t, bs = cfg.train, cfg.train.batch_size
     self.num_steps = max(1, round(t.epochs * n / bs))
     momentum = cfg.optimizer.momentum if cfg.optimizer.name == "sgd" else 0.0
-    most = n // bs
-    bands = resolve_bands(cfg.dp.bands, most, "dp.bands")  # validated; 0 is chosen below
-    if cfg.dp.bands == 0:
-      if cfg.dp.noise_multiplier is not None:
-        raise ValueError("dp.bands=0 chooses the bands for dp.target_epsilon; with "
-                         "dp.noise_multiplier set, give dp.bands too")
-      bands = choose_amplified_bands(target_epsilon=cfg.dp.target_epsilon, batch_size=bs,
-                                     num_examples=n, steps=self.num_steps, delta=self.delta,
-                                     momentum=momentum)
-    if bands > most:
-      raise ValueError(f"dp.bands={bands} groups at an expected batch of train.batch_size={bs} "
-                       f"need a rate bands * {bs} / {n} <= 1 within a group: at most {most}")
+    bands = amplified_bands(
+        cfg.dp.bands, batch_size=bs, num_examples=n, steps=self.num_steps, delta=self.delta,
+        momentum=momentum, name="dp.bands",
+        target_epsilon=cfg.dp.target_epsilon if cfg.dp.noise_multiplier is None else None)
     q = bands * bs / n
     coefficients = bsr_coefficients(bands, momentum)
     sigma = cfg.dp.noise_multiplier

@@ -480,7 +480,8 @@ def multi_krum(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   the lowest Krum scores (f = int(fraction * n), scores as in `krum`); 0 when nobody is
   accepted."""
   n, f, dist = _krum_inputs(deltas, accepted, fraction)
-  rank = jnp.argsort(jnp.argsort(_krum_scores(dist, accepted, f)))  # 0 = the best score; rejected slots rank last
+  # rank 0 = the best score; rejected slots rank last
+  rank = jnp.argsort(jnp.argsort(_krum_scores(dist, accepted, f)))
   keep = accepted & (rank < jnp.maximum(n - f, 1))
   count = jnp.maximum(keep.sum(), 1)
   return tmap(lambda d: jnp.where(_rows(keep, d), d.astype(jnp.float32), 0.0).sum(0) / count,

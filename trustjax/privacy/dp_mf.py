@@ -115,6 +115,12 @@ class DPMFConfig(FixedBatchConfig):
   def coefficients(self) -> np.ndarray:
     return bsr_coefficients(self.bands, self.momentum)
 
+  @property
+  def expected_batch_size(self) -> int:
+    """The gradient's denominator: the fixed batch size (named as `DPConfig`'s, so that
+    `dp_mf_step` reads it from either MF config)."""
+    return self.batch_size
+
   def sensitivity(self, steps: int) -> float:
     """The release's L2 sensitivity over `steps` steps, in units of l2_clip."""
     return accounting.mf_sensitivity(self.coefficients, steps, self.steps_per_epoch)
@@ -215,6 +221,26 @@ def choose_amplified_bands(*, target_epsilon: float, batch_size: int, num_exampl
   return min(candidates, key=error)
 
 
+def amplified_bands(bands: int, *, batch_size: int, num_examples: int, steps: int, delta: float,
+                    momentum: float, target_epsilon: float | None, name: str = "bands") -> int:
+  """The bands (= groups) of an amplified MF run: `bands`, or for 0 `choose_amplified_bands` at
+  `target_epsilon` (None, when the noise multiplier is given instead, is refused). ValueError
+  naming `name` for a negative value or more groups than N // batch_size (q would pass 1)."""
+  most = int(num_examples) // int(batch_size)
+  resolve_bands(bands, most, name)  # validates the value
+  if bands == 0:
+    if target_epsilon is None:
+      raise ValueError(f"{name}=0 chooses the bands for the target epsilon; with the noise "
+                       f"multiplier given, give {name} too")
+    bands = choose_amplified_bands(target_epsilon=target_epsilon, batch_size=batch_size,
+                                   num_examples=num_examples, steps=steps, delta=delta,
+                                   momentum=momentum)
+  if bands > most:
+    raise ValueError(f"{name}={bands} groups at an expected batch of {batch_size} need a rate "
+                     f"bands * {batch_size} / {num_examples} <= 1 within a group: at most {most}")
+  return int(bands)
+
+
 MF_CONFIGS = (DPMFConfig, AmplifiedMFConfig)  # the configs whose step is `dp_mf_step`
 
 
@@ -313,9 +339,8 @@ def dp_mf_step(params: Params, opt_state: MFState, batch: Batch, key: PRNGKey, *
       noise, history = correlated_noise(
           opt_state.history, opt_state.count, key, std=config.noise_multiplier * config.l2_clip,
           coefficients=config.coefficients, like=grad_sum)
-    size = (config.batch_size if isinstance(config, DPMFConfig) else
-            config.expected_batch_size)
-    grads = jax.tree_util.tree_map(lambda g, w: (g + w) / size, grad_sum, noise)
+    grads = jax.tree_util.tree_map(lambda g, w: (g + w) / config.expected_batch_size, grad_sum,
+                                   noise)
   with jax.named_scope(OPTIMIZER_SCOPE):
     updates, inner = optimizer.update(grads, opt_state.inner, params)
     params = optax.apply_updates(params, updates)
