@@ -7,6 +7,7 @@ runs from their ledgers.
   python scripts/privacy_budget.py --examples 13784 --batch-size 512 --epochs 6 --target-epsilon 1 --mechanism dp_mf --momentum 0.9
   python scripts/privacy_budget.py --examples 13784 --batch-size 512 --epochs 6 --target-epsilon 1 --mechanism amplified_mf --momentum 0.9
   python scripts/privacy_budget.py --run results/dp_intents [--delta 1e-6]
+  python scripts/privacy_budget.py --run results/dp_shakespeare_canaries --canaries 1,4,16 --references 9985
 
 Before a run (`--examples`, `--batch-size`, `--epochs`, as `scripts/train.py` counts them: sampling
 rate q = batch / examples, steps = round(epochs / q)): epsilon with the PLD and the RDP accountant
@@ -30,7 +31,10 @@ over the steps one example can be in; centralized only).
 After runs (`--run`, a run folder or a folder of runs): every ledger saved with a run's latest
 checkpoint (DP-SGD runs, DP-FedAvg strategies), replayed at `--delta` (default: the delta in the
 run's summary.json), so a budget can be read at another delta or with the other accountant
-without rerunning anything.
+without rerunning anything. `--canaries 1,4,16 --references R` adds, per run and count r, the
+epsilon of the group of r copies of one example (tight for DP-SGD's Poisson sampling, Ganesh 2024;
+r times the sensitivity for DP-MF and DP-FTRL; none for amplified DP-MF) and what it allows the
+exposure of a canary inserted r times to be among R other candidates (`experiments.canary_bounds`).
 
 The same functions as the drivers: `privacy.accounting` (dp_accounting underneath),
 `privacy.sampling` and `training.read_ledgers`.
@@ -47,7 +51,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
-from trustjax.experiments import default_delta  # pylint: disable=wrong-import-position
+from trustjax.experiments import canary_bounds, default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
 from trustjax.privacy.dp_mf import (  # pylint: disable=wrong-import-position
     amplified_bands, bsr_coefficients, resolve_bands)
@@ -316,7 +320,41 @@ def after_runs(args) -> str:
   return reporting.markdown_table(
       ["run", "steps", "noise multiplier", "sampling rate", "delta", "epsilon (PLD)",
        "epsilon (RDP)", f"total delta ({args.accountant.upper()}, with truncation)"],
-      rows) + note
+      rows) + note + (_canary_table(args, [(r[0], ledgers[r[0]], float(r[4])) for r in rows])
+                      if args.canaries else "")
+
+
+def _canary_table(args, runs: list) -> str:
+  """What each run's guarantee allows a canary inserted r times (`experiments.canary_bounds`):
+  the group's epsilon and the bounds on its exposure among --references other candidates."""
+  try:
+    counts = sorted({int(x) for x in args.canaries.split(",")})
+  except ValueError:
+    counts = []
+  if not counts or counts[0] < 1:
+    raise ValueError(f"--canaries must list insertion counts >= 1, got {args.canaries!r}")
+  refs = args.references
+  if refs is None or refs < 1:
+    raise ValueError("--canaries needs --references, the candidates other than the secret "
+                     "(10**digits minus the canaries inserted), >= 1")
+  rows = []
+  for run, ledger, delta in runs:
+    b = canary_bounds(ledger, counts, delta, refs)
+    for r in counts:
+      k = f"x{r}"
+      rows.append([run, r] + ([_fmt(b["canary_group_epsilon"][k]),
+                               f"{b['canary_exposure_bound'][k]:.3f}",
+                               f"{b['canary_rank_one_bound'][k]:.3g}"]
+                              if k in b["canary_group_epsilon"] else
+                              ["none (amplified MF: one copy only)", "-", "-"]))
+  n = refs + 1
+  chance = sum(math.log2(n / k) for k in range(1, n + 1)) / n
+  return (f"\n\nCanaries among {refs} other candidates (exposure at most {math.log2(n):.2f} "
+          f"bits, {chance:.2f} on average by chance): what each guarantee allows a canary "
+          "inserted r times (group epsilon at the run's delta; bounds with the truncation term)"
+          "\n\n" + reporting.markdown_table(
+              ["run", "copies", "group epsilon (PLD)", "bound on the mean exposure (bits)",
+               "bound on P(rank 1)"], rows))
 
 
 def main(argv=None) -> None:
@@ -350,6 +388,12 @@ def main(argv=None) -> None:
   ap.add_argument("--points", type=int, default=5, help="rows: fractions of the run")
   ap.add_argument("--plot", help="write epsilon against epochs to this PNG")
   ap.add_argument("--run", help="a run folder (or a folder of runs) to read ledgers from")
+  ap.add_argument("--canaries",
+                  help="with --run: insertion counts, e.g. 1,4,16, to bound the exposure of a "
+                       "canary inserted that many times by the run's guarantee for the group of "
+                       "its copies (needs --references)")
+  ap.add_argument("--references", type=int,
+                  help="with --canaries: the candidates other than the secret")
   args = ap.parse_args(argv)
   try:
     print(after_runs(args) if args.run else before_a_run(args))

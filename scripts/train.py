@@ -54,6 +54,11 @@ def main(argv):
     print(f"canary exposure (bits; at most {summary['canary_exposure_max']:.1f}, "
           f"{summary['canary_exposure_chance']:.2f} by chance): " + ", ".join(
               f"inserted {k[1:]}x {v:.2f}" for k, v in summary["canary_exposure"].items()))
+  if "canary_exposure_bound" in summary:
+    print("what the guarantee allows (group epsilon; bound on the mean exposure; on P(rank 1)): "
+          + ", ".join(f"{k[1:]}x {e:.4g}; {summary['canary_exposure_bound'][k]:.2f}; "
+                      f"{summary['canary_rank_one_bound'][k]:.3g}"
+                      for k, e in summary["canary_group_epsilon"].items()))
   if "dp_step_s" in summary:
     print(f"step time: DP {summary['dp_step_s'] * 1e3:.1f} ms vs non-DP "
           f"{summary['nondp_step_s'] * 1e3:.1f} ms  (x{summary['dp_over_nondp']:.2f})")

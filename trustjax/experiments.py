@@ -110,6 +110,26 @@ def check_canaries(cfg) -> None:
   canaries.fill(c.template, ["0"])  # exactly one "{}"
 
 
+def canary_bounds(ledger: accounting.PrivacyLedger, repeats, delta: float,
+                  references: int) -> dict:
+  """Summary entries relating a DP run's canaries to its guarantee. For each insertion count r:
+  the epsilon at the run's delta of the group of r copies (`PrivacyLedger.group_epsilon`: tight
+  for DP-SGD's Poisson sampling, Ganesh 2024; r times the sensitivity for DP-MF and DP-FTRL), and
+  what that group's privacy profile allows a canary's rank exposure among `references` other
+  candidates to be (`canaries.exposure_bound`, the truncation term included): its mean, and the
+  probability that the secret ranks first. Amplified MF: r = 1 only (no group accounting)."""
+  out = {"canary_group_epsilon": {}, "canary_exposure_bound": {}, "canary_rank_one_bound": {}}
+  for r in repeats:
+    if ledger.kind == "amplified_mf" and r > 1:
+      continue
+    bound = canaries.exposure_bound(canaries.BOUND_EPSILONS, ledger.group_deltas(
+        r, canaries.BOUND_EPSILONS, with_truncation=True), references)
+    out["canary_group_epsilon"][f"x{r}"] = ledger.group_epsilon(r, delta)
+    out["canary_exposure_bound"][f"x{r}"] = bound["mean"]
+    out["canary_rank_one_bound"][f"x{r}"] = bound["rank_one"]
+  return out
+
+
 def ascii_tokenizer() -> tjdata.Tokenizer:
   """Characters over Python's printable ASCII alphabet, fixed in advance (others map to OOV), so
   that DP runs may use it."""
@@ -635,6 +655,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                      overflow_total=sum(r.get("overflow", 0) for r in result.history))
   if setup.canary_secrets:
     summary.update(setup.canary_exposure(result.state.params))
+    if setup.dp_config is not None:
+      summary.update(canary_bounds(result.ledger, cfg.canaries.repeats, setup.delta,
+                                   10 ** cfg.canaries.digits - len(setup.canary_secrets)))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
   if cfg.train.profile_calls:
@@ -696,10 +719,22 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
               f"{summary['canary_exposure_max']:.2f} bits, "
               f"{summary['canary_exposure_chance']:.2f} on average by chance.", "",
               reporting.markdown_table(
-                  ["inserted", "mean exposure (bits)", "each"],
+                  ["inserted", "mean exposure (bits)", "each"] + (
+                      ["group epsilon", "bound on the mean", "bound on P(rank 1)"]
+                      if "canary_exposure_bound" in summary else []),
                   [[f"{k[1:]}x", f"{summary['canary_exposure'][k]:.2f}",
-                    ", ".join(f"{e:.1f}" for e in summary["canary_exposures"][k])]
+                    ", ".join(f"{e:.1f}" for e in summary["canary_exposures"][k])] + (
+                        [f"{summary['canary_group_epsilon'][k]:.4g}",
+                         f"{summary['canary_exposure_bound'][k]:.2f}",
+                         f"{summary['canary_rank_one_bound'][k]:.3g}"]
+                        if k in summary.get("canary_exposure_bound", {}) else
+                        ["-"] * 3 if "canary_exposure_bound" in summary else [])
                    for k in summary["canary_exposure"]]), ""]
+    if "canary_exposure_bound" in summary:
+      lines += ["The bounds follow from the run's guarantee alone: the group of a canary's r "
+                "copies is (group epsilon, delta)-DP (tight group accounting for DP-SGD, "
+                "Ganesh 2024), and no model that private can push the expected exposure or the "
+                "chance of ranking first past them (`attacks.canaries.exposure_bound`).", ""]
   if cfg.dp.enabled:
     mechanism = ("Poisson sampling at rate q with padded batches; Gaussian noise on the clipped "
                  "sum; epsilon from dp_accounting's "

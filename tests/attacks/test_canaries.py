@@ -93,3 +93,54 @@ def test_lm_exposures_rank_each_secret_among_the_candidates_not_inserted():
   np.testing.assert_array_equal(got, again)
   with pytest.raises(ValueError, match="3-digit strings"):
     canaries.lm_exposures(loss_fn, params, tok, "pin {}", ["12"], digits=3, seq_len=12)
+
+
+def _lp_bound(eps, deltas, references):
+  """The largest expected exposure, and P(rank 1), over every distribution of the inserted
+  secret's rank with P(rank <= k) <= e^eps_j k / N + delta_j for all j and k: two linear
+  programs (scipy's HiGHS), a reference independent of the closed form."""
+  from scipy import optimize  # pylint: disable=import-outside-toplevel
+  n = references + 1
+  k = np.arange(1, n + 1)
+  cum = np.tril(np.ones((n, n)))
+  a_ub = np.concatenate([cum] * len(eps))
+  b_ub = np.concatenate([np.exp(e) * k / n + d for e, d in zip(eps, deltas)])
+  out = []
+  for gain in (np.log2(n) - np.log2(k), (k == 1).astype(float)):
+    res = optimize.linprog(-gain, A_ub=a_ub, b_ub=b_ub, A_eq=np.ones((1, n)), b_eq=[1.0],
+                           bounds=(0, None), method="highs")
+    assert res.status == 0
+    out.append(-res.fun)
+  return out
+
+
+def test_exposure_bound_against_linear_programs_and_its_ends():
+  refs = 63
+  n = refs + 1
+  chance = np.mean(np.log2(n) - np.log2(np.arange(1, n + 1)))
+  b = canaries.exposure_bound([0.0], [0.0], refs)  # perfect privacy: chance, as if not inserted
+  assert b["mean"] == pytest.approx(chance) and b["rank_one"] == pytest.approx(1 / n)
+  b = canaries.exposure_bound([3.0], [1.0], refs)  # no guarantee: the top rank
+  assert b["mean"] == pytest.approx(math.log2(n)) and b["rank_one"] == 1.0
+  for eps, deltas in [([1.0], [0.0]), ([0.5, 1.0, 2.0], [0.05, 0.01, 0.0]),
+                      ([0.0, 0.3, 4.0], [0.2, 0.1, 1e-4])]:
+    b = canaries.exposure_bound(eps, deltas, refs)
+    mean, rank_one = _lp_bound(eps, deltas, refs)
+    assert b["mean"] == pytest.approx(mean, rel=1e-7)
+    assert b["rank_one"] == pytest.approx(rank_one, rel=1e-7)
+    assert chance < b["mean"] < math.log2(n)
+  # An eps-DP "model": the secret ranks first with probability e^eps / (e^eps + N - 1), else
+  # uniformly among the other ranks (each rank's probability within e^eps of 1 / N); its mean
+  # exposure must stay under the bound.
+  eps = 2.0
+  p1 = math.exp(eps) / (math.exp(eps) + n - 1)
+  probs = np.concatenate([[p1], np.full(n - 1, (1 - p1) / (n - 1))])
+  assert np.all(probs <= math.exp(eps) / n) and np.all(1 / n <= math.exp(eps) * probs)
+  model = probs @ (np.log2(n) - np.log2(np.arange(1, n + 1)))
+  assert model < canaries.exposure_bound([eps], [0.0], refs)["mean"]
+  with pytest.raises(ValueError, match="as many deltas as epsilons"):
+    canaries.exposure_bound([1.0, 2.0], [0.0], refs)
+  with pytest.raises(ValueError, match="deltas in"):
+    canaries.exposure_bound([1.0], [1.5], refs)
+  with pytest.raises(ValueError, match="references must be a positive integer"):
+    canaries.exposure_bound([1.0], [0.0], 0)

@@ -249,3 +249,35 @@ def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
   assert code == 2 and "recorded no private steps" in err
   code, _, err = _main(capsys, "--run", str(tmp_path / "nowhere"))
   assert code == 2 and "no run folder" in err
+
+
+def test_canary_bounds_of_finished_runs(tmp_path, capsys):
+  """--canaries: per run and insertion count, the group epsilon and the exposure bounds of
+  `experiments.canary_bounds` (itself tested against quadrature and linear programs); amplified
+  MF runs get one copy only."""
+  from trustjax.experiments import canary_bounds  # pylint: disable=import-outside-toplevel
+  dp = accounting.PrivacyLedger()
+  dp.record(noise_multiplier=1.1, sampling_rate=0.02, steps=50, overflow_probability=1e-9)
+  amf = accounting.PrivacyLedger()
+  amf.record_amplified_mf(noise_multiplier=7.0, sampling_rate=0.15,
+                          coefficients=bsr_coefficients(4, 0.9), steps=16)
+  for name, ledger in (("sgd", dp), ("amf", amf)):
+    _checkpoint(tmp_path / name / "checkpoints", ledger)
+    (tmp_path / name / "summary.json").write_text(json.dumps({"delta": 1e-5}))
+  code, out, _ = _main(capsys, "--run", str(tmp_path), "--canaries", "2,1", "--references", "999")
+  assert code == 0 and "Canaries among 999 other candidates (exposure at most 9.97 bits" in out
+  rows = [[c.strip() for c in line.strip("|").split("|")]
+          for line in out.split("Canaries among")[1].splitlines()
+          if re.match(r"\| (sgd|amf) \| \d+ \|", line)]
+  want = canary_bounds(dp, (1, 2), 1e-5, 999)
+  assert [r[:2] for r in rows] == [["amf", "1"], ["amf", "2"], ["sgd", "1"], ["sgd", "2"]]
+  for r in rows[2:]:
+    k = f"x{r[1]}"
+    assert float(r[2]) == pytest.approx(want["canary_group_epsilon"][k], rel=1e-3)
+    assert float(r[3]) == pytest.approx(want["canary_exposure_bound"][k], abs=1e-3)
+    assert float(r[4]) == pytest.approx(want["canary_rank_one_bound"][k], rel=5e-3)  # 3 digits
+  assert rows[1][2] == "none (amplified MF: one copy only)"
+  for args, message in [(("--canaries", "1,4"), "--canaries needs --references"),
+                        (("--canaries", "0,4", "--references", "9"), "insertion counts >= 1")]:
+    code, _, err = _main(capsys, "--run", str(tmp_path), *args)
+    assert code == 2 and message in err

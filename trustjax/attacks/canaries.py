@@ -91,6 +91,51 @@ def exposure(secret_perplexity, reference_perplexities) -> float:
   return math.log2(ref.size + 1) - math.log2(rank)
 
 
+# Epsilons at which `exposure_bound` reads a privacy profile: every (eps, delta(eps)) pair is a
+# valid guarantee, so a grid only loosens the bound; 0 and 600 log-spaced points to 700.
+BOUND_EPSILONS = np.concatenate([[0.0], np.geomspace(1e-3, 700.0, 600)])
+
+
+def exposure_bound(epsilons, deltas, references: int) -> dict[str, float]:
+  """What (epsilon, delta)-DP for a canary's copies allows its rank exposure (`exposure`) to be.
+
+  If the canary's secret had not been inserted, its rank among the N = references + 1 candidates
+  would be uniform (it is a random draw from them) or worse (ties), so P[rank <= k] <= k / N;
+  DP for the group of its copies turns that into P[rank <= k] <= F(k) = min(1, min_j
+  e^eps_j k / N + delta_j) for the inserted one (the hypothesis-testing reading of DP; Carlini
+  et al. 2019, Sec. 9, relate exposure to DP in the same way). Exposure falls with the rank, so
+  its expectation is largest when rank has exactly the CDF F: the bound is sum_k (F(k) -
+  F(k - 1)) log2(N / k). Without DP (delta 1) it is log2 N, the maximum; at (0, 0) it is chance.
+
+  Args:
+    epsilons, deltas: pairs (eps_j, delta_j), each a guarantee the run meets for the group of the
+      canary's copies (`PrivacyLedger.group_deltas` at `BOUND_EPSILONS`, with truncation).
+    references: candidates other than the secret (the reference set's size).
+
+  Returns:
+    {"mean": the bound on the expected exposure in bits, "rank_one": the bound on the
+    probability that the secret ranks first, i.e. is the model's most likely completion}.
+  """
+  eps = np.asarray(epsilons, np.float64).reshape(-1)
+  dlt = np.asarray(deltas, np.float64).reshape(-1)
+  if eps.shape != dlt.shape or not eps.size:
+    raise ValueError(f"need as many deltas as epsilons (at least one), got {eps.size} and "
+                     f"{dlt.size}")
+  if np.any(eps < 0) or np.any(dlt < 0) or np.any(dlt > 1) or np.isnan(eps).any():
+    raise ValueError("epsilons must be >= 0 and deltas in [0, 1]")
+  if int(references) != references or references < 1:
+    raise ValueError(f"references must be a positive integer, got {references=}")
+  n = int(references) + 1
+  frac = np.arange(1, n + 1, dtype=np.float64) / n
+  cdf = np.ones(n)
+  for e, d in zip(eps, dlt):
+    if d < 1 and e < 700:
+      np.minimum(cdf, math.exp(e) * frac + d, out=cdf)
+  mass = np.diff(np.concatenate([[0.0], cdf]))
+  return {"mean": float(mass @ (math.log2(n) - np.log2(np.arange(1, n + 1)))),
+          "rank_one": float(cdf[0])}
+
+
 def lm_windows(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
   """One next-token window per text, as `data.lm_examples` cuts a role's stream: inputs are tokens
   0..L-1, targets 1..L, the rest padded (target_mask False); a character tokenizer's text ends
