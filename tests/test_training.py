@@ -417,7 +417,8 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
 def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(tmp_path):
   """Secret Sharer canaries in Hamlet's windows (non-DP, a small decoder, 2 epochs): two secrets
   inserted once and two inserted 64 times; the repeated ones are exposed (here 5.1 and 10.0 bits
-  of at most 10), the single ones are not (0.2 and 0.7; 1.44 is chance)."""
+  of at most 10), the single ones are not (0.2 and 0.7; 1.44 is chance). By extrapolation from
+  500 random candidates: 5.5 and 11.1, 0.2 and 0.7."""
   sys.path.insert(0, str(REPO))
   from configs import dp_shakespeare  # pylint: disable=import-outside-toplevel
   from trustjax import data as tjdata  # pylint: disable=import-outside-toplevel
@@ -441,9 +442,22 @@ def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(t
   assert summary["canary_exposure"]["x64"] == pytest.approx(np.mean(
       summary["canary_exposures"]["x64"]))
   assert "## Canary exposure" in (tmp_path / cfg.train.run_name / "report.md").read_text()
+  assert summary["canary_exposure_method"] == "rank" and "canary_exposure_bound" not in summary
+  # The same model by extrapolation (canaries.references): the final checkpoint's parameters
+  # give the summary's rank exposures again, and a skew-normal fitted to 500 random candidates
+  # separates the secrets the rank form separates.
+  state, _ = training.Checkpointer(str(tmp_path / cfg.train.run_name / "checkpoints")).restore(
+      setup.init_state())
+  score = lambda **kw: canaries.lm_exposures(
+      setup.loss_fn, state.params, setup.tokenizer, cfg.canaries.template, setup.canary_secrets,
+      digits=3, seq_len=80, **kw)
+  np.testing.assert_allclose(score()[2:], summary["canary_exposures"]["x64"], rtol=1e-6)
+  extrapolated = score(references=500)
+  assert max(extrapolated[:2]) < 4.0 < min(extrapolated[2:])
   for field, value, message in [
       ("canaries.repeats", (0, 4), "canaries.repeats must list counts >= 1"),
       ("canaries.digits", 7, "canaries.digits must lie in"),
+      ("canaries.references", 50, r"canaries.references must be 0 .* or lie in \[100, 996\]"),
       ("canaries.template", "pin", "exactly one"),
       ("canaries.template", "código {}", r"the tokenizer lacks: \['ó'\]")]:
     with pytest.raises(ValueError, match=message):

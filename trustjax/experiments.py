@@ -104,9 +104,15 @@ def check_canaries(cfg) -> None:
                      "'shakespeare'); for classifiers, scripts/audit.py plants and scores canaries")
   if not c.repeats or any(r < 1 for r in c.repeats):
     raise ValueError(f"canaries.repeats must list counts >= 1, got {tuple(c.repeats)}")
-  if not 1 <= c.digits <= 6 or c.num * len(c.repeats) >= 10 ** c.digits:
-    raise ValueError(f"canaries.digits must lie in [1, 6] and leave candidates beyond the "
+  top = 18 if c.references else 6
+  if not 1 <= c.digits <= top or c.num * len(c.repeats) >= 10 ** c.digits:
+    raise ValueError(f"canaries.digits must lie in [1, {top}] (6 when every candidate is scored, "
+                     "canaries.references=0) and leave candidates beyond the "
                      f"{c.num * len(c.repeats)} secrets, got {c.digits}")
+  if c.references and not 100 <= c.references <= 10 ** c.digits - c.num * len(c.repeats):
+    raise ValueError(f"canaries.references must be 0 (score every candidate) or lie in [100, "
+                     f"{10 ** c.digits - c.num * len(c.repeats)}] (the candidates not inserted), "
+                     f"got {c.references}")
   canaries.fill(c.template, ["0"])  # exactly one "{}"
 
 
@@ -453,14 +459,16 @@ class Setup:
     exp = canaries.lm_exposures(self.loss_fn, jax.device_get(params), self.tokenizer,
                                 c.template, self.canary_secrets, digits=c.digits,
                                 seq_len=self.cfg.data.max_length,
-                                batch_size=self.cfg.train.eval_batch_size)
+                                batch_size=self.cfg.train.eval_batch_size,
+                                references=c.references, seed=self.cfg.seed)
     groups = np.asarray(self.canary_groups)
-    refs = 10 ** c.digits - len(self.canary_secrets)
+    n = 10 ** c.digits - len(self.canary_secrets) + 1  # the candidates a secret ranks among
     return {"canary_exposure": {f"x{r}": float(exp[groups == r].mean()) for r in c.repeats},
             "canary_exposures": {f"x{r}": exp[groups == r].tolist() for r in c.repeats},
-            "canary_exposure_max": math.log2(refs + 1),
-            "canary_exposure_chance": sum(math.log2((refs + 1) / k)
-                                          for k in range(1, refs + 2)) / (refs + 1)}
+            "canary_exposure_method": "extrapolation" if c.references else "rank",
+            "canary_exposure_max": math.log2(n),
+            # the mean of log2(N / k) over the ranks k = 1 .. N: log2 N - log2(N!) / N
+            "canary_exposure_chance": math.log2(n) - math.lgamma(n + 1) / (n * math.log(2))}
 
   def init_state(self) -> training.TrainState:
     key = jax.random.key(self.cfg.seed)
@@ -715,8 +723,10 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
               f"{c.num} random {c.digits}-digit secrets per insertion count, each in its own "
               f"training window \"{c.template}\"; exposure (Carlini et al. 2019) ranks a "
               f"secret's loss among the {10 ** c.digits - len(c.repeats) * c.num}"
-              " candidates never inserted: at most "
-              f"{summary['canary_exposure_max']:.2f} bits, "
+              " candidates never inserted" + (
+                  f" (estimated from {c.references} of them at random by a fitted skew-normal, "
+                  "which is not capped at the rank form's maximum)" if c.references else "")
+              + f": at most {summary['canary_exposure_max']:.2f} bits, "
               f"{summary['canary_exposure_chance']:.2f} on average by chance.", "",
               reporting.markdown_table(
                   ["inserted", "mean exposure (bits)", "each"] + (
@@ -860,7 +870,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.canaries = ml_collections.ConfigDict()
   c.canaries.num = 0  # per repeat count; 0 = none
   c.canaries.repeats = (1, 4, 16)
-  c.canaries.digits = 4  # secret space 10**digits, every candidate scored
+  c.canaries.digits = 4  # secret space 10**digits (at most 6 when every candidate is scored)
+  # 0: score every candidate (rank form); R >= 100: score R random ones and extrapolate with a
+  # fitted skew-normal (Carlini et al. 2019, Sec. 4.3), for spaces of up to 10**18
+  c.canaries.references = 0
   c.canaries.template = "my pin code is {}"
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | sgd

@@ -67,18 +67,24 @@ def test_lm_windows_cut_a_canary_as_the_role_streams_are_cut():
     canaries.lm_windows(tok, ["my pin code is 0427"], 10)
 
 
-def test_lm_exposures_rank_each_secret_among_the_candidates_not_inserted():
-  """A 'model' whose loss is a fixed function of the window (so every rank is known): the
-  exposures equal a loop over the candidates that leaves the other inserted secrets out; the
-  batch size (the last batch padded) does not matter."""
-  tok = ascii_tokenizer()
-  w = np.random.default_rng(0).normal(size=12)
+def _linear_lm(seq_len):
+  """A 'language model' whose loss is a fixed linear function of the window's input ids, so
+  every candidate's loss is known in numpy: (loss_fn, params, float64 weights)."""
+  w = np.random.default_rng(0).normal(size=seq_len)
 
   def loss_fn(params, batch):
     x = batch["inputs"].astype(jnp.float32)
     return (x * params["w"]).sum(-1) * batch["target_mask"].any(-1)
 
-  params = {"w": jnp.asarray(w, jnp.float32)}
+  return loss_fn, {"w": jnp.asarray(w, jnp.float32)}, w
+
+
+def test_lm_exposures_rank_each_secret_among_the_candidates_not_inserted():
+  """A 'model' whose loss is a fixed function of the window (so every rank is known): the
+  exposures equal a loop over the candidates that leaves the other inserted secrets out; the
+  batch size (the last batch padded) does not matter."""
+  tok = ascii_tokenizer()
+  loss_fn, params, w = _linear_lm(12)
   secrets = ["017", "342", "999"]
   got = canaries.lm_exposures(loss_fn, params, tok, "pin {}", secrets, digits=3, seq_len=12,
                               batch_size=128)
@@ -144,3 +150,83 @@ def test_exposure_bound_against_linear_programs_and_its_ends():
     canaries.exposure_bound([1.0], [1.5], refs)
   with pytest.raises(ValueError, match="references must be a positive integer"):
     canaries.exposure_bound([1.0], [0.0], 0)
+
+
+def test_exposure_bound_in_blocks_for_large_spaces():
+  """Past 2^14 candidates the bound is summed in blocks of 0.1%: never below the exact sum (a
+  rank-by-rank loop here) and within 0.01 bits of it; at 10^12 candidates perfect privacy gives
+  chance, 1 / ln 2 in the limit, to 1e-3."""
+  eps, deltas = [0.0, 0.5, 1.0, 2.0, 4.0], [0.3, 0.1, 0.03, 0.004, 1e-5]
+  refs = 49_999
+  n = refs + 1
+  k = np.arange(1, n + 1)
+  cdf = np.minimum(1.0, np.min([np.exp(e) * k / n + d for e, d in zip(eps, deltas)], axis=0))
+  exact = np.diff(np.concatenate([[0.0], cdf])) @ (np.log2(n) - np.log2(k))
+  got = canaries.exposure_bound(eps, deltas, refs)
+  assert exact <= got["mean"] <= exact + 0.01
+  assert got["rank_one"] == pytest.approx(cdf[0])
+  chance = canaries.exposure_bound([0.0], [0.0], 10 ** 12)["mean"]
+  assert 1 / math.log(2) <= chance <= 1 / math.log(2) + 1e-3
+
+
+def test_extrapolated_exposure_estimates_the_rank_form_from_a_sample():
+  """Losses of a million candidates from a skew-normal; a fit to 10,000 of them gives each
+  secret's exposure within 0.3 bits of its rank among all million (Carlini et al.'s 4.3)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  population = stats.skewnorm.rvs(4.0, loc=2.0, scale=0.5, size=1_000_000, random_state=1)
+  sample = np.random.default_rng(0).choice(population, 10_000, replace=False)
+  secrets = np.quantile(population, [0.5, 1e-2, 1e-3, 1e-4, 1e-5])
+  got = canaries.extrapolated_exposure(secrets, sample)
+  want = [canaries.exposure(s, population) for s in secrets]
+  np.testing.assert_allclose(got, want, atol=0.3)
+  # Past float64's CDF (scipy's log CDF is -inf there) the tail is integrated in logs: finite,
+  # and steeper than linear in the distance (a Gaussian-like tail).
+  far = canaries.extrapolated_exposure([-20.0, -40.0], sample)
+  assert np.all(np.isfinite(far)) and far[1] > 3 * far[0] > 3000
+  with pytest.raises(ValueError, match="at least 100 reference losses"):
+    canaries.extrapolated_exposure([1.0], sample[:99])
+  with pytest.raises(ValueError, match="all equal"):
+    canaries.extrapolated_exposure([1.0], np.ones(200))
+  with pytest.raises(ValueError, match="finite"):
+    canaries.extrapolated_exposure([np.nan], sample)
+
+
+def test_skewnorm_log_cdf_in_the_far_tail_against_mpmath():
+  """The quadrature branch (where scipy's log CDF underflows to -inf) against mpmath's 50-digit
+  integral of 2 phi(t) Phi(a t), split ever finer towards z where the mass sits, and for a = 0
+  against mpmath's normal CDF."""
+  import mpmath  # pylint: disable=import-outside-toplevel
+  mpmath.mp.dps = 50
+  for shape, z in [(3.0, -25.0), (0.0, -40.0), (-2.0, -39.0)]:
+    got = canaries._skewnorm_logcdf(np.array([z]), shape)[0]  # pylint: disable=protected-access
+    f = lambda t, a=shape: 2 * mpmath.npdf(t) * mpmath.ncdf(a * t)
+    pieces = [-mpmath.inf] + [z - d for d in (10, 3, 1, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)] + [z]
+    assert got == pytest.approx(float(mpmath.log(mpmath.quad(f, pieces))), rel=1e-9)
+  got = canaries._skewnorm_logcdf(np.array([-40.0]), 0.0)[0]  # pylint: disable=protected-access
+  assert got == pytest.approx(float(mpmath.log(mpmath.ncdf(-40))), rel=1e-12)
+
+
+def test_sample_candidates_and_lm_exposures_by_extrapolation():
+  s = canaries.sample_candidates(500, digits=12, exclude=["000000000001"], seed=3)
+  assert len(set(s)) == 500 and all(len(x) == 12 and x.isdigit() for x in s)
+  assert s == canaries.sample_candidates(500, digits=12, exclude=["000000000001"], seed=3)
+  assert s != canaries.sample_candidates(500, digits=12, seed=4)
+  small = canaries.sample_candidates(998, digits=3, exclude=["017", "342"])
+  assert sorted(small) == sorted(f"{i:03d}" for i in range(1000) if i not in (17, 342))
+  with pytest.raises(ValueError, match=r"references must lie in \[100, 998\]"):
+    canaries.sample_candidates(999, digits=3, exclude=["017", "342"])
+  with pytest.raises(ValueError, match=r"digits must lie in \[1, 18\]"):
+    canaries.sample_candidates(100, digits=19)
+  # The driver's call: the sampled candidates' losses are the references of the fit.
+  tok = ascii_tokenizer()
+  loss_fn, params, w = _linear_lm(16)
+  secrets = ["00000017", "12345678"]
+  got = canaries.lm_exposures(loss_fn, params, tok, "pin {}", secrets, digits=8, seq_len=16,
+                              references=300, seed=5)
+  loss = lambda texts: (canaries.lm_windows(tok, canaries.fill("pin {}", texts), 16)[
+      "inputs"].astype(np.float32) * w.astype(np.float32)).sum(-1)
+  refs = canaries.sample_candidates(300, digits=8, exclude=secrets, seed=5)
+  np.testing.assert_allclose(got, canaries.extrapolated_exposure(loss(secrets), loss(refs)),
+                             rtol=1e-4)
+  with pytest.raises(ValueError, match="all_secrets|digits must lie in"):
+    canaries.lm_exposures(loss_fn, params, tok, "pin {}", secrets, digits=8, seq_len=16)

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from scipy import integrate, special, stats
 
 from trustjax.data.batching import padded_batches
 from trustjax.data.corpus import TextDataset
@@ -91,6 +92,49 @@ def exposure(secret_perplexity, reference_perplexities) -> float:
   return math.log2(ref.size + 1) - math.log2(rank)
 
 
+def _skewnorm_logcdf(z: np.ndarray, shape: float) -> np.ndarray:
+  """log CDF of the standard skew-normal: scipy's (accurate to float64's smallest numbers), and
+  past its underflow the log of 2 * integral phi(t) Phi(shape t) over t < z by quadrature
+  relative to the integrand's value at z."""
+  out = np.asarray(stats.skewnorm.logcdf(z, shape), np.float64)
+  for i in np.flatnonzero(~np.isfinite(out)):
+    log_f = lambda t: stats.norm.logpdf(t) + special.log_ndtr(shape * t)
+    top = log_f(z[i])
+    rest = integrate.quad(lambda u: math.exp(log_f(z[i] - u) - top), 0.0, math.inf)[0]
+    out[i] = math.log(2.0) + top + math.log(rest)
+  return out
+
+
+def extrapolated_exposure(secret_losses, reference_losses) -> np.ndarray:
+  """Exposure by extrapolation, for secret spaces too big to score whole (Carlini et al. 2019,
+  Sec. 4.3, "approximation by distribution modeling"): a skew-normal fitted by maximum likelihood
+  to the losses of candidates drawn at random from the space (`scipy.stats.skewnorm.fit`), and
+  each secret's exposure read as -log2 of the fitted CDF at its loss, an estimate of the rank
+  form's log2 |R| - log2 rank over the whole space. Unlike the rank form it is not capped at
+  log2 |R| (a loss below every sampled one still gets a finite value from the fitted tail), and
+  it is only as good as the fit in that tail.
+
+  Args:
+    secret_losses: [s] the model's losses (or log-perplexities) on the inserted secrets.
+    reference_losses: [r >= 100] the same on random candidates that were not inserted.
+
+  Returns:
+    float64 [s] exposures in bits.
+  """
+  ref = np.asarray(reference_losses, np.float64).reshape(-1)
+  sec = np.asarray(secret_losses, np.float64).reshape(-1)
+  if ref.size < 100:
+    raise ValueError(f"a skew-normal fit needs at least 100 reference losses, got {ref.size}")
+  if not (np.isfinite(ref).all() and np.isfinite(sec).all()):
+    raise ValueError("losses must be finite")
+  if ref.std() == 0:
+    raise ValueError("the reference losses are all equal: nothing to fit")
+  shape, loc, scale = stats.skewnorm.fit(ref)
+  return -_skewnorm_logcdf((sec - loc) / scale, shape) / math.log(2.0)
+
+
+_EXACT_BELOW = 2 ** 14  # exposure_bound sums rank by rank up to here
+
 # Epsilons at which `exposure_bound` reads a privacy profile: every (eps, delta(eps)) pair is a
 # valid guarantee, so a grid only loosens the bound; 0 and 600 log-spaced points to 700.
 BOUND_EPSILONS = np.concatenate([[0.0], np.geomspace(1e-3, 700.0, 600)])
@@ -105,7 +149,9 @@ def exposure_bound(epsilons, deltas, references: int) -> dict[str, float]:
   e^eps_j k / N + delta_j) for the inserted one (the hypothesis-testing reading of DP; Carlini
   et al. 2019, Sec. 9, relate exposure to DP in the same way). Exposure falls with the rank, so
   its expectation is largest when rank has exactly the CDF F: the bound is sum_k (F(k) -
-  F(k - 1)) log2(N / k). Without DP (delta 1) it is log2 N, the maximum; at (0, 0) it is chance.
+  F(k - 1)) log2(N / k), summed exactly below 2^14 candidates and bounded from above in blocks
+  of 0.1% beyond (so spaces of 10^18 secrets take milliseconds). Without DP (delta 1) it is
+  log2 N, the maximum; at (0, 0) it is chance.
 
   Args:
     epsilons, deltas: pairs (eps_j, delta_j), each a guarantee the run meets for the group of the
@@ -126,14 +172,23 @@ def exposure_bound(epsilons, deltas, references: int) -> dict[str, float]:
   if int(references) != references or references < 1:
     raise ValueError(f"references must be a positive integer, got {references=}")
   n = int(references) + 1
-  frac = np.arange(1, n + 1, dtype=np.float64) / n
-  cdf = np.ones(n)
+  # Summation by parts: E = sum_{k=1}^{N-1} F(k) log2(1 + 1/k). F rises while the weights
+  # telescope, so a block a <= k < b adds at most F(b - 1) log2(b / a): blocks of one below
+  # 2^14 (exact), then blocks growing by 0.1% to N (an upper bound, looser by less than F's rise
+  # over a block; spaces of 10^18 take about 4 * 10^4 blocks).
+  edges = np.arange(1, min(n, _EXACT_BELOW) + 1, dtype=np.float64)
+  if n > _EXACT_BELOW:
+    grown = np.unique(np.round(np.geomspace(_EXACT_BELOW, n, 2 + int(
+        math.log(n / _EXACT_BELOW) / math.log1p(1e-3)))))
+    edges = np.concatenate([edges, grown[grown > _EXACT_BELOW]])
+  ends = edges[1:] - 1.0  # each block's last k
+  cdf = np.ones(ends.size)
+  rank_one = 1.0
   for e, d in zip(eps, dlt):
     if d < 1 and e < 700:
-      np.minimum(cdf, math.exp(e) * frac + d, out=cdf)
-  mass = np.diff(np.concatenate([[0.0], cdf]))
-  return {"mean": float(mass @ (math.log2(n) - np.log2(np.arange(1, n + 1)))),
-          "rank_one": float(cdf[0])}
+      np.minimum(cdf, math.exp(e) * ends / n + d, out=cdf)
+      rank_one = min(rank_one, math.exp(e) / n + d)
+  return {"mean": float(cdf @ np.log2(edges[1:] / edges[:-1])), "rank_one": float(rank_one)}
 
 
 def lm_windows(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
@@ -158,25 +213,54 @@ def lm_windows(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.nd
 
 
 def lm_exposures(loss_fn: Callable, params, tokenizer, template: str, secrets: Sequence[str], *,
-                 digits: int, seq_len: int, batch_size: int = 1024) -> np.ndarray:
-  """Each inserted secret's exposure in a language model (Carlini et al. 2019, Sec. 4): every
-  candidate secret of `digits` digits is filled into `template` and scored by `loss_fn` (the
-  model's per-window mean next-token loss: every candidate has the same number of tokens, so
-  this ranks as the log-perplexity does); a secret's rank is among the candidates that were not
-  inserted (the other canaries' secrets are left out of every reference set).
+                 digits: int, seq_len: int, batch_size: int = 1024, references: int = 0,
+                 seed: int = 0) -> np.ndarray:
+  """Each inserted secret's exposure in a language model (Carlini et al. 2019, Sec. 4), scored
+  by `loss_fn` (the model's per-window mean next-token loss: every candidate has the same number
+  of tokens, so this ranks as the log-perplexity does).
 
-  Returns float64 [len(secrets)] exposures in bits (at most log2 of the references + 1; about
-  1/ln 2 = 1.44 on average for a model that learned nothing about them)."""
+  references=0 (the rank form): every candidate secret of `digits` digits (at most 6) is filled
+  into `template` and scored, and a secret's rank is among the candidates that were not inserted
+  (the other canaries' secrets are left out of every reference set). references=R > 0
+  (extrapolation, `extrapolated_exposure`; up to 18 digits): R candidates drawn at random without
+  replacement (stream `seed`) from those not inserted are scored instead, and a skew-normal fitted
+  to their losses gives each secret's exposure.
+
+  Returns float64 [len(secrets)] exposures in bits (the rank form's at most log2 of the
+  references + 1; about 1/ln 2 = 1.44 on average for a model that learned nothing about them)."""
+  if not len(secrets) or any(len(s) != digits or not s.isdigit() for s in secrets):
+    raise ValueError(f"secrets must be {digits}-digit strings (at least one), got "
+                     f"{[s for s in secrets if len(s) != digits or not s.isdigit()] or secrets}")
+  step = jax.jit(loss_fn)
+
+  def losses(texts):
+    windows = lm_windows(tokenizer, fill(template, texts), seq_len)
+    return np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
+                           for b in padded_batches(windows, batch_size)])  # the last one padded
+
+  if references:
+    return extrapolated_exposure(losses(list(secrets)), losses(sample_candidates(
+        references, digits=digits, exclude=secrets, seed=seed)))
   candidates = all_secrets(digits)
   index = {c: i for i, c in enumerate(candidates)}
-  missing = [s for s in secrets if s not in index]
-  if missing or not len(secrets):
-    raise ValueError(f"secrets must be {digits}-digit strings (at least one), got {missing}")
-  windows = lm_windows(tokenizer, fill(template, candidates), seq_len)
-  step = jax.jit(loss_fn)
-  losses = np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
-                           for b in padded_batches(windows, batch_size)])  # the last one padded
+  scores = losses(candidates)
   inserted = np.zeros(len(candidates), bool)
   inserted[[index[s] for s in secrets]] = True
-  refs = losses[~inserted]
-  return np.asarray([exposure(losses[index[s]], refs) for s in secrets])
+  refs = scores[~inserted]
+  return np.asarray([exposure(scores[index[s]], refs) for s in secrets])
+
+
+def sample_candidates(num: int, *, digits: int, exclude: Sequence[str] = (),
+                      seed: int = 0) -> list[str]:
+  """`num` distinct random secrets of `digits` digits (at most 18) outside `exclude`: the
+  reference sample of exposure by extrapolation."""
+  if not 1 <= digits <= 18:
+    raise ValueError(f"digits must lie in [1, 18], got {digits=}")
+  space, skip = 10 ** digits, {int(s) for s in exclude}
+  if not 100 <= num <= space - len(skip):
+    raise ValueError(f"references must lie in [100, {space - len(skip)}] (the candidates not "
+                     f"inserted), got {num}")
+  rng = np.random.default_rng([seed, 1])
+  picks = [int(p) for p in rng.choice(space, size=min(space, num + len(skip)), replace=False)
+           if int(p) not in skip]
+  return [f"{p:0{digits}d}" for p in picks[:num]]
