@@ -51,6 +51,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trustjax.attacks import canaries  # pylint: disable=wrong-import-position
 from trustjax.experiments import canary_bounds, default_delta  # pylint: disable=wrong-import-position
 from trustjax.privacy import accounting, sampling  # pylint: disable=wrong-import-position
 from trustjax.privacy.dp_mf import (  # pylint: disable=wrong-import-position
@@ -347,10 +348,9 @@ def _canary_table(args, runs: list) -> str:
                                f"{b['canary_rank_one_bound'][k]:.3g}"]
                               if k in b["canary_group_epsilon"] else
                               ["none (amplified MF: one copy only)", "-", "-"]))
-  n = refs + 1
-  chance = sum(math.log2(n / k) for k in range(1, n + 1)) / n
-  return (f"\n\nCanaries among {refs} other candidates (exposure at most {math.log2(n):.2f} "
-          f"bits, {chance:.2f} on average by chance): what each guarantee allows a canary "
+  return (f"\n\nCanaries among {refs} other candidates (exposure at most "
+          f"{math.log2(refs + 1):.2f} bits, {canaries.chance_exposure(refs + 1):.2f} on average "
+          "by chance): what each guarantee allows a canary "
           "inserted r times (group epsilon at the run's delta; bounds with the truncation term)"
           "\n\n" + reporting.markdown_table(
               ["run", "copies", "group epsilon (PLD)", "bound on the mean exposure (bits)",

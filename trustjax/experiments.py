@@ -467,8 +467,7 @@ class Setup:
             "canary_exposures": {f"x{r}": exp[groups == r].tolist() for r in c.repeats},
             "canary_exposure_method": "extrapolation" if c.references else "rank",
             "canary_exposure_max": math.log2(n),
-            # the mean of log2(N / k) over the ranks k = 1 .. N: log2 N - log2(N!) / N
-            "canary_exposure_chance": math.log2(n) - math.lgamma(n + 1) / (n * math.log(2))}
+            "canary_exposure_chance": canaries.chance_exposure(n)}
 
   def init_state(self) -> training.TrainState:
     key = jax.random.key(self.cfg.seed)

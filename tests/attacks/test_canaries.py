@@ -126,6 +126,7 @@ def test_exposure_bound_against_linear_programs_and_its_ends():
   chance = np.mean(np.log2(n) - np.log2(np.arange(1, n + 1)))
   b = canaries.exposure_bound([0.0], [0.0], refs)  # perfect privacy: chance, as if not inserted
   assert b["mean"] == pytest.approx(chance) and b["rank_one"] == pytest.approx(1 / n)
+  assert canaries.chance_exposure(n) == pytest.approx(chance, rel=1e-12)
   b = canaries.exposure_bound([3.0], [1.0], refs)  # no guarantee: the top rank
   assert b["mean"] == pytest.approx(math.log2(n)) and b["rank_one"] == 1.0
   for eps, deltas in [([1.0], [0.0]), ([0.5, 1.0, 2.0], [0.05, 0.01, 0.0]),
@@ -166,7 +167,8 @@ def test_exposure_bound_in_blocks_for_large_spaces():
   assert exact <= got["mean"] <= exact + 0.01
   assert got["rank_one"] == pytest.approx(cdf[0])
   chance = canaries.exposure_bound([0.0], [0.0], 10 ** 12)["mean"]
-  assert 1 / math.log(2) <= chance <= 1 / math.log(2) + 1e-3
+  assert canaries.chance_exposure(10 ** 12 + 1) <= chance <= 1 / math.log(2) + 1e-3
+  assert canaries.chance_exposure(10 ** 12 + 1) == pytest.approx(1 / math.log(2), abs=1e-9)
 
 
 def test_extrapolated_exposure_estimates_the_rank_form_from_a_sample():

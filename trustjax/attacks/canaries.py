@@ -191,6 +191,16 @@ def exposure_bound(epsilons, deltas, references: int) -> dict[str, float]:
   return {"mean": float(cdf @ np.log2(edges[1:] / edges[:-1])), "rank_one": float(rank_one)}
 
 
+def chance_exposure(candidates: int) -> float:
+  """The mean rank exposure of a secret the model knows nothing about, ranked uniformly among
+  `candidates` N (itself included): the mean of log2(N / k) over k = 1 .. N, log2 N - log2(N!) / N
+  (1 / ln 2 = 1.4427 bits as N grows)."""
+  if int(candidates) != candidates or candidates < 1:
+    raise ValueError(f"candidates must be a positive integer, got {candidates=}")
+  n = int(candidates)
+  return math.log2(n) - math.lgamma(n + 1) / (n * math.log(2.0))
+
+
 def lm_windows(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
   """One next-token window per text, as `data.lm_examples` cuts a role's stream: inputs are tokens
   0..L-1, targets 1..L, the rest padded (target_mask False); a character tokenizer's text ends
