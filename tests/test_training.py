@@ -443,6 +443,7 @@ def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(t
       summary["canary_exposures"]["x64"]))
   assert "## Canary exposure" in (tmp_path / cfg.train.run_name / "report.md").read_text()
   assert summary["canary_exposure_method"] == "rank" and "canary_exposure_bound" not in summary
+  assert (tmp_path / cfg.train.run_name / "plots" / "canary_exposure.png").stat().st_size > 0
   # The same model by extrapolation (canaries.references): the final checkpoint's parameters
   # give the summary's rank exposures again, and a skew-normal fitted to 500 random candidates
   # separates the secrets the rank form separates.

@@ -676,8 +676,41 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                                 ("accuracy", ("eval_accuracy",)), ("privacy", ("epsilon",))]
                         if setup.dp_config else [("loss", ("train_loss", "eval_loss")),
                                                  ("accuracy", ("eval_accuracy",))])
+  if "canary_exposure" in summary:
+    _plot_canaries(summary, os.path.join(workdir, "plots", "canary_exposure.png"))
   _write_report(workdir, cfg, summary, result.history)
   return summary
+
+
+def _plot_canaries(summary: dict, path: str) -> None:
+  """Each canary's exposure against its insertion count, the means, chance, the rank form's
+  maximum and, for DP runs, what the guarantee allows the mean to be."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  keys = sorted(summary["canary_exposure"], key=lambda k: int(k[1:]))  # JSON sorts "x16" < "x4"
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for i, k in enumerate(keys):
+    each = summary["canary_exposures"][k]
+    ax.scatter([i] * len(each), each, color="tab:blue", alpha=0.6, s=18,
+               label="each canary" if i == 0 else None)
+  ax.plot(range(len(keys)), [summary["canary_exposure"][k] for k in keys], "o-",
+          color="tab:blue", label="mean")
+  bounds = summary.get("canary_exposure_bound", {})
+  if bounds:
+    shown = [i for i, k in enumerate(keys) if k in bounds]
+    ax.plot(shown, [bounds[keys[i]] for i in shown], "v--", color="tab:red",
+            label="bound on the mean (DP)")
+  ax.axhline(summary["canary_exposure_chance"], color="gray", ls=":", label="chance")
+  ax.axhline(summary["canary_exposure_max"], color="black", ls="--", lw=0.8,
+             label="rank form's maximum")
+  ax.set_xticks(range(len(keys)), [f"{k[1:]}x" for k in keys])
+  ax.set_xlabel("insertions")
+  ax.set_ylabel("exposure (bits)")
+  ax.set_title("canary exposure (" + summary.get("canary_exposure_method", "rank") + ")")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  reporting.save_figure(fig, path)
 
 
 # Fields a resumed run may change: how long to train and what to measure at the end.
@@ -739,6 +772,7 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                         if k in summary.get("canary_exposure_bound", {}) else
                         ["-"] * 3 if "canary_exposure_bound" in summary else [])
                    for k in summary["canary_exposure"]]), ""]
+    lines += ["![canary exposure](plots/canary_exposure.png)", ""]
     if "canary_exposure_bound" in summary:
       lines += ["The bounds follow from the run's guarantee alone: the group of a canary's r "
                 "copies is (group epsilon, delta)-DP (tight group accounting for DP-SGD, "
