@@ -1,12 +1,18 @@
 """Canary helpers and exposure against its definition (classifier and language-model canaries)."""
 
+import importlib.util
+import json
 import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import REPO
+from tests.privacy.helpers import checkpoint_with_ledger
 from trustjax.attacks import canaries
+from trustjax.experiments import canary_bounds
+from trustjax.privacy import accounting
 from trustjax.data import TextDataset
 from trustjax.data.shakespeare import RoleCorpus, lm_examples
 from trustjax.experiments import ascii_tokenizer
@@ -232,3 +238,49 @@ def test_sample_candidates_and_lm_exposures_by_extrapolation():
                              rtol=1e-4)
   with pytest.raises(ValueError, match="all_secrets|digits must lie in"):
     canaries.lm_exposures(loss_fn, params, tok, "pin {}", secrets, digits=8, seq_len=16)
+
+
+def test_canary_tables_script(tmp_path, capsys):
+  """scripts/canary_tables.py on three run folders: non-DP, DP with the bounds in its summary,
+  and DP from before them (bounds computed from its checkpoint's ledger, equal to
+  `experiments.canary_bounds`); counts in numeric order; ranked first = exposure at the maximum."""
+  spec = importlib.util.spec_from_file_location("canary_tables",
+                                                REPO / "scripts" / "canary_tables.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  top = math.log2(996)
+  base = {"canary_exposure_max": top, "canary_exposure_chance": canaries.chance_exposure(996),
+          "canary_exposure_method": "rank"}
+  ledger = accounting.PrivacyLedger()
+  ledger.record(noise_multiplier=1.0, sampling_rate=0.02, steps=100)
+  bounds = canary_bounds(ledger, (1, 16), 1e-5, 995)
+  runs = {
+      "nondp": dict(base, canary_exposure={"x16": 10.0, "x1": 1.0},
+                    canary_exposures={"x16": [top, 6.0], "x1": [1.5, 0.5]}),
+      "dp_new": dict(base, epsilon=2.0, delta=1e-5, canary_exposure={"x1": 1.2, "x16": 2.0},
+                     canary_exposures={"x1": [1.2, 1.2], "x16": [2.0, 2.0]}, **bounds),
+      "dp_old": dict(base, epsilon=2.0, delta=1e-5, canary_exposure={"x1": 0.9, "x16": 1.1},
+                     canary_exposures={"x1": [0.9, 0.9], "x16": [1.1, 1.1]})}
+  for name, summary in runs.items():
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+  checkpoint_with_ledger(tmp_path / "dp_old" / "checkpoints", ledger)
+  plot = tmp_path / "plots" / "exposure.png"
+  script.main([str(tmp_path / n) for n in runs] + ["--plot", str(plot)])
+  out = capsys.readouterr().out
+  rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+          if line.startswith("| ") and not line.startswith("| run")]
+  assert [r[:3] for r in rows] == [["nondp", "-", "1"], ["nondp", "-", "16"],
+                                   ["dp_new", "2", "1"], ["dp_new", "2", "16"],
+                                   ["dp_old", "2", "1"], ["dp_old", "2", "16"]]
+  assert rows[1][3:5] == ["10.00 (6.0-10.0)", "1 of 2"] and rows[0][5:] == ["-", "-", "-"]
+  for r in rows[2:]:
+    k = f"x{r[2]}"
+    assert float(r[5]) == pytest.approx(bounds["canary_group_epsilon"][k], rel=1e-3)
+    assert float(r[6]) == pytest.approx(bounds["canary_exposure_bound"][k], abs=5e-3)
+  assert plot.stat().st_size > 0
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "summary.json").write_text(json.dumps({"epsilon": 1.0}))
+  with pytest.raises(SystemExit):
+    script.main([str(tmp_path / "nondp"), str(tmp_path / "other")])
+  assert "has no canaries" in capsys.readouterr().err

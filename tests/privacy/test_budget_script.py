@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.privacy.helpers import checkpoint_with_ledger
 from trustjax import training
 from trustjax.experiments import default_delta
 from trustjax.privacy import accounting, sampling
@@ -184,40 +185,33 @@ def test_bad_budget_input_is_named(capsys, args, message):
   assert code == 2 and message in err, err[-2000:]
 
 
-def _checkpoint(folder, ledger, step=3):
-  state = training.TrainState(step=np.int32(step), params={"w": np.zeros(2, np.float32)},
-                              opt_state=(), rng=np.zeros(2, np.uint32), clip=np.float32(1))
-  training.Checkpointer(str(folder)).save(step, state, {"step": step,
-                                                        "ledger": ledger.to_json()})
-
-
 def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
   """A training run (delta in its summary), a federated run with a DP strategy and a non-DP one
   (deltas per strategy), replayed at their own deltas and at one given on the command line."""
   dp = accounting.PrivacyLedger()
   dp.record(noise_multiplier=1.1, sampling_rate=0.02, steps=50, overflow_probability=1e-9)
   dp.record(noise_multiplier=0.8, sampling_rate=0.02, steps=10)
-  _checkpoint(tmp_path / "train_run" / "checkpoints", dp)
+  checkpoint_with_ledger(tmp_path / "train_run" / "checkpoints", dp)
   (tmp_path / "train_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   fed = accounting.PrivacyLedger()
   fed.record(noise_multiplier=1.0, sampling_rate=0.1, steps=30)
-  _checkpoint(tmp_path / "fl_run" / "dp_fedavg" / "checkpoints", fed)
-  _checkpoint(tmp_path / "fl_run" / "fedavg" / "checkpoints", accounting.PrivacyLedger())
+  checkpoint_with_ledger(tmp_path / "fl_run" / "dp_fedavg" / "checkpoints", fed)
+  checkpoint_with_ledger(tmp_path / "fl_run" / "fedavg" / "checkpoints", accounting.PrivacyLedger())
   (tmp_path / "fl_run" / "summary.json").write_text(json.dumps({"strategies": [
       {"strategy": "dp_fedavg", "delta": 1e-3}, {"strategy": "fedavg"}]}))
   ftrl = accounting.PrivacyLedger()
   ftrl.record_tree(noise_multiplier=3.0, steps_per_tree=27, steps=100)
-  _checkpoint(tmp_path / "ftrl_run" / "checkpoints", ftrl)
+  checkpoint_with_ledger(tmp_path / "ftrl_run" / "checkpoints", ftrl)
   (tmp_path / "ftrl_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   mf = accounting.PrivacyLedger()
   mf.record_mf(noise_multiplier=9.0, coefficients=bsr_coefficients(27), steps_per_epoch=27,
                steps=162)
-  _checkpoint(tmp_path / "mf_run" / "checkpoints", mf)
+  checkpoint_with_ledger(tmp_path / "mf_run" / "checkpoints", mf)
   (tmp_path / "mf_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   amf = accounting.PrivacyLedger()
   amf.record_amplified_mf(noise_multiplier=7.0, sampling_rate=0.15,
                           coefficients=bsr_coefficients(4, 0.9), steps=162)
-  _checkpoint(tmp_path / "amf_run" / "checkpoints", amf)
+  checkpoint_with_ledger(tmp_path / "amf_run" / "checkpoints", amf)
   (tmp_path / "amf_run" / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   assert list(training.read_ledgers(str(tmp_path))) == [
       "amf_run", "fl_run/dp_fedavg", "fl_run/fedavg", "ftrl_run", "mf_run", "train_run"]
@@ -262,7 +256,7 @@ def test_canary_bounds_of_finished_runs(tmp_path, capsys):
   amf.record_amplified_mf(noise_multiplier=7.0, sampling_rate=0.15,
                           coefficients=bsr_coefficients(4, 0.9), steps=16)
   for name, ledger in (("sgd", dp), ("amf", amf)):
-    _checkpoint(tmp_path / name / "checkpoints", ledger)
+    checkpoint_with_ledger(tmp_path / name / "checkpoints", ledger)
     (tmp_path / name / "summary.json").write_text(json.dumps({"delta": 1e-5}))
   code, out, _ = _main(capsys, "--run", str(tmp_path), "--canaries", "2,1", "--references", "999")
   assert code == 0 and "Canaries among 999 other candidates (exposure at most 9.97 bits" in out
