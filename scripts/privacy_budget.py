@@ -8,6 +8,7 @@ runs from their ledgers.
   python scripts/privacy_budget.py --examples 13784 --batch-size 512 --epochs 6 --target-epsilon 1 --mechanism amplified_mf --momentum 0.9
   python scripts/privacy_budget.py --run results/dp_intents [--delta 1e-6]
   python scripts/privacy_budget.py --run results/dp_shakespeare_canaries --canaries 1,4,16 --references 9985
+  python scripts/privacy_budget.py --examples 48783 --batch-size 512 --epochs 3 --target-epsilon 8 --delta 1e-5 --canaries 1,4 --references 9985
 
 Before a run (`--examples`, `--batch-size`, `--epochs`, as `scripts/train.py` counts them: sampling
 rate q = batch / examples, steps = round(epochs / q)): epsilon with the PLD and the RDP accountant
@@ -31,10 +32,13 @@ over the steps one example can be in; centralized only).
 After runs (`--run`, a run folder or a folder of runs): every ledger saved with a run's latest
 checkpoint (DP-SGD runs, DP-FedAvg strategies), replayed at `--delta` (default: the delta in the
 run's summary.json), so a budget can be read at another delta or with the other accountant
-without rerunning anything. `--canaries 1,4,16 --references R` adds, per run and count r, the
-epsilon of the group of r copies of one example (tight for DP-SGD's Poisson sampling, Ganesh 2024;
-r times the sensitivity for DP-MF and DP-FTRL; none for amplified DP-MF) and what it allows the
-exposure of a canary inserted r times to be among R other candidates (`experiments.canary_bounds`).
+without rerunning anything.
+
+`--canaries 1,4,16 --references R`, before a run or after: per run (or for the plan) and count
+r, the epsilon of the group of r copies of one example (tight for DP-SGD's Poisson sampling,
+Ganesh 2024; r times the sensitivity for DP-MF and DP-FTRL; none for amplified DP-MF) and what it
+allows the exposure of a canary inserted r times to be among R other candidates
+(`experiments.canary_bounds`).
 
 The same functions as the drivers: `privacy.accounting` (dp_accounting underneath),
 `privacy.sampling` and `training.read_ledgers`.
@@ -99,7 +103,8 @@ def before_a_run(args) -> str:
   ledger.record(noise_multiplier=sigma, sampling_rate=q, steps=steps,
                 overflow_probability=sampling.overflow_probability(n, q, max_b))
   lines.append(_truncation(args, ledger, max_b, delta, eps[args.accountant][-1]))
-  return _with_table(args, lines, points, q, eps, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}")
+  return _with_table(args, lines, points, q, eps, f"sigma {sigma:.4g}, q {q:.4g}, delta {delta:g}",
+                     ledger, delta)
 
 
 def _truncation(args, ledger: accounting.PrivacyLedger, max_b: int, delta: float,
@@ -158,16 +163,17 @@ def _points(steps: int, count: int) -> list[int]:
 
 
 def _with_table(args, lines: list[str], points, steps_to_epochs: float, eps: dict,
-                title: str) -> str:
-  """`lines`, then the table of epsilon (PLD, RDP) at each step count in `points`, and the plot
-  of it when `--plot` asks."""
+                title: str, ledger: accounting.PrivacyLedger, delta: float) -> str:
+  """`lines`, then the table of epsilon (PLD, RDP) at each step count in `points`, the plot of it
+  when `--plot` asks, and with `--canaries` what the whole run's `ledger` allows a canary."""
   rows = [[f"{t * steps_to_epochs:.4g}", t, _fmt(e_pld), _fmt(e_rdp)]
           for t, e_pld, e_rdp in zip(points, eps["pld"], eps["rdp"])]
   table = reporting.markdown_table(["epochs", "steps", "epsilon (PLD)", "epsilon (RDP)"], rows)
   if args.plot:
     _plot(points, steps_to_epochs, eps, args.plot, title)
     lines.append(f"plot: {args.plot}")
-  return "\n".join(lines + ["", table])
+  return "\n".join(lines + ["", table]) + (
+      _canary_table(args, [("this plan", ledger, delta)]) if args.canaries else "")
 
 
 def _dp_ftrl_before_a_run(args) -> str:
@@ -187,8 +193,10 @@ def _dp_ftrl_before_a_run(args) -> str:
   eps = {a: [accounting.dp_ftrl_epsilon(noise_multiplier=sigma, steps_per_tree=spt,
                                         trees=trees(t), delta=delta, accountant=a)
              for t in points] for a in accounting.ACCOUNTANTS}
+  ledger = accounting.PrivacyLedger()
+  ledger.record_tree(noise_multiplier=sigma, steps_per_tree=spt, steps=steps)
   return _with_table(args, lines, points, 1.0 / spt, eps,
-                     f"DP-FTRL, sigma {sigma:.4g}, T {spt}, delta {delta:g}")
+                     f"DP-FTRL, sigma {sigma:.4g}, T {spt}, delta {delta:g}", ledger, delta)
 
 
 def _dp_mf_before_a_run(args) -> str:
@@ -210,8 +218,11 @@ def _dp_mf_before_a_run(args) -> str:
   eps = {a: [accounting.mf_epsilon(noise_multiplier=sigma, coefficients=coefficients, steps=t,
                                    separation=k, delta=delta, accountant=a) for t in points]
          for a in accounting.ACCOUNTANTS}
-  return _with_table(args, lines, points, 1.0 / k,
-                     eps, f"DP-MF, sigma {sigma:.4g}, {len(coefficients)} bands, delta {delta:g}")
+  ledger = accounting.PrivacyLedger()
+  ledger.record_mf(noise_multiplier=sigma, coefficients=coefficients, steps_per_epoch=k,
+                   steps=steps)
+  return _with_table(args, lines, points, 1.0 / k, eps, f"DP-MF, sigma {sigma:.4g}, "
+                     f"{len(coefficients)} bands, delta {delta:g}", ledger, delta)
 
 
 def _amplified_mf_before_a_run(args) -> str:
@@ -249,7 +260,8 @@ def _amplified_mf_before_a_run(args) -> str:
                                  n, q / bands, max_b))
   lines.append(_truncation(args, ledger, max_b, delta, eps[args.accountant][-1]))
   return _with_table(args, lines, points, b / n, eps,
-                     f"amplified DP-MF, sigma {sigma:.4g}, {bands} bands, delta {delta:g}")
+                     f"amplified DP-MF, sigma {sigma:.4g}, {bands} bands, delta {delta:g}",
+                     ledger, delta)
 
 
 def _plot(points, q, eps, path, title):
@@ -389,9 +401,9 @@ def main(argv=None) -> None:
   ap.add_argument("--plot", help="write epsilon against epochs to this PNG")
   ap.add_argument("--run", help="a run folder (or a folder of runs) to read ledgers from")
   ap.add_argument("--canaries",
-                  help="with --run: insertion counts, e.g. 1,4,16, to bound the exposure of a "
-                       "canary inserted that many times by the run's guarantee for the group of "
-                       "its copies (needs --references)")
+                  help="insertion counts, e.g. 1,4,16, to bound the exposure of a canary "
+                       "inserted that many times by the guarantee (planned, or a --run's) for "
+                       "the group of its copies (needs --references)")
   ap.add_argument("--references", type=int,
                   help="with --canaries: the candidates other than the secret")
   args = ap.parse_args(argv)

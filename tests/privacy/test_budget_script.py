@@ -245,10 +245,10 @@ def test_budgets_of_finished_runs_are_read_from_their_ledgers(tmp_path, capsys):
   assert code == 2 and "no run folder" in err
 
 
-def test_canary_bounds_of_finished_runs(tmp_path, capsys):
+def test_canary_bounds_of_finished_and_planned_runs(tmp_path, capsys):
   """--canaries: per run and insertion count, the group epsilon and the exposure bounds of
   `experiments.canary_bounds` (itself tested against quadrature and linear programs); amplified
-  MF runs get one copy only."""
+  MF runs get one copy only; before a run, the plan's."""
   from trustjax.experiments import canary_bounds  # pylint: disable=import-outside-toplevel
   dp = accounting.PrivacyLedger()
   dp.record(noise_multiplier=1.1, sampling_rate=0.02, steps=50, overflow_probability=1e-9)
@@ -271,6 +271,21 @@ def test_canary_bounds_of_finished_runs(tmp_path, capsys):
     assert float(r[3]) == pytest.approx(want["canary_exposure_bound"][k], abs=1e-3)
     assert float(r[4]) == pytest.approx(want["canary_rank_one_bound"][k], rel=5e-3)  # 3 digits
   assert rows[1][2] == "none (amplified MF: one copy only)"
+  # Before a run: the plan's whole-run ledger (DP-MF here, built by the script from the printed
+  # noise multiplier) gives the same bounds.
+  code, out, _ = _main(capsys, "--examples", "1000", "--batch-size", "100", "--epochs", "2",
+                       "--noise-multiplier", "3.0", "--mechanism", "dp_mf", "--bands", "4",
+                       "--delta", "1e-5", "--canaries", "1,2", "--references", "999")
+  plan = accounting.PrivacyLedger()
+  plan.record_mf(noise_multiplier=3.0, coefficients=bsr_coefficients(4), steps_per_epoch=10,
+                 steps=20)
+  want = canary_bounds(plan, (1, 2), 1e-5, 999)
+  rows = [[c.strip() for c in line.strip("|").split("|")]
+          for line in out.split("Canaries among")[1].splitlines() if line.startswith("| this plan")]
+  assert code == 0 and [r[1] for r in rows] == ["1", "2"]
+  for r in rows:
+    assert float(r[2]) == pytest.approx(want["canary_group_epsilon"][f"x{r[1]}"], rel=1e-3)
+    assert float(r[3]) == pytest.approx(want["canary_exposure_bound"][f"x{r[1]}"], abs=1e-3)
   for args, message in [(("--canaries", "1,4"), "--canaries needs --references"),
                         (("--canaries", "0,4", "--references", "9"), "insertion counts >= 1")]:
     code, _, err = _main(capsys, "--run", str(tmp_path), *args)
