@@ -54,6 +54,9 @@ def main(argv):
     print(f"canary exposure (bits; at most {summary['canary_exposure_max']:.1f}, "
           f"{summary['canary_exposure_chance']:.2f} by chance): " + ", ".join(
               f"inserted {k[1:]}x {v:.2f}" for k, v in summary["canary_exposure"].items()))
+  if "canary_extracted" in summary:
+    print("extracted by beam search (fraction in the final beam): " + ", ".join(
+        f"inserted {k[1:]}x {v:.0%}" for k, v in summary["canary_extracted"].items()))
   if "canary_exposure_bound" in summary:
     print("what the guarantee allows (group epsilon; bound on the mean exposure; on P(rank 1)): "
           + ", ".join(f"{k[1:]}x {e:.4g}; {summary['canary_exposure_bound'][k]:.2f}; "

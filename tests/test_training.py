@@ -455,10 +455,21 @@ def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(t
   np.testing.assert_allclose(score()[2:], summary["canary_exposures"]["x64"], rtol=1e-6)
   extrapolated = score(references=500)
   assert max(extrapolated[:2]) < 4.0 < min(extrapolated[2:])
+  # Extraction without scoring the space: the finished run resumed (no steps left) with a beam
+  # search of width 10 finds the secret the rank form puts first (exposure at its maximum), and
+  # not the single-copy ones (ranked in the hundreds).
+  assert summary["canary_exposures"]["x64"][0] == pytest.approx(summary["canary_exposure_max"])
+  again = experiments.run(config(**{"canaries.beam": 10}), show_progress=False)
+  assert again["steps"] == summary["steps"]
+  assert again["canary_exposures"] == summary["canary_exposures"]
+  assert again["canary_beam_positions"]["x64"][0] == 1
+  assert again["canary_beam_positions"]["x1"] == [0, 0] and again["canary_extracted"]["x1"] == 0
+  assert "Beam search (width 10)" in (tmp_path / cfg.train.run_name / "report.md").read_text()
   for field, value, message in [
       ("canaries.repeats", (0, 4), "canaries.repeats must list counts >= 1"),
       ("canaries.digits", 7, "canaries.digits must lie in"),
       ("canaries.references", 50, r"canaries.references must be 0 .* or lie in \[100, 996\]"),
+      ("canaries.beam", -1, "canaries.beam must be >= 0"),
       ("canaries.template", "pin", "exactly one"),
       ("canaries.template", "código {}", r"the tokenizer lacks: \['ó'\]")]:
     with pytest.raises(ValueError, match=message):

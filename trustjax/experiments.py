@@ -109,6 +109,8 @@ def check_canaries(cfg) -> None:
     raise ValueError(f"canaries.digits must lie in [1, {top}] (6 when every candidate is scored, "
                      "canaries.references=0) and leave candidates beyond the "
                      f"{c.num * len(c.repeats)} secrets, got {c.digits}")
+  if c.beam < 0:
+    raise ValueError(f"canaries.beam must be >= 0 (0: no search), got {c.beam}")
   if c.references and not 100 <= c.references <= 10 ** c.digits - c.num * len(c.repeats):
     raise ValueError(f"canaries.references must be 0 (score every candidate) or lie in [100, "
                      f"{10 ** c.digits - c.num * len(c.repeats)}] (the candidates not inserted), "
@@ -454,7 +456,8 @@ class Setup:
 
   def canary_exposure(self, params) -> dict:
     """Summary entries: the mean exposure (bits) of the canaries inserted r times, per r, and
-    each canary's; the highest possible value and what chance gives."""
+    each canary's; the highest possible value and what chance gives; with `canaries.beam`, each
+    secret's position in the beam search's final list (0: not found) and the fraction found."""
     c = self.cfg.canaries
     exp = canaries.lm_exposures(self.loss_fn, jax.device_get(params), self.tokenizer,
                                 c.template, self.canary_secrets, digits=c.digits,
@@ -463,11 +466,22 @@ class Setup:
                                 references=c.references, seed=self.cfg.seed)
     groups = np.asarray(self.canary_groups)
     n = 10 ** c.digits - len(self.canary_secrets) + 1  # the candidates a secret ranks among
-    return {"canary_exposure": {f"x{r}": float(exp[groups == r].mean()) for r in c.repeats},
-            "canary_exposures": {f"x{r}": exp[groups == r].tolist() for r in c.repeats},
-            "canary_exposure_method": "extrapolation" if c.references else "rank",
-            "canary_exposure_max": math.log2(n),
-            "canary_exposure_chance": canaries.chance_exposure(n)}
+    out = {"canary_exposure": {f"x{r}": float(exp[groups == r].mean()) for r in c.repeats},
+           "canary_exposures": {f"x{r}": exp[groups == r].tolist() for r in c.repeats},
+           "canary_exposure_method": "extrapolation" if c.references else "rank",
+           "canary_exposure_max": math.log2(n),
+           "canary_exposure_chance": canaries.chance_exposure(n)}
+    if c.beam:
+      found = canaries.beam_search_secrets(
+          self.loss_fn, jax.device_get(params), self.tokenizer, c.template, digits=c.digits,
+          seq_len=self.cfg.data.max_length, beam=c.beam,
+          batch_size=self.cfg.train.eval_batch_size)
+      where = {s: i + 1 for i, s in enumerate(found)}
+      pos = np.asarray([where.get(s, 0) for s in self.canary_secrets])  # 0: not in the beam
+      out["canary_beam_positions"] = {f"x{r}": pos[groups == r].tolist() for r in c.repeats}
+      out["canary_extracted"] = {f"x{r}": float((pos[groups == r] > 0).mean())
+                                 for r in c.repeats}
+    return out
 
   def init_state(self) -> training.TrainState:
     key = jax.random.key(self.cfg.seed)
@@ -715,7 +729,7 @@ def _plot_canaries(summary: dict, path: str) -> None:
 
 # Fields a resumed run may change: how long to train and what to measure at the end.
 _RESUMABLE_CHANGES = {"train.epochs", "train.measure_step_time", "train.profile_calls",
-                      "train.results_dir"}
+                      "train.results_dir", "canaries.beam"}
 
 
 def _check_resumable(workdir: str, cfg) -> None:
@@ -772,6 +786,13 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                         if k in summary.get("canary_exposure_bound", {}) else
                         ["-"] * 3 if "canary_exposure_bound" in summary else [])
                    for k in summary["canary_exposure"]]), ""]
+    if "canary_extracted" in summary:
+      lines += [f"Beam search (width {c.beam}) for the model's most likely secrets, digit by "
+                "digit (extraction without the secret space scored whole): "
+                + ", ".join(f"inserted {k[1:]}x: {summary['canary_extracted'][k]:.0%} found, "
+                            "positions " + ", ".join(str(p) if p else "-" for p in
+                                                     summary["canary_beam_positions"][k])
+                            for k in summary["canary_extracted"]) + ".", ""]
     lines += ["![canary exposure](plots/canary_exposure.png)", ""]
     if "canary_exposure_bound" in summary:
       lines += ["The bounds follow from the run's guarantee alone: the group of a canary's r "
@@ -907,6 +928,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 0: score every candidate (rank form); R >= 100: score R random ones and extrapolate with a
   # fitted skew-normal (Carlini et al. 2019, Sec. 4.3), for spaces of up to 10**18
   c.canaries.references = 0
+  # B > 0: also search the model's B most likely secrets digit by digit (beam search) and report
+  # which inserted secrets it extracts; a finished run may be resumed to add it
+  c.canaries.beam = 0
   c.canaries.template = "my pin code is {}"
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | sgd

@@ -284,3 +284,21 @@ def test_canary_tables_script(tmp_path, capsys):
   with pytest.raises(SystemExit):
     script.main([str(tmp_path / "nondp"), str(tmp_path / "other")])
   assert "has no canaries" in capsys.readouterr().err
+
+
+def test_beam_search_returns_the_exhaustive_top_k_of_a_separable_model():
+  """With a loss that adds one term per character (the linear 'model'), every top-k secret's
+  prefixes are among the top-k prefixes, so a beam of width k returns exactly the k best of all
+  10^4 candidates, in order (the reference: every candidate scored in numpy)."""
+  tok = ascii_tokenizer()
+  loss_fn, params, w = _linear_lm(16)
+  space = canaries.all_secrets(4)
+  inputs = canaries.lm_windows(tok, canaries.fill("pin {} ok", space), 16)["inputs"]
+  scores = (inputs.astype(np.float32) * w.astype(np.float32)).sum(-1)
+  best = [space[i] for i in np.argsort(scores, kind="stable")]
+  for k in (1, 7):
+    got = canaries.beam_search_secrets(loss_fn, params, tok, "pin {} ok", digits=4, seq_len=16,
+                                       beam=k, batch_size=64)
+    assert got == best[:k]
+  with pytest.raises(ValueError, match="beam must be a positive integer"):
+    canaries.beam_search_secrets(loss_fn, params, tok, "pin {}", digits=4, seq_len=16, beam=0)

@@ -260,6 +260,43 @@ def lm_exposures(loss_fn: Callable, params, tokenizer, template: str, secrets: S
   return np.asarray([exposure(scores[index[s]], refs) for s in secrets])
 
 
+def beam_search_secrets(loss_fn: Callable, params, tokenizer, template: str, *, digits: int,
+                        seq_len: int, beam: int, batch_size: int = 1024) -> list[str]:
+  """Extraction by search (Carlini et al. 2019, Sec. 8, whose exact shortest-path search this
+  approximates): the model's `beam` most likely secrets of `digits` digits after the template's
+  prefix, found digit by digit. Each partial secret is scored by `loss_fn` on the template's text
+  up to it (the prefix and the partial digits, no end of line), the `beam` best are extended by
+  every digit, and the complete candidates are scored in the whole template, as `lm_exposures`
+  scores them. With beam >= 10^(digits - 1) the search is exhaustive.
+
+  Returns the final beam, best first (at most `beam` secrets)."""
+  if not 1 <= digits <= 18:
+    raise ValueError(f"digits must lie in [1, 18], got {digits=}")
+  if int(beam) != beam or beam < 1:
+    raise ValueError(f"beam must be a positive integer, got {beam=}")
+  fill(template, ["0"])  # exactly one "{}"
+  step = jax.jit(loss_fn)
+  head = template[:template.index("{}")]
+
+  def losses(texts, partial):
+    windows = lm_windows(tokenizer, texts, seq_len)
+    if partial and tokenizer.kind == "char":  # drop the end of line lm_windows adds
+      last = windows["target_mask"].sum(1) - 1
+      windows["target_mask"][np.arange(len(texts)), last] = False
+    return np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
+                           for b in padded_batches(windows, batch_size)])
+
+  kept = [""]
+  for j in range(digits):
+    grown = [p + c for p in kept for c in "0123456789"]
+    complete = j == digits - 1
+    scores = losses(fill(template, grown) if complete else [head + g for g in grown],
+                    not complete)
+    order = np.argsort(scores, kind="stable")[:beam]
+    kept = [grown[i] for i in order]
+  return kept
+
+
 def sample_candidates(num: int, *, digits: int, exclude: Sequence[str] = (),
                       seed: int = 0) -> list[str]:
   """`num` distinct random secrets of `digits` digits (at most 18) outside `exclude`: the
