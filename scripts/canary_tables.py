@@ -7,7 +7,7 @@ Reads the summary.json of each run folder that `scripts/train.py` wrote with `ca
 (runs without canaries are refused by name). Prints one row per run and insertion count: the
 run's epsilon (none without DP), the measured mean exposure (lowest-highest over the secrets),
 how many secrets ranked first (rank form only: the model's most likely completion among every
-candidate), and for DP runs the group epsilon of the copies and the bounds on the mean exposure
+candidate), how many a beam search found (runs with `canaries.beam`), and for DP runs the group epsilon of the copies and the bounds on the mean exposure
 and on the chance of ranking first (`experiments.canary_bounds`; for runs whose summary predates
 them, computed from the ledger saved with the run's checkpoint). `--plot` draws the mean
 exposure and its bound against epsilon, one colour per insertion count, runs without DP at the
@@ -58,10 +58,12 @@ def table(runs: dict[str, dict]) -> str:
       each = s["canary_exposures"][k]
       first = (sum(e >= s["canary_exposure_max"] - 1e-9 for e in each) if rank_form else None)
       dp = k in s.get("canary_exposure_bound", {})
+      beam = s.get("canary_beam_positions", {}).get(k)
       rows.append([
           name, "-" if s.get("epsilon") is None else f"{s['epsilon']:.3g}", k[1:],
           f"{s['canary_exposure'][k]:.2f} ({min(each):.1f}-{max(each):.1f})",
           "-" if first is None else f"{first} of {len(each)}",
+          "-" if beam is None else f"{sum(p > 0 for p in beam)} of {len(beam)}",
           f"{s['canary_group_epsilon'][k]:.4g}" if dp else "-",
           f"{s['canary_exposure_bound'][k]:.2f}" if dp else "-",
           f"{s['canary_rank_one_bound'][k]:.3g}" if dp else "-"])
@@ -70,7 +72,8 @@ def table(runs: dict[str, dict]) -> str:
           f"{first['canary_exposure_chance']:.2f} on average by chance (the first run's secret "
           "space)\n\n" + reporting.markdown_table(
               ["run", "epsilon", "copies", "mean exposure (bits)", "ranked first",
-               "group epsilon", "bound on the mean", "bound on P(rank 1)"], rows))
+               "found by beam search", "group epsilon", "bound on the mean",
+               "bound on P(rank 1)"], rows))
 
 
 def plot(runs: dict[str, dict], path: str) -> None:

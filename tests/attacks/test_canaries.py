@@ -256,7 +256,8 @@ def test_canary_tables_script(tmp_path, capsys):
   bounds = canary_bounds(ledger, (1, 16), 1e-5, 995)
   runs = {
       "nondp": dict(base, canary_exposure={"x16": 10.0, "x1": 1.0},
-                    canary_exposures={"x16": [top, 6.0], "x1": [1.5, 0.5]}),
+                    canary_exposures={"x16": [top, 6.0], "x1": [1.5, 0.5]},
+                    canary_beam_positions={"x16": [1, 0], "x1": [0, 0]}),
       "dp_new": dict(base, epsilon=2.0, delta=1e-5, canary_exposure={"x1": 1.2, "x16": 2.0},
                      canary_exposures={"x1": [1.2, 1.2], "x16": [2.0, 2.0]}, **bounds),
       "dp_old": dict(base, epsilon=2.0, delta=1e-5, canary_exposure={"x1": 0.9, "x16": 1.1},
@@ -273,11 +274,12 @@ def test_canary_tables_script(tmp_path, capsys):
   assert [r[:3] for r in rows] == [["nondp", "-", "1"], ["nondp", "-", "16"],
                                    ["dp_new", "2", "1"], ["dp_new", "2", "16"],
                                    ["dp_old", "2", "1"], ["dp_old", "2", "16"]]
-  assert rows[1][3:5] == ["10.00 (6.0-10.0)", "1 of 2"] and rows[0][5:] == ["-", "-", "-"]
+  assert rows[1][3:6] == ["10.00 (6.0-10.0)", "1 of 2", "1 of 2"] and rows[0][5] == "0 of 2"
+  assert rows[0][6:] == ["-", "-", "-"] and rows[2][5] == "-"  # no bounds; no beam search
   for r in rows[2:]:
     k = f"x{r[2]}"
-    assert float(r[5]) == pytest.approx(bounds["canary_group_epsilon"][k], rel=1e-3)
-    assert float(r[6]) == pytest.approx(bounds["canary_exposure_bound"][k], abs=5e-3)
+    assert float(r[6]) == pytest.approx(bounds["canary_group_epsilon"][k], rel=1e-3)
+    assert float(r[7]) == pytest.approx(bounds["canary_exposure_bound"][k], abs=5e-3)
   assert plot.stat().st_size > 0
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "summary.json").write_text(json.dumps({"epsilon": 1.0}))
