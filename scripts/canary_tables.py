@@ -7,11 +7,11 @@ Reads the summary.json of each run folder that `scripts/train.py` wrote with `ca
 (runs without canaries are refused by name). Prints one row per run and insertion count: the
 run's epsilon (none without DP), the measured mean exposure (lowest-highest over the secrets),
 how many secrets ranked first (rank form only: the model's most likely completion among every
-candidate), how many a beam search found (runs with `canaries.beam`), and for DP runs the group epsilon of the copies and the bounds on the mean exposure
-and on the chance of ranking first (`experiments.canary_bounds`; for runs whose summary predates
-them, computed from the ledger saved with the run's checkpoint). `--plot` draws the mean
-exposure and its bound against epsilon, one colour per insertion count, runs without DP at the
-right edge.
+candidate), how many a beam search found (runs with `canaries.beam`), and for DP runs the group
+epsilon of the copies and the bounds on the mean exposure and on the chance of ranking first
+(`experiments.canary_bounds`; for runs whose summary predates them, computed from the ledger
+saved with the run's checkpoint). `--plot` draws the mean exposure and its bound against
+epsilon, one colour per insertion count, runs without DP at the right edge.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from trustjax import reporting, training  # pylint: disable=g-import-not-at-top,wrong-import-position
-from trustjax.experiments import canary_bounds  # pylint: disable=wrong-import-position
+from trustjax.experiments import canary_bounds, canary_counts  # pylint: disable=wrong-import-position
 
 
 def load(run: str) -> dict:
@@ -40,21 +40,16 @@ def load(run: str) -> dict:
     ledger = training.read_ledgers(run).get(".")
     if ledger is not None and ledger.entries:
       references = round(2 ** summary["canary_exposure_max"]) - 1
-      summary.update(canary_bounds(ledger, [int(k[1:]) for k in counts(summary)],
-                                   summary["delta"], references))
+      repeats = [int(k[1:]) for k in canary_counts(summary["canary_exposure"])]
+      summary.update(canary_bounds(ledger, repeats, summary["delta"], references))
   return summary
-
-
-def counts(summary: dict) -> list[str]:
-  """The insertion counts' keys ("x1", "x4", ...) in numeric order."""
-  return sorted(summary["canary_exposure"], key=lambda k: int(k[1:]))
 
 
 def table(runs: dict[str, dict]) -> str:
   rows = []
   for name, s in runs.items():
     rank_form = s.get("canary_exposure_method", "rank") == "rank"
-    for k in counts(s):
+    for k in canary_counts(s["canary_exposure"]):
       each = s["canary_exposures"][k]
       first = (sum(e >= s["canary_exposure_max"] - 1e-9 for e in each) if rank_form else None)
       dp = k in s.get("canary_exposure_bound", {})
@@ -84,7 +79,7 @@ def plot(runs: dict[str, dict], path: str) -> None:
   finite = [e for e in eps if e is not None]
   right = 2.0 * max(finite) if finite else 1.0  # where runs without DP are drawn
   x = [right if e is None else e for e in eps]
-  keys = sorted({k for s in runs.values() for k in s["canary_exposure"]}, key=lambda k: int(k[1:]))
+  keys = canary_counts({k for s in runs.values() for k in s["canary_exposure"]})
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for i, k in enumerate(keys):
     colour = f"C{i}"

@@ -302,7 +302,7 @@ def after_runs(args) -> str:
   if not ledgers:
     raise ValueError(f"no checkpoint with a privacy ledger under {args.run!r}")
   deltas = _summary_deltas(args.run)
-  rows, skipped = [], []
+  rows, skipped, replayed = [], [], []
   for run, ledger in ledgers.items():
     if not ledger.entries:
       skipped.append(run)
@@ -323,6 +323,7 @@ def after_runs(args) -> str:
                  {e.sampling_rate for e in ledger.entries})) + " in each of "
                  f"{len(ledger.entries[0].coefficients)} groups (amplified DP-MF)",
              }[ledger.kind]()
+    replayed.append((run, ledger, delta))
     rows.append([run, ledger.steps, ", ".join(f"{x:.4g}" for x in sigmas), rates, f"{delta:g}",
                  _fmt(rep["pld"]["epsilon"]), _fmt(rep["rdp"]["epsilon"]),
                  f"{rep[args.accountant]['delta_total']:.6g}"])
@@ -333,8 +334,7 @@ def after_runs(args) -> str:
   return reporting.markdown_table(
       ["run", "steps", "noise multiplier", "sampling rate", "delta", "epsilon (PLD)",
        "epsilon (RDP)", f"total delta ({args.accountant.upper()}, with truncation)"],
-      rows) + note + (_canary_table(args, [(r[0], ledgers[r[0]], float(r[4])) for r in rows])
-                      if args.canaries else "")
+      rows) + note + (_canary_table(args, replayed) if args.canaries else "")
 
 
 def _canary_table(args, runs: list) -> str:

@@ -454,6 +454,12 @@ class Setup:
     extra = canaries.lm_windows(self.tokenizer, texts, cfg.data.max_length)
     return {k: np.concatenate([v, extra[k]]) for k, v in self.train_arrays.items()}
 
+  @property
+  def canary_references(self) -> int:
+    """The candidates each inserted secret is ranked against: the secret space less every
+    inserted secret."""
+    return 10 ** self.cfg.canaries.digits - len(self.canary_secrets)
+
   def canary_exposure(self, params) -> dict:
     """Summary entries: the mean exposure (bits) of the canaries inserted r times, per r, and
     each canary's; the highest possible value and what chance gives; with `canaries.beam`, each
@@ -465,7 +471,7 @@ class Setup:
                                 batch_size=self.cfg.train.eval_batch_size,
                                 references=c.references, seed=self.cfg.seed)
     groups = np.asarray(self.canary_groups)
-    n = 10 ** c.digits - len(self.canary_secrets) + 1  # the candidates a secret ranks among
+    n = self.canary_references + 1  # the candidates a secret ranks among
     out = {"canary_exposure": {f"x{r}": float(exp[groups == r].mean()) for r in c.repeats},
            "canary_exposures": {f"x{r}": exp[groups == r].tolist() for r in c.repeats},
            "canary_exposure_method": "extrapolation" if c.references else "rank",
@@ -678,7 +684,7 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     summary.update(setup.canary_exposure(result.state.params))
     if setup.dp_config is not None:
       summary.update(canary_bounds(result.ledger, cfg.canaries.repeats, setup.delta,
-                                   10 ** cfg.canaries.digits - len(setup.canary_secrets)))
+                                   setup.canary_references))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
   if cfg.train.profile_calls:
@@ -696,13 +702,19 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   return summary
 
 
+def canary_counts(per_count) -> list[str]:
+  """The keys "x1", "x4", ... of a summary's per-count entries in numeric order (summary.json
+  sorts them as text, "x16" before "x4")."""
+  return sorted(per_count, key=lambda k: int(k[1:]))
+
+
 def _plot_canaries(summary: dict, path: str) -> None:
   """Each canary's exposure against its insertion count, the means, chance, the rank form's
   maximum and, for DP runs, what the guarantee allows the mean to be."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  keys = sorted(summary["canary_exposure"], key=lambda k: int(k[1:]))  # JSON sorts "x16" < "x4"
+  keys = canary_counts(summary["canary_exposure"])
   fig, ax = plt.subplots(figsize=(5, 3.6))
   for i, k in enumerate(keys):
     each = summary["canary_exposures"][k]

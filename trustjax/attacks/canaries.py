@@ -222,6 +222,13 @@ def lm_windows(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.nd
   return out
 
 
+def _window_losses(step: Callable, params, windows: dict, batch_size: int) -> np.ndarray:
+  """float64 [n]: the jitted per-window loss `step` of each of `windows`' n rows, in batches of
+  `batch_size` (the last one padded, its padding dropped)."""
+  return np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
+                         for b in padded_batches(windows, batch_size)])
+
+
 def lm_exposures(loss_fn: Callable, params, tokenizer, template: str, secrets: Sequence[str], *,
                  digits: int, seq_len: int, batch_size: int = 1024, references: int = 0,
                  seed: int = 0) -> np.ndarray:
@@ -242,12 +249,8 @@ def lm_exposures(loss_fn: Callable, params, tokenizer, template: str, secrets: S
     raise ValueError(f"secrets must be {digits}-digit strings (at least one), got "
                      f"{[s for s in secrets if len(s) != digits or not s.isdigit()] or secrets}")
   step = jax.jit(loss_fn)
-
-  def losses(texts):
-    windows = lm_windows(tokenizer, fill(template, texts), seq_len)
-    return np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
-                           for b in padded_batches(windows, batch_size)])  # the last one padded
-
+  losses = lambda texts: _window_losses(step, params, lm_windows(
+      tokenizer, fill(template, texts), seq_len), batch_size)
   if references:
     return extrapolated_exposure(losses(list(secrets)), losses(sample_candidates(
         references, digits=digits, exclude=secrets, seed=seed)))
@@ -283,8 +286,7 @@ def beam_search_secrets(loss_fn: Callable, params, tokenizer, template: str, *, 
     if partial and tokenizer.kind == "char":  # drop the end of line lm_windows adds
       last = windows["target_mask"].sum(1) - 1
       windows["target_mask"][np.arange(len(texts)), last] = False
-    return np.concatenate([np.asarray(step(params, b), np.float64)[b["mask"]]
-                           for b in padded_batches(windows, batch_size)])
+    return _window_losses(step, params, windows, batch_size)
 
   kept = [""]
   for j in range(digits):

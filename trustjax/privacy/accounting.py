@@ -753,8 +753,7 @@ class PrivacyLedger:
     out = np.max([np.asarray(p.get_delta_for_epsilon(eps), np.float64)
                   for p in self._group_plds(group_size, grid)], axis=0)
     if with_truncation:
-      mass = sum(e.steps * e.overflow_probability for e in self.entries)
-      out = out + (1.0 + np.exp(eps)) * mass
+      out = out + self.truncation_delta(eps)
     return np.minimum(out, 1.0)
 
   def group_epsilon(self, group_size: int, delta: float, *, grid: float | None = None) -> float:
@@ -768,10 +767,12 @@ class PrivacyLedger:
       return math.inf
     return max(float(p.get_epsilon_for_delta(delta)) for p in self._group_plds(group_size, grid))
 
-  def truncation_delta(self, eps: float) -> float:
-    """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds."""
+  def truncation_delta(self, eps):
+    """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds; a float
+    for a float eps, an array for an array."""
     mass = sum(e.steps * e.overflow_probability for e in self.entries)
-    return 0.0 if mass == 0 else (1.0 + math.exp(min(eps, 700.0))) * mass
+    out = (1.0 + np.exp(np.minimum(eps, 700.0))) * mass
+    return float(out) if np.ndim(out) == 0 else out
 
   def report(self, delta: float, accountant: str = "pld") -> dict:
     """{"epsilon", "delta", "delta_total" (with truncation), "steps", "accountant"}, and for
