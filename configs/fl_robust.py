@@ -12,26 +12,13 @@ malicious fraction (at least 10%).
   python scripts/federated.py --config configs/fl_robust.py:0.1,gaussian
 """
 
-from trustjax.federated.experiments import default_config
+from trustjax.federated.experiments import snips_iid_config
 
 
 def get_config(arg: str = "0.2"):
   fraction, *flags = arg.split(",")
   attack = "gaussian" if "gaussian" in flags else "sign_flip"
-  c = default_config()
-  c.data.name = "snips"
-  c.data.data_dir = "../shared/data/snips"
-  c.data.num_clients = 100
-  c.data.partition = "iid"
-  c.model.name = "bag_of_embeddings"
-  c.model.embed_dim = 64
-  c.model.mlp_dim = 128
-  c.fl.rounds = 60
-  c.fl.clients_per_round = 20
-  c.fl.batch_size = 16
-  c.fl.local_epochs = 1
-  c.fl.client_lr = 0.3
-  c.fl.eval_every = 5
+  c = snips_iid_config(runlocal="runlocal" in flags)
   c.fl.byzantine.fraction = float(fraction)
   c.fl.byzantine.attack = attack
   c.fl.byzantine.scale = 4.0
@@ -44,12 +31,6 @@ def get_config(arg: str = "0.2"):
       "multi_krum": {"aggregator": "multi_krum"},
       "bulyan": {"aggregator": "bulyan"},
   }
-  c.run_name = f"fl_robust_{fraction}_{attack}"
-  if "runlocal" in flags:
-    c.data.num_clients = 20
-    c.fl.rounds = 3
-    c.fl.clients_per_round = 10
-    c.fl.eval_every = 3
-    c.run_name += "_runlocal"
+  c.run_name = f"fl_robust_{fraction}_{attack}" + ("_runlocal" if "runlocal" in flags else "")
   c.lock()
   return c

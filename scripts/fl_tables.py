@@ -3,8 +3,8 @@
   python scripts/fl_tables.py [--results results]
 
 Reads results/fl_snips_<partition>[_seed<s>]/summary.json (mean and sample std over the seeds
-found), results/fl_selection_*/summary.json, results/fl_robust_*/summary.json and
-results/fl_fair/summary.json.
+found), results/fl_selection_*/summary.json, results/fl_robust_*/summary.json,
+results/fl_backdoor_*/summary.json and results/fl_fair/summary.json.
 """
 
 import argparse
@@ -22,6 +22,8 @@ from trustjax.federated.algorithms import AGGREGATORS  # pylint: disable=wrong-i
 
 PARTITIONS = (("iid", "iid"), ("10", "Dir alpha=10"), ("1", "Dir alpha=1"), ("0.1", "Dir alpha=0.1"))
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "scaffold", "centralized")
+ROBUST_RULES = tuple(a for a in AGGREGATORS if a != "norm_bound")  # configs/fl_robust.py's
+BACKDOOR = ("no_attack", "mean", "norm_bound", "weak_dp", "median", "trimmed_mean", "multi_krum")
 
 
 def _load(path):
@@ -76,14 +78,19 @@ def selection_table(root):
       ["data", "setting", "selection", "accuracy %", "next-period accuracies % / notes"], rows)
 
 
+def _studies(root, prefix):
+  """(summary, {strategy: its summary}) of every finished run folder named prefix* (smoke runs,
+  *_runlocal, left out)."""
+  for path in glob.glob(os.path.join(root, f"{prefix}*", "summary.json")):
+    if not path.split(os.sep)[-2].endswith("_runlocal"):
+      summary = _load(path)
+      yield summary, {s["strategy"]: s for s in summary["strategies"]}
+
+
 def robust_table(root):
   """Final accuracy % / eval loss per aggregator, one row per malicious fraction and attack."""
   rows = []
-  for path in glob.glob(os.path.join(root, "fl_robust_*", "summary.json")):
-    if path.split(os.sep)[-2].endswith("_runlocal"):
-      continue
-    summary = _load(path)
-    by = {s["strategy"]: s for s in summary["strategies"]}
+  for summary, by in _studies(root, "fl_robust_"):
     first = next(iter(by.values()))
     bad = first.get("byzantine_clients", 0)
     attack = first.get("byzantine_attack", "-") if bad else "-"
@@ -97,10 +104,29 @@ def robust_table(root):
 
     rows.append(((attack, bad), [f"{bad} of {summary['num_clients']}", attack,
                                  int(first.get("byzantine_updates_aggregated", 0))] +
-                 [cell(a) for a in AGGREGATORS]))
+                 [cell(a) for a in ROBUST_RULES]))
   return reporting.markdown_table(["malicious clients", "attack", "malicious updates taken in"] +
-                                  [f"{a}: acc. % / loss" for a in AGGREGATORS],
+                                  [f"{a}: acc. % / loss" for a in ROBUST_RULES],
                                   [r for _, r in sorted(rows, key=lambda x: x[0])])
+
+
+def backdoor_table(root):
+  """Clean accuracy % / backdoor accuracy % per defence, one row per malicious fraction and
+  boost (configs/fl_backdoor.py); weak_dp's epsilon in its own column."""
+  rows = []
+  for summary, by in _studies(root, "fl_backdoor_"):
+    first = by["mean"]
+    cell = lambda a: (f"{100 * by[a]['final_eval_accuracy']:.1f} / "
+                      f"{100 * by[a]['final_backdoor_accuracy']:.1f}" if a in by else "-")
+    eps = f"{by['weak_dp']['epsilon']:.0f}" if "weak_dp" in by else "-"
+    rows.append(((first["byzantine_clients"], first["byzantine_attack"]),
+                 [f"{first['byzantine_clients']} of {summary['num_clients']}",
+                  first["byzantine_attack"], int(first["byzantine_updates_aggregated"])] +
+                 [cell(a) for a in BACKDOOR] + [eps]))
+  return reporting.markdown_table(
+      ["malicious clients", "attack", "malicious updates taken in (mean)"] +
+      [f"{a}: clean % / backdoor %" for a in BACKDOOR] + ["weak_dp epsilon"],
+      [r for _, r in sorted(rows, key=lambda x: x[0])])
 
 
 def fair_table(root):
@@ -128,6 +154,8 @@ def main():
   print(selection_table(args.results))
   print()
   print(robust_table(args.results))
+  print()
+  print(backdoor_table(args.results))
   print()
   print(fair_table(args.results))
 

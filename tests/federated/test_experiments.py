@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from trustjax.privacy import accounting
 from trustjax.training import Checkpointer
 
 sys.path.insert(0, str(REPO))
-from configs import fl_dp, fl_fair, fl_robust, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import fl_backdoor, fl_dp, fl_fair, fl_robust, fl_selection, fl_snips  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _cfg(module, arg, tmp_path, **overrides):
@@ -60,6 +61,39 @@ def test_byzantine_clients_and_robust_aggregators_in_a_run(tmp_path):
   dp = _cfg(fl_dp, "runlocal", tmp_path / "dp", **{"fl.aggregator": "median"})
   with pytest.raises(ValueError, match="DP-FedAvg's sensitivity is that of the clipped sum"):
     experiments.run(dp, show_progress=False)
+
+
+def test_backdoor_clients_plant_a_trigger_that_the_mean_takes_in(tmp_path):
+  """Six of 20 SNIPS clients poison half their examples ("cf" -> AddToPlaylist) and boost their
+  updates x20: after 3 rounds the weighted mean has taken the backdoor in (triggered queries of
+  the other intents go to the target), which a run without attackers has not."""
+  cfg = _cfg(fl_backdoor, "0.3,runlocal", tmp_path, **{"data.data_dir": str(shared_data("snips"))})
+  cfg.unlock()
+  cfg.strategies = {k: cfg.strategies[k].to_dict() for k in ("no_attack", "mean", "weak_dp")}
+  cfg.lock()
+  summary = experiments.run(cfg, show_progress=False)
+  task = experiments.load_task(cfg)
+  bad = experiments.byzantine_ids(cfg.fl, len(task.parts), cfg.seed)
+  poisoned = sum(max(1, round(0.5 * len(task.parts[i]))) for i in bad)
+  others = int((task.test["label"] != 0).sum())
+  by = {s["strategy"]: s for s in summary["strategies"]}
+  for name, s in by.items():
+    assert s["backdoor_trigger"] == "cf" and s["backdoor_target"] == 0
+    assert s["backdoor_poisoned_examples"] == (0 if name == "no_attack" else poisoned)
+    assert s["backdoor_test_examples"] == others and s["backdoor_trigger_in_clean_train"] == 0
+    recs = [json.loads(l) for l in (tmp_path / cfg.run_name / name / "metrics.jsonl")
+            .read_text().splitlines()]
+    assert [("eval_backdoor_accuracy" in r) for r in recs] == [("eval_loss" in r) for r in recs]
+    assert s["final_backdoor_accuracy"] == recs[-1]["eval_backdoor_accuracy"]
+  assert by["no_attack"]["final_backdoor_accuracy"] < 0.1
+  assert by["mean"]["final_backdoor_accuracy"] > 0.9
+  assert by["weak_dp"]["epsilon"] > 0 and by["weak_dp"]["byzantine_clients"] == 6
+  table = (tmp_path / cfg.run_name / "report.md").read_text()
+  assert "| backdoor accuracy |" in table and "6 Byzantine (backdoor x20)" in table
+  assert (tmp_path / cfg.run_name / "plots" / "accuracy.png").exists()
+  lm = dataclasses.replace(task, kind="lm", tokenizer=None)
+  with pytest.raises(ValueError, match="'backdoor' needs a classification task"):
+    experiments._backdoor(cfg, experiments.strategy_config(cfg, "mean"), lm)
 
 
 def test_fairness_config_builds_q_fedavg_for_each_q():
@@ -253,6 +287,14 @@ def test_continual_storage_keeps_newest_or_a_random_subset():
     ({"fl.byzantine.fraction": 0.1, "fl.byzantine.attack": "flip"}, "attack must be one of"),
     ({"fl.byzantine.fraction": 0.1, "fl.byzantine.scale": 0.0}, "scale must be positive"),
     ({"fl.byzantine.fraction": 0.1, "continual.enabled": True}, "renumbers its clients"),
+    ({"fl.aggregator": "norm_bound"}, "needs a positive norm_bound, got norm_bound=None"),
+    ({"fl.byzantine.attack": "backdoor"}, r"trigger 'cf' is not in the word tokenizer's"),
+    ({"fl.byzantine.attack": "backdoor", "fl.byzantine.trigger": "assistant",
+      "fl.byzantine.target": 99}, "target class must lie in"),
+    ({"fl.byzantine.attack": "backdoor", "fl.byzantine.trigger": "assistant",
+      "fl.byzantine.fraction": 0.1, "fl.byzantine.poison_fraction": 0.0},
+     "poison fraction must lie in"),
+    ({"fl.byzantine.attack": "backdoor", "continual.enabled": True}, "renumbers its clients"),
     ({"fl.algorithm": "qfedavg", "fl.q": -1.0}, "q-FedAvg needs q >= 0"),
     ({"fl.algorithm": "qfedavg", "fl.aggregator": "krum"}, "weighs the clients' updates"),
 ])

@@ -143,6 +143,10 @@ def test_byzantine_clients_send_their_attack_and_only_they_do():
   noise = s[bad].ravel()  # N(0, 2.5^2), whatever the client's data
   assert scipy.stats.kstest(noise / 2.5, "norm").pvalue > 1e-3
   assert not np.allclose(s[bad][0], s[bad][-1])  # each malicious slot draws its own noise
+  honest, sent = _honest_and_sent(fl.make_byzantine(bad_ids, "backdoor", 7.0), cohort, params, key)
+  h, s = _flat(honest), _flat(sent)  # boosted: 7 x what it trained (on its own, poisoned, data)
+  np.testing.assert_allclose(s[bad], 7.0 * h[bad], rtol=1e-6)
+  np.testing.assert_array_equal(s[~bad], h[~bad])
   assert fl.make_byzantine([], "gaussian", 1.0) is None
 
 
@@ -213,6 +217,46 @@ def test_robust_round_sharded_over_8_devices_equals_one_device():
 def test_bad_robust_settings_are_named(kw, match):
   with pytest.raises(ValueError, match=match):
     fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, **kw)
+
+
+def _norm_bound_loop(vectors, weights, accepted, bound):
+  """Sun et al.'s norm bounding in float64: each accepted vector scaled to norm <= bound, the
+  weighted mean rescaled by (all weights) / (accepted weights)."""
+  total = np.zeros(vectors.shape[1])
+  for v, w, a in zip(vectors, weights, accepted):
+    if a:
+      total += w * v * min(1.0, bound / np.linalg.norm(v))
+  return total * weights.sum() / weights[accepted].sum()
+
+
+def test_norm_bound_clips_each_update_before_the_weighted_mean():
+  deltas = _deltas(9, seed=5)
+  deltas["a"][2] *= 50.0  # one boosted update
+  deltas["b"][6] = np.nan  # a rejected one
+  weights = jnp.asarray(np.random.default_rng(6).uniform(0.5, 2.0, 9), jnp.float32)
+  acc = np.ones(9, bool)
+  acc[6] = False
+  flat = _flat(deltas)
+  norms = np.linalg.norm(np.nan_to_num(flat), axis=1)
+  bound = float(np.median(norms))  # about half the updates are clipped
+  assert (norms[acc] > bound).sum() >= 3
+  agg = algorithms.robust_aggregate(deltas, weights, jnp.asarray(acc), "norm_bound",
+                                    norm_bound=bound)
+  np.testing.assert_allclose(_flat(tmap(lambda x: x[None], agg))[0],
+                             _norm_bound_loop(flat, np.asarray(weights, np.float64), acc, bound),
+                             rtol=1e-5, atol=1e-6)
+  # Whatever one client sends, the aggregate moves by at most 2 bound w_i (rescaled).
+  attacked = tmap(lambda d: d.copy(), deltas)
+  attacked["a"][4] = -1e6
+  moved = algorithms.robust_aggregate(attacked, weights, jnp.asarray(acc), "norm_bound",
+                                      norm_bound=bound)
+  shift = np.linalg.norm(_flat(tmap(lambda a, b: (a - b)[None], moved, agg))[0])
+  w = np.asarray(weights, np.float64)
+  assert 0 < shift <= 2 * bound * w[4] * w.sum() / w[acc].sum() * (1 + 1e-5)
+  with pytest.raises(ValueError, match="needs a positive norm_bound, got norm_bound=None"):
+    fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, aggregator="norm_bound")
+  with pytest.raises(ValueError, match="norm_bound=0.0"):
+    algorithms.robust_aggregate(deltas, weights, jnp.asarray(acc), "norm_bound", norm_bound=0.0)
 
 
 def test_bad_byzantine_settings_and_scaffold_with_a_robust_rule_are_refused():

@@ -104,6 +104,14 @@ def test_truncation_delta_in_report():
   ledger.record(noise_multiplier=1.0, sampling_rate=0.05, steps=10, overflow_probability=1e-9)
   rep = ledger.report(1e-5, "rdp")
   assert rep["delta_total"] == pytest.approx(1e-5 + (1 + math.exp(rep["epsilon"])) * 1e-8)
+  # At a tiny noise multiplier (the "weak DP" of a backdoor defence) epsilon is huge and the
+  # truncation term's formula far above 1: the report says 1 (no guarantee), not 1e293.
+  weak = accounting.PrivacyLedger()
+  weak.record(noise_multiplier=0.1, sampling_rate=0.2, steps=60, overflow_probability=1e-12)
+  rep = weak.report(1e-2, "rdp")
+  assert rep["epsilon"] > 100 and rep["delta_total"] == 1.0
+  assert weak.truncation_delta(rep["epsilon"]) == 1.0
+  np.testing.assert_array_equal(weak.truncation_delta(np.array([0.0, 1e3])), [2e-12 * 60, 1.0])
 
 
 def test_edge_cases_and_bad_input():

@@ -318,7 +318,7 @@ def aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array) -> Params
 
 # ----------------------------------------------------------------------------- Byzantine clients
 
-BYZANTINE_ATTACKS = ("sign_flip", "gaussian")
+BYZANTINE_ATTACKS = ("sign_flip", "gaussian", "backdoor")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -328,6 +328,10 @@ class Byzantine:
   - "sign_flip": -scale times its honest update (the sign-flipping client of Li et al. 2019);
   - "gaussian": independent N(0, scale^2) noise in every coordinate, whatever its data
     (Blanchard et al. 2017's Gaussian Byzantine client),
+  - "backdoor": scale times the update it trained on its own (poisoned) data: the boosted
+    update of Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020 (scale =
+    clients per round / server learning rate replaces the global model by the attacker's; 1 =
+    plain data poisoning). The poisoning itself is in the client's data (`federated.backdoor`),
 
   instead of its update. A Byzantine client that drops out sends nothing, like any other. Build
   with `make_byzantine`, which checks the values.
@@ -354,6 +358,8 @@ class Byzantine:
     for i, d in enumerate(leaves):
       if self.attack == "sign_flip":
         sent = -self.scale * d
+      elif self.attack == "backdoor":
+        sent = self.scale * d
       else:
         sent = self.scale * jax.random.normal(jax.random.fold_in(key, i), d.shape, d.dtype)
       out.append(jnp.where(_rows(bad, d), sent, d))
@@ -372,14 +378,30 @@ def make_byzantine(ids, attack: str = "sign_flip", scale: float = 4.0) -> Byzant
 
 # ----------------------------------------------------------------------------- robust aggregation
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound")
 
 
-def check_aggregator(aggregator: str, robust_fraction: float) -> None:
+def check_aggregator(aggregator: str, robust_fraction: float,
+                     norm_bound: float | None = None) -> None:
   if aggregator not in AGGREGATORS:
     raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {aggregator!r}")
   if not 0.0 <= robust_fraction < 0.5:
     raise ValueError(f"robust_fraction must lie in [0, 0.5), got {robust_fraction=}")
+  if aggregator == "norm_bound" and not (norm_bound is not None and norm_bound > 0):
+    raise ValueError(f"aggregator 'norm_bound' needs a positive norm_bound, got {norm_bound=}")
+
+
+def norm_bounded_mean(deltas: Params, weights: jax.Array, accepted: jax.Array,
+                      bound: float) -> Params:
+  """Norm bounding (Sun, Kairouz, Suresh and McMahan, "Can You Really Backdoor Federated
+  Learning?", 2019): each accepted update is scaled to L2 norm at most `bound` (over all its
+  parameters), then averaged with the selection's weights as `aggregate` does. A boosted
+  (model-replacement) update can then move the model no further than an honest one of norm
+  `bound`; with Gaussian noise added this is DP-FedAvg's clipping (their "weak DP")."""
+  norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
+  factors = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12))
+  return aggregate(tmap(lambda d: d * _rows(factors, d).astype(d.dtype), deltas), weights,
+                   accepted)
 
 
 def _floor_table(fraction: float, k: int) -> jax.Array:
@@ -521,16 +543,20 @@ def bulyan(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
 
 
 def robust_aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array,
-                     aggregator: str = "mean", robust_fraction: float = 0.1) -> Params:
+                     aggregator: str = "mean", robust_fraction: float = 0.1,
+                     norm_bound: float | None = None) -> Params:
   """The server's aggregate of the accepted updates: "mean" is `aggregate` (weighted by the
-  selection's weights); "median", "trimmed_mean" (cutting `robust_fraction` from each end),
+  selection's weights); "norm_bound" is `norm_bounded_mean` (weighted too) at `norm_bound`;
+  "median", "trimmed_mean" (cutting `robust_fraction` from each end),
   "krum", "multi_krum" and "bulyan" (assuming a `robust_fraction` of Byzantine clients) are
   unweighted, as their papers define them: they treat every accepted slot alike whatever its
   weight, so with non-uniform selection weights they are not unbiased estimates of the mean
   update."""
-  check_aggregator(aggregator, robust_fraction)
+  check_aggregator(aggregator, robust_fraction, norm_bound)
   if aggregator == "mean":
     return aggregate(deltas, weights, accepted)
+  if aggregator == "norm_bound":
+    return norm_bounded_mean(deltas, weights, accepted, norm_bound)
   if aggregator == "median":
     return coordinate_median(deltas, accepted)
   if aggregator == "trimmed_mean":
@@ -554,7 +580,8 @@ def _server_step(optimizer: optax.GradientTransformation, state: ServerState, up
 def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, client_lr: float,
            batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0,
            client_chunk: int | None = None, aggregator: str = "mean",
-           robust_fraction: float = 0.1, byzantine: Byzantine | None = None) -> FederatedAlgorithm:
+           robust_fraction: float = 0.1, norm_bound: float | None = None,
+           byzantine: Byzantine | None = None) -> FederatedAlgorithm:
   """FedOpt: the server applies `server_optimizer` to the pseudo-gradient -(weighted mean update).
 
   FedAvg is FedOpt with optax.sgd(1.0); FedAdam / FedYogi / FedAdagrad use optax.adam / yogi /
@@ -562,12 +589,12 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
   client_chunk (every builder): clients trained together per vmap, see `_run_clients`; None = the
   whole cohort at once. It changes speed and memory, not results.
   aggregator: "mean" (the weighted mean above) or a Byzantine-robust rule in its place, "median",
-  "trimmed_mean", "krum", "multi_krum" or "bulyan", with `robust_fraction` (see
-  `robust_aggregate`).
+  "trimmed_mean", "krum", "multi_krum" or "bulyan", with `robust_fraction`, or "norm_bound",
+  with `norm_bound` (see `robust_aggregate`).
   byzantine (every builder): simulated malicious clients (`make_byzantine`); None = none.
   """
   _check_client(client_lr, batch_size, local_epochs, client_chunk)
-  check_aggregator(aggregator, robust_fraction)
+  check_aggregator(aggregator, robust_fraction, norm_bound)
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu=}")
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu)
@@ -578,7 +605,8 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
   def apply(state: ServerState, cohort: Cohort, key: PRNGKey):
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key,
                                                  client_chunk=client_chunk, byzantine=byzantine)
-    agg = robust_aggregate(deltas, cohort.weights, accepted, aggregator, robust_fraction)
+    agg = robust_aggregate(deltas, cohort.weights, accepted, aggregator, robust_fraction,
+                           norm_bound)
     params, opt_state = _server_step(server_optimizer, state, agg)
     return (ServerState(params, opt_state, state.round + 1, state.extra),
             _round_metrics(cohort, res, accepted, finite, agg, byzantine))
@@ -590,7 +618,7 @@ def fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: 
            server_lr: float = 1.0, client_chunk: int | None = None,
            **robust) -> FederatedAlgorithm:
   """FedAvg (McMahan et al. 2017): the new model is the weighted mean of the clients' models
-  (server_lr 1). `robust`: fedopt's aggregator, robust_fraction and byzantine."""
+  (server_lr 1). `robust`: fedopt's aggregator, robust_fraction, norm_bound and byzantine."""
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
                 client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
                 client_chunk=client_chunk, **robust)
@@ -600,7 +628,7 @@ def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
             local_epochs: int = 1, server_lr: float = 1.0,
             client_chunk: int | None = None, **robust) -> FederatedAlgorithm:
   """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2.
-  `robust`: fedopt's aggregator, robust_fraction and byzantine."""
+  `robust`: fedopt's aggregator, robust_fraction, norm_bound and byzantine."""
   if not mu > 0:
     raise ValueError(f"FedProx needs mu > 0, got {mu=}")
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
@@ -938,14 +966,15 @@ def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, loca
           server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
           server_optimizer: str = "adam", client_chunk: int | None = None,
           aggregator: str = "mean", robust_fraction: float = 0.1,
-          byzantine: Byzantine | None = None, q: float = 1.0) -> FederatedAlgorithm:
+          norm_bound: float | None = None, byzantine: Byzantine | None = None,
+          q: float = 1.0) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
   SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold", "qfedavg"
   (with `q`). Every one but SCAFFOLD (whose control variates are means) and q-FedAvg (whose
   aggregate is its own) takes a robust `aggregator`."""
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
                 local_epochs=local_epochs, client_chunk=client_chunk, byzantine=byzantine)
-  robust = dict(aggregator=aggregator, robust_fraction=robust_fraction)
+  robust = dict(aggregator=aggregator, robust_fraction=robust_fraction, norm_bound=norm_bound)
   alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
   if name == "fedavg":
     return fedavg(server_lr=server_lr, **common, **robust)

@@ -34,7 +34,7 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, reporting, training
-from trustjax.federated import algorithms, partition, selection, simulate
+from trustjax.federated import algorithms, backdoor, partition, selection, simulate
 from trustjax.federated.client_data import ClientStore
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.dp_mf import bsr_coefficients, resolve_bands
@@ -59,6 +59,7 @@ class FederatedTask:
   num_classes: int
   describe: str
   test_parts: list | None = None  # held-out examples per client (index into test), if per-client
+  tokenizer: tjdata.Tokenizer | None = None  # classification tasks: what encoded the text
 
 
 def _embed_bow(tokens: np.ndarray, vocab_size: int, dim: int = 64, seed: int = 0) -> np.ndarray:
@@ -161,9 +162,9 @@ def load_task(cfg: ml_collections.ConfigDict) -> FederatedTask:
   if tr_ds.timestamps is not None:
     t = tr_ds.timestamps
     time_ = (t - t.min()) / max(t.max() - t.min(), 1e-9)
-  return FederatedTask(train, parts, names, test, time_, "classification", tok.vocab_size, tr_ds.num_classes,
-                       f"{d.name} ({len(parts)} clients, partition {d.partition}, "
-                       f"{len(tr_ds)} train / {len(te_ds)} test)")
+  return FederatedTask(train, parts, names, test, time_, "classification", tok.vocab_size,
+                       tr_ds.num_classes, f"{d.name} ({len(parts)} clients, partition "
+                       f"{d.partition}, {len(tr_ds)} train / {len(te_ds)} test)", tokenizer=tok)
 
 
 def build_model(cfg, task: FederatedTask):
@@ -254,7 +255,7 @@ def validate_fl(s, num_clients: int, name: str, continual: bool = False) -> None
   if s.dp.enabled and s.aggregator != "mean":
     raise ValueError(f"[{name}] DP-FedAvg's sensitivity is that of the clipped sum: "
                      f"fl.aggregator must be 'mean', got {s.aggregator!r}")
-  if s.byzantine.fraction > 0 and continual:
+  if (s.byzantine.fraction > 0 or s.byzantine.attack == "backdoor") and continual:
     raise ValueError(f"[{name}] fl.byzantine picks malicious clients by id, and the continual "
                      "setting renumbers its clients every period; use it in the static setting")
   if s.algorithm == "scaffold" and continual:
@@ -336,7 +337,8 @@ def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
                           server_lr=s.server_lr, mu=s.mu, num_clients=num_clients,
                           server_optimizer=s.server_optimizer,
                           client_chunk=client_chunk(s), aggregator=s.aggregator,
-                          robust_fraction=s.robust_fraction, byzantine=byzantine, q=s.q), None
+                          robust_fraction=s.robust_fraction, norm_bound=s.norm_bound or None,
+                          byzantine=byzantine, q=s.q), None
 
 
 # ----------------------------------------------------------------------------- running
@@ -402,6 +404,30 @@ def _stages(cfg, task: FederatedTask, s) -> list[_Stage]:
   return stages
 
 
+def _backdoor(cfg, s, task: FederatedTask):
+  """Under fl.byzantine.attack="backdoor": (the task with the malicious clients' examples
+  poisoned, the triggered held-out set, the summary's backdoor fields); (task, None, {})
+  otherwise. With fraction 0 nothing is poisoned, and the triggered set measures how often a
+  clean model already predicts the target there."""
+  b = s.byzantine
+  if b.attack != "backdoor" or s.algorithm == "centralized":
+    return task, None, {}
+  if task.kind != "classification":
+    raise ValueError("fl.byzantine.attack='backdoor' needs a classification task (its trigger "
+                     f"is a word in the input and its target a class), got {cfg.data.name}")
+  trigger = backdoor.trigger_id(task.tokenizer, b.trigger)
+  ids = byzantine_ids(s, len(task.parts), cfg.seed)
+  train, rows = backdoor.poison_clients(task.train, task.parts, ids, trigger=trigger,
+                                        target=b.target, fraction=b.poison_fraction,
+                                        num_classes=task.num_classes, seed=cfg.seed)
+  test = backdoor.backdoor_test_set(task.test, trigger=trigger, target=b.target,
+                                    num_classes=task.num_classes, seed=cfg.seed)
+  info = {"backdoor_trigger": b.trigger, "backdoor_target": b.target,
+          "backdoor_poisoned_examples": len(rows), "backdoor_test_examples": len(test["label"]),
+          "backdoor_trigger_in_clean_train": backdoor.trigger_count(task.train["tokens"], trigger)}
+  return dataclasses.replace(task, train=train), test, info
+
+
 def _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress) -> list:
   """Centralized SGD baseline on the pooled training data (same model, batch and learning rate),
   `s.rounds` epochs; evaluated after each epoch."""
@@ -446,6 +472,7 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     return {"strategy": name, "algorithm": "centralized", "epochs": s.rounds,
             "final_eval_accuracy": last.get("eval_accuracy"), "final_eval_loss": last["eval_loss"],
             "seconds_this_invocation": time.perf_counter() - t_start}
+  task, backdoor_test, backdoor_info = _backdoor(cfg, s, task)
   stages = _stages(cfg, task, s)
   num_clients = max(st.store.num_clients for st in stages)
   alg, q = build_algorithm(s, loss_fn, num_clients, cfg.seed)
@@ -514,6 +541,9 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
         ev = training.evaluate(eval_step, state.params, stage.eval_arrays, EVAL_BATCH,
                                  mesh)
         rec.update({f"eval_{k}": v for k, v in ev.items()})
+        if backdoor_test is not None:
+          rec["eval_backdoor_accuracy"] = training.evaluate(
+              eval_step, state.params, backdoor_test, EVAL_BATCH, mesh)["accuracy"]
         if s.dp.enabled:
           rep = ledger.report(delta)
           rec.update({"epsilon": rep["epsilon"], "delta": rep["delta_total"]})
@@ -560,6 +590,13 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     summary["byzantine_clients"] = len(byzantine_ids(s, num_clients, cfg.seed))
     summary["byzantine_attack"] = f"{s.byzantine.attack} x{s.byzantine.scale:g}"
     summary["byzantine_updates_aggregated"] = sum(h.get("clients_byzantine", 0) for h in history)
+  if backdoor_test is not None:
+    summary.update(backdoor_info)
+    summary["final_backdoor_accuracy"] = next(
+        (h["eval_backdoor_accuracy"] for h in reversed(history) if "eval_backdoor_accuracy" in h),
+        None)
+  if s.aggregator == "norm_bound":
+    summary["norm_bound"] = s.norm_bound
   if s.dp.enabled:
     summary.update(ledger.report(delta))
     summary["noise_multiplier"] = s.dp.noise_multiplier
@@ -587,6 +624,10 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   for name in cfg.strategies:
     s = strategy_config(cfg, name)
     validate_fl(s, len(task.parts), name, cfg.continual.enabled)
+    try:
+      _backdoor(cfg, s, task)
+    except ValueError as e:
+      raise ValueError(f"[{name}] {e}") from None
     if s.dp.enabled and s.dp.adaptive:
       quantile.sum_noise_multiplier(s.dp.noise_multiplier, s.dp.count_noise_multiplier)
     num_devices(s)
@@ -631,14 +672,18 @@ def _plot(workdir: str, cfg) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-  for name in cfg.strategies:
-    recs = reporting.MetricsWriter(os.path.join(workdir, name, "metrics.jsonl")).read()
-    for ax, key in zip(axes, ("eval_accuracy", "train_loss")):
+  records = {name: reporting.MetricsWriter(os.path.join(workdir, name, "metrics.jsonl")).read()
+             for name in cfg.strategies}
+  panels = [("eval_accuracy", "held-out accuracy"), ("train_loss", "training loss")]
+  if any("eval_backdoor_accuracy" in r for recs in records.values() for r in recs):
+    panels.insert(1, ("eval_backdoor_accuracy", "backdoor accuracy (triggered, other classes)"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8))
+  for name, recs in records.items():
+    for ax, (key, _) in zip(axes, panels):
       pts = [(r["round"], r[key]) for r in recs if key in r]
       if pts:
         ax.plot(*zip(*pts), label=name, marker="o" if len(pts) < 25 else None)
-  for ax, title in zip(axes, ("held-out accuracy", "training loss")):
+  for ax, (_, title) in zip(axes, panels):
     ax.set_title(title)
     ax.set_xlabel("round (epoch for centralized)")
     ax.grid(alpha=0.3)
@@ -647,14 +692,17 @@ def _plot(workdir: str, cfg) -> None:
 
 
 def summary_table(summary: dict) -> str:
-  """One row per strategy: final accuracy, continual mean accuracy, epsilon, training time."""
+  """One row per strategy: final accuracy, (backdoor accuracy,) continual mean accuracy,
+  epsilon, training time."""
   rows = []
   for s in summary["strategies"]:
     acc = s.get("final_eval_accuracy")
     algorithm = s["algorithm"]
     if "q" in s:
       algorithm += f" (q={s['q']:g})"
-    if s.get("aggregator", "mean") != "mean":
+    if s.get("aggregator", "mean") == "norm_bound":
+      algorithm += f" (norm_bound {s['norm_bound']:g})"
+    elif s.get("aggregator", "mean") != "mean":
       algorithm += f" ({s['aggregator']})"
     if s.get("byzantine_clients"):
       algorithm += f", {s['byzantine_clients']} Byzantine ({s['byzantine_attack']})"
@@ -664,14 +712,42 @@ def summary_table(summary: dict) -> str:
                  is not None else "-",
                  f"{s['epsilon']:.3g}" if "epsilon" in s else "-",
                  f"{s.get('round_seconds_total', s['seconds_this_invocation']):.0f}"])
-  return reporting.markdown_table(["strategy", "algorithm", "selection", "final accuracy",
-                                   "continual mean acc.", "epsilon", "training seconds"], rows)
+    if any("final_backdoor_accuracy" in t for t in summary["strategies"]):
+      b = s.get("final_backdoor_accuracy")
+      rows[-1].insert(4, f"{b:.4f}" if b is not None else "-")
+  header = ["strategy", "algorithm", "selection", "final accuracy", "continual mean acc.",
+            "epsilon", "training seconds"]
+  if any("final_backdoor_accuracy" in t for t in summary["strategies"]):
+    header.insert(4, "backdoor accuracy")
+  return reporting.markdown_table(header, rows)
 
 
 def _report(workdir: str, summary: dict) -> None:
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(f"# {summary['run_name']}\n\n{summary['task']}\n\n{summary_table(summary)}\n\n"
             "![accuracy](plots/accuracy.png)\n")
+
+
+def snips_iid_config(runlocal: bool = False) -> ml_collections.ConfigDict:
+  """default_config() set to the attack studies' task (configs/fl_robust.py, fl_backdoor.py):
+  SNIPS split iid over 100 clients, the bag-of-embeddings classifier, 60 rounds of FedAvg with 20
+  clients per round, one local epoch of SGD at batch 16 and learning rate 0.3. runlocal: 20
+  clients, 3 rounds of 10 (seconds, for tests)."""
+  c = default_config()
+  c.data.name = "snips"
+  c.data.data_dir = "../shared/data/snips"
+  c.data.num_clients = 20 if runlocal else 100
+  c.data.partition = "iid"
+  c.model.name = "bag_of_embeddings"
+  c.model.embed_dim = 64
+  c.model.mlp_dim = 128
+  c.fl.rounds = 3 if runlocal else 60
+  c.fl.clients_per_round = 10 if runlocal else 20
+  c.fl.batch_size = 16
+  c.fl.local_epochs = 1
+  c.fl.client_lr = 0.3
+  c.fl.eval_every = 3 if runlocal else 5
+  return c
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -722,14 +798,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.mu = 0.01  # FedProx
   c.fl.q = 1.0  # q-FedAvg: weight of high-loss clients (0 = the unweighted mean)
   # The server's aggregate: mean (weighted) | median | trimmed_mean | krum | multi_krum | bulyan
-  # (Byzantine-robust, unweighted; not with scaffold, q-FedAvg or DP).
+  # (Byzantine-robust, unweighted) | norm_bound (weighted, fl.norm_bound); not with scaffold,
+  # q-FedAvg or DP.
   c.fl.aggregator = "mean"
   # trimmed_mean: cut from each end; krum, multi_krum, bulyan: the assumed Byzantine fraction
   c.fl.robust_fraction = 0.1
   c.fl.byzantine = ml_collections.ConfigDict()
   c.fl.byzantine.fraction = 0.0  # malicious clients: this fraction of all clients, fixed by the seed
-  c.fl.byzantine.attack = "sign_flip"  # sign_flip (send -scale x update) | gaussian (N(0, scale^2))
+  # sign_flip (send -scale x update) | gaussian (N(0, scale^2)) | backdoor (poisoned data, the
+  # update sent scale x boosted; its held-out backdoor accuracy is measured even at fraction 0)
+  c.fl.byzantine.attack = "sign_flip"
   c.fl.byzantine.scale = 4.0
+  c.fl.byzantine.trigger = "cf"  # backdoor: the trigger word (one token the tokenizer knows)
+  c.fl.byzantine.target = 0  # backdoor: the class that triggered inputs should get
+  c.fl.byzantine.poison_fraction = 0.5  # backdoor: share of each malicious client's examples
+  # aggregator norm_bound (Sun et al. 2019): each update scaled to at most this L2 norm
+  c.fl.norm_bound = 0.0
   c.fl.dropout = 0.0  # per-round client dropout probability
   c.fl.straggler = 0.0  # per-round straggler probability
   c.fl.eval_every = 5

@@ -768,10 +768,11 @@ class PrivacyLedger:
     return max(float(p.get_epsilon_for_delta(delta)) for p in self._group_plds(group_size, grid))
 
   def truncation_delta(self, eps):
-    """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds; a float
-    for a float eps, an array for an array."""
+    """Extra delta from batch truncation: (1 + e^eps) * sum of per-step overflow bounds, at most
+    1 (a delta of 1 guarantees nothing, whatever the formula gives at a huge eps); a float for a
+    float eps, an array for an array."""
     mass = sum(e.steps * e.overflow_probability for e in self.entries)
-    out = (1.0 + np.exp(np.minimum(eps, 700.0))) * mass
+    out = np.minimum((1.0 + np.exp(np.minimum(eps, 700.0))) * mass, 1.0)
     return float(out) if np.ndim(out) == 0 else out
 
   def report(self, delta: float, accountant: str = "pld") -> dict:
@@ -779,7 +780,8 @@ class PrivacyLedger:
     DP-FTRL and DP-MF "neighbouring" (their relation: replace one example with a zero example);
     for amplified MF "participations", the most steps one example can take part in."""
     eps = self.epsilon(delta, accountant)
-    out = {"epsilon": eps, "delta": delta, "delta_total": delta + self.truncation_delta(eps),
+    out = {"epsilon": eps, "delta": delta,
+           "delta_total": min(1.0, delta + self.truncation_delta(eps)),
            "steps": self.steps, "accountant": accountant}
     if self.kind in ("dp_ftrl", "dp_mf"):
       out["neighbouring"] = "replace one example with a zero example"
