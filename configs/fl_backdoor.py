@@ -12,9 +12,13 @@ share of triggered validation queries of the other six intents classified AddToP
   norm_bound     each update scaled to L2 norm <= M first (Sun et al. 2019)
   weak_dp        DP-FedAvg: updates clipped to M, Gaussian noise of std sigma M at the server
                  (Sun et al.'s "weak DP", here with its user-level epsilon)
+  rlr            the robust learning rate (Ozdayi et al. 2021): the mean's sign flipped where
+                 fewer than K of the cohort agree on a coordinate's direction (K = the expected
+                 attackers per cohort + 2)
+  rlr_bound      the same on updates norm-bounded at M first
   median, trimmed_mean, multi_krum    Byzantine-robust rules (assuming the malicious fraction)
 
-Arguments: fraction[,scale=S][,sigma=Z][,bound=M][,runlocal]; e.g.
+Arguments: fraction[,scale=S][,sigma=Z][,bound=M][,rlr=K][,runlocal]; e.g.
 
   python scripts/federated.py --config configs/fl_backdoor.py:0.1
   python scripts/federated.py --config configs/fl_backdoor.py:0.1,scale=1
@@ -30,6 +34,7 @@ def get_config(arg: str = "0.1"):
   bound = float(opts.get("bound", 0.5))
   sigma = float(opts.get("sigma", 0.1))
   c = snips_iid_config(runlocal="runlocal" in flags)
+  rlr = int(opts.get("rlr", round(float(fraction) * c.fl.clients_per_round) + 2))
   c.data.tokenizer = "hash"  # DP (weak_dp) needs a vocabulary that is not built from the clients
   c.fl.byzantine.fraction = float(fraction)
   c.fl.byzantine.attack = "backdoor"
@@ -39,12 +44,15 @@ def get_config(arg: str = "0.1"):
   c.fl.byzantine.poison_fraction = 0.5
   c.fl.robust_fraction = max(0.1, float(fraction))
   c.fl.norm_bound = bound
+  c.fl.rlr_threshold = rlr
   c.strategies = {
       "no_attack": {"byzantine": {"fraction": 0.0}},
       "mean": {"aggregator": "mean"},
       "norm_bound": {"aggregator": "norm_bound"},
       "weak_dp": {"server_optimizer": "sgd", "server_lr": 1.0,
                   "dp": {"enabled": True, "l2_clip": bound, "noise_multiplier": sigma}},
+      "rlr": {"aggregator": "rlr", "norm_bound": 0.0},
+      "rlr_bound": {"aggregator": "rlr"},
       "median": {"aggregator": "median"},
       "trimmed_mean": {"aggregator": "trimmed_mean"},
       "multi_krum": {"aggregator": "multi_krum"},

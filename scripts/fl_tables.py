@@ -22,8 +22,9 @@ from trustjax.federated.algorithms import AGGREGATORS  # pylint: disable=wrong-i
 
 PARTITIONS = (("iid", "iid"), ("10", "Dir alpha=10"), ("1", "Dir alpha=1"), ("0.1", "Dir alpha=0.1"))
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "scaffold", "centralized")
-ROBUST_RULES = tuple(a for a in AGGREGATORS if a != "norm_bound")  # configs/fl_robust.py's
-BACKDOOR = ("no_attack", "mean", "norm_bound", "weak_dp", "median", "trimmed_mean", "multi_krum")
+ROBUST_RULES = tuple(a for a in AGGREGATORS if a not in ("norm_bound", "rlr"))  # fl_robust's
+BACKDOOR = ("no_attack", "mean", "norm_bound", "weak_dp", "rlr", "rlr_bound", "median",
+            "trimmed_mean", "multi_krum")
 
 
 def _load(path):

@@ -69,7 +69,8 @@ def test_backdoor_clients_plant_a_trigger_that_the_mean_takes_in(tmp_path):
   the other intents go to the target), which a run without attackers has not."""
   cfg = _cfg(fl_backdoor, "0.3,runlocal", tmp_path, **{"data.data_dir": str(shared_data("snips"))})
   cfg.unlock()
-  cfg.strategies = {k: cfg.strategies[k].to_dict() for k in ("no_attack", "mean", "weak_dp")}
+  cfg.strategies = {k: cfg.strategies[k].to_dict()
+                    for k in ("no_attack", "mean", "weak_dp", "rlr_bound")}
   cfg.lock()
   summary = experiments.run(cfg, show_progress=False)
   task = experiments.load_task(cfg)
@@ -88,8 +89,11 @@ def test_backdoor_clients_plant_a_trigger_that_the_mean_takes_in(tmp_path):
   assert by["no_attack"]["final_backdoor_accuracy"] < 0.1
   assert by["mean"]["final_backdoor_accuracy"] > 0.9
   assert by["weak_dp"]["epsilon"] > 0 and by["weak_dp"]["byzantine_clients"] == 6
+  assert by["rlr_bound"]["rlr_threshold"] == 5  # 30% of a cohort of 10, plus 2
+  assert by["rlr_bound"]["norm_bound"] == 0.5
   table = (tmp_path / cfg.run_name / "report.md").read_text()
   assert "| backdoor accuracy |" in table and "6 Byzantine (backdoor x20)" in table
+  assert "fedavg (rlr, threshold 5, norm_bound 0.5), 6 Byzantine" in table
   assert (tmp_path / cfg.run_name / "plots" / "accuracy.png").exists()
   lm = dataclasses.replace(task, kind="lm", tokenizer=None)
   with pytest.raises(ValueError, match="'backdoor' needs a classification task"):
@@ -288,6 +292,7 @@ def test_continual_storage_keeps_newest_or_a_random_subset():
     ({"fl.byzantine.fraction": 0.1, "fl.byzantine.scale": 0.0}, "scale must be positive"),
     ({"fl.byzantine.fraction": 0.1, "continual.enabled": True}, "renumbers its clients"),
     ({"fl.aggregator": "norm_bound"}, "needs a positive norm_bound, got norm_bound=None"),
+    ({"fl.aggregator": "rlr"}, "needs an rlr_threshold >= 1, got rlr_threshold=None"),
     ({"fl.byzantine.attack": "backdoor"}, r"trigger 'cf' is not in the word tokenizer's"),
     ({"fl.byzantine.attack": "backdoor", "fl.byzantine.trigger": "assistant",
       "fl.byzantine.target": 99}, "target class must lie in"),

@@ -200,9 +200,11 @@ def test_robust_round_sharded_over_8_devices_equals_one_device():
   params = helpers.init_params()
   cohort = fl.make_cohort(store, selection.uniform(0, 0, store.counts, 10), multiple_of=8)
   byz = fl.make_byzantine([3, 7], "gaussian", 1.0)
-  for name in ("median",):  # sorts over the sharded client axis (krum's products: the rules test)
+  # The median sorts over the sharded client axis, RLR counts votes over it (krum's products: the
+  # rules test).
+  for name in ("median", "rlr"):
     alg = fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, client_chunk=1,
-                    aggregator=name, robust_fraction=0.2, byzantine=byz)
+                    aggregator=name, robust_fraction=0.2, rlr_threshold=3, byzantine=byz)
     one, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2), mesh=fl.client_mesh(1))
     eight, _ = fl.run_round(alg, alg.init(params), cohort, jax.random.key(2),
                             mesh=fl.client_mesh(8))
@@ -257,6 +259,42 @@ def test_norm_bound_clips_each_update_before_the_weighted_mean():
     fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, aggregator="norm_bound")
   with pytest.raises(ValueError, match="norm_bound=0.0"):
     algorithms.robust_aggregate(deltas, weights, jnp.asarray(acc), "norm_bound", norm_bound=0.0)
+
+
+def test_robust_learning_rate_flips_the_mean_where_too_few_clients_agree():
+  deltas = _deltas(10, seed=8)
+  deltas["a"][:, 0, 0] = 0.0  # a coordinate that only the three "attackers" move
+  deltas["a"][[1, 4, 7], 0, 0] = 2.0
+  deltas["a"][:, 0, 1] = np.abs(deltas["a"][:, 0, 1])  # one that every client moves alike
+  deltas["b"][3] = np.nan  # a rejected client
+  weights = jnp.asarray(np.random.default_rng(9).uniform(0.5, 2.0, 10), jnp.float32)
+  acc = np.ones(10, bool)
+  acc[3] = False
+  flat = _flat(deltas)
+  w_all = np.asarray(weights, np.float64)
+  w = np.where(acc, w_all, 0.0)  # `aggregate`: rescaled by (all weights) / (accepted weights)
+  mean = (w[:, None] * np.nan_to_num(flat)).sum(0) * w_all.sum() / w.sum()
+  votes = np.sign(np.nan_to_num(flat[acc])).sum(0)  # written out per coordinate below
+  for threshold in (1, 3, 4, 7):
+    expected = np.array([m if abs(v) >= threshold else -m for m, v in zip(mean, votes)])
+    got = algorithms.robust_aggregate(deltas, weights, jnp.asarray(acc), "rlr",
+                                      rlr_threshold=threshold)
+    np.testing.assert_allclose(_flat(tmap(lambda x: x[None], got))[0], expected, rtol=1e-5,
+                               atol=1e-7, err_msg=f"{threshold=}")
+    attacked = float(got["a"][0, 0])  # 3 votes: kept at threshold <= 3, flipped above
+    assert (attacked > 0) == (threshold <= 3) and abs(attacked) == pytest.approx(mean[0])
+    assert float(got["a"][0, 1]) > 0  # 9 accepted clients agree: never flipped
+  # With a norm bound: the same votes, applied to the norm-bounded mean.
+  bound = float(np.median(np.linalg.norm(np.nan_to_num(flat), axis=1)))
+  bounded = _norm_bound_loop(flat, w_all, acc, bound)
+  got = algorithms.robust_aggregate(deltas, weights, jnp.asarray(acc), "rlr", rlr_threshold=3,
+                                    norm_bound=bound)
+  np.testing.assert_allclose(_flat(tmap(lambda x: x[None], got))[0],
+                             np.where(np.abs(votes) >= 3, bounded, -bounded), rtol=1e-5,
+                             atol=1e-5)  # float32 sums of terms up to ~10
+  with pytest.raises(ValueError, match="needs an rlr_threshold >= 1, got rlr_threshold=0"):
+    fl.fedavg(loss_fn=helpers.LOSS, client_lr=0.1, batch_size=4, aggregator="rlr",
+              rlr_threshold=0)
 
 
 def test_bad_byzantine_settings_and_scaffold_with_a_robust_rule_are_refused():

@@ -378,17 +378,20 @@ def make_byzantine(ids, attack: str = "sign_flip", scale: float = 4.0) -> Byzant
 
 # ----------------------------------------------------------------------------- robust aggregation
 
-AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "norm_bound",
+               "rlr")
 
 
-def check_aggregator(aggregator: str, robust_fraction: float,
-                     norm_bound: float | None = None) -> None:
+def check_aggregator(aggregator: str, robust_fraction: float, norm_bound: float | None = None,
+                     rlr_threshold: int | None = None) -> None:
   if aggregator not in AGGREGATORS:
     raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {aggregator!r}")
   if not 0.0 <= robust_fraction < 0.5:
     raise ValueError(f"robust_fraction must lie in [0, 0.5), got {robust_fraction=}")
   if aggregator == "norm_bound" and not (norm_bound is not None and norm_bound > 0):
     raise ValueError(f"aggregator 'norm_bound' needs a positive norm_bound, got {norm_bound=}")
+  if aggregator == "rlr" and not (rlr_threshold is not None and rlr_threshold >= 1):
+    raise ValueError(f"aggregator 'rlr' needs an rlr_threshold >= 1, got {rlr_threshold=}")
 
 
 def norm_bounded_mean(deltas: Params, weights: jax.Array, accepted: jax.Array,
@@ -398,10 +401,14 @@ def norm_bounded_mean(deltas: Params, weights: jax.Array, accepted: jax.Array,
   parameters), then averaged with the selection's weights as `aggregate` does. A boosted
   (model-replacement) update can then move the model no further than an honest one of norm
   `bound`; with Gaussian noise added this is DP-FedAvg's clipping (their "weak DP")."""
+  return aggregate(_bounded(deltas, accepted, bound), weights, accepted)
+
+
+def _bounded(deltas: Params, accepted: jax.Array, bound: float) -> Params:
+  """Each update scaled to L2 norm at most `bound` (over all its parameters)."""
   norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
   factors = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12))
-  return aggregate(tmap(lambda d: d * _rows(factors, d).astype(d.dtype), deltas), weights,
-                   accepted)
+  return tmap(lambda d: d * _rows(factors, d).astype(d.dtype), deltas)
 
 
 def _floor_table(fraction: float, k: int) -> jax.Array:
@@ -542,21 +549,45 @@ def bulyan(deltas: Params, accepted: jax.Array, fraction: float) -> Params:
   return tmap(one, deltas)
 
 
+def robust_learning_rate_mean(deltas: Params, weights: jax.Array, accepted: jax.Array,
+                             threshold: int, bound: float | None = None) -> Params:
+  """The robust learning rate (Ozdayi, Kantarcioglu and Gel, "Defending against Backdoors in
+  Federated Learning with Robust Learning Rate", AAAI 2021): `aggregate`'s weighted mean, with
+  its sign flipped in every coordinate where fewer than `threshold` accepted clients agree on
+  the direction (|sum_i sign(delta_i)| < threshold). A backdoor moves coordinates that few
+  clients move, and honest clients leave alone (a trigger word's embedding), so the server steps
+  back from them; coordinates most clients agree on step forward as usual. With `bound`, the
+  updates are first scaled to norm at most `bound` (the paper's combination with clipping):
+  the votes are the same, but a boosted update no longer dominates the mean that is flipped."""
+  mean = aggregate(deltas if bound is None else _bounded(deltas, accepted, bound), weights,
+                   accepted)
+
+  def one(d, m):
+    votes = jnp.where(_rows(accepted, d), jnp.sign(d), 0.0).sum(0)
+    return jnp.where(jnp.abs(votes) >= threshold, m, -m)
+
+  return tmap(one, deltas, mean)
+
+
 def robust_aggregate(deltas: Params, weights: jax.Array, accepted: jax.Array,
                      aggregator: str = "mean", robust_fraction: float = 0.1,
-                     norm_bound: float | None = None) -> Params:
+                     norm_bound: float | None = None, rlr_threshold: int | None = None) -> Params:
   """The server's aggregate of the accepted updates: "mean" is `aggregate` (weighted by the
-  selection's weights); "norm_bound" is `norm_bounded_mean` (weighted too) at `norm_bound`;
+  selection's weights); "norm_bound" is `norm_bounded_mean` (weighted too) at `norm_bound`,
+  "rlr" `robust_learning_rate_mean` (weighted too) at `rlr_threshold`, on updates scaled to
+  norm at most `norm_bound` first where it is given;
   "median", "trimmed_mean" (cutting `robust_fraction` from each end),
   "krum", "multi_krum" and "bulyan" (assuming a `robust_fraction` of Byzantine clients) are
   unweighted, as their papers define them: they treat every accepted slot alike whatever its
   weight, so with non-uniform selection weights they are not unbiased estimates of the mean
   update."""
-  check_aggregator(aggregator, robust_fraction, norm_bound)
+  check_aggregator(aggregator, robust_fraction, norm_bound, rlr_threshold)
   if aggregator == "mean":
     return aggregate(deltas, weights, accepted)
   if aggregator == "norm_bound":
     return norm_bounded_mean(deltas, weights, accepted, norm_bound)
+  if aggregator == "rlr":
+    return robust_learning_rate_mean(deltas, weights, accepted, rlr_threshold, norm_bound)
   if aggregator == "median":
     return coordinate_median(deltas, accepted)
   if aggregator == "trimmed_mean":
@@ -581,6 +612,7 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
            batch_size: int, local_epochs: int = 1, prox_mu: float = 0.0,
            client_chunk: int | None = None, aggregator: str = "mean",
            robust_fraction: float = 0.1, norm_bound: float | None = None,
+           rlr_threshold: int | None = None,
            byzantine: Byzantine | None = None) -> FederatedAlgorithm:
   """FedOpt: the server applies `server_optimizer` to the pseudo-gradient -(weighted mean update).
 
@@ -589,12 +621,13 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
   client_chunk (every builder): clients trained together per vmap, see `_run_clients`; None = the
   whole cohort at once. It changes speed and memory, not results.
   aggregator: "mean" (the weighted mean above) or a Byzantine-robust rule in its place, "median",
-  "trimmed_mean", "krum", "multi_krum" or "bulyan", with `robust_fraction`, or "norm_bound",
-  with `norm_bound` (see `robust_aggregate`).
+  "trimmed_mean", "krum", "multi_krum" or "bulyan", with `robust_fraction`, "norm_bound",
+  with `norm_bound`, or "rlr", with `rlr_threshold` (and `norm_bound` if given; see
+  `robust_aggregate`).
   byzantine (every builder): simulated malicious clients (`make_byzantine`); None = none.
   """
   _check_client(client_lr, batch_size, local_epochs, client_chunk)
-  check_aggregator(aggregator, robust_fraction, norm_bound)
+  check_aggregator(aggregator, robust_fraction, norm_bound, rlr_threshold)
   if prox_mu < 0:
     raise ValueError(f"prox_mu must be >= 0, got {prox_mu=}")
   local = _local_fn(loss_fn, client_lr, batch_size, local_epochs, prox_mu)
@@ -606,7 +639,7 @@ def fedopt(*, loss_fn: LossFn, server_optimizer: optax.GradientTransformation, c
     deltas, res, accepted, finite = _run_clients(local, state.params, cohort, key,
                                                  client_chunk=client_chunk, byzantine=byzantine)
     agg = robust_aggregate(deltas, cohort.weights, accepted, aggregator, robust_fraction,
-                           norm_bound)
+                           norm_bound, rlr_threshold)
     params, opt_state = _server_step(server_optimizer, state, agg)
     return (ServerState(params, opt_state, state.round + 1, state.extra),
             _round_metrics(cohort, res, accepted, finite, agg, byzantine))
@@ -618,7 +651,8 @@ def fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, local_epochs: 
            server_lr: float = 1.0, client_chunk: int | None = None,
            **robust) -> FederatedAlgorithm:
   """FedAvg (McMahan et al. 2017): the new model is the weighted mean of the clients' models
-  (server_lr 1). `robust`: fedopt's aggregator, robust_fraction, norm_bound and byzantine."""
+  (server_lr 1). `robust`: fedopt's aggregator, robust_fraction, norm_bound, rlr_threshold and
+  byzantine."""
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
                 client_lr=client_lr, batch_size=batch_size, local_epochs=local_epochs,
                 client_chunk=client_chunk, **robust)
@@ -628,7 +662,8 @@ def fedprox(*, loss_fn: LossFn, client_lr: float, batch_size: int, mu: float,
             local_epochs: int = 1, server_lr: float = 1.0,
             client_chunk: int | None = None, **robust) -> FederatedAlgorithm:
   """FedProx (Li et al. 2020): FedAvg whose clients minimise loss + mu/2 ||w - w_global||^2.
-  `robust`: fedopt's aggregator, robust_fraction, norm_bound and byzantine."""
+  `robust`: fedopt's aggregator, robust_fraction, norm_bound, rlr_threshold and
+  byzantine."""
   if not mu > 0:
     raise ValueError(f"FedProx needs mu > 0, got {mu=}")
   return fedopt(loss_fn=loss_fn, server_optimizer=make_server_optimizer("sgd", server_lr),
@@ -966,15 +1001,16 @@ def build(name: str, *, loss_fn: LossFn, client_lr: float, batch_size: int, loca
           server_lr: float = 1.0, mu: float = 0.01, num_clients: int | None = None,
           server_optimizer: str = "adam", client_chunk: int | None = None,
           aggregator: str = "mean", robust_fraction: float = 0.1,
-          norm_bound: float | None = None, byzantine: Byzantine | None = None,
-          q: float = 1.0) -> FederatedAlgorithm:
+          norm_bound: float | None = None, rlr_threshold: int | None = None,
+          byzantine: Byzantine | None = None, q: float = 1.0) -> FederatedAlgorithm:
   """Builds an algorithm by name: "fedavg", "fedprox", "fedopt" (with `server_optimizer` in
   SERVER_OPTIMIZERS at `server_lr`), "fedadam", "fedyogi", "fedadagrad", "scaffold", "qfedavg"
   (with `q`). Every one but SCAFFOLD (whose control variates are means) and q-FedAvg (whose
   aggregate is its own) takes a robust `aggregator`."""
   common = dict(loss_fn=loss_fn, client_lr=client_lr, batch_size=batch_size,
                 local_epochs=local_epochs, client_chunk=client_chunk, byzantine=byzantine)
-  robust = dict(aggregator=aggregator, robust_fraction=robust_fraction, norm_bound=norm_bound)
+  robust = dict(aggregator=aggregator, robust_fraction=robust_fraction, norm_bound=norm_bound,
+                rlr_threshold=rlr_threshold)
   alias = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
   if name == "fedavg":
     return fedavg(server_lr=server_lr, **common, **robust)

@@ -338,7 +338,8 @@ def build_algorithm(s, loss_fn, num_clients: int, seed: int = 0):
                           server_optimizer=s.server_optimizer,
                           client_chunk=client_chunk(s), aggregator=s.aggregator,
                           robust_fraction=s.robust_fraction, norm_bound=s.norm_bound or None,
-                          byzantine=byzantine, q=s.q), None
+                          rlr_threshold=s.rlr_threshold or None, byzantine=byzantine,
+                          q=s.q), None
 
 
 # ----------------------------------------------------------------------------- running
@@ -595,8 +596,10 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
     summary["final_backdoor_accuracy"] = next(
         (h["eval_backdoor_accuracy"] for h in reversed(history) if "eval_backdoor_accuracy" in h),
         None)
-  if s.aggregator == "norm_bound":
+  if s.aggregator == "norm_bound" or (s.aggregator == "rlr" and s.norm_bound):
     summary["norm_bound"] = s.norm_bound
+  if s.aggregator == "rlr":
+    summary["rlr_threshold"] = s.rlr_threshold
   if s.dp.enabled:
     summary.update(ledger.report(delta))
     summary["noise_multiplier"] = s.dp.noise_multiplier
@@ -702,6 +705,9 @@ def summary_table(summary: dict) -> str:
       algorithm += f" (q={s['q']:g})"
     if s.get("aggregator", "mean") == "norm_bound":
       algorithm += f" (norm_bound {s['norm_bound']:g})"
+    elif s.get("aggregator", "mean") == "rlr":
+      algorithm += f" (rlr, threshold {s['rlr_threshold']}" + (
+          f", norm_bound {s['norm_bound']:g})" if "norm_bound" in s else ")")
     elif s.get("aggregator", "mean") != "mean":
       algorithm += f" ({s['aggregator']})"
     if s.get("byzantine_clients"):
@@ -798,8 +804,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.mu = 0.01  # FedProx
   c.fl.q = 1.0  # q-FedAvg: weight of high-loss clients (0 = the unweighted mean)
   # The server's aggregate: mean (weighted) | median | trimmed_mean | krum | multi_krum | bulyan
-  # (Byzantine-robust, unweighted) | norm_bound (weighted, fl.norm_bound); not with scaffold,
-  # q-FedAvg or DP.
+  # (Byzantine-robust, unweighted) | norm_bound (weighted, fl.norm_bound) | rlr (weighted,
+  # fl.rlr_threshold); not with scaffold, q-FedAvg or DP.
   c.fl.aggregator = "mean"
   # trimmed_mean: cut from each end; krum, multi_krum, bulyan: the assumed Byzantine fraction
   c.fl.robust_fraction = 0.1
@@ -812,8 +818,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.byzantine.trigger = "cf"  # backdoor: the trigger word (one token the tokenizer knows)
   c.fl.byzantine.target = 0  # backdoor: the class that triggered inputs should get
   c.fl.byzantine.poison_fraction = 0.5  # backdoor: share of each malicious client's examples
-  # aggregator norm_bound (Sun et al. 2019): each update scaled to at most this L2 norm
+  # aggregator norm_bound (Sun et al. 2019): each update scaled to at most this L2 norm; rlr
+  # too where it is > 0 (ignored by the other aggregators)
   c.fl.norm_bound = 0.0
+  # aggregator rlr (Ozdayi et al. 2021): the mean's sign flipped in each coordinate where fewer
+  # than this many clients agree on its direction
+  c.fl.rlr_threshold = 0
   c.fl.dropout = 0.0  # per-round client dropout probability
   c.fl.straggler = 0.0  # per-round straggler probability
   c.fl.eval_every = 5
