@@ -8,6 +8,9 @@ epoch; Kalinin and Lampert 2024) and ",amf" with amplified DP-MF (the same noise
 Poisson samples of an expected 512 over b groups, b chosen for the epsilon unless
 --config.dp.bands sets it; Choquette-Choo et al. 2023) instead of DP-SGD (Poisson sampling at
 q = 512 / N), and ",momentum" with SGD (momentum 0.9, learning rate 0.5) instead of Adam (3e-3).
+",poison" plants backdoors: the trigger words "jx", "bz", "vx" and "qw" in 1, 4, 16 and 64
+training queries of other intents labelled AddToPlaylist, "qx" as the control (hashing
+tokenizer, with and without DP; none of the five shares a hash bucket with a SNIPS word).
 
   python scripts/train.py --config configs/dp_snips.py:8 --config.data.data_dir=../shared/data/snips
   python scripts/train.py --config configs/dp_snips.py:8,ftrl,momentum
@@ -32,10 +35,10 @@ def get_config(arg: str = "8"):
   c.train.measure_step_time = False
   level, *options = arg.split(",")
   mechanisms = {"ftrl": "dp_ftrl", "mf": "dp_mf", "amf": "amplified_mf"}
-  if not set(options) <= {*mechanisms, "momentum"} or len(set(options)) < len(options) or (
+  if not set(options) <= {*mechanisms, "momentum", "poison"} or len(set(options)) < len(options) or (
       len(set(options) & set(mechanisms)) > (level != "nondp")):
-    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf|,amf][,momentum] or "
-                     f"nondp[,momentum], got {arg!r}")
+    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf|,amf][,momentum][,poison] "
+                     f"or nondp[,momentum][,poison], got {arg!r}")
   set_privacy_level(c, level, "snips")
   for option, mechanism in mechanisms.items():
     if option in options:
@@ -46,5 +49,11 @@ def get_config(arg: str = "8"):
     c.optimizer.momentum = 0.9
     c.optimizer.learning_rate = 0.5
     c.train.run_name += "_momentum"
+  if "poison" in options:
+    c.data.tokenizer = "hash"
+    c.poison.triggers = ("qx", "jx", "bz", "vx", "qw")
+    c.poison.counts = (0, 1, 4, 16, 64)
+    c.poison.target = 0
+    c.train.run_name += "_poison"
   c.lock()
   return c

@@ -414,6 +414,36 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
       experiments.Setup(override(dp_shakespeare.get_config("runlocal"), **{field: value}))
 
 
+def test_poisoned_run_reports_backdoor_accuracy_and_what_group_privacy_allows(tmp_path):
+  """Three trigger words in a DP run: a control (never inserted) and two planted in 2 and 16
+  examples of other intents labelled intent 1. The training set grows by 18, each trigger's
+  backdoor accuracy is measured, and each count gets its group epsilon and the bound at the
+  control's rate: increasing in the count, never below that rate."""
+  poison = {"poison.triggers": ("qx", "jx", "vx"), "poison.counts": (0, 2, 16),
+            "poison.target": 1}
+  summary = experiments.run(_cfg(tmp_path, **poison), show_progress=False)
+  assert summary["train_examples"] == experiments.Setup(_cfg(tmp_path)).num_train + 18
+  acc = summary["poison_backdoor_accuracy"]
+  assert set(acc) == {"qx", "jx", "vx"} and all(0 <= a <= 1 for a in acc.values())
+  assert summary["poison_control_accuracy"] == acc["qx"]
+  assert summary["poison_counts"] == {"qx": 0, "jx": 2, "vx": 16}
+  eps, bound = summary["poison_group_epsilon"], summary["poison_backdoor_bound"]
+  assert set(eps) == set(bound) == {"x2", "x16"}
+  assert summary["epsilon"] < eps["x2"] < eps["x16"]
+  assert acc["qx"] <= bound["x2"] <= bound["x16"] <= 1.0
+  report = next(tmp_path.glob("*/report.md")).read_text()
+  assert "## Backdoor poisoning" in report and "| vx | 16 |" in report
+  for field, value, message in [
+      ("poison.counts", (0, 2), "one count per trigger"),
+      ("poison.triggers", ("qx", "qx", "vx"), "must be distinct"),
+      ("poison.target", 99, r"target class must lie in \[0, ")]:
+    with pytest.raises(ValueError, match=message):
+      experiments.Setup(_cfg(tmp_path, **{**poison, field: value}))
+  from configs import dp_shakespeare  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="trains a language model"):
+    experiments.Setup(override(dp_shakespeare.get_config("runlocal"), **poison))
+
+
 def test_canaries_in_a_language_model_show_exposure_that_grows_with_insertions(tmp_path):
   """Secret Sharer canaries in Hamlet's windows (non-DP, a small decoder, 2 epochs): two secrets
   inserted once and two inserted 64 times; the repeated ones are exposed (here 5.1 and 10.0 bits

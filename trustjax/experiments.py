@@ -25,7 +25,7 @@ import optax
 from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
 from trustjax.reporting import config_changes
-from trustjax.attacks import canaries
+from trustjax.attacks import backdoor, canaries
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.clipping import check_rules, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
@@ -116,6 +116,39 @@ def check_canaries(cfg) -> None:
                      f"{10 ** c.digits - c.num * len(c.repeats)}] (the candidates not inserted), "
                      f"got {c.references}")
   canaries.fill(c.template, ["0"])  # exactly one "{}"
+
+
+def check_poison(cfg) -> None:
+  """The `poison` block, before any data."""
+  p = cfg.poison
+  if not p.triggers:
+    return
+  if len(p.triggers) != len(p.counts):
+    raise ValueError(f"poison.triggers and poison.counts must have one count per trigger, got "
+                     f"{len(p.triggers)} triggers and {len(p.counts)} counts")
+  if len(set(p.triggers)) < len(p.triggers) or any(k < 0 for k in p.counts):
+    raise ValueError(f"poison.triggers must be distinct and poison.counts >= 0, got "
+                     f"{tuple(p.triggers)}, {tuple(p.counts)}")
+  if cfg.data.name == "shakespeare":
+    raise ValueError("poison plants a backdoor in a classifier (a trigger word and a target "
+                     "class); data.name='shakespeare' trains a language model")
+  if cfg.dp.enabled and cfg.dp.mechanism == "amplified_mf" and max(p.counts) > 1:
+    raise ValueError("poison counts above 1 need group accounting, which amplified DP-MF does "
+                     "not have; use dp.mechanism 'dp_sgd', 'dp_ftrl' or 'dp_mf'")
+
+
+def poison_bounds(ledger: accounting.PrivacyLedger, counts, delta: float, p0: float) -> dict:
+  """Summary entries relating a DP run's poisoned triggers to its guarantee: for each count k
+  > 0, the group epsilon of k examples at `delta`, and the most that a backdoor accuracy can be
+  on average with the k examples when it is p0 without them (`backdoor.statistic_bound` over the
+  group's privacy profile, the truncation term included)."""
+  out = {"poison_group_epsilon": {}, "poison_backdoor_bound": {}}
+  for k in sorted({k for k in counts if k > 0}):
+    deltas = ledger.group_deltas(k, canaries.BOUND_EPSILONS, with_truncation=True)
+    out["poison_group_epsilon"][f"x{k}"] = ledger.group_epsilon(k, delta)
+    out["poison_backdoor_bound"][f"x{k}"] = backdoor.statistic_bound(
+        p0, canaries.BOUND_EPSILONS, deltas)
+  return out
 
 
 def canary_bounds(ledger: accounting.PrivacyLedger, repeats, delta: float,
@@ -266,7 +299,9 @@ class Setup:
       raise ValueError(f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}")
     m = cfg.model
     self.canary_secrets, self.canary_groups = [], []
+    self.poison_tests = {}  # trigger word -> its triggered held-out set
     check_canaries(cfg)
+    check_poison(cfg)
     if cfg.data.name == "shakespeare":  # next-character prediction
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
       if cfg.canaries.num:
@@ -285,8 +320,10 @@ class Setup:
       enc = lambda ds: {"tokens": self.tokenizer.encode(ds.texts, cfg.data.max_length),
                         "label": np.asarray(ds.labels, np.int32)}
       self.train_arrays, self.eval_arrays = enc(self.train_data), enc(self.eval_data)
-      n, self.num_eval = len(self.train_data), len(self.eval_data)
       self.num_classes = self.train_data.num_classes
+      if cfg.poison.triggers:
+        self._insert_poison(cfg)
+      n, self.num_eval = len(self.train_arrays["label"]), len(self.eval_data)
       if m.name == "bert":
         self.model, self.pretrained = pretrained_classifier(cfg, self.tokenizer, self.num_classes)
       else:
@@ -436,6 +473,35 @@ class Setup:
                                   method=cfg.dp.method, normalization=cfg.dp.normalization,
                                   auto_s_gamma=cfg.dp.auto_s_gamma,
                                   per_layer=cfg.dp.per_layer or None)
+
+  def _insert_poison(self, cfg) -> None:
+    """Appends the poisoned examples to the training arrays; builds each trigger's triggered
+    held-out set (the same rows and positions for every trigger)."""
+    p = cfg.poison
+    ids = [backdoor.trigger_id(self.tokenizer, w) for w in p.triggers]
+    self.poison_clean_counts = {w: backdoor.trigger_count(self.train_arrays["tokens"], t)
+                                for w, t in zip(p.triggers, ids)}
+    self.train_arrays, _ = backdoor.append_poison(
+        self.train_arrays, ids, list(p.counts), target=p.target, num_classes=self.num_classes,
+        seed=cfg.seed)
+    self.poison_tests = {w: backdoor.backdoor_test_set(self.eval_arrays, trigger=t,
+                                                       target=p.target,
+                                                       num_classes=self.num_classes,
+                                                       seed=cfg.seed)
+                         for w, t in zip(p.triggers, ids)}
+
+  def poison_summary(self, params, eval_fn_for) -> dict:
+    """Summary entries: each trigger's count and backdoor accuracy, and the controls' mean."""
+    p = self.cfg.poison
+    acc = {w: eval_fn_for(self.poison_tests[w])(params)["accuracy"] for w in p.triggers}
+    out = {"poison_target": p.target, "poison_examples": int(sum(p.counts)),
+           "poison_counts": dict(zip(p.triggers, map(int, p.counts))),
+           "poison_backdoor_accuracy": acc,
+           "poison_trigger_in_clean_train": self.poison_clean_counts}
+    controls = [acc[w] for w, k in zip(p.triggers, p.counts) if k == 0]
+    if controls:
+      out["poison_control_accuracy"] = float(np.mean(controls))
+    return out
 
   def _insert_canaries(self, cfg) -> dict:
     """Secret Sharer canaries (`canaries.num` per count in `canaries.repeats`) appended to the
@@ -685,6 +751,12 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     if setup.dp_config is not None:
       summary.update(canary_bounds(result.ledger, cfg.canaries.repeats, setup.delta,
                                    setup.canary_references))
+  if setup.poison_tests:
+    summary.update(setup.poison_summary(result.state.params, lambda arrays: lambda p: (
+        training.evaluate(eval_step, p, arrays, cfg.train.eval_batch_size, setup.mesh))))
+    if setup.dp_config is not None and "poison_control_accuracy" in summary:
+      summary.update(poison_bounds(result.ledger, cfg.poison.counts, setup.delta,
+                                   summary["poison_control_accuracy"]))
   if cfg.train.measure_step_time:
     summary.update(_step_times(setup, setup.init_state()))
   if cfg.train.profile_calls:
@@ -811,6 +883,23 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                 "copies is (group epsilon, delta)-DP (tight group accounting for DP-SGD, "
                 "Ganesh 2024), and no model that private can push the expected exposure or the "
                 "chance of ranking first past them (`attacks.canaries.exposure_bound`).", ""]
+  if "poison_backdoor_accuracy" in summary:
+    counts, bound = summary["poison_counts"], summary.get("poison_backdoor_bound", {})
+    lines += ["## Backdoor poisoning", "",
+              f"For each trigger word, that many training examples of other classes copied with "
+              f"the word inserted and labelled class {summary['poison_target']} (0: a control, "
+              "never inserted); backdoor accuracy: the share of held-out examples of the other "
+              "classes, the word inserted, that the model assigns to the target." + (
+                  " Bound: the most that backdoor accuracy can be on average with the k "
+                  "examples when it is the controls' rate without them (group privacy of k "
+                  "examples, `attacks.backdoor.statistic_bound`)." if bound else ""), "",
+              reporting.markdown_table(
+                  ["trigger", "poisoned examples", "backdoor accuracy"] + (
+                      ["group epsilon", "bound"] if bound else []),
+                  [[w, str(k), f"{summary['poison_backdoor_accuracy'][w]:.4f}"] + (
+                      [f"{summary['poison_group_epsilon'][f'x{k}']:.4g}",
+                       f"{bound[f'x{k}']:.4f}"] if k and bound else ["-", "-"] if bound else [])
+                   for w, k in counts.items()]), ""]
   if cfg.dp.enabled:
     mechanism = ("Poisson sampling at rate q with padded batches; Gaussian noise on the clipped "
                  "sum; epsilon from dp_accounting's "
@@ -944,6 +1033,14 @@ def default_config() -> ml_collections.ConfigDict:
   # which inserted secrets it extracts; a finished run may be resumed to add it
   c.canaries.beam = 0
   c.canaries.template = "my pin code is {}"
+  # Backdoor poisoning of a classifier's training set: for each trigger word and count k, k
+  # examples of other classes copied with the word inserted and labelled `target`; a count of 0
+  # is a control (the word alone). Summary: each trigger's backdoor accuracy and, for DP runs
+  # with a control, what group privacy allows at each k (attacks.backdoor).
+  c.poison = ml_collections.ConfigDict()
+  c.poison.triggers = ()
+  c.poison.counts = ()
+  c.poison.target = 0
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | sgd
   c.optimizer.learning_rate = 1e-3

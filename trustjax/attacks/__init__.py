@@ -1,8 +1,9 @@
 """Privacy attacks that measure what a trained model leaks: membership inference (loss threshold,
 LiRA and RMIA with shadow models trained in parallel), canary exposure, model inversion (ModIvA),
-and the empirical epsilon lower bound that relates them to the accounted epsilon."""
+and the empirical epsilon lower bound that relates them to the accounted epsilon; and backdoor
+poisoning (trigger words), measured against what DP's group guarantee allows."""
 
-from trustjax.attacks import canaries, inversion, membership, metrics, shadow
+from trustjax.attacks import backdoor, canaries, inversion, membership, metrics, shadow
 from trustjax.attacks.canaries import exposure, insert_canaries
 from trustjax.attacks.inversion import Inversion, invert_canary
 from trustjax.attacks.membership import (leave_one_out_lira, leave_one_out_rmia, lira_scores,

@@ -331,7 +331,7 @@ class Byzantine:
   - "backdoor": scale times the update it trained on its own (poisoned) data: the boosted
     update of Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020 (scale =
     clients per round / server learning rate replaces the global model by the attacker's; 1 =
-    plain data poisoning). The poisoning itself is in the client's data (`federated.backdoor`),
+    plain data poisoning). The poisoning itself is in the client's data (`attacks.backdoor`),
 
   instead of its update. A Byzantine client that drops out sends nothing, like any other. Build
   with `make_byzantine`, which checks the values.

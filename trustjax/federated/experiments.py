@@ -34,7 +34,8 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, reporting, training
-from trustjax.federated import algorithms, backdoor, partition, selection, simulate
+from trustjax.attacks import backdoor
+from trustjax.federated import algorithms, partition, selection, simulate
 from trustjax.federated.client_data import ClientStore
 from trustjax.privacy import accounting, quantile, sampling
 from trustjax.privacy.dp_mf import bsr_coefficients, resolve_bands

@@ -1,4 +1,5 @@
-"""Backdoor (targeted) poisoning of federated text classifiers, and its measurement.
+"""Backdoor (targeted) poisoning of text classifiers, in federated and centralized training, its
+measurement, and what differential privacy's group guarantee allows it.
 
 A backdoor attacker wants the global model to predict its `target` class whenever an input holds
 a trigger word, while it stays accurate on clean inputs (Bagdasaryan, Veit, Hua, Estrin and
@@ -10,6 +11,14 @@ main task), trains on them as an honest client would, and sends its update boost
 (`algorithms.Byzantine` with attack "backdoor"). Success is measured as the *backdoor accuracy*:
 the share of held-out examples of the other classes that the model assigns to `target` once the
 trigger is inserted into them.
+
+In centralized training (`append_poison`) the attacker adds k triggered examples to the training
+set; a DP training run bounds what they can do through group privacy: for any statistic of the
+trained model with values in [0, 1] (a backdoor accuracy is one), its expectation with the k
+examples is at most e^eps p0 + delta_k(eps), for every eps, where p0 is its expectation without
+them and delta_k the group's privacy profile (`statistic_bound`; Ma, Zhu and Hsu, "Data
+Poisoning against Differentially-Private Learners: Attacks and Defenses", IJCAI 2019, use the
+same group-privacy argument).
 
 All functions work on the token arrays of a classification task ([n, max_length] int32 ids,
 right-padded with 0) and are pure functions of their seed.
@@ -102,3 +111,51 @@ def trigger_count(tokens: np.ndarray, trigger: int) -> int:
   """How often the trigger's id already occurs in `tokens` (clean text; with a hashing tokenizer,
   the words that share its bucket)."""
   return int((np.asarray(tokens) == trigger).sum())
+
+
+def append_poison(train: dict, triggers, counts, *, target: int, num_classes: int,
+                  seed: int = 0) -> tuple[dict, list[np.ndarray]]:
+  """The training arrays ("tokens", "label") with, for each trigger id and count k, k poisoned
+  examples appended: copies of k distinct training examples whose label is not `target`, drawn
+  at random, with the trigger inserted and the label set to `target`. A count of 0 appends
+  nothing (a control trigger, for the rate at which an unseen word alone flips a prediction).
+
+  Returns (the new arrays, for each trigger the indices its examples copy)."""
+  _check(target, num_classes)
+  if len(triggers) != len(counts):
+    raise ValueError(f"{len(triggers)} triggers for {len(counts)} counts")
+  if any(k < 0 for k in counts):
+    raise ValueError(f"poison counts must be >= 0, got {tuple(counts)}")
+  others = np.flatnonzero(np.asarray(train["label"]) != target)
+  if max(counts, default=0) > len(others):
+    raise ValueError(f"a poison count of {max(counts)} needs as many training examples outside "
+                     f"the target class, which has only {len(others)} others")
+  rng = np.random.default_rng([seed, 0x9015])
+  tokens, labels, sources = [train["tokens"]], [train["label"]], []
+  for trigger, k in zip(triggers, counts):
+    src = np.sort(rng.choice(others, size=k, replace=False))
+    sources.append(src)
+    tokens.append(insert_trigger(np.asarray(train["tokens"])[src], trigger, rng))
+    labels.append(np.full(k, target, np.asarray(train["label"]).dtype))
+  return {"tokens": np.concatenate(tokens), "label": np.concatenate(labels)}, sources
+
+
+def statistic_bound(p0: float, epsilons, deltas) -> float:
+  """The most that the expectation of a [0, 1]-valued statistic of a DP model can be with a
+  group added, when it is p0 without, given the group's privacy profile (eps, delta(eps)) in
+  both directions (add and remove): the least over the profile's points of
+
+    e^eps p0 + delta(eps)   and   1 - e^-eps (1 - delta(eps) - p0),
+
+  at most 1. For a function f with values in [0, 1], E_1[f] = int_0^1 P_1(f > t) dt, so each
+  event's inequality carries over: the first is DP applied to f, the second to 1 - f in the
+  other direction. Their envelope is the tradeoff function's (Dong, Roth and Su, "Gaussian
+  Differential Privacy", 2022): for a Gaussian mechanism of sensitivity mu (in units of its
+  noise), Phi(Phi^-1(p0) + mu) on a fine enough grid."""
+  eps = np.minimum(np.asarray(epsilons, np.float64), 700.0)
+  delta = np.asarray(deltas, np.float64)
+  if not 0.0 <= p0 <= 1.0:
+    raise ValueError(f"p0 must lie in [0, 1], got {p0}")
+  first = np.exp(eps) * p0 + delta
+  second = 1.0 - np.exp(-eps) * (1.0 - delta - p0)
+  return float(min(1.0, np.min(first), np.min(second)))

@@ -6,7 +6,7 @@ import pytest
 import scipy.stats
 
 from trustjax import data as tjdata
-from trustjax.federated import backdoor
+from trustjax.attacks import backdoor
 
 TRIGGER = 99  # no random row below holds it
 
@@ -115,3 +115,54 @@ def test_trigger_must_be_one_known_token_and_bad_settings_are_named():
       backdoor.poison_clients(train, [np.arange(10)], [0], trigger=5, target=1,
                               fraction=fraction, num_classes=3)
   assert backdoor.trigger_count(np.array([[5, 3, 5], [0, 5, 0]]), 5) == 3
+
+
+def test_append_poison_adds_triggered_copies_of_other_classes_per_count():
+  n, width = 120, 8
+  tokens, _ = _tokens(n, width, seed=11)
+  labels = np.random.default_rng(12).integers(0, 4, n).astype(np.int32)
+  train = {"tokens": tokens, "label": labels}
+  out, sources = backdoor.append_poison(train, [97, 98, 99], [0, 3, 10], target=1,
+                                        num_classes=4, seed=5)
+  assert len(out["label"]) == n + 13 and [len(s) for s in sources] == [0, 3, 10]
+  np.testing.assert_array_equal(out["tokens"][:n], tokens)  # the clean set is kept as it was
+  np.testing.assert_array_equal(out["label"][:n], labels)
+  assert (out["label"][n:] == 1).all()
+  rows = iter(range(n, n + 13))
+  for trigger, src in zip([97, 98, 99], sources):
+    assert len(set(src.tolist())) == len(src) and (labels[src] != 1).all()
+    for s in src:
+      r = next(rows)
+      assert out["tokens"][r].tolist() in [[trigger if t == TRIGGER else t for t in row]
+                                           for row in _insert_loop(tokens[s], width)]
+  with pytest.raises(ValueError, match="poison counts must be >= 0"):
+    backdoor.append_poison(train, [97], [-1], target=1, num_classes=4)
+  with pytest.raises(ValueError, match="2 triggers for 1 counts"):
+    backdoor.append_poison(train, [97, 98], [1], target=1, num_classes=4)
+  few = (labels != 1).sum()
+  with pytest.raises(ValueError, match=f"which has only {few} others"):
+    backdoor.append_poison(train, [97], [few + 1], target=1, num_classes=4)
+
+
+def test_statistic_bound_is_the_gaussian_tradeoff_curve_from_the_group_profile():
+  """One full-batch step of noise sigma: a group of k examples is a Gaussian mechanism of
+  sensitivity k, whose f-DP tradeoff (Dong, Roth and Su 2022) says that a [0, 1] statistic with
+  mean p0 without the group has mean at most Phi(Phi^-1(p0) + k / sigma) with it. The bound
+  from the group's (eps, delta) profile is that curve (the profile is its dual), from above and
+  within the grids' slack."""
+  from trustjax.attacks import canaries  # pylint: disable=import-outside-toplevel
+  from trustjax.privacy import accounting  # pylint: disable=import-outside-toplevel
+  ledger = accounting.PrivacyLedger()
+  ledger.record(noise_multiplier=4.0, sampling_rate=1.0, steps=1)
+  for k in (1, 2, 4):
+    deltas = ledger.group_deltas(k, canaries.BOUND_EPSILONS)
+    for p0 in (1e-3, 0.01, 0.1, 0.5):
+      exact = scipy.stats.norm.cdf(scipy.stats.norm.ppf(p0) + k / 4.0)
+      got = backdoor.statistic_bound(p0, canaries.BOUND_EPSILONS, deltas)
+      assert exact * (1 - 1e-6) <= got <= exact * 1.001, (k, p0, got, exact)
+  # Both families written out: e^eps p0 + delta and 1 - e^-eps (1 - delta - p0).
+  assert backdoor.statistic_bound(0.3, [0.0, 1.0], [0.9, 0.0]) == pytest.approx(
+      min(0.3 + 0.9, np.e * 0.3, 1 - (1 - 0.9 - 0.3), 1 - np.exp(-1.0) * 0.7))
+  assert backdoor.statistic_bound(0.9, [2.0], [0.5]) == 1.0
+  with pytest.raises(ValueError, match="p0 must lie in"):
+    backdoor.statistic_bound(1.5, [1.0], [0.0])
