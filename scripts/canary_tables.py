@@ -17,7 +17,6 @@ epsilon, one colour per insertion count, runs without DP at the right edge.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,13 +27,8 @@ from trustjax.experiments import canary_bounds, canary_counts  # pylint: disable
 
 
 def load(run: str) -> dict:
-  path = os.path.join(run, "summary.json")
-  if not os.path.exists(path):
-    raise ValueError(f"no summary.json in {run!r}")
-  with open(path, encoding="utf-8") as f:
-    summary = json.load(f)
-  if "canary_exposure" not in summary:
-    raise ValueError(f"{run!r} has no canaries (train with --config.canaries.num=k)")
+  summary = reporting.read_summary(run, "canary_exposure",
+                                   "canaries (train with --config.canaries.num=k)")
   if summary.get("epsilon") is not None and "canary_exposure_bound" not in summary:
     # a DP run from before the summaries held the bounds: from the ledger of its checkpoint
     ledger = training.read_ledgers(run).get(".")

@@ -1,5 +1,6 @@
 """The training loop, the experiment runner and scripts/train.py end to end."""
 
+import importlib.util
 import json
 import math
 import os
@@ -433,6 +434,17 @@ def test_poisoned_run_reports_backdoor_accuracy_and_what_group_privacy_allows(tm
   assert acc["qx"] <= bound["x2"] <= bound["x16"] <= 1.0
   report = next(tmp_path.glob("*/report.md")).read_text()
   assert "## Backdoor poisoning" in report and "| vx | 16 |" in report
+  spec = importlib.util.spec_from_file_location("poison_tables",
+                                                REPO / "scripts" / "poison_tables.py")
+  tables = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tables)
+  rows = tables.table([str(next(tmp_path.glob("*/report.md")).parent)]).splitlines()[2:]
+  assert [r.split("|")[4].strip() for r in rows] == ["0 (control)", "2", "16"]
+  assert rows[2].split("|")[-2].strip() == f"{100 * bound['x16']:.1f}"
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "summary.json").write_text(json.dumps({"eval_accuracy": 0.9}))
+  with pytest.raises(ValueError, match="has no poisoned triggers"):
+    tables.table([str(tmp_path / "plain")])
   for field, value, message in [
       ("poison.counts", (0, 2), "one count per trigger"),
       ("poison.triggers", ("qx", "qx", "vx"), "must be distinct"),

@@ -49,6 +49,19 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def read_summary(run: str, key: str, missing: str) -> dict:
+  """The summary.json of run folder `run`, which must hold `key` (else ValueError: "`run` has
+  no `missing`")."""
+  path = os.path.join(run, "summary.json")
+  if not os.path.exists(path):
+    raise ValueError(f"no summary.json in {run!r}")
+  with open(path, encoding="utf-8") as f:
+    summary = json.load(f)
+  if key not in summary:
+    raise ValueError(f"{run!r} has no {missing}")
+  return summary
+
+
 def start_run(cfg) -> str:
   """Creates `<cfg.results_dir>/<cfg.run_name>/plots` and writes the config there as
   config.json; returns the run folder. For the studies that do not resume (bias, distillation)."""
