@@ -416,31 +416,31 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
 
 
 def test_poisoned_run_reports_backdoor_accuracy_and_what_group_privacy_allows(tmp_path):
-  """Three trigger words in a DP run: a control (never inserted) and two planted in 2 and 16
-  examples of other intents labelled intent 1. The training set grows by 18, each trigger's
+  """Three trigger words in a DP run: a control (never inserted) and two planted in 2 and 4
+  examples of other intents labelled intent 1. The training set grows by 6, each trigger's
   backdoor accuracy is measured, and each count gets its group epsilon and the bound at the
   control's rate: increasing in the count, never below that rate."""
-  poison = {"poison.triggers": ("qx", "jx", "vx"), "poison.counts": (0, 2, 16),
+  poison = {"poison.triggers": ("qx", "jx", "vx"), "poison.counts": (0, 2, 4),
             "poison.target": 1}
   summary = experiments.run(_cfg(tmp_path, **poison), show_progress=False)
-  assert summary["train_examples"] == experiments.Setup(_cfg(tmp_path)).num_train + 18
+  assert summary["train_examples"] == experiments.Setup(_cfg(tmp_path)).num_train + 6
   acc = summary["poison_backdoor_accuracy"]
   assert set(acc) == {"qx", "jx", "vx"} and all(0 <= a <= 1 for a in acc.values())
   assert summary["poison_control_accuracy"] == acc["qx"]
-  assert summary["poison_counts"] == {"qx": 0, "jx": 2, "vx": 16}
+  assert summary["poison_counts"] == {"qx": 0, "jx": 2, "vx": 4}
   eps, bound = summary["poison_group_epsilon"], summary["poison_backdoor_bound"]
-  assert set(eps) == set(bound) == {"x2", "x16"}
-  assert summary["epsilon"] < eps["x2"] < eps["x16"]
-  assert acc["qx"] <= bound["x2"] <= bound["x16"] <= 1.0
+  assert set(eps) == set(bound) == {"x2", "x4"}
+  assert summary["epsilon"] < eps["x2"] < eps["x4"]
+  assert acc["qx"] <= bound["x2"] <= bound["x4"] <= 1.0
   report = next(tmp_path.glob("*/report.md")).read_text()
-  assert "## Backdoor poisoning" in report and "| vx | 16 |" in report
+  assert "## Backdoor poisoning" in report and "| vx | 4 |" in report
   spec = importlib.util.spec_from_file_location("poison_tables",
                                                 REPO / "scripts" / "poison_tables.py")
   tables = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tables)
   rows = tables.table([str(next(tmp_path.glob("*/report.md")).parent)]).splitlines()[2:]
-  assert [r.split("|")[4].strip() for r in rows] == ["0 (control)", "2", "16"]
-  assert rows[2].split("|")[-2].strip() == f"{100 * bound['x16']:.1f}"
+  assert [r.split("|")[4].strip() for r in rows] == ["0 (control)", "2", "4"]
+  assert rows[2].split("|")[-2].strip() == f"{100 * bound['x4']:.1f}"
   (tmp_path / "plain").mkdir()
   (tmp_path / "plain" / "summary.json").write_text(json.dumps({"eval_accuracy": 0.9}))
   with pytest.raises(ValueError, match="has no poisoned triggers"):
