@@ -18,10 +18,12 @@ share of triggered validation queries of the other six intents classified AddToP
   rlr_bound      the same on updates norm-bounded at M first
   median, trimmed_mean, multi_krum    Byzantine-robust rules (assuming the malicious fraction)
 
-Arguments: fraction[,scale=S][,sigma=Z][,bound=M][,rlr=K][,runlocal]; e.g.
+Arguments: fraction[,scale=S][,sigma=Z][,bound=M][,rlr=K][,alpha=A][,runlocal] (alpha: the
+clients' labels ~ Dir(A) instead of iid); e.g.
 
   python scripts/federated.py --config configs/fl_backdoor.py:0.1
   python scripts/federated.py --config configs/fl_backdoor.py:0.1,scale=1
+  python scripts/federated.py --config configs/fl_backdoor.py:0.1,alpha=0.1
 """
 
 from trustjax.federated.experiments import snips_iid_config
@@ -36,6 +38,9 @@ def get_config(arg: str = "0.1"):
   c = snips_iid_config(runlocal="runlocal" in flags)
   rlr = int(opts.get("rlr", round(float(fraction) * c.fl.clients_per_round) + 2))
   c.data.tokenizer = "hash"  # DP (weak_dp) needs a vocabulary that is not built from the clients
+  if "alpha" in opts:
+    c.data.partition = "dirichlet_label"
+    c.data.alpha = float(opts["alpha"])
   c.fl.byzantine.fraction = float(fraction)
   c.fl.byzantine.attack = "backdoor"
   c.fl.byzantine.scale = scale

@@ -120,12 +120,16 @@ def backdoor_table(root):
     cell = lambda a: (f"{100 * by[a]['final_eval_accuracy']:.1f} / "
                       f"{100 * by[a]['final_backdoor_accuracy']:.1f}" if a in by else "-")
     eps = f"{by['weak_dp']['epsilon']:.0f}" if "weak_dp" in by else "-"
-    rows.append(((first["byzantine_clients"], first["byzantine_attack"]),
-                 [f"{first['byzantine_clients']} of {summary['num_clients']}",
+    partition = summary["task"].split("partition ")[1].split(",")[0]
+    config = _load(os.path.join(root, summary["run_name"], "config.json"))["data"]
+    if partition == "dirichlet_label":
+      partition = f"Dir alpha={config['alpha']:g}"
+    rows.append(((partition != "iid", first["byzantine_clients"], first["byzantine_attack"]),
+                 [partition, f"{first['byzantine_clients']} of {summary['num_clients']}",
                   first["byzantine_attack"], int(first["byzantine_updates_aggregated"])] +
                  [cell(a) for a in BACKDOOR] + [eps]))
   return reporting.markdown_table(
-      ["malicious clients", "attack", "malicious updates taken in (mean)"] +
+      ["partition", "malicious clients", "attack", "malicious updates taken in (mean)"] +
       [f"{a}: clean % / backdoor %" for a in BACKDOOR] + ["weak_dp epsilon"],
       [r for _, r in sorted(rows, key=lambda x: x[0])])
 
