@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -391,3 +392,35 @@ def test_shakespeare_roles_train_a_gpt_decoder(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="model.name='bag_of_embeddings' is not a language model"):
     experiments.run(override(cfg, results_dir=str(tmp_path / "bad"),
                              **{"model.name": "bag_of_embeddings"}), show_progress=False)
+
+
+def test_fl_tables_backdoor_table_reads_run_folders(tmp_path):
+  """scripts/fl_tables.py's backdoor table from two fake run folders (iid and Dirichlet): one row
+  each, iid first, cells clean % / backdoor %, weak DP's epsilon; smoke runs are left out."""
+  spec = importlib.util.spec_from_file_location("fl_tables", REPO / "scripts" / "fl_tables.py")
+  tables = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tables)
+
+  def write(name, partition, alpha, bad, backdoor):
+    run = tmp_path / name
+    run.mkdir()
+    strategies = [{"strategy": s, "final_eval_accuracy": 0.9, "final_backdoor_accuracy":
+                   backdoor, "byzantine_clients": bad, "byzantine_attack": "backdoor x20",
+                   "byzantine_updates_aggregated": 12.0, "epsilon": 982.2}
+                  for s in ("mean", "weak_dp", "rlr_bound")]
+    (run / "summary.json").write_text(json.dumps({
+        "run_name": name, "num_clients": 100, "strategies": strategies,
+        "task": f"snips (100 clients, partition {partition}, 13784 train / 700 test)"}))
+    (run / "config.json").write_text(json.dumps({"data": {"alpha": alpha}}))
+
+  write("fl_backdoor_0.1_alpha0.1", "dirichlet_label", 0.1, 10, 0.5)
+  write("fl_backdoor_0.1", "iid", 1.0, 10, 0.25)
+  write("fl_backdoor_0.3_runlocal", "iid", 1.0, 6, 1.0)
+  rows = [r.split("|")[1:-1] for r in tables.backdoor_table(str(tmp_path)).splitlines()[2:]]
+  assert [r[0].strip() for r in rows] == ["iid", "Dir alpha=0.1"]
+  header = tables.backdoor_table(str(tmp_path)).splitlines()[0].split("|")[1:-1]
+  cell = lambda row, name: row[[h.strip() for h in header].index(name)].strip()
+  assert cell(rows[0], "mean: clean % / backdoor %") == "90.0 / 25.0"
+  assert cell(rows[1], "rlr_bound: clean % / backdoor %") == "90.0 / 50.0"
+  assert cell(rows[1], "median: clean % / backdoor %") == "-"
+  assert cell(rows[0], "weak_dp epsilon") == "982"
