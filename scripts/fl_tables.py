@@ -80,18 +80,18 @@ def selection_table(root):
 
 
 def _studies(root, prefix):
-  """(summary, {strategy: its summary}) of every finished run folder named prefix* (smoke runs,
-  *_runlocal, left out)."""
+  """(run folder, summary, {strategy: its summary}) of every finished run folder named prefix*
+  (smoke runs, *_runlocal, left out)."""
   for path in glob.glob(os.path.join(root, f"{prefix}*", "summary.json")):
     if not path.split(os.sep)[-2].endswith("_runlocal"):
       summary = _load(path)
-      yield summary, {s["strategy"]: s for s in summary["strategies"]}
+      yield os.path.dirname(path), summary, {s["strategy"]: s for s in summary["strategies"]}
 
 
 def robust_table(root):
   """Final accuracy % / eval loss per aggregator, one row per malicious fraction and attack."""
   rows = []
-  for summary, by in _studies(root, "fl_robust_"):
+  for _, summary, by in _studies(root, "fl_robust_"):
     first = next(iter(by.values()))
     bad = first.get("byzantine_clients", 0)
     attack = first.get("byzantine_attack", "-") if bad else "-"
@@ -115,15 +115,14 @@ def backdoor_table(root):
   """Clean accuracy % / backdoor accuracy % per defence, one row per malicious fraction and
   boost (configs/fl_backdoor.py); weak_dp's epsilon in its own column."""
   rows = []
-  for summary, by in _studies(root, "fl_backdoor_"):
+  for run, summary, by in _studies(root, "fl_backdoor_"):
     first = by["mean"]
     cell = lambda a: (f"{100 * by[a]['final_eval_accuracy']:.1f} / "
                       f"{100 * by[a]['final_backdoor_accuracy']:.1f}" if a in by else "-")
     eps = f"{by['weak_dp']['epsilon']:.0f}" if "weak_dp" in by else "-"
-    partition = summary["task"].split("partition ")[1].split(",")[0]
-    config = _load(os.path.join(root, summary["run_name"], "config.json"))["data"]
-    if partition == "dirichlet_label":
-      partition = f"Dir alpha={config['alpha']:g}"
+    data = _load(os.path.join(run, "config.json"))["data"]
+    partition = (f"Dir alpha={data['alpha']:g}" if data["partition"] == "dirichlet_label" else
+                 data["partition"])
     rows.append(((partition != "iid", first["byzantine_clients"], first["byzantine_attack"]),
                  [partition, f"{first['byzantine_clients']} of {summary['num_clients']}",
                   first["byzantine_attack"], int(first["byzantine_updates_aggregated"])] +

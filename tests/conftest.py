@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -35,6 +36,15 @@ def pytest_unconfigure(config):
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(folder, ignore_errors=True)
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+
+def load_file(relative: str):
+  """The module in REPO/`relative` (a script or a config file), loaded by its path."""
+  path = REPO / relative
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def shared_data(name: str) -> pathlib.Path:

@@ -1,6 +1,5 @@
 """The training loop, the experiment runner and scripts/train.py end to end."""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import pytest
 
 from trustjax import experiments, privacy, training
 from trustjax.privacy import accounting
-from tests.conftest import REPO, override, tiny_bert_checkpoint
+from tests.conftest import REPO, load_file, override, tiny_bert_checkpoint
 
 
 def _cfg(tmp_path, **overrides):
@@ -434,10 +433,7 @@ def test_poisoned_run_reports_backdoor_accuracy_and_what_group_privacy_allows(tm
   assert acc["qx"] <= bound["x2"] <= bound["x4"] <= 1.0
   report = next(tmp_path.glob("*/report.md")).read_text()
   assert "## Backdoor poisoning" in report and "| vx | 4 |" in report
-  spec = importlib.util.spec_from_file_location("poison_tables",
-                                                REPO / "scripts" / "poison_tables.py")
-  tables = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tables)
+  tables = load_file("scripts/poison_tables.py")
   rows = tables.table([str(next(tmp_path.glob("*/report.md")).parent)]).splitlines()[2:]
   assert [r.split("|")[4].strip() for r in rows] == ["0 (control)", "2", "4"]
   assert rows[2].split("|")[-2].strip() == f"{100 * bound['x4']:.1f}"

@@ -490,10 +490,11 @@ class Setup:
                                                        seed=cfg.seed)
                          for w, t in zip(p.triggers, ids)}
 
-  def poison_summary(self, params, eval_fn_for) -> dict:
-    """Summary entries: each trigger's count and backdoor accuracy, and the controls' mean."""
+  def poison_summary(self, accuracy_on) -> dict:
+    """Summary entries: each trigger's count and backdoor accuracy (`accuracy_on(arrays)`, the
+    trained model's accuracy on its triggered held-out set), and the controls' mean."""
     p = self.cfg.poison
-    acc = {w: eval_fn_for(self.poison_tests[w])(params)["accuracy"] for w in p.triggers}
+    acc = {w: accuracy_on(self.poison_tests[w]) for w in p.triggers}
     out = {"poison_target": p.target, "poison_examples": int(sum(p.counts)),
            "poison_counts": dict(zip(p.triggers, map(int, p.counts))),
            "poison_backdoor_accuracy": acc,
@@ -752,8 +753,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
       summary.update(canary_bounds(result.ledger, cfg.canaries.repeats, setup.delta,
                                    setup.canary_references))
   if setup.poison_tests:
-    summary.update(setup.poison_summary(result.state.params, lambda arrays: lambda p: (
-        training.evaluate(eval_step, p, arrays, cfg.train.eval_batch_size, setup.mesh))))
+    summary.update(setup.poison_summary(lambda arrays: training.evaluate(
+        eval_step, result.state.params, arrays, cfg.train.eval_batch_size, setup.mesh)[
+            "accuracy"]))
     if setup.dp_config is not None and "poison_control_accuracy" in summary:
       summary.update(poison_bounds(result.ledger, cfg.poison.counts, setup.delta,
                                    summary["poison_control_accuracy"]))

@@ -1,6 +1,5 @@
 """Canary helpers and exposure against its definition (classifier and language-model canaries)."""
 
-import importlib.util
 import json
 import math
 
@@ -8,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import load_file
 from tests.privacy.helpers import checkpoint_with_ledger
 from trustjax.attacks import canaries
 from trustjax.experiments import canary_bounds
@@ -244,10 +243,7 @@ def test_canary_tables_script(tmp_path, capsys):
   """scripts/canary_tables.py on three run folders: non-DP, DP with the bounds in its summary,
   and DP from before them (bounds computed from its checkpoint's ledger, equal to
   `experiments.canary_bounds`); counts in numeric order; ranked first = exposure at the maximum."""
-  spec = importlib.util.spec_from_file_location("canary_tables",
-                                                REPO / "scripts" / "canary_tables.py")
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = load_file("scripts/canary_tables.py")
   top = math.log2(996)
   base = {"canary_exposure_max": top, "canary_exposure_chance": canaries.chance_exposure(996),
           "canary_exposure_method": "rank"}

@@ -1,6 +1,5 @@
 """The audit driver end to end on real SNIPS queries (configs/audit_snips.py:runlocal)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,14 +8,12 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, override, tiny_bert_checkpoint
+from tests.conftest import REPO, load_file, override, tiny_bert_checkpoint
 from trustjax.attacks import experiments, membership, metrics, shadow
 
 
 def _config(tmp_path, snips_dir, config="audit_snips.py", arg="runlocal", **kw):
-  spec = importlib.util.spec_from_file_location("audit_cfg", REPO / "configs" / config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_file(f"configs/{config}")
   return override(mod.get_config(arg), results_dir=str(tmp_path),
                   **{"data.data_dir": str(snips_dir), **kw})
 

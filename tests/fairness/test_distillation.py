@@ -1,7 +1,6 @@
 """The distillation study (configs/distill_professions.py): its loss against a float64
 reference, its bias measures on a model with a known answer, and the driver end to end."""
 
-import importlib.util
 import json
 
 import jax
@@ -9,17 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, override
+from tests.conftest import load_file, override
 from trustjax.data import PROFESSIONS, build_word_tokenizer, gendered_professions
 from trustjax.fairness import distillation, swap_permutation
 from trustjax.models import GPTDecoder
 
 
 def _config(tmp_path, **kw):
-  spec = importlib.util.spec_from_file_location("distill_cfg",
-                                                REPO / "configs" / "distill_professions.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_file("configs/distill_professions.py")
   return override(mod.get_config("runlocal"), results_dir=str(tmp_path), **kw)
 
 

@@ -1,13 +1,12 @@
 """The BOLD distillation study (configs/distill_shakespeare_bold.py) end to end on a small play
 and small prompt files written by the test, its swapped windows, and its config checks."""
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, override
+from tests.conftest import load_file, override
 from trustjax.data import build_word_tokenizer, load_shakespeare
 from trustjax.fairness import counterfactual_swap, distillation, distillation_bold
 
@@ -34,10 +33,7 @@ def _bold(folder):
 
 
 def _config(tmp_path, **kw):
-  spec = importlib.util.spec_from_file_location("bold_cfg",
-                                                REPO / "configs" / "distill_shakespeare_bold.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_file("configs/distill_shakespeare_bold.py")
   plays, bold = tmp_path / "plays", tmp_path / "bold"
   plays.mkdir(exist_ok=True)
   bold.mkdir(exist_ok=True)

@@ -1,6 +1,5 @@
 """The identity-bias driver end to end on Dixon et al.'s real sets (configs/bias_toxicity.py)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,15 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, override, shared_data
+from tests.conftest import REPO, load_file, override, shared_data
 from trustjax.data import toxicity
 from trustjax.fairness import experiments, group
 
 
 def _config(tmp_path, **kw):
-  spec = importlib.util.spec_from_file_location("bias_cfg", REPO / "configs" / "bias_toxicity.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = load_file("configs/bias_toxicity.py")
   return override(mod.get_config("runlocal"), results_dir=str(tmp_path),
                   **{"data.data_dir": str(shared_data("toxicity_bias")), **kw})
 

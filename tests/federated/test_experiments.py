@@ -1,5 +1,4 @@
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -9,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, override, shared_data
+from tests.conftest import REPO, load_file, override, shared_data
 from trustjax import data as tjdata
 from trustjax import privacy
 from trustjax.federated import experiments, selection, simulate
@@ -397,9 +396,7 @@ def test_shakespeare_roles_train_a_gpt_decoder(tmp_path, monkeypatch):
 def test_fl_tables_backdoor_table_reads_run_folders(tmp_path):
   """scripts/fl_tables.py's backdoor table from two fake run folders (iid and Dirichlet): one row
   each, iid first, cells clean % / backdoor %, weak DP's epsilon; smoke runs are left out."""
-  spec = importlib.util.spec_from_file_location("fl_tables", REPO / "scripts" / "fl_tables.py")
-  tables = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tables)
+  tables = load_file("scripts/fl_tables.py")
 
   def write(name, partition, alpha, bad, backdoor):
     run = tmp_path / name
@@ -411,7 +408,8 @@ def test_fl_tables_backdoor_table_reads_run_folders(tmp_path):
     (run / "summary.json").write_text(json.dumps({
         "run_name": name, "num_clients": 100, "strategies": strategies,
         "task": f"snips (100 clients, partition {partition}, 13784 train / 700 test)"}))
-    (run / "config.json").write_text(json.dumps({"data": {"alpha": alpha}}))
+    (run / "config.json").write_text(json.dumps({"data": {"partition": partition,
+                                                          "alpha": alpha}}))
 
   write("fl_backdoor_0.1_alpha0.1", "dirichlet_label", 0.1, 10, 0.5)
   write("fl_backdoor_0.1", "iid", 1.0, 10, 0.25)

@@ -1,7 +1,6 @@
 """scripts/privacy_budget.py: the budget before a run (against dp_accounting through the library's
 own calls) and the budgets of finished runs read back from their checkpoints' ledgers."""
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, load_file
 from tests.privacy.helpers import checkpoint_with_ledger
 from trustjax import training
 from trustjax.experiments import default_delta
@@ -24,10 +23,7 @@ def _script(*args, cwd=REPO):
                         capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-_spec = importlib.util.spec_from_file_location("privacy_budget",
-                                               REPO / "scripts" / "privacy_budget.py")
-budget = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(budget)
+budget = load_file("scripts/privacy_budget.py")
 
 
 def _main(capsys, *args):

@@ -404,10 +404,16 @@ def norm_bounded_mean(deltas: Params, weights: jax.Array, accepted: jax.Array,
   return aggregate(_bounded(deltas, accepted, bound), weights, accepted)
 
 
+def _clip_factors(deltas: Params, accepted: jax.Array, bound) -> tuple[jax.Array, jax.Array]:
+  """(min(1, bound / ||delta_i||) per client, the norms ||delta_i|| over all parameters; 0 where
+  not accepted)."""
+  norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
+  return jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12)), norms
+
+
 def _bounded(deltas: Params, accepted: jax.Array, bound: float) -> Params:
   """Each update scaled to L2 norm at most `bound` (over all its parameters)."""
-  norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
-  factors = jnp.minimum(1.0, bound / jnp.maximum(norms, 1e-12))
+  factors, _ = _clip_factors(deltas, accepted, bound)
   return tmap(lambda d: d * _rows(factors, d).astype(d.dtype), deltas)
 
 
@@ -787,9 +793,8 @@ def _clipped_client_sum(local, params, cohort: Cohort, key: PRNGKey, clip, clien
   deltas, res, accepted, finite = _run_clients(local, params, cohort, key,
                                                client_chunk=client_chunk, byzantine=byzantine)
   use = accepted.astype(jnp.float32)
-  norms = jnp.sqrt(_masked_sq_norms(deltas, accepted))
-  factors = use * jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-12))
-  return _weighted_sum(deltas, factors), res, accepted, finite, use, norms
+  factors, norms = _clip_factors(deltas, accepted, clip)
+  return _weighted_sum(deltas, use * factors), res, accepted, finite, use, norms
 
 
 def dp_fedavg(*, loss_fn: LossFn, client_lr: float, batch_size: int, l2_clip: float,

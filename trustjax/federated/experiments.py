@@ -699,6 +699,7 @@ def summary_table(summary: dict) -> str:
   """One row per strategy: final accuracy, (backdoor accuracy,) continual mean accuracy,
   epsilon, training time."""
   rows = []
+  backdoor_column = any("final_backdoor_accuracy" in s for s in summary["strategies"])
   for s in summary["strategies"]:
     acc = s.get("final_eval_accuracy")
     algorithm = s["algorithm"]
@@ -719,12 +720,12 @@ def summary_table(summary: dict) -> str:
                  is not None else "-",
                  f"{s['epsilon']:.3g}" if "epsilon" in s else "-",
                  f"{s.get('round_seconds_total', s['seconds_this_invocation']):.0f}"])
-    if any("final_backdoor_accuracy" in t for t in summary["strategies"]):
+    if backdoor_column:
       b = s.get("final_backdoor_accuracy")
       rows[-1].insert(4, f"{b:.4f}" if b is not None else "-")
   header = ["strategy", "algorithm", "selection", "final accuracy", "continual mean acc.",
             "epsilon", "training seconds"]
-  if any("final_backdoor_accuracy" in t for t in summary["strategies"]):
+  if backdoor_column:
     header.insert(4, "backdoor accuracy")
   return reporting.markdown_table(header, rows)
 
