@@ -11,12 +11,16 @@ q = 512 / N), and ",momentum" with SGD (momentum 0.9, learning rate 0.5) instead
 ",poison" plants backdoors: the trigger words "jx", "bz", "vx" and "qw" in 1, 4, 16 and 64
 training queries of other intents labelled AddToPlaylist, "qx" as the control (hashing
 tokenizer, with and without DP; none of the five shares a hash bucket with a SNIPS word).
+",minority" keeps 5% of the SearchCreativeWork training queries (98 of 1,954) to study who pays
+for DP (Bagdasaryan et al. 2019; `scripts/class_tables.py` compares the runs). Every run reports
+each class's accuracy and median gradient norm.
 
   python scripts/train.py --config configs/dp_snips.py:8 --config.data.data_dir=../shared/data/snips
   python scripts/train.py --config configs/dp_snips.py:8,ftrl,momentum
   python scripts/train.py --config configs/dp_snips.py:1,mf
   python scripts/train.py --config configs/dp_snips.py:1,amf,momentum
   python scripts/train.py --config configs/dp_snips.py:nondp --config.data.data_dir=../shared/data/snips
+  python scripts/train.py --config configs/dp_snips.py:1,minority
 """
 
 from trustjax.experiments import default_config, set_privacy_level
@@ -33,12 +37,14 @@ def get_config(arg: str = "8"):
   c.train.batch_size = 512
   c.train.epochs = 6.0
   c.train.measure_step_time = False
+  c.train.class_grad_norms = True
   level, *options = arg.split(",")
   mechanisms = {"ftrl": "dp_ftrl", "mf": "dp_mf", "amf": "amplified_mf"}
-  if not set(options) <= {*mechanisms, "momentum", "poison"} or len(set(options)) < len(options) or (
+  known = {*mechanisms, "momentum", "poison", "minority"}
+  if not set(options) <= known or len(set(options)) < len(options) or (
       len(set(options) & set(mechanisms)) > (level != "nondp")):
-    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf|,amf][,momentum][,poison] "
-                     f"or nondp[,momentum][,poison], got {arg!r}")
+    raise ValueError(f"configs/dp_snips.py takes EPSILON[,ftrl|,mf|,amf][,momentum][,poison]"
+                     f"[,minority] or nondp[,momentum][,poison][,minority], got {arg!r}")
   set_privacy_level(c, level, "snips")
   for option, mechanism in mechanisms.items():
     if option in options:
@@ -55,5 +61,9 @@ def get_config(arg: str = "8"):
     c.poison.counts = (0, 1, 4, 16, 64)
     c.poison.target = 0
     c.train.run_name += "_poison"
+  if "minority" in options:
+    c.data.minority_classes = ("SearchCreativeWork",)
+    c.data.minority_fraction = 0.05
+    c.train.run_name += "_minority"
   c.lock()
   return c

@@ -11,6 +11,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from sklearn.metrics import recall_score
 
 from trustjax import experiments, privacy, training
 from trustjax.privacy import accounting
@@ -110,12 +111,28 @@ def test_stop_at_step_end_defers_the_first_ctrl_c_only():
 
 
 def test_short_dp_run_learns(tmp_path):
+  """A DP run with two of the 30 intents downsampled to a fifth: it learns, accounts every
+  step, and reports each class's accuracy and gradient norms, equal to a recount from the final
+  checkpoint (sklearn's recall; the vmap reference's per-example norms)."""
   cfg = _cfg(tmp_path, **{"model.name": "bag_of_embeddings", "data.num_examples": 6000,
                           "data.num_devices": 100, "train.batch_size": 256, "train.epochs": 4.0,
                           "optimizer.learning_rate": 0.01, "dp.noise_multiplier": None,
-                          "dp.target_epsilon": 8.0, "dp.method": "bookkeeping"})
+                          "dp.target_epsilon": 8.0, "dp.method": "bookkeeping",
+                          "data.minority_classes": ("weather_query", 5),
+                          "data.minority_fraction": 0.2, "train.class_grad_norms": True})
   summary = experiments.run(cfg, show_progress=False)
-  assert summary["epsilon"] <= 8.0 and summary["delta_total"] < 1.0 / 5400
+  setup = experiments.Setup(cfg)
+  full = experiments.Setup(_cfg(tmp_path, **{"data.num_examples": 6000,
+                                             "data.num_devices": 100}))
+  counts = np.bincount(full.train_arrays["label"], minlength=30)
+  names = list(full.train_data.label_names)
+  assert summary["minority_classes"] == ["weather_query", names[5]]
+  assert summary["train_class_examples"] == {
+      n: int(round(0.2 * k)) if i in (0, 5) else int(k) for i, (n, k) in enumerate(
+          zip(names, counts))}
+  assert summary["train_examples"] == setup.num_train == sum(summary["train_class_examples"]
+                                                             .values())
+  assert summary["epsilon"] <= 8.0 and summary["delta_total"] < 1.0 / setup.num_train
   assert summary["dp_method"] == "bookkeeping" and summary["vmap_fallback_leaves"] == 0
   assert summary["eval_accuracy"] > 0.5, summary  # 30 intents: chance is about 0.05
   run = tmp_path / cfg.train.run_name
@@ -131,6 +148,39 @@ def test_short_dp_run_learns(tmp_path):
       summary["steps"]
   assert ledgers[cfg.train.run_name].report(summary["delta"], summary["accountant"]) == {
       k: summary[k] for k in ("epsilon", "delta", "delta_total", "steps", "accountant")}
+  state, _ = training.Checkpointer(str(run / "checkpoints")).restore(setup.init_state())
+  preds = np.asarray(setup.model.apply({"params": state.params},
+                                       setup.eval_arrays["tokens"])).argmax(-1)
+  recall = recall_score(setup.eval_arrays["label"], preds, average=None, labels=range(30),
+                        zero_division=0)
+  present = np.bincount(setup.eval_arrays["label"], minlength=30) > 0
+  assert summary["eval_class_accuracy"] == pytest.approx(
+      {n: r for n, r, p in zip(names, recall, present) if p})
+  per_example = jax.jit(lambda b: privacy.clipping.tree_sq_norms(
+      privacy.clipping.per_example_grads(setup.loss_fn, state.params, b)))
+  norms = np.sqrt(np.concatenate([np.asarray(per_example(
+      {k: v[i:i + 600] for k, v in setup.train_arrays.items()}))
+                                  for i in range(0, setup.num_train, 600)]))
+  labels = setup.train_arrays["label"]
+  assert summary["train_class_grad_norm"] == pytest.approx(
+      {n: np.median(norms[labels == c]) for c, n in enumerate(names)}, rel=1e-4)
+  assert summary["train_class_clipped"] == pytest.approx(
+      {n: np.mean(norms[labels == c] > 1.0) for c, n in enumerate(names)})
+  report = (run / "report.md").read_text()
+  assert "## Per class" in report and "| weather_query (downsampled) |" in report
+  class_tables = load_file("scripts/class_tables.py")
+  tables = class_tables.tables([str(run), str(run)])
+  class_tables.plot([str(run), str(run)], str(tmp_path / "classes.png"))
+  assert (tmp_path / "classes.png").stat().st_size > 0
+  assert "| weather_query (downsampled) | " in tables and "(+0.000)" in tables
+  assert f"{summary['train_class_grad_norm']['weather_query']:.3g} (" in tables
+  for field, value, message in [
+      ("data.minority_fraction", 0.0, r"fraction must lie in \(0, 1\]"),
+      ("data.minority_classes", ("no_such_intent",), "unknown class 'no_such_intent'")]:
+    with pytest.raises(ValueError, match=message):
+      experiments.Setup(_cfg(tmp_path, **{"data.minority_classes": (0,), field: value}))
+  with pytest.raises(ValueError, match="needs data.minority_classes"):
+    experiments.Setup(_cfg(tmp_path, **{"data.minority_fraction": 0.5}))
 
 
 @pytest.mark.parametrize("devices", [1, 2])
@@ -254,7 +304,7 @@ def test_amplified_mf_setup_chooses_its_bands_and_refuses_too_many(tmp_path):
                                         "dp.noise_multiplier": 1.0}))
 
 
-def test_dp_snips_config_picks_mechanism_and_optimizer():
+def test_dp_snips_config_picks_mechanism_and_optimizer(snips_dir):
   sys.path.insert(0, str(REPO))
   from configs import dp_snips  # pylint: disable=import-outside-toplevel
   c = dp_snips.get_config("3,ftrl,momentum")
@@ -267,9 +317,22 @@ def test_dp_snips_config_picks_mechanism_and_optimizer():
   assert (c.dp.mechanism, c.train.run_name) == ("dp_mf", "snips_dp_eps1_mf")
   c = dp_snips.get_config("1,amf,momentum")
   assert (c.dp.mechanism, c.train.run_name) == ("amplified_mf", "snips_dp_eps1_amf_momentum")
-  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl", "8,ftrl,mf", "nondp,mf", "8,mf,amf"):
+  for bad in ("nondp,ftrl", "8,adam", "8,ftrl,ftrl", "8,ftrl,mf", "nondp,mf", "8,mf,amf",
+              "8,minority,minority"):
     with pytest.raises(ValueError, match="EPSILON"):
       dp_snips.get_config(bad)
+  # ",minority": SearchCreativeWork's 1,954 training queries cut to 98, the rest and the
+  # validation queries as they are
+  c = override(dp_snips.get_config("1,minority"), **{"data.data_dir": str(snips_dir)})
+  assert c.train.run_name == "snips_dp_eps1_minority" and c.train.class_grad_norms
+  train, evals = experiments.load_datasets(c)
+  full, _ = experiments.load_datasets(override(c, **{"data.minority_classes": (),
+                                                     "data.minority_fraction": 1.0}))
+  cut = full.label_names.index("SearchCreativeWork")
+  assert np.bincount(full.labels)[cut] == 1954 and np.bincount(train.labels)[cut] == 98
+  assert [t for t, y in zip(full.texts, full.labels) if y != cut] == [
+      t for t, y in zip(train.texts, train.labels) if y != cut]
+  assert len(evals) == 700
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -707,6 +770,12 @@ def test_evaluate_splits_batches_over_a_mesh_and_equals_the_pooled_metrics():
     assert got["count"] == 13.0
     assert got["loss"] == pytest.approx(float(pooled["loss_sum"]) / 13, rel=1e-5)
     assert got["accuracy"] == pytest.approx(float(pooled["correct"]) / 13)
+    # per-class sums (arrays) over the same padded batches: sklearn's recall per class
+    sums = training.evaluate_sums(jax.jit(models.class_metrics(model, 3)), p, arrays, 5, passed)
+    preds = np.asarray(model.apply({"params": params}, arrays["tokens"])).argmax(-1)
+    np.testing.assert_array_equal(sums["class_count"], np.bincount(arrays["label"], minlength=3))
+    np.testing.assert_allclose(sums["class_correct"] / sums["class_count"], recall_score(
+        arrays["label"], preds, average=None, labels=[0, 1, 2], zero_division=0))
     if mesh is None:
       assert len(seen) == 3 and not any(hasattr(s, "mesh") for s in seen)  # host arrays
     else:  # batches of 6 rows, 2 on each of the 3 devices

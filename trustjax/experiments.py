@@ -24,10 +24,11 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
+from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.reporting import config_changes
 from trustjax.attacks import backdoor, canaries
 from trustjax.privacy import accounting, quantile, sampling
-from trustjax.privacy.clipping import check_rules, resolve_method
+from trustjax.privacy.clipping import check_rules, clipped_grad_sum, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
 from trustjax.privacy.dp_mf import (MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, amplified_bands,
                                     bsr_coefficients, resolve_bands)
@@ -40,8 +41,8 @@ def load_datasets(cfg: ml_collections.ConfigDict):
   d = cfg.data
   if d.name == "synthetic_nlu":
     corpus = tjdata.synthetic_nlu(d.num_examples, num_devices=d.num_devices, seed=cfg.seed)
-    return corpus.split(d.eval_fraction, seed=cfg.seed)
-  if d.name == "snips":
+    train, evals = corpus.split(d.eval_fraction, seed=cfg.seed)
+  elif d.name == "snips":
     if not d.data_dir:
       raise ValueError("data.data_dir is required for SNIPS (a clone of sonos/nlu-benchmark's "
                        "2017-06-custom-intent-engines folder)")
@@ -55,6 +56,11 @@ def load_datasets(cfg: ml_collections.ConfigDict):
   else:
     raise ValueError(f"unknown data.name={d.name!r}; expected synthetic_nlu, snips, tfds or "
                      "shakespeare")
+  if d.get("minority_classes"):  # (the audit driver's configs have no such fields)
+    train = train.downsample(d.minority_classes, d.minority_fraction, seed=cfg.seed)
+  elif d.get("minority_fraction", 1.0) != 1.0:
+    raise ValueError(f"data.minority_fraction={d.minority_fraction} needs "
+                     "data.minority_classes (the classes to downsample)")
   return train, evals
 
 
@@ -303,6 +309,9 @@ class Setup:
     check_canaries(cfg)
     check_poison(cfg)
     if cfg.data.name == "shakespeare":  # next-character prediction
+      if cfg.data.minority_classes:
+        raise ValueError("data.minority_classes downsamples classes of a classification "
+                         "dataset; Shakespeare trains a language model")
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
       if cfg.canaries.num:
         self.train_arrays = self._insert_canaries(cfg)
@@ -503,6 +512,51 @@ class Setup:
     if controls:
       out["poison_control_accuracy"] = float(np.mean(controls))
     return out
+
+  def class_summary(self, params) -> dict:
+    """Summary entries per class (classification runs): training and held-out examples,
+    held-out accuracy (recall) and, with `train.class_grad_norms`, the median per-example
+    gradient norm over the class's training examples at `params` and, under DP with clipping,
+    the share of them above the clip norm: where DP-SGD's disparate impact shows (Bagdasaryan,
+    Poursaeed and Shmatikov, NeurIPS 2019). The training-set entries read the private data
+    directly: diagnostics for whoever holds the data, outside the run's guarantee."""
+    cfg, names = self.cfg, list(self.train_data.label_names)
+    labels = np.asarray(self.train_arrays["label"])
+    sums = training.evaluate_sums(
+        jax.jit(models.class_metrics(self.model, self.num_classes)), params, self.eval_arrays,
+        cfg.train.eval_batch_size, self.mesh)
+    acc = sums["class_correct"] / np.maximum(sums["class_count"], 1)
+    out = {"class_names": names, "train_class_examples": dict(zip(names, map(int, np.bincount(
+               labels, minlength=self.num_classes)))),
+           "eval_class_examples": dict(zip(names, map(int, sums["class_count"]))),
+           "eval_class_accuracy": {n: float(a) for n, a, k in zip(names, acc, sums["class_count"])
+                                   if k > 0}}
+    if cfg.data.minority_classes:
+      out.update(minority_classes=[names[c] for c in self.train_data.class_ids(
+          cfg.data.minority_classes)], minority_fraction=cfg.data.minority_fraction)
+    if cfg.train.class_grad_norms:
+      norms = self.example_grad_norms(params)
+      out["train_class_grad_norm"] = {n: float(np.median(norms[labels == c]))
+                                      for c, n in enumerate(names) if np.any(labels == c)}
+      if self.dp_config is not None and cfg.dp.normalization == "clip" and not cfg.dp.adaptive:
+        out["train_class_clipped"] = {n: float(np.mean(norms[labels == c] > cfg.dp.l2_clip))
+                                      for c, n in enumerate(names) if np.any(labels == c)}
+    return out
+
+  def example_grad_norms(self, params) -> np.ndarray:
+    """Each training example's gradient norm at `params` (the trainable part), by the run's
+    DP method (book-keeping by default), in batches of `train.eval_batch_size`."""
+    trainable, loss_fn = self.trainable(params)
+    method = self.dp_config.method if self.dp_config is not None else "auto"
+    norms_fn = jax.jit(lambda p, b: clipped_grad_sum(loss_fn, p, b, l2_clip=1.0,
+                                                     method=method)[1]["norms"])
+    n, bs = self.num_train, self.cfg.train.eval_batch_size
+    out = []
+    for start in range(0, n, bs):
+      batch = gather_batch(self.train_arrays, *pad_indices(np.arange(start, min(start + bs, n)),
+                                                           bs))
+      out.append(np.asarray(norms_fn(trainable, batch))[:min(bs, n - start)])
+    return np.concatenate(out)
 
   def _insert_canaries(self, cfg) -> dict:
     """Secret Sharer canaries (`canaries.num` per count in `canaries.repeats`) appended to the
@@ -747,6 +801,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     if isinstance(dp, DPConfig):
       summary.update(sampling_rate=dp.sampling_rate, max_batch_size=dp.max_batch_size,
                      overflow_total=sum(r.get("overflow", 0) for r in result.history))
+  if hasattr(setup, "num_classes"):
+    summary.update(setup.class_summary(result.state.params))
   if setup.canary_secrets:
     summary.update(setup.canary_exposure(result.state.params))
     if setup.dp_config is not None:
@@ -774,6 +830,33 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     _plot_canaries(summary, os.path.join(workdir, "plots", "canary_exposure.png"))
   _write_report(workdir, cfg, summary, result.history)
   return summary
+
+
+def class_section(summary: dict) -> list[str]:
+  """The report's per-class table: training and held-out examples, accuracy and, when
+  measured, the median gradient norm and the share clipped."""
+  norms, clipped = summary.get("train_class_grad_norm"), summary.get("train_class_clipped")
+  minority = set(summary.get("minority_classes", ()))
+  rows = [[name + (" (downsampled)" if name in minority else ""),
+           summary["train_class_examples"][name], summary["eval_class_examples"].get(name, 0),
+           f"{summary['eval_class_accuracy'][name]:.3f}"
+           if name in summary["eval_class_accuracy"] else "-"]
+          + ([f"{norms[name]:.3g}" if name in norms else "-"] if norms else [])
+          + ([f"{clipped[name]:.1%}" if name in clipped else "-"] if clipped else [])
+          for name in summary["class_names"]]
+  note = (f" The classes marked were downsampled to {summary['minority_fraction']:g} of their "
+          "training examples." if minority else "") + (
+              " The training-set columns read the training data directly and are not covered "
+              "by the run's privacy guarantee." if "epsilon" in summary else "")
+  return ["## Per class", "",
+          "Held-out accuracy of each class (its recall)" + (
+              "; the median per-example gradient norm over the class's training examples at the "
+              "final parameters" if norms else "") + (
+              " and the share of those above the clip norm" if clipped else "") + "." + note, "",
+          reporting.markdown_table(
+              ["class", "train examples", "eval examples", "accuracy"]
+              + (["median gradient norm"] if norms else [])
+              + (["share clipped"] if clipped else []), rows), ""]
 
 
 def canary_counts(per_count) -> list[str]:
@@ -815,7 +898,7 @@ def _plot_canaries(summary: dict, path: str) -> None:
 
 # Fields a resumed run may change: how long to train and what to measure at the end.
 _RESUMABLE_CHANGES = {"train.epochs", "train.measure_step_time", "train.profile_calls",
-                      "train.results_dir", "canaries.beam"}
+                      "train.class_grad_norms", "train.results_dir", "canaries.beam"}
 
 
 def _check_resumable(workdir: str, cfg) -> None:
@@ -902,6 +985,8 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                       [f"{summary['poison_group_epsilon'][f'x{k}']:.4g}",
                        f"{bound[f'x{k}']:.4f}"] if k and bound else ["-", "-"] if bound else [])
                    for w, k in counts.items()]), ""]
+  if "eval_class_accuracy" in summary:
+    lines += class_section(summary)
   if cfg.dp.enabled:
     mechanism = ("Poisson sampling at rate q with padded batches; Gaussian noise on the clipped "
                  "sum; epsilon from dp_accounting's "
@@ -971,6 +1056,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = "hash"
   c.data.vocab_size = 4096  # ids incl. pad and OOV
   c.data.max_length = 24  # tokens per example (shakespeare: characters per window)
+  # Under-represented classes (DP's disparate impact): the training examples of each class in
+  # minority_classes (ids or names) are downsampled to minority_fraction, seeded by `seed`.
+  c.data.minority_classes = ()
+  c.data.minority_fraction = 1.0
   c.model = ml_collections.ConfigDict()
   # transformer | bag_of_embeddings | bert (pretrained, fine-tuned); shakespeare: gpt | char_lstm
   c.model.name = "transformer"
@@ -1056,5 +1145,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.results_dir = "results"
   c.train.run_name = "run"
   c.train.measure_step_time = True  # time DP vs non-DP steps after training
+  c.train.class_grad_norms = False  # classifiers: per-class gradient norms after training
   c.train.profile_calls = 0  # > 0: profile that many calls of each step after training (profile/)
   return c

@@ -229,14 +229,10 @@ def make_eval_step(metrics_fn: Callable[[Params, Batch], dict]) -> Callable:
   return jax.jit(metrics_fn)
 
 
-def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
-             batch_size: int, mesh=None) -> dict:
-  """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}.
-
-  With `mesh`, each batch (padded to a multiple of its size) is split over the mesh's first
-  axis. Without one, the mesh that `params` are replicated over, if any
-  (`sharding.replicated_mesh`), is used: otherwise each of its devices would compute every
-  batch."""
+def evaluate_sums(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
+                  batch_size: int, mesh=None) -> dict[str, np.ndarray]:
+  """Each output of `eval_step(params, batch)` summed over padded batches of `arrays` (float64
+  numpy; scalars or arrays, e.g. per-class counts). `mesh` as in `evaluate`."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   n = len(next(iter(arrays.values())))
@@ -245,14 +241,27 @@ def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarra
   if mesh is not None:
     per = mesh.shape[mesh.axis_names[0]]
     batch_size = -(-batch_size // per) * per
-  totals: dict[str, float] = {}
+  totals: dict[str, np.ndarray] = {}
   for start in range(0, n, batch_size):
     batch = gather_batch(arrays, *pad_indices(np.arange(start, min(start + batch_size, n)),
                                               batch_size))
     if mesh is not None:
       batch = sharding.shard_batch(batch, mesh, axis=mesh.axis_names[0])
     for k, v in eval_step(params, batch).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
+      totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+  return totals
+
+
+def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
+             batch_size: int, mesh=None) -> dict:
+  """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}.
+
+  With `mesh`, each batch (padded to a multiple of its size) is split over the mesh's first
+  axis. Without one, the mesh that `params` are replicated over, if any
+  (`sharding.replicated_mesh`), is used: otherwise each of its devices would compute every
+  batch."""
+  totals = {k: float(v) for k, v in evaluate_sums(eval_step, params, arrays, batch_size,
+                                                  mesh).items()}
   count = max(totals.get("count", 0.0), 1.0)
   out = {"count": totals.get("count", 0.0), "loss": totals["loss_sum"] / count}
   if "correct" in totals:

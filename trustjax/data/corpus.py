@@ -57,6 +57,39 @@ class TextDataset:
                        label_names=self.label_names, device_ids=pick(self.device_ids),
                        timestamps=pick(self.timestamps), slots=pick(self.slots))
 
+  def class_ids(self, classes: Sequence[int | str]) -> list[int]:
+    """Label ids of `classes` given as ids or names; unknown ones raise a ValueError."""
+    ids = []
+    for c in classes:
+      if isinstance(c, str):
+        if c not in self.label_names:
+          raise ValueError(f"unknown class {c!r}; the classes are {list(self.label_names)}")
+        c = self.label_names.index(c)
+      elif not 0 <= int(c) < self.num_classes:
+        raise ValueError(f"class id {c} must lie in [0, {self.num_classes})")
+      ids.append(int(c))
+    if len(set(ids)) < len(ids):
+      raise ValueError(f"classes must be distinct, got {list(classes)}")
+    return ids
+
+  def downsample(self, classes: Sequence[int | str], fraction: float,
+                 seed: int) -> "TextDataset":
+    """Keeps round(fraction * n_c) examples (at least one) of each class c in `classes`, drawn
+    uniformly without replacement by `seed`, and every example of the other classes (in their
+    order). Makes the under-represented classes of Bagdasaryan et al.'s study of DP's
+    disparate impact (NeurIPS 2019)."""
+    if not 0.0 < fraction <= 1.0:
+      raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    keep = np.ones(len(self), bool)
+    for c in self.class_ids(classes):
+      rows = np.flatnonzero(self.labels == c)
+      if rows.size == 0:
+        raise ValueError(f"class {self.label_names[c]!r} has no examples to downsample")
+      keep[rows] = False
+      keep[rng.choice(rows, max(1, round(fraction * rows.size)), replace=False)] = True
+    return self.subset(np.flatnonzero(keep))
+
   def split(self, eval_fraction: float, seed: int) -> tuple["TextDataset", "TextDataset"]:
     """A seeded random split into (train, eval)."""
     if not 0.0 < eval_fraction < 1.0:

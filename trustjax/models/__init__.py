@@ -2,7 +2,7 @@
 
 from trustjax.models.classifiers import (BagOfEmbeddings, EncoderBlock, MLPClassifier,
                                          TransformerClassifier, build_classifier,
-                                         classification_loss, classification_metrics,
+                                         class_metrics, classification_loss, classification_metrics,
                                          embed_with_positions)
 from trustjax.models.language import (CharLSTM, GPTDecoder, LSTMLayer, build_language_model,
                                       generate, lm_loss, lm_metrics)

@@ -156,6 +156,21 @@ def classification_metrics(model: nn.Module) -> Callable[[Params, Batch], dict]:
   return metrics_fn
 
 
+def class_metrics(model: nn.Module, num_classes: int) -> Callable[[Params, Batch], dict]:
+  """`metrics_fn(params, batch)` -> per-class sums [num_classes]: "class_correct" (rows of
+  that label predicted right) and "class_count" (rows of that label). Their ratio is each
+  class's accuracy (its recall)."""
+
+  def metrics_fn(params: Params, batch: Batch) -> dict:
+    logits = model.apply({"params": params}, batch["tokens"])
+    mask = batch.get("mask", jnp.ones(logits.shape[0], bool)).astype(jnp.float32)
+    onehot = jax.nn.one_hot(batch["label"], num_classes) * mask[:, None]
+    correct = (logits.argmax(-1) == batch["label"]).astype(jnp.float32)
+    return {"class_correct": correct @ onehot, "class_count": onehot.sum(0)}
+
+  return metrics_fn
+
+
 def build_classifier(name: str, *, vocab_size: int, num_classes: int, max_length: int,
                      **kwargs) -> nn.Module:
   """Builds a classifier by name ("transformer" or "bag_of_embeddings")."""
