@@ -2,6 +2,7 @@
 hockey-stick divergence of one step's dominating pair by quadrature, the Gaussian mechanism's
 closed form, and the clipped sum's movement when copies leave a batch."""
 
+import dataclasses
 import math
 
 import jax
@@ -98,6 +99,24 @@ def test_one_example_is_the_ledgers_epsilon_and_groups_grow():
   silent.record(noise_multiplier=0.0, sampling_rate=0.1, steps=3)
   assert silent.group_epsilon(2, delta) == math.inf
   np.testing.assert_array_equal(silent.group_deltas(2, [1.0, 5.0]), [1.0, 1.0])
+
+
+def test_a_kept_composition_follows_the_ledger():
+  """The ledger keeps its last composition: the same group's deltas and epsilon agree with a
+  fresh ledger's, and recording steps, another group size or grid composes anew."""
+  delta, eps = 1e-5, np.array([1.0, 4.0])
+  ledger = accounting.PrivacyLedger()
+  ledger.record(noise_multiplier=1.0, sampling_rate=0.05, steps=40)
+  fresh = lambda: accounting.PrivacyLedger(entries=[
+      accounting.LedgerEntry(**dataclasses.asdict(e)) for e in ledger.entries])
+  for r in (2, 2, 3, 2):
+    np.testing.assert_array_equal(ledger.group_deltas(r, eps), fresh().group_deltas(r, eps))
+    assert ledger.group_epsilon(r, delta) == fresh().group_epsilon(r, delta)
+  before = ledger.group_epsilon(2, delta)
+  ledger.record(noise_multiplier=1.0, sampling_rate=0.05, steps=40)
+  assert ledger.group_epsilon(2, delta) == fresh().group_epsilon(2, delta) > before
+  assert ledger.group_epsilon(2, delta, grid=1e-4) == fresh().group_epsilon(2, delta, grid=1e-4)
+  assert ledger == fresh()  # the kept composition is no field: equality and JSON as before
 
 
 def test_truncation_term_is_added_to_group_deltas():

@@ -703,7 +703,15 @@ class PrivacyLedger:
     dominating pair for the group (`_group_step_pld`), composed; DP-MF and DP-FTRL: one Gaussian
     mechanism whose sensitivity grows r-fold (the group's change of the release is the sum of
     its members', each within the one-example sensitivity); amplified MF: one per participation
-    pattern, one example only."""
+    pattern, one example only. The last composition is kept (keyed by the entries as they are
+    now), so a group's deltas and epsilon cost one composition."""
+    key = (group_size, grid, repr(self.entries))
+    last = self.__dict__.get("_last_plds")
+    if last is None or last[0] != key:
+      last = self.__dict__["_last_plds"] = (key, self._compose_plds(group_size, grid))
+    return last[1]
+
+  def _compose_plds(self, group_size: int, grid: float) -> list:
     r = _check_group(group_size)
     if self.kind == "dp_sgd":
       out = pld.privacy_loss_distribution.identity(value_discretization_interval=grid)
