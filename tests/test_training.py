@@ -114,12 +114,13 @@ def test_short_dp_run_learns(tmp_path):
   """A DP run with two of the 30 intents downsampled to a fifth: it learns, accounts every
   step, and reports each class's accuracy and gradient norms, equal to a recount from the final
   checkpoint (sklearn's recall; the vmap reference's per-example norms)."""
-  cfg = _cfg(tmp_path, **{"model.name": "bag_of_embeddings", "data.num_examples": 6000,
-                          "data.num_devices": 100, "train.batch_size": 256, "train.epochs": 4.0,
-                          "optimizer.learning_rate": 0.01, "dp.noise_multiplier": None,
-                          "dp.target_epsilon": 8.0, "dp.method": "bookkeeping",
-                          "data.minority_classes": ("weather_query", 5),
-                          "data.minority_fraction": 0.2, "train.class_grad_norms": True})
+  fields = {"model.name": "bag_of_embeddings", "data.num_examples": 6000,
+            "data.num_devices": 100, "train.batch_size": 256, "train.epochs": 4.0,
+            "optimizer.learning_rate": 0.01, "dp.noise_multiplier": None,
+            "dp.target_epsilon": 8.0, "dp.method": "bookkeeping",
+            "data.minority_classes": ("weather_query", 5), "data.minority_fraction": 0.2,
+            "train.class_grad_norms": True}
+  cfg = _cfg(tmp_path, **fields)
   summary = experiments.run(cfg, show_progress=False)
   setup = experiments.Setup(cfg)
   full = experiments.Setup(_cfg(tmp_path, **{"data.num_examples": 6000,
@@ -166,6 +167,12 @@ def test_short_dp_run_learns(tmp_path):
       {n: np.median(norms[labels == c]) for c, n in enumerate(names)}, rel=1e-4)
   assert summary["train_class_clipped"] == pytest.approx(
       {n: np.mean(norms[labels == c] > 1.0) for c, n in enumerate(names)})
+  # per-layer clipping has no one clip norm to compare the flat norms with
+  layered = experiments.Setup(_cfg(tmp_path, **fields, **{"dp.per_layer": "equal"}))
+  entries = layered.class_summary(state.params)
+  assert entries["train_class_grad_norm"] == pytest.approx(summary["train_class_grad_norm"])
+  assert entries["eval_class_accuracy"] == summary["eval_class_accuracy"]
+  assert "train_class_clipped" not in entries
   report = (run / "report.md").read_text()
   assert "## Per class" in report and "| weather_query (downsampled) |" in report
   class_tables = load_file("scripts/class_tables.py")

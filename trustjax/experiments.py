@@ -538,7 +538,8 @@ class Setup:
       norms = self.example_grad_norms(params)
       out["train_class_grad_norm"] = {n: float(np.median(norms[labels == c]))
                                       for c, n in enumerate(names) if np.any(labels == c)}
-      if self.dp_config is not None and cfg.dp.normalization == "clip" and not cfg.dp.adaptive:
+      if (self.dp_config is not None and cfg.dp.normalization == "clip" and not cfg.dp.adaptive
+          and not cfg.dp.per_layer):  # (one flat clip norm to compare with)
         out["train_class_clipped"] = {n: float(np.mean(norms[labels == c] > cfg.dp.l2_clip))
                                       for c, n in enumerate(names) if np.any(labels == c)}
     return out
