@@ -181,6 +181,13 @@ def test_short_dp_run_learns(tmp_path):
   assert (tmp_path / "classes.png").stat().st_size > 0
   assert "| weather_query (downsampled) | " in tables and "(+0.000)" in tables
   assert f"{summary['train_class_grad_norm']['weather_query']:.3g} (" in tables
+  for name, content, message in [("lm", {"eval_accuracy": 0.5}, "has no per-class accuracy"),
+                                 ("other", {**summary, "class_names": ["a", "b"]},
+                                  "has classes")]:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "summary.json").write_text(json.dumps(content, default=float))
+    with pytest.raises(ValueError, match=message):
+      class_tables.tables([str(run), str(tmp_path / name)])
   for field, value, message in [
       ("data.minority_fraction", 0.0, r"fraction must lie in \(0, 1\]"),
       ("data.minority_classes", ("no_such_intent",), "unknown class 'no_such_intent'")]:
