@@ -32,16 +32,23 @@ def _label(s: dict) -> str:
   return f"epsilon {s['epsilon']:.2g}" if s.get("epsilon") is not None else "no DP"
 
 
-def tables(runs: list[str]) -> str:
+def _summaries(runs: list[str]) -> tuple[list[dict], list[str], set[str], list[str]]:
+  """The runs' summaries (each must hold per-class results for the first run's classes), those
+  classes, the downsampled ones in any run, and a column heading per run."""
   summaries = [reporting.read_summary(run, "eval_class_accuracy",
                                       "per-class accuracy (a classifier's run)") for run in runs]
   classes = summaries[0]["class_names"]
   for run, s in zip(runs, summaries):
     if s["class_names"] != classes:
       raise ValueError(f"{run!r} has classes {s['class_names']}, the first run {classes}")
-  names = [os.path.basename(os.path.normpath(r)) for r in runs]
-  heads = [f"{n} ({_label(s)})" for n, s in zip(names, summaries)]
   minority = set().union(*(s.get("minority_classes", ()) for s in summaries))
+  heads = [f"{os.path.basename(os.path.normpath(r))} ({_label(s)})"
+           for r, s in zip(runs, summaries)]
+  return summaries, classes, minority, heads
+
+
+def tables(runs: list[str]) -> str:
+  summaries, classes, minority, heads = _summaries(runs)
   first = summaries[0]["eval_class_accuracy"]
 
   def cell(s, c):
@@ -77,16 +84,12 @@ def plot(runs: list[str], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  summaries = [reporting.read_summary(run, "eval_class_accuracy", "per-class accuracy")
-               for run in runs]
-  classes = summaries[0]["class_names"]
-  minority = set().union(*(s.get("minority_classes", ()) for s in summaries))
+  summaries, classes, minority, heads = _summaries(runs)
   width = 0.8 / len(runs)
   fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(classes) + 1), 4.2 + 0.15 * len(runs)))
-  for i, (run, s) in enumerate(zip(runs, summaries)):
+  for i, (head, s) in enumerate(zip(heads, summaries)):
     ax.bar(np.arange(len(classes)) + (i - (len(runs) - 1) / 2) * width,
-           [s["eval_class_accuracy"].get(c, np.nan) for c in classes], width,
-           label=f"{os.path.basename(os.path.normpath(run))} ({_label(s)})")
+           [s["eval_class_accuracy"].get(c, np.nan) for c in classes], width, label=head)
   ax.set_xticks(range(len(classes)), [c + ("*" if c in minority else "") for c in classes],
                 rotation=30, ha="right", fontsize=8)
   ax.set_ylabel("held-out accuracy")

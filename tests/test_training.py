@@ -123,10 +123,10 @@ def test_short_dp_run_learns(tmp_path):
   cfg = _cfg(tmp_path, **fields)
   summary = experiments.run(cfg, show_progress=False)
   setup = experiments.Setup(cfg)
-  full = experiments.Setup(_cfg(tmp_path, **{"data.num_examples": 6000,
-                                             "data.num_devices": 100}))
-  counts = np.bincount(full.train_arrays["label"], minlength=30)
-  names = list(full.train_data.label_names)
+  full, _ = experiments.load_datasets(_cfg(tmp_path, **{"data.num_examples": 6000,
+                                                        "data.num_devices": 100}))
+  counts = np.bincount(full.labels, minlength=30)
+  names = list(full.label_names)
   assert summary["minority_classes"] == ["weather_query", names[5]]
   assert summary["train_class_examples"] == {
       n: int(round(0.2 * k)) if i in (0, 5) else int(k) for i, (n, k) in enumerate(

@@ -24,7 +24,6 @@ import optax
 
 from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
-from trustjax.data.batching import gather_batch, pad_indices
 from trustjax.reporting import config_changes
 from trustjax.attacks import backdoor, canaries
 from trustjax.privacy import accounting, quantile, sampling
@@ -551,13 +550,9 @@ class Setup:
     method = self.dp_config.method if self.dp_config is not None else "auto"
     norms_fn = jax.jit(lambda p, b: clipped_grad_sum(loss_fn, p, b, l2_clip=1.0,
                                                      method=method)[1]["norms"])
-    n, bs = self.num_train, self.cfg.train.eval_batch_size
-    out = []
-    for start in range(0, n, bs):
-      batch = gather_batch(self.train_arrays, *pad_indices(np.arange(start, min(start + bs, n)),
-                                                           bs))
-      out.append(np.asarray(norms_fn(trainable, batch))[:min(bs, n - start)])
-    return np.concatenate(out)
+    return np.concatenate([np.asarray(norms_fn(trainable, b))[b["mask"]] for b in
+                           tjdata.padded_batches(self.train_arrays,
+                                                 self.cfg.train.eval_batch_size)])
 
   def _insert_canaries(self, cfg) -> dict:
     """Secret Sharer canaries (`canaries.num` per count in `canaries.repeats`) appended to the

@@ -706,9 +706,9 @@ class PrivacyLedger:
     pattern, one example only. The last composition is kept (keyed by the entries as they are
     now), so a group's deltas and epsilon cost one composition."""
     key = (group_size, grid, repr(self.entries))
-    last = self.__dict__.get("_last_plds")
+    last = getattr(self, "_last_plds", None)
     if last is None or last[0] != key:
-      last = self.__dict__["_last_plds"] = (key, self._compose_plds(group_size, grid))
+      last = self._last_plds = (key, self._compose_plds(group_size, grid))
     return last[1]
 
   def _compose_plds(self, group_size: int, grid: float) -> list:
