@@ -119,7 +119,8 @@ def test_short_dp_run_learns(tmp_path):
             "optimizer.learning_rate": 0.01, "dp.noise_multiplier": None,
             "dp.target_epsilon": 8.0, "dp.method": "bookkeeping",
             "data.minority_classes": ("weather_query", 5), "data.minority_fraction": 0.2,
-            "train.class_grad_norms": True}
+            "train.class_grad_norms": True, "dp.class_clip_classes": ("weather_query",),
+            "dp.class_clip_scale": 1.25}
   cfg = _cfg(tmp_path, **fields)
   summary = experiments.run(cfg, show_progress=False)
   setup = experiments.Setup(cfg)
@@ -165,16 +166,22 @@ def test_short_dp_run_learns(tmp_path):
   labels = setup.train_arrays["label"]
   assert summary["train_class_grad_norm"] == pytest.approx(
       {n: np.median(norms[labels == c]) for c, n in enumerate(names)}, rel=1e-4)
+  # group-wise clipping: weather_query's clip is 1.25, the others' 1, the noise at 1.25
+  assert summary["class_clip_scales"] == {n: 1.25 if i == 0 else 1.0 for i, n in enumerate(names)}
+  assert summary["sensitivity"] == 1.25 and setup.dp_config.sensitivity == 1.25
   assert summary["train_class_clipped"] == pytest.approx(
-      {n: np.mean(norms[labels == c] > 1.0) for c, n in enumerate(names)})
+      {n: np.mean(norms[labels == c] > (1.25 if c == 0 else 1.0)) for c, n in enumerate(names)})
   # per-layer clipping has no one clip norm to compare the flat norms with
-  layered = experiments.Setup(_cfg(tmp_path, **fields, **{"dp.per_layer": "equal"}))
+  layered = experiments.Setup(_cfg(tmp_path, **{**fields, "dp.per_layer": "equal",
+                                                 "dp.class_clip_classes": (),
+                                                 "dp.class_clip_scale": 1.0}))
   entries = layered.class_summary(state.params)
   assert entries["train_class_grad_norm"] == pytest.approx(summary["train_class_grad_norm"])
   assert entries["eval_class_accuracy"] == summary["eval_class_accuracy"]
   assert "train_class_clipped" not in entries
   report = (run / "report.md").read_text()
   assert "## Per class" in report and "| weather_query (downsampled) |" in report
+  assert "Group-wise clipping: weather_query clipped to 1.25 x the clip norm" in report
   class_tables = load_file("scripts/class_tables.py")
   tables = class_tables.tables([str(run), str(run)])
   class_tables.plot([str(run), str(run)], str(tmp_path / "classes.png"))
@@ -195,6 +202,15 @@ def test_short_dp_run_learns(tmp_path):
       experiments.Setup(_cfg(tmp_path, **{"data.minority_classes": (0,), field: value}))
   with pytest.raises(ValueError, match="needs data.minority_classes"):
     experiments.Setup(_cfg(tmp_path, **{"data.minority_fraction": 0.5}))
+  for extra, message in [({"dp.class_clip_scale": 2.0}, "needs dp.class_clip_classes"),
+                         ({"dp.class_clip_classes": (0,), "dp.class_clip_scale": 0.0},
+                          "class_clip_scale must be positive"),
+                         ({"dp.class_clip_classes": (0,), "dp.mechanism": "dp_ftrl"},
+                          "is for dp.mechanism='dp_sgd'"),
+                         ({"dp.class_clip_classes": (0,), "dp.adaptive": True},
+                          "not with per_layer or adaptive")]:
+    with pytest.raises(ValueError, match=message):
+      experiments.Setup(_cfg(tmp_path, **extra))
 
 
 @pytest.mark.parametrize("devices", [1, 2])
@@ -486,7 +502,8 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
   assert summary["epsilon"] <= 8.0
   for field, value, message in [
       ("data.tokenizer", "char", "builds its vocabulary from the private training set"),
-      ("model.name", "transformer", "model.name='transformer' is not a language model")]:
+      ("model.name", "transformer", "model.name='transformer' is not a language model"),
+      ("dp.class_clip_classes", (0,), "Shakespeare trains a language model")]:
     with pytest.raises(ValueError, match=message):
       experiments.Setup(override(dp_shakespeare.get_config("runlocal"), **{field: value}))
 

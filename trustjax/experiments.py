@@ -311,6 +311,9 @@ class Setup:
       if cfg.data.minority_classes:
         raise ValueError("data.minority_classes downsamples classes of a classification "
                          "dataset; Shakespeare trains a language model")
+      if cfg.dp.class_clip_classes:
+        raise ValueError("dp.class_clip_classes scales the clip of classes of a classification "
+                         "dataset; Shakespeare trains a language model")
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
       if cfg.canaries.num:
         self.train_arrays = self._insert_canaries(cfg)
@@ -387,7 +390,8 @@ class Setup:
                                 microbatch_size=cfg.dp.microbatch_size or None,
                                 method=cfg.dp.method, normalization=cfg.dp.normalization,
                                 auto_s_gamma=cfg.dp.auto_s_gamma,
-                                per_layer=cfg.dp.per_layer or None, adaptive=adaptive)
+                                per_layer=cfg.dp.per_layer or None, adaptive=adaptive,
+                                class_clip_scales=self._class_clip_scales(cfg))
       self.schedule = training.PoissonSchedule(self.train_arrays, self.dp_config, cfg.seed)
     else:
       bs = -(-t.batch_size // self.num_devices) * self.num_devices
@@ -399,6 +403,24 @@ class Setup:
     if cfg.dp.adaptive:
       raise ValueError("dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd': its "
                        "accounting is DP-SGD's (Poisson sampling, independent noise)")
+    if cfg.dp.class_clip_classes:
+      raise ValueError("dp.class_clip_classes (group-wise clipping) is for dp.mechanism="
+                       "'dp_sgd'")
+
+  def _class_clip_scales(self, cfg) -> tuple[float, ...] | None:
+    """dp.class_clip_classes' clip scale dp.class_clip_scale, the other classes' 1."""
+    classes, scale = cfg.dp.class_clip_classes, cfg.dp.class_clip_scale
+    if not classes:
+      if scale != 1.0:
+        raise ValueError(f"dp.class_clip_scale={scale} needs dp.class_clip_classes (the classes "
+                         "whose clip it scales)")
+      return None
+    if not (scale > 0 and math.isfinite(scale)):
+      raise ValueError(f"dp.class_clip_scale must be positive, got {scale}")
+    scales = [1.0] * self.num_classes
+    for c in self.train_data.class_ids(classes):
+      scales[c] = float(scale)
+    return tuple(scales)
 
   def _fixed_batches(self, cfg, n: int, reshuffle: bool) -> int:
     """DP-FTRL's and DP-MF's schedule: epochs of fixed-size batches, no sampling. Returns the
@@ -538,9 +560,11 @@ class Setup:
       out["train_class_grad_norm"] = {n: float(np.median(norms[labels == c]))
                                       for c, n in enumerate(names) if np.any(labels == c)}
       if (self.dp_config is not None and cfg.dp.normalization == "clip" and not cfg.dp.adaptive
-          and not cfg.dp.per_layer):  # (one flat clip norm to compare with)
-        out["train_class_clipped"] = {n: float(np.mean(norms[labels == c] > cfg.dp.l2_clip))
-                                      for c, n in enumerate(names) if np.any(labels == c)}
+          and not cfg.dp.per_layer):  # (one flat clip norm per class to compare with)
+        scales = getattr(self.dp_config, "class_clip_scales", None) or (1.0,) * len(names)
+        out["train_class_clipped"] = {
+            n: float(np.mean(norms[labels == c] > cfg.dp.l2_clip * scales[c]))
+            for c, n in enumerate(names) if np.any(labels == c)}
     return out
 
   def example_grad_norms(self, params) -> np.ndarray:
@@ -797,6 +821,13 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     if isinstance(dp, DPConfig):
       summary.update(sampling_rate=dp.sampling_rate, max_batch_size=dp.max_batch_size,
                      overflow_total=sum(r.get("overflow", 0) for r in result.history))
+      if dp.class_clip_scales is not None:
+        summary.update(class_clip_scales=dict(zip(setup.train_data.label_names,
+                                                  dp.class_clip_scales)),
+                       sensitivity=dp.sensitivity)
+      if dp.adaptive is not None:  # the clip of the last step and the floor it may not pass
+        summary.update(final_clip=final.get("clip"), min_clip=dp.adaptive.min_clip,
+                       target_quantile=dp.adaptive.target_quantile)
   if hasattr(setup, "num_classes"):
     summary.update(setup.class_summary(result.state.params))
   if setup.canary_secrets:
@@ -987,7 +1018,13 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
     mechanism = ("Poisson sampling at rate q with padded batches; Gaussian noise on the clipped "
                  "sum; epsilon from dp_accounting's "
                  f"{summary['accountant'].upper()} accountant over every step in the ledger "
-                 "(resumes included). delta_total adds the batch-truncation bound."
+                 "(resumes included). delta_total adds the batch-truncation bound." + (
+                     " Group-wise clipping: " + ", ".join(
+                         f"{k} clipped to {v:g} x" for k, v in
+                         summary["class_clip_scales"].items() if v != 1.0)
+                     + f" the clip norm, the others to it; the noise is at the largest, "
+                     f"sensitivity {summary['sensitivity']:g}."
+                     if "class_clip_scales" in summary else "")
                  if cfg.dp.mechanism == "dp_sgd" else
                  "DP-MF with the banded square root factorization (Kalinin and Lampert 2024): "
                  "the data shuffled once and passed in that order every epoch, no "
@@ -1104,6 +1141,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.dp.target_quantile = 0.5
   c.dp.clip_learning_rate = 0.2
   c.dp.count_noise_multiplier = 10.0  # sigma_b of the count; the sum's noise rises to compensate
+  c.dp.min_clip = 0.0  # floor of the adaptive clip (bounded adaptive clipping, Zhao et al. 2025)
+  # group-wise clipping (a fixed-bound DPSGD-F, Xu et al. 2021): the listed classes (ids or names)
+  # are clipped to class_clip_scale * l2_clip, and the noise rises to the largest clip. Public
+  # choices: they must not be read off the private data.
+  c.dp.class_clip_classes = ()
+  c.dp.class_clip_scale = 1.0
   c.dp.normalization = "clip"  # clip (min(1, C/|g|)) | auto_s (C / (|g| + gamma))
   c.dp.auto_s_gamma = 0.01
   # Secret Sharer canaries (Carlini et al. 2019) in a language model's training windows

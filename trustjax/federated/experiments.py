@@ -848,6 +848,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.fl.dp.target_quantile = 0.5
   c.fl.dp.clip_learning_rate = 0.2
   c.fl.dp.count_noise_multiplier = 2.0
+  c.fl.dp.min_clip = 0.0  # floor of the adaptive clip (bounded adaptive clipping)
   c.continual = ml_collections.ConfigDict()
   c.continual.enabled = False
   c.continual.num_periods = 4

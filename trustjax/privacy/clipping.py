@@ -132,9 +132,15 @@ def layer_clips(params: Params, l2_clip, split: str):
   return l2_clip * jnp.sqrt(w / w.sum())
 
 
+CLIP_SCALE = "clip_scale"  # optional batch key: each row's clip is l2_clip times this (> 0)
+
+
 def _chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float, method: str,
            factors_fn, per_layer: str | None = None):
   group_of = layer_groups(params) if per_layer else None
+  if CLIP_SCALE in batch:  # per-row clips C * s_i (group-wise clipping); the model never sees s
+    batch = dict(batch)
+    factors_fn = functools.partial(factors_fn, l2_clip=l2_clip * batch.pop(CLIP_SCALE))
   if method != "vmap":
     from trustjax.privacy import ghost  # pylint: disable=import-outside-toplevel
     return ghost.clipped_grad_sum_fast(loss_fn, params, batch, method=method,
@@ -189,6 +195,10 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
       layer l is clipped separately to C_l (see `layer_clips`; sum_l C_l^2 = C^2, so the
       sensitivity is still C). With methods "vmap" and "bookkeeping".
 
+  `batch["clip_scale"]` (float [B] > 0, optional) clips row i to C * s_i instead of C, so the
+  sum's sensitivity becomes C * max_i s_i (`dp_sgd.DPConfig.class_clip_scales` sets s from the
+  label). Not with per_layer.
+
   Returns:
     (clipped_sum, aux): clipped_sum has the structure of `params` in float32; aux has "norms"
     [B] (unclipped per-example gradient norms) and "losses" [B], both 0 on padded rows.
@@ -198,6 +208,9 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
   method = resolve_method(method)
   check_normalization(normalization, gamma)
   check_per_layer(per_layer, method)
+  if per_layer and CLIP_SCALE in batch:
+    raise ValueError("per-row clip scales (batch['clip_scale']) are for one flat clip, not "
+                     f"per_layer={per_layer!r}")
   clip = layer_clips(params, l2_clip, per_layer) if per_layer else l2_clip
   factors_fn = functools.partial(_factors, l2_clip=clip, normalization=normalization,
                                  gamma=gamma)

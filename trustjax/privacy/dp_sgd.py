@@ -9,6 +9,7 @@ Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -66,6 +67,14 @@ class DPConfig:
       `noise_multiplier` is then the effective multiplier of the sum and the count together, the
       one the ledger records, and the sum's own noise is raised to
       `sum_noise_multiplier` accordingly. `l2_clip` is ignored in favour of adaptive.initial_clip.
+    class_clip_scales: optional s_k > 0 per class (group-wise clipping): an example of class k
+      (its `batch["label"]`) is clipped to C * s_k, and the noise is sigma * C * max_k s_k,
+      the sum's sensitivity (`sensitivity`), so the accounting is unchanged. The scales must
+      not depend on the private data (a public class prior, or chosen beforehand): a class given
+      s_k > 1 keeps more of its clipped gradients, at the price of more noise for every class.
+      A fixed-bound form of DPSGD-F (Xu, Du and Wu, "Removing Disparate Impact on Model Accuracy
+      in Differentially Private Stochastic Gradient Descent", KDD 2021), whose group bounds
+      adapt through private counts of clipped examples; not with per_layer or adaptive.
   """
 
   l2_clip: float
@@ -79,9 +88,19 @@ class DPConfig:
   auto_s_gamma: float = 0.01
   per_layer: str | None = None
   adaptive: quantile.QuantileClipping | None = None
+  class_clip_scales: tuple[float, ...] | None = None
 
   def __post_init__(self):
     check_mechanism_fields(self)
+    if self.class_clip_scales is not None:
+      scales = tuple(float(x) for x in self.class_clip_scales)
+      if not scales or not all(x > 0 and math.isfinite(x) for x in scales):
+        raise ValueError(
+            f"class_clip_scales must be positive numbers, got {self.class_clip_scales}")
+      if self.per_layer is not None or self.adaptive is not None:
+        raise ValueError("class_clip_scales is for one fixed flat clip: not with per_layer or "
+                         "adaptive")
+      object.__setattr__(self, "class_clip_scales", scales)
     if not 0.0 < self.sampling_rate <= 1.0:
       raise ValueError(f"sampling_rate must lie in (0, 1], got sampling_rate={self.sampling_rate}")
     if self.max_batch_size <= 0:
@@ -96,6 +115,11 @@ class DPConfig:
       return self.noise_multiplier
     return quantile.sum_noise_multiplier(self.noise_multiplier,
                                          self.adaptive.count_noise_multiplier)
+
+  @property
+  def sensitivity(self) -> float:
+    """The clipped sum's add/remove-one L2 sensitivity: C, or C * max_k s_k with class scales."""
+    return self.l2_clip * max(self.class_clip_scales or (1.0,))
 
   @property
   def expected_batch_size(self) -> float:
@@ -117,6 +141,9 @@ class DPConfig:
 
 
 def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig, clip=None):
+  scales = getattr(config, "class_clip_scales", None)  # DP-SGD's only (DPFTRLConfig lacks it)
+  if scales is not None:
+    batch = dict(batch, clip_scale=jnp.asarray(scales, jnp.float32)[batch["label"]])
   return clipped_grad_sum(loss_fn, params, batch,
                           l2_clip=config.l2_clip if clip is None else clip, method=config.method,
                           microbatch_size=config.microbatch_size,
@@ -160,7 +187,7 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   if config.adaptive is not None:
     raise ValueError("config.adaptive is set: use dp_sgd_step_adaptive, which carries the clip")
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
-  params, opt_state = _noisy_update(grad_sum, key, params, opt_state, l2_clip=config.l2_clip,
+  params, opt_state = _noisy_update(grad_sum, key, params, opt_state, l2_clip=config.sensitivity,
                                     noise_multiplier=config.noise_multiplier,
                                     optimizer=optimizer, config=config)
   return params, opt_state, _metrics(aux, batch["mask"], config.l2_clip)
@@ -227,7 +254,7 @@ def virtual_batch_apply(acc: VirtualBatch, params: Params, opt_state: optax.OptS
   rows of one `poisson_batch` split into chunks), and the ledger records one step.
   """
   params, opt_state = _noisy_update(acc.grad_sum, key, params, opt_state,
-                                    l2_clip=config.l2_clip,
+                                    l2_clip=config.sensitivity,
                                     noise_multiplier=config.noise_multiplier,
                                     optimizer=optimizer, config=config)
   return params, opt_state, acc.metrics
