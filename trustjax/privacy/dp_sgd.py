@@ -140,10 +140,22 @@ class DPConfig:
                   steps=steps, overflow_probability=self.overflow_probability)
 
 
-def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig, clip=None):
+def _row_scales(config, batch: Batch):
+  """Each row's clip scale from its label under group-wise clipping, else None."""
   scales = getattr(config, "class_clip_scales", None)  # DP-SGD's only (DPFTRLConfig lacks it)
+  return None if scales is None else jnp.asarray(scales, jnp.float32)[batch["label"]]
+
+
+def _row_clips(config, batch: Batch):
+  """The clip each row of `batch` is held to: C, or C * s_(label) (for the "clipped" count)."""
+  scales = _row_scales(config, batch)
+  return config.l2_clip if scales is None else config.l2_clip * scales
+
+
+def _clipped_sum(loss_fn: LossFn, params: Params, batch: Batch, config: DPConfig, clip=None):
+  scales = _row_scales(config, batch)
   if scales is not None:
-    batch = dict(batch, clip_scale=jnp.asarray(scales, jnp.float32)[batch["label"]])
+    batch = dict(batch, clip_scale=scales)
   return clipped_grad_sum(loss_fn, params, batch,
                           l2_clip=config.l2_clip if clip is None else clip, method=config.method,
                           microbatch_size=config.microbatch_size,
@@ -190,7 +202,7 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   params, opt_state = _noisy_update(grad_sum, key, params, opt_state, l2_clip=config.sensitivity,
                                     noise_multiplier=config.noise_multiplier,
                                     optimizer=optimizer, config=config)
-  return params, opt_state, _metrics(aux, batch["mask"], config.l2_clip)
+  return params, opt_state, _metrics(aux, batch["mask"], _row_clips(config, batch))
 
 
 def dp_sgd_step_adaptive(params: Params, opt_state: optax.OptState, clip: jax.Array, batch: Batch,
@@ -240,7 +252,7 @@ def virtual_batch_accumulate(acc: VirtualBatch, params: Params, batch: Batch, *,
                              loss_fn: LossFn, config: DPConfig) -> VirtualBatch:
   """Adds one physical batch's clipped sum; no noise yet."""
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
-  metrics = _metrics(aux, batch["mask"], config.l2_clip)
+  metrics = _metrics(aux, batch["mask"], _row_clips(config, batch))
   return VirtualBatch(jax.tree_util.tree_map(jnp.add, acc.grad_sum, grad_sum),
                       jax.tree_util.tree_map(jnp.add, acc.metrics, metrics))
 
