@@ -34,9 +34,20 @@ def test_snips_strategies_write_a_run_folder(tmp_path):
     assert recs and "eval_accuracy" in recs[-1]
   for f in ("summary.json", "report.md", "config.json", "plots/accuracy.png"):
     assert (run / f).exists(), f
-  assert "fedadam" in (run / "report.md").read_text()
+  report = (run / "report.md").read_text()
+  assert "fedadam" in report and "Held-out accuracy per class" in report
+  task = experiments.load_task(cfg)
+  counts = np.bincount(task.test["label"], minlength=7)
+  assert task.class_names == sorted(task.class_names) and len(task.class_names) == 7  # SNIPS
   for s in summary["strategies"]:
     assert s["final_eval_accuracy"] > 0.25  # chance is 1/7; iid clients, 3 rounds
+    # per-class accuracies (class_metrics) weighted by the test set's own label counts give the
+    # overall accuracy that classification_metrics measured at the last round
+    per_class = s["final_class_accuracy"]
+    assert list(per_class) == [n for n, k in zip(task.class_names, counts) if k > 0]
+    assert sum(per_class[n] * k for n, k in zip(task.class_names, counts) if k) / counts.sum() \
+        == pytest.approx(s["final_eval_accuracy"], abs=1e-9)
+    assert "| worst class |" in report and f"{min(per_class.values()):.3f}" in report
 
 
 def test_byzantine_clients_and_robust_aggregators_in_a_run(tmp_path):

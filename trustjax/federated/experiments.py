@@ -61,6 +61,7 @@ class FederatedTask:
   describe: str
   test_parts: list | None = None  # held-out examples per client (index into test), if per-client
   tokenizer: tjdata.Tokenizer | None = None  # classification tasks: what encoded the text
+  class_names: list | None = None  # classification tasks: the label names, by id
 
 
 def _embed_bow(tokens: np.ndarray, vocab_size: int, dim: int = 64, seed: int = 0) -> np.ndarray:
@@ -165,7 +166,8 @@ def load_task(cfg: ml_collections.ConfigDict) -> FederatedTask:
     time_ = (t - t.min()) / max(t.max() - t.min(), 1e-9)
   return FederatedTask(train, parts, names, test, time_, "classification", tok.vocab_size,
                        tr_ds.num_classes, f"{d.name} ({len(parts)} clients, partition "
-                       f"{d.partition}, {len(tr_ds)} train / {len(te_ds)} test)", tokenizer=tok)
+                       f"{d.partition}, {len(tr_ds)} train / {len(te_ds)} test)", tokenizer=tok,
+                       class_names=list(tr_ds.label_names))
 
 
 def build_model(cfg, task: FederatedTask):
@@ -430,9 +432,19 @@ def _backdoor(cfg, s, task: FederatedTask):
   return dataclasses.replace(task, train=train), test, info
 
 
-def _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress) -> list:
+def class_accuracy(task: FederatedTask, model, params, mesh=None) -> dict:
+  """Each class's accuracy (its recall) on the pooled held-out examples `task.test`, by name;
+  classes without held-out examples are left out."""
+  sums = training.evaluate_sums(jax.jit(models.class_metrics(model, task.num_classes)), params,
+                                task.test, EVAL_BATCH, mesh)
+  names = task.class_names or [str(c) for c in range(task.num_classes)]
+  return {n: float(c / k) for n, c, k in zip(names, sums["class_correct"], sums["class_count"])
+          if k > 0}
+
+
+def _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress):
   """Centralized SGD baseline on the pooled training data (same model, batch and learning rate),
-  `s.rounds` epochs; evaluated after each epoch."""
+  `s.rounds` epochs; evaluated after each epoch. Returns (history, final params)."""
   opt = optax.sgd(s.client_lr)
   opt_state = opt.init(params)
   step = jax.jit(functools.partial(training.nondp_step, loss_fn=loss_fn, optimizer=opt))
@@ -457,7 +469,7 @@ def _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progres
       bar.update(1)
   if bar is not None:
     bar.close()
-  return history
+  return history, params
 
 
 def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
@@ -469,10 +481,13 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
   if s.algorithm == "centralized":
-    history = _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress)
+    history, params = _centralized(cfg, s, task, params, loss_fn, eval_step, workdir,
+                                   show_progress)
     last = history[-1]
     return {"strategy": name, "algorithm": "centralized", "epochs": s.rounds,
             "final_eval_accuracy": last.get("eval_accuracy"), "final_eval_loss": last["eval_loss"],
+            **({"final_class_accuracy": class_accuracy(task, model, params)}
+               if task.kind == "classification" else {}),
             "seconds_this_invocation": time.perf_counter() - t_start}
   task, backdoor_test, backdoor_info = _backdoor(cfg, s, task)
   stages = _stages(cfg, task, s)
@@ -577,6 +592,8 @@ def run_strategy(cfg, name: str, task: FederatedTask, *, workdir: str,
              # over every invocation of a resumed run (from metrics.jsonl), rounds only:
              "round_seconds_total": sum(h.get("round_seconds", 0.0) for h in history),
              "seconds_this_invocation": time.perf_counter() - t_start}
+  if task.kind == "classification" and not cfg.continual.enabled:
+    summary["final_class_accuracy"] = class_accuracy(task, model, state.params, mesh)
   if task.test_parts and not cfg.continual.enabled:
     # Federated evaluation on each client's own held-out data: sums per client, then reduced.
     test_store = ClientStore(task.test, task.test_parts, min_capacity=16)
@@ -730,10 +747,25 @@ def summary_table(summary: dict) -> str:
   return reporting.markdown_table(header, rows)
 
 
+def class_table(summary: dict) -> str:
+  """Held-out accuracy of each class (rows) under each strategy (columns) that measured it, the
+  worst class last; "" when none did."""
+  runs = [s for s in summary["strategies"] if "final_class_accuracy" in s]
+  if not runs:
+    return ""
+  names = list(runs[0]["final_class_accuracy"])
+  rows = [[n] + [f"{s['final_class_accuracy'].get(n, float('nan')):.3f}" for s in runs]
+          for n in names]
+  rows.append(["worst class"] + [f"{min(s['final_class_accuracy'].values()):.3f}" for s in runs])
+  return reporting.markdown_table(["class"] + [s["strategy"] for s in runs], rows)
+
+
 def _report(workdir: str, summary: dict) -> None:
+  classes = class_table(summary)
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(f"# {summary['run_name']}\n\n{summary['task']}\n\n{summary_table(summary)}\n\n"
-            "![accuracy](plots/accuracy.png)\n")
+            + (f"Held-out accuracy per class (pooled test set):\n\n{classes}\n\n"
+               if classes else "") + "![accuracy](plots/accuracy.png)\n")
 
 
 def snips_iid_config(runlocal: bool = False) -> ml_collections.ConfigDict:
