@@ -206,11 +206,18 @@ def test_short_dp_run_learns(tmp_path):
                          ({"dp.class_clip_classes": (0,), "dp.class_clip_scale": 0.0},
                           "class_clip_scale must be positive"),
                          ({"dp.class_clip_classes": (0,), "dp.mechanism": "dp_ftrl"},
-                          "is for dp.mechanism='dp_sgd'"),
+                          "are for dp.mechanism='dp_sgd'"),
+                         ({"dp.dpsgd_f": True, "dp.mechanism": "dp_mf"},
+                          "are for dp.mechanism='dp_sgd'"),
+                         ({"dp.dpsgd_f": True, "dp.class_clip_classes": (0,)},
+                          "not with adaptive, class_clip_scales"),
                          ({"dp.class_clip_classes": (0,), "dp.adaptive": True},
                           "not with per_layer or adaptive")]:
     with pytest.raises(ValueError, match=message):
       experiments.Setup(_cfg(tmp_path, **extra))
+  dpsgd_f = experiments.Setup(_cfg(tmp_path, **{"dp.dpsgd_f": True})).dp_config
+  assert dpsgd_f.group_adaptive.num_groups == 30 and dpsgd_f.noise_multiplier == 1.0
+  assert dpsgd_f.sum_noise_multiplier == pytest.approx((1.0 - 10.0 ** -2) ** -0.5)
 
 
 @pytest.mark.parametrize("devices", [1, 2])
@@ -503,7 +510,8 @@ def test_dp_character_language_model_on_the_real_plays(tmp_path):
   for field, value, message in [
       ("data.tokenizer", "char", "builds its vocabulary from the private training set"),
       ("model.name", "transformer", "model.name='transformer' is not a language model"),
-      ("dp.class_clip_classes", (0,), "Shakespeare trains a language model")]:
+      ("dp.class_clip_classes", (0,), "Shakespeare trains a language model"),
+      ("dp.dpsgd_f", True, "Shakespeare trains a language model")]:
     with pytest.raises(ValueError, match=message):
       experiments.Setup(override(dp_shakespeare.get_config("runlocal"), **{field: value}))
 

@@ -26,7 +26,7 @@ from trustjax import data as tjdata
 from trustjax import models, profiling, reporting, sharding, training
 from trustjax.reporting import config_changes
 from trustjax.attacks import backdoor, canaries
-from trustjax.privacy import accounting, quantile, sampling
+from trustjax.privacy import accounting, dpsgd_f, quantile, sampling
 from trustjax.privacy.clipping import check_rules, clipped_grad_sum, resolve_method
 from trustjax.privacy.dp_ftrl import DPFTRLConfig
 from trustjax.privacy.dp_mf import (MF_CONFIGS, AmplifiedMFConfig, DPMFConfig, amplified_bands,
@@ -311,9 +311,9 @@ class Setup:
       if cfg.data.minority_classes:
         raise ValueError("data.minority_classes downsamples classes of a classification "
                          "dataset; Shakespeare trains a language model")
-      if cfg.dp.class_clip_classes:
-        raise ValueError("dp.class_clip_classes scales the clip of classes of a classification "
-                         "dataset; Shakespeare trains a language model")
+      if cfg.dp.class_clip_classes or cfg.dp.dpsgd_f:
+        raise ValueError("dp.class_clip_classes and dp.dpsgd_f set the clip of classes of a "
+                         "classification dataset; Shakespeare trains a language model")
       self.train_arrays, self.eval_arrays, self.tokenizer = shakespeare_windows(cfg)
       if cfg.canaries.num:
         self.train_arrays = self._insert_canaries(cfg)
@@ -391,7 +391,11 @@ class Setup:
                                 method=cfg.dp.method, normalization=cfg.dp.normalization,
                                 auto_s_gamma=cfg.dp.auto_s_gamma,
                                 per_layer=cfg.dp.per_layer or None, adaptive=adaptive,
-                                class_clip_scales=self._class_clip_scales(cfg))
+                                class_clip_scales=self._class_clip_scales(cfg),
+                                group_adaptive=dpsgd_f.GroupAdaptiveClipping(
+                                    num_groups=self.num_classes,
+                                    count_noise_multiplier=cfg.dp.dpsgd_f_noise_multiplier)
+                                if cfg.dp.dpsgd_f else None)
       self.schedule = training.PoissonSchedule(self.train_arrays, self.dp_config, cfg.seed)
     else:
       bs = -(-t.batch_size // self.num_devices) * self.num_devices
@@ -403,9 +407,9 @@ class Setup:
     if cfg.dp.adaptive:
       raise ValueError("dp.adaptive (quantile clipping) is for dp.mechanism='dp_sgd': its "
                        "accounting is DP-SGD's (Poisson sampling, independent noise)")
-    if cfg.dp.class_clip_classes:
-      raise ValueError("dp.class_clip_classes (group-wise clipping) is for dp.mechanism="
-                       "'dp_sgd'")
+    if cfg.dp.class_clip_classes or cfg.dp.dpsgd_f:
+      raise ValueError("dp.class_clip_classes and dp.dpsgd_f (group-wise clipping) are for "
+                       "dp.mechanism='dp_sgd'")
 
   def _class_clip_scales(self, cfg) -> tuple[float, ...] | None:
     """dp.class_clip_classes' clip scale dp.class_clip_scale, the other classes' 1."""
@@ -560,7 +564,7 @@ class Setup:
       out["train_class_grad_norm"] = {n: float(np.median(norms[labels == c]))
                                       for c, n in enumerate(names) if np.any(labels == c)}
       if (self.dp_config is not None and cfg.dp.normalization == "clip" and not cfg.dp.adaptive
-          and not cfg.dp.per_layer):  # (one flat clip norm per class to compare with)
+          and not cfg.dp.per_layer and not cfg.dp.dpsgd_f):  # (one fixed clip per class)
         scales = getattr(self.dp_config, "class_clip_scales", None) or (1.0,) * len(names)
         out["train_class_clipped"] = {
             n: float(np.mean(norms[labels == c] > cfg.dp.l2_clip * scales[c]))
@@ -825,6 +829,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
         summary.update(class_clip_scales=dict(zip(setup.train_data.label_names,
                                                   dp.class_clip_scales)),
                        sensitivity=dp.sensitivity)
+      if dp.group_adaptive is not None:
+        summary.update(dpsgd_f_noise_multiplier=dp.group_adaptive.count_noise_multiplier,
+                       sum_noise_multiplier=dp.sum_noise_multiplier)
       if dp.adaptive is not None:  # the clip of the last step and the floor it may not pass
         summary.update(final_clip=final.get("clip"), min_clip=dp.adaptive.min_clip,
                        target_quantile=dp.adaptive.target_quantile)
@@ -1024,7 +1031,12 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
                          summary["class_clip_scales"].items() if v != 1.0)
                      + f" the clip norm, the others to it; the noise is at the largest, "
                      f"sensitivity {summary['sensitivity']:g}."
-                     if "class_clip_scales" in summary else "")
+                     if "class_clip_scales" in summary else "") + (
+                     " DPSGD-F: each class's clip bound from its noisy counts of examples above "
+                     "and within the clip norm (noise multiplier "
+                     f"{summary['dpsgd_f_noise_multiplier']:g}), the sum's noise at the largest "
+                     f"bound with multiplier {summary['sum_noise_multiplier']:.4g}; the ledger's "
+                     "multiplier covers both." if "dpsgd_f_noise_multiplier" in summary else "")
                  if cfg.dp.mechanism == "dp_sgd" else
                  "DP-MF with the banded square root factorization (Kalinin and Lampert 2024): "
                  "the data shuffled once and passed in that order every epoch, no "
@@ -1147,6 +1159,10 @@ def default_config() -> ml_collections.ConfigDict:
   # choices: they must not be read off the private data.
   c.dp.class_clip_classes = ()
   c.dp.class_clip_scale = 1.0
+  # DPSGD-F (Xu et al. 2021): each class's clip bound from noisy counts of its examples above and
+  # within l2_clip, every step; the counts' noise (sigma_1, > the noise multiplier) is accounted
+  c.dp.dpsgd_f = False
+  c.dp.dpsgd_f_noise_multiplier = 10.0
   c.dp.normalization = "clip"  # clip (min(1, C/|g|)) | auto_s (C / (|g| + gamma))
   c.dp.auto_s_gamma = 0.01
   # Secret Sharer canaries (Carlini et al. 2019) in a language model's training windows

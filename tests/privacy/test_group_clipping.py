@@ -1,4 +1,4 @@
-"""Group-wise clipping (per-class clip scales) and bounded adaptive clipping."""
+"""Group-wise clipping (fixed per-class clip scales, DPSGD-F) and bounded adaptive clipping."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import scipy.stats
 
 from tests.privacy.helpers import clipped_grad_sum, dp_sgd_step, tiny_problem
 from trustjax import privacy
-from trustjax.privacy import quantile
+from trustjax.privacy import dpsgd_f, quantile
 from trustjax.privacy.dp_mf import AmplifiedMFConfig
 from trustjax.privacy.dp_sgd import DPConfig
 
@@ -131,7 +131,7 @@ def test_bad_scales_and_floors_name_themselves():
                        "not with per_layer or adaptive")]:
     with pytest.raises(ValueError, match=message):
       _config(**kw)
-  with pytest.raises(ValueError, match="AmplifiedMFConfig takes class_clip_scales=None"):
+  with pytest.raises(ValueError, match="AmplifiedMFConfig takes neither"):
     AmplifiedMFConfig(l2_clip=1.0, noise_multiplier=1.0, sampling_rate=0.5, num_examples=40,
                       max_batch_size=32, bands=2, class_clip_scales=(1.0, 2.0))
   for floor in (-0.1, 0.2):
@@ -141,3 +141,94 @@ def test_bad_scales_and_floors_name_themselves():
   with pytest.raises(ValueError, match="for one flat clip"):
     clipped_grad_sum(loss_fn, params, dict(batch, clip_scale=jnp.ones(4)), l2_clip=1.0,
                      method="vmap", per_layer="equal")
+
+
+def _dpsgd_f_reference(norms, labels, mask, key, c0, sigma1, k):
+  """float64 loop of DPSGD-F's bounds from the same noise draws."""
+  noise = np.asarray(jax.random.normal(key, (2, k)), np.float64) * sigma1
+  over, within = np.zeros(k), np.zeros(k)
+  for n, y, real in zip(norms, labels, mask):
+    if real:
+      if n > c0:
+        over[y] += 1
+      else:
+        within[y] += 1
+  over = np.maximum(np.floor(over + noise[0]), 0)
+  within = np.maximum(np.floor(within + noise[1]), 0)
+  share = np.array([o / (o + w) if o + w > 0 else 1.0 for o, w in zip(over, within)])
+  return c0 * (1 + share / (share.mean() + 1e-8))
+
+
+@pytest.mark.parametrize("method", ["vmap", "bookkeeping", "ghost"])
+def test_dpsgd_f_clips_each_class_to_its_bound_from_noisy_counts(method):
+  """The optimizer receives the float64 loop's sum clipped to DPSGD-F's bounds (recomputed from
+  the same count noise), over the expected batch; the sum's own noise is negligible here."""
+  loss_fn, params, batch = tiny_problem(batch_size=12, seed=13, scale=3.0, model="bag")
+  batch = dict(batch, label=jnp.asarray([0, 1, 2] * 4))
+  adaptive = dpsgd_f.GroupAdaptiveClipping(num_groups=3, count_noise_multiplier=0.8)
+  cfg = DPConfig(l2_clip=0.5, noise_multiplier=1e-6, sampling_rate=0.25, num_examples=48,
+                 max_batch_size=12, method=method, group_adaptive=adaptive)
+  zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+  keep = optax.GradientTransformation(zeros, lambda g, s, p=None: (zeros(g), g))
+  key = jax.random.key(4)
+  _, seen, metrics = dp_sgd_step(params, keep.init(params), batch, key, loss_fn=loss_fn,
+                                 optimizer=keep, config=cfg)
+  norms = np.asarray(clipped_grad_sum(loss_fn, params, batch, l2_clip=1.0)[1]["norms"])
+  labels, real = np.asarray(batch["label"]), np.asarray(batch["mask"])
+  bounds = _dpsgd_f_reference(norms, labels, real, jax.random.split(key)[1], 0.5, 0.8, 3)
+  assert len(set(np.round(bounds, 6))) > 1  # the classes got different bounds
+  grads = jax.device_get(privacy.per_example_grads(loss_fn, params, batch))
+  leaves, treedef = jax.tree_util.tree_flatten(grads)
+  want = [np.zeros(x.shape[1:]) for x in leaves]
+  for i in range(12):
+    factor = min(1.0, bounds[labels[i]] / norms[i]) if real[i] else 0.0
+    for t, x in zip(want, leaves):
+      t += factor * np.asarray(x[i], np.float64)
+  got = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda g: g * 12.0, seen))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-5)
+  assert float(metrics["clipped"]) == np.sum(real & (norms > bounds[labels]))
+
+
+def test_dpsgd_f_noise_is_at_the_largest_bound_and_the_ledger_pays_for_the_counts():
+  """Zero gradients: every real row counts as within the clip, the bounds follow from the count
+  noise alone, and the update is noise of std sigma_2 max_k C_k / qN, with sigma_eff (the
+  ledger's) = (sigma_1^-2 + sigma_2^-2)^(-1/2)."""
+  params = {"w": jnp.zeros((20000,))}
+  loss_fn = lambda p, b: 0.0 * jnp.sum(p["w"]) + 0.0 * b["x"]
+  batch = {"x": jnp.ones((6,)), "label": jnp.asarray([0, 0, 1, 1, 2, 2]),
+           "mask": jnp.ones((6,), bool)}
+  adaptive = dpsgd_f.GroupAdaptiveClipping(num_groups=3, count_noise_multiplier=2.0)
+  cfg = DPConfig(l2_clip=2.0, noise_multiplier=1.5, sampling_rate=0.1, num_examples=100,
+                 max_batch_size=6, method="vmap", group_adaptive=adaptive)
+  sigma2 = cfg.sum_noise_multiplier
+  assert (2.0 ** -2 + sigma2 ** -2) ** -0.5 == pytest.approx(1.5) and sigma2 > 1.5
+  opt = optax.sgd(1.0)
+  key = jax.random.key(9)
+  new, _, _ = dp_sgd_step(params, opt.init(params), batch, key, loss_fn=loss_fn, optimizer=opt,
+                          config=cfg)
+  bounds = _dpsgd_f_reference(np.zeros(6), [0, 0, 1, 1, 2, 2], [True] * 6,
+                              jax.random.split(key)[1], 2.0, 2.0, 3)
+  std = sigma2 * bounds.max() / 10.0
+  x = -np.asarray(new["w"])
+  assert scipy.stats.kstest(x, "norm", args=(0, std)).pvalue > 1e-3
+  assert scipy.stats.kstest(x, "norm", args=(0, sigma2 * 2.0 / 10.0)).pvalue < 1e-6  # not at C0
+  ledger = privacy.accounting.PrivacyLedger()
+  cfg.record(ledger, steps=3)
+  assert ledger.entries[0].noise_multiplier == 1.5
+  assert bounds.max() <= 2.0 * (1 + 3)  # C_k <= C0 (1 + K): the sum's sensitivity stays bounded
+
+
+def test_dpsgd_f_refuses_what_it_cannot_clip():
+  adaptive = dpsgd_f.GroupAdaptiveClipping(num_groups=3)
+  for kw, message in [({"microbatch_size": 4}, "not with adaptive, class_clip_scales"),
+                      ({"per_layer": "equal"}, "not with adaptive, class_clip_scales"),
+                      ({"normalization": "auto_s"}, "not with adaptive, class_clip_scales"),
+                      ({"noise_multiplier": 10.0}, "count_noise_multiplier=10.0 is too small")]:
+    with pytest.raises(ValueError, match=message):
+      _config(**{"class_clip_scales": None, "group_adaptive": adaptive, "noise_multiplier": 1.0,
+                 **kw})
+  for kw, message in [({"num_groups": 0}, "num_groups must be >= 1"),
+                      ({"num_groups": 2, "count_noise_multiplier": 0.0}, "must be positive")]:
+    with pytest.raises(ValueError, match=message):
+      dpsgd_f.GroupAdaptiveClipping(**kw)

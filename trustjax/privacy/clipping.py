@@ -173,7 +173,7 @@ def _chunk(loss_fn: LossFn, params: Params, batch: Batch, l2_clip: float, method
 def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: float,
                      method: str = "auto", microbatch_size: int | None = None,
                      normalization: str = "clip", gamma: float = 0.01,
-                     per_layer: str | None = None):
+                     per_layer: str | None = None, row_clips_fn=None):
   """Sum over real rows of per-example gradients, each clipped to L2 norm `l2_clip`.
 
   Args:
@@ -199,6 +199,10 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
   sum's sensitivity becomes C * max_i s_i (`dp_sgd.DPConfig.class_clip_scales` sets s from the
   label). Not with per_layer.
 
+  `row_clips_fn(norms, mask) -> [B]`, if given, sets each row's clip from the whole batch's
+  norms (DPSGD-F's group bounds, `dpsgd_f.group_clips`) in place of `l2_clip`; it must see the
+  whole batch, so not with microbatching, per_layer or clip scales.
+
   Returns:
     (clipped_sum, aux): clipped_sum has the structure of `params` in float32; aux has "norms"
     [B] (unclipped per-example gradient norms) and "losses" [B], both 0 on padded rows.
@@ -215,6 +219,12 @@ def clipped_grad_sum(loss_fn: LossFn, params: Params, batch: Batch, *, l2_clip: 
   factors_fn = functools.partial(_factors, l2_clip=clip, normalization=normalization,
                                  gamma=gamma)
   b = batch_size_of(batch)
+  if row_clips_fn is not None:
+    if per_layer or CLIP_SCALE in batch or (microbatch_size is not None and microbatch_size < b):
+      raise ValueError("row_clips_fn needs the whole batch's norms and one flat clip: not with "
+                       "microbatching, per_layer or batch['clip_scale']")
+    factors_fn = lambda norms, mask: clip_factors(norms, row_clips_fn(norms, mask), mask,
+                                                  normalization=normalization, gamma=gamma)
   batch = dict(batch)
   batch["mask"] = batch.get("mask", jnp.ones((b,), bool))
   if microbatch_size is None or microbatch_size >= b:

@@ -151,9 +151,9 @@ class AmplifiedMFConfig(DPConfig):
     if self.adaptive is not None:
       raise ValueError("adaptive clipping is for DP-SGD (its count's accounting is DP-SGD's); "
                        "AmplifiedMFConfig takes adaptive=None")
-    if self.class_clip_scales is not None:
-      raise ValueError("class_clip_scales is for DP-SGD (its noise is at C * max scale); "
-                       "AmplifiedMFConfig takes class_clip_scales=None")
+    if self.class_clip_scales is not None or self.group_adaptive is not None:
+      raise ValueError("class_clip_scales and group_adaptive are for DP-SGD (its noise is at the "
+                       "largest clip); AmplifiedMFConfig takes neither")
     super().__post_init__()
     bsr_coefficients(self.bands, self.momentum)
 

@@ -9,6 +9,7 @@ Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from trustjax.privacy import accounting, quantile, sampling
+from trustjax.privacy import accounting, dpsgd_f, quantile, sampling
 from trustjax.privacy.clipping import (METHODS, NOISE_SCOPE, OPTIMIZER_SCOPE,
                                        check_normalization, check_per_layer, clipped_grad_sum)
 from trustjax.privacy.noise import privatize
@@ -75,6 +76,11 @@ class DPConfig:
       A fixed-bound form of DPSGD-F (Xu, Du and Wu, "Removing Disparate Impact on Model Accuracy
       in Differentially Private Stochastic Gradient Descent", KDD 2021), whose group bounds
       adapt through private counts of clipped examples; not with per_layer or adaptive.
+    group_adaptive: optional `dpsgd_f.GroupAdaptiveClipping`: DPSGD-F itself (Xu et al. 2021),
+      each class's bound set every step from noisy counts of its clipped and unclipped
+      examples; `noise_multiplier` is then the effective multiplier of the counts and the sum
+      together (the ledger's), and the sum's own is `sum_noise_multiplier`. With the "clip"
+      normalization and a whole batch at once (no microbatching, per_layer, adaptive or scales).
   """
 
   l2_clip: float
@@ -89,9 +95,16 @@ class DPConfig:
   per_layer: str | None = None
   adaptive: quantile.QuantileClipping | None = None
   class_clip_scales: tuple[float, ...] | None = None
+  group_adaptive: dpsgd_f.GroupAdaptiveClipping | None = None
 
   def __post_init__(self):
     check_mechanism_fields(self)
+    if self.group_adaptive is not None and (
+        self.adaptive is not None or self.class_clip_scales is not None or self.per_layer
+        or self.microbatch_size is not None or self.normalization != "clip"):
+      raise ValueError("group_adaptive (DPSGD-F) clips the whole batch at once with the 'clip' "
+                       "normalization: not with adaptive, class_clip_scales, per_layer or "
+                       "microbatch_size")
     if self.class_clip_scales is not None:
       scales = tuple(float(x) for x in self.class_clip_scales)
       if not scales or not all(x > 0 and math.isfinite(x) for x in scales):
@@ -105,12 +118,16 @@ class DPConfig:
       raise ValueError(f"sampling_rate must lie in (0, 1], got sampling_rate={self.sampling_rate}")
     if self.max_batch_size <= 0:
       raise ValueError(f"max_batch_size must be positive, got max_batch_size={self.max_batch_size}")
-    if self.adaptive is not None:
+    if self.adaptive is not None or self.group_adaptive is not None:
       self.sum_noise_multiplier  # pylint: disable=pointless-statement  (validates the split)
 
   @property
   def sum_noise_multiplier(self) -> float:
-    """The noise multiplier applied to the clipped sum (raised when the clip is adaptive)."""
+    """The noise multiplier applied to the clipped sum (raised when the clip is adaptive or
+    DPSGD-F's counts are released too)."""
+    if self.group_adaptive is not None:
+      return dpsgd_f.sum_noise_multiplier(self.noise_multiplier,
+                                          self.group_adaptive.count_noise_multiplier)
     if self.adaptive is None:
       return self.noise_multiplier
     return quantile.sum_noise_multiplier(self.noise_multiplier,
@@ -198,11 +215,31 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
   """
   if config.adaptive is not None:
     raise ValueError("config.adaptive is set: use dp_sgd_step_adaptive, which carries the clip")
+  if config.group_adaptive is not None:
+    return _dpsgd_f_step(params, opt_state, batch, key, loss_fn=loss_fn, optimizer=optimizer,
+                         config=config)
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
   params, opt_state = _noisy_update(grad_sum, key, params, opt_state, l2_clip=config.sensitivity,
                                     noise_multiplier=config.noise_multiplier,
                                     optimizer=optimizer, config=config)
   return params, opt_state, _metrics(aux, batch["mask"], _row_clips(config, batch))
+
+
+def _dpsgd_f_step(params, opt_state, batch, key, *, loss_fn, optimizer, config: DPConfig):
+  """DPSGD-F (dpsgd_f): the bounds from this batch's noisy counts, the sum clipped to them, noise
+  at the largest bound. The same count key gives the same bounds inside the clipped sum and
+  here, where they set the noise."""
+  k_sum, k_count = jax.random.split(key)
+  bounds = functools.partial(dpsgd_f.group_clips, groups=batch["label"], key=k_count,
+                             l2_clip=config.l2_clip, config=config.group_adaptive)
+  grad_sum, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip,
+                                   method=config.method,
+                                   row_clips_fn=lambda norms, mask: bounds(norms, mask=mask)[0])
+  row, group = bounds(aux["norms"], mask=batch["mask"])
+  params, opt_state = _noisy_update(grad_sum, k_sum, params, opt_state, l2_clip=jnp.max(group),
+                                    noise_multiplier=config.sum_noise_multiplier,
+                                    optimizer=optimizer, config=config)
+  return params, opt_state, _metrics(aux, batch["mask"], row)
 
 
 def dp_sgd_step_adaptive(params: Params, opt_state: optax.OptState, clip: jax.Array, batch: Batch,
