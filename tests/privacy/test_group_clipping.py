@@ -228,6 +228,12 @@ def test_dpsgd_f_refuses_what_it_cannot_clip():
     with pytest.raises(ValueError, match=message):
       _config(**{"class_clip_scales": None, "group_adaptive": adaptive, "noise_multiplier": 1.0,
                  **kw})
+  loss_fn, params, batch = tiny_problem(batch_size=4, seed=2, model="bag")
+  with pytest.raises(ValueError, match="virtual batches clip to the fixed clip norm"):
+    privacy.virtual_batch_accumulate(privacy.virtual_batch_init(params), params, batch,
+                                     loss_fn=loss_fn, config=_config(
+                                         class_clip_scales=None, group_adaptive=adaptive,
+                                         noise_multiplier=1.0))
   for kw, message in [({"num_groups": 0}, "num_groups must be >= 1"),
                       ({"num_groups": 2, "count_noise_multiplier": 0.0}, "must be positive")]:
     with pytest.raises(ValueError, match=message):

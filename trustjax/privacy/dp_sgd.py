@@ -288,6 +288,9 @@ def virtual_batch_init(params: Params) -> VirtualBatch:
 def virtual_batch_accumulate(acc: VirtualBatch, params: Params, batch: Batch, *,
                              loss_fn: LossFn, config: DPConfig) -> VirtualBatch:
   """Adds one physical batch's clipped sum; no noise yet."""
+  if config.group_adaptive is not None or config.adaptive is not None:
+    raise ValueError("virtual batches clip to the fixed clip norm: not with adaptive or "
+                     "group_adaptive (their clips come from the whole logical batch)")
   grad_sum, aux = _clipped_sum(loss_fn, params, batch, config)
   metrics = _metrics(aux, batch["mask"], _row_clips(config, batch))
   return VirtualBatch(jax.tree_util.tree_map(jnp.add, acc.grad_sum, grad_sum),
