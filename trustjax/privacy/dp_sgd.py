@@ -9,7 +9,6 @@ Reference: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -227,15 +226,21 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
 
 def _dpsgd_f_step(params, opt_state, batch, key, *, loss_fn, optimizer, config: DPConfig):
   """DPSGD-F (dpsgd_f): the bounds from this batch's noisy counts, the sum clipped to them, noise
-  at the largest bound. The same count key gives the same bounds inside the clipped sum and
-  here, where they set the noise."""
+  at the largest bound. The group bounds that the clipping used are the ones kept for the noise
+  (not recomputed, so no rounding can make the two differ)."""
   k_sum, k_count = jax.random.split(key)
-  bounds = functools.partial(dpsgd_f.group_clips, groups=batch["label"], key=k_count,
-                             l2_clip=config.l2_clip, config=config.group_adaptive)
+  used = []
+
+  def row_clips(norms, mask):  # called once, in this trace, by the clipped sum
+    row, group = dpsgd_f.group_clips(norms, batch["label"], mask, k_count, l2_clip=config.l2_clip,
+                                     config=config.group_adaptive)
+    used.append(group)
+    return row
+
   grad_sum, aux = clipped_grad_sum(loss_fn, params, batch, l2_clip=config.l2_clip,
-                                   method=config.method,
-                                   row_clips_fn=lambda norms, mask: bounds(norms, mask=mask)[0])
-  row, group = bounds(aux["norms"], mask=batch["mask"])
+                                   method=config.method, row_clips_fn=row_clips)
+  (group,) = used
+  row = group[batch["label"]]
   params, opt_state = _noisy_update(grad_sum, k_sum, params, opt_state, l2_clip=jnp.max(group),
                                     noise_multiplier=config.sum_noise_multiplier,
                                     optimizer=optimizer, config=config)
