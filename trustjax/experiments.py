@@ -829,9 +829,9 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
         summary.update(class_clip_scales=dict(zip(setup.train_data.label_names,
                                                   dp.class_clip_scales)),
                        sensitivity=dp.sensitivity)
-      if dp.group_adaptive is not None:
+      if dp.group_adaptive is not None:  # final_clip: the last step's largest bound
         summary.update(dpsgd_f_noise_multiplier=dp.group_adaptive.count_noise_multiplier,
-                       sum_noise_multiplier=dp.sum_noise_multiplier)
+                       sum_noise_multiplier=dp.sum_noise_multiplier, final_clip=final.get("clip"))
       if dp.adaptive is not None:  # the clip of the last step and the floor it may not pass
         summary.update(final_clip=final.get("clip"), min_clip=dp.adaptive.min_clip,
                        target_quantile=dp.adaptive.target_quantile)

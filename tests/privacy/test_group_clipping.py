@@ -205,10 +205,11 @@ def test_dpsgd_f_noise_is_at_the_largest_bound_and_the_ledger_pays_for_the_count
   assert (2.0 ** -2 + sigma2 ** -2) ** -0.5 == pytest.approx(1.5) and sigma2 > 1.5
   opt = optax.sgd(1.0)
   key = jax.random.key(9)
-  new, _, _ = dp_sgd_step(params, opt.init(params), batch, key, loss_fn=loss_fn, optimizer=opt,
-                          config=cfg)
+  new, _, metrics = dp_sgd_step(params, opt.init(params), batch, key, loss_fn=loss_fn,
+                                optimizer=opt, config=cfg)
   bounds = _dpsgd_f_reference(np.zeros(6), [0, 0, 1, 1, 2, 2], [True] * 6,
                               jax.random.split(key)[1], 2.0, 2.0, 3)
+  assert float(metrics["clip"]) == pytest.approx(bounds.max(), rel=1e-6)  # logged per step
   std = sigma2 * bounds.max() / 10.0
   x = -np.asarray(new["w"])
   assert scipy.stats.kstest(x, "norm", args=(0, std)).pvalue > 1e-3

@@ -210,7 +210,8 @@ def dp_sgd_step(params: Params, opt_state: optax.OptState, batch: Batch, key: PR
     config: the mechanism.
 
   Returns:
-    (params, opt_state, metrics) with metrics as sums: loss_sum, count, clipped, norm_sum.
+    (params, opt_state, metrics) with metrics as sums: loss_sum, count, clipped, norm_sum; with
+    DPSGD-F also "clip", the step's largest bound (a function of the released counts).
   """
   if config.adaptive is not None:
     raise ValueError("config.adaptive is set: use dp_sgd_step_adaptive, which carries the clip")
@@ -244,7 +245,9 @@ def _dpsgd_f_step(params, opt_state, batch, key, *, loss_fn, optimizer, config: 
   params, opt_state = _noisy_update(grad_sum, k_sum, params, opt_state, l2_clip=jnp.max(group),
                                     noise_multiplier=config.sum_noise_multiplier,
                                     optimizer=optimizer, config=config)
-  return params, opt_state, _metrics(aux, batch["mask"], row)
+  metrics = _metrics(aux, batch["mask"], row)
+  metrics["clip"] = jnp.max(group)  # the largest bound, which the noise is at (a release)
+  return params, opt_state, metrics
 
 
 def dp_sgd_step_adaptive(params: Params, opt_state: optax.OptState, clip: jax.Array, batch: Batch,
