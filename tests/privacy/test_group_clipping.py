@@ -1,5 +1,6 @@
 """Group-wise clipping (fixed per-class clip scales, DPSGD-F) and bounded adaptive clipping."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,9 @@ import optax
 import pytest
 import scipy.stats
 
-from tests.privacy.helpers import clipped_grad_sum, dp_sgd_step, tiny_problem
-from trustjax import privacy
+from tests.privacy.helpers import (clipped_grad_sum, dp_sgd_step, params_on_1_and_8_devices,
+                                   tiny_problem)
+from trustjax import privacy, training
 from trustjax.privacy import dpsgd_f, quantile
 from trustjax.privacy.dp_mf import AmplifiedMFConfig
 from trustjax.privacy.dp_sgd import DPConfig
@@ -239,3 +241,22 @@ def test_dpsgd_f_refuses_what_it_cannot_clip():
                       ({"num_groups": 2, "count_noise_multiplier": 0.0}, "must be positive")]:
     with pytest.raises(ValueError, match=message):
       dpsgd_f.GroupAdaptiveClipping(**kw)
+
+
+@pytest.mark.parametrize("variant", ["scales", "dpsgd_f"])
+def test_group_clipping_sharded_over_8_devices_equals_one_device(variant):
+  """Class scales and DPSGD-F's counts see the whole (global) batch when the batch is split over
+  an 8-device mesh: three steps give the one-device parameters."""
+  loss_fn, params, _ = tiny_problem(model="bag")
+  rng = np.random.default_rng(2)
+  arrays = {"tokens": rng.integers(1, 40, (64, 6)).astype(np.int32),
+            "label": rng.integers(0, 3, 64).astype(np.int32)}
+  extra = ({"class_clip_scales": (1.0, 2.0, 0.5)} if variant == "scales" else
+           {"class_clip_scales": None,
+            "group_adaptive": dpsgd_f.GroupAdaptiveClipping(num_groups=3,
+                                                            count_noise_multiplier=2.0)})
+  cfg = _config(l2_clip=0.05, noise_multiplier=1.0, sampling_rate=0.2, num_examples=64,
+                max_batch_size=24, **extra)
+  results = params_on_1_and_8_devices(loss_fn, params, cfg, optax.adam(1e-2),
+                                      training.PoissonSchedule(arrays, cfg, seed=0), steps=3)
+  chex.assert_trees_all_close(results[0], results[1], atol=2e-5, rtol=1e-4)
