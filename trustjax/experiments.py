@@ -547,15 +547,12 @@ class Setup:
     directly: diagnostics for whoever holds the data, outside the run's guarantee."""
     cfg, names = self.cfg, list(self.train_data.label_names)
     labels = np.asarray(self.train_arrays["label"])
-    sums = training.evaluate_sums(
+    accuracy, examples = training.evaluate_classes(
         jax.jit(models.class_metrics(self.model, self.num_classes)), params, self.eval_arrays,
-        cfg.train.eval_batch_size, self.mesh)
-    acc = sums["class_correct"] / np.maximum(sums["class_count"], 1)
+        cfg.train.eval_batch_size, names, self.mesh)
     out = {"class_names": names, "train_class_examples": dict(zip(names, map(int, np.bincount(
                labels, minlength=self.num_classes)))),
-           "eval_class_examples": dict(zip(names, map(int, sums["class_count"]))),
-           "eval_class_accuracy": {n: float(a) for n, a, k in zip(names, acc, sums["class_count"])
-                                   if k > 0}}
+           "eval_class_examples": examples, "eval_class_accuracy": accuracy}
     if cfg.data.minority_classes:
       out.update(minority_classes=[names[c] for c in self.train_data.class_ids(
           cfg.data.minority_classes)], minority_fraction=cfg.data.minority_fraction)
@@ -955,6 +952,21 @@ def _frozen_description(cfg) -> str:
   return "; ".join(parts)
 
 
+def _class_clipping_note(summary: dict) -> str:
+  """The privacy paragraph's sentence on group-wise clipping or DPSGD-F, "" for neither."""
+  if "class_clip_scales" in summary:
+    scaled = ", ".join(f"{k} clipped to {v:g} x" for k, v in summary["class_clip_scales"].items()
+                       if v != 1.0)
+    return (f" Group-wise clipping: {scaled} the clip norm, the others to it; the noise is at "
+            f"the largest, sensitivity {summary['sensitivity']:g}.")
+  if "dpsgd_f_noise_multiplier" in summary:
+    return (" DPSGD-F: each class's clip bound from its noisy counts of examples above and "
+            f"within the clip norm (noise multiplier {summary['dpsgd_f_noise_multiplier']:g}), "
+            f"the sum's noise at the largest bound with multiplier "
+            f"{summary['sum_noise_multiplier']:.4g}; the ledger's multiplier covers both.")
+  return ""
+
+
 def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
   lines = [f"# Run {cfg.train.run_name}", "",
            f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`", "",
@@ -1025,18 +1037,8 @@ def _write_report(workdir: str, cfg, summary: dict, history: list) -> None:
     mechanism = ("Poisson sampling at rate q with padded batches; Gaussian noise on the clipped "
                  "sum; epsilon from dp_accounting's "
                  f"{summary['accountant'].upper()} accountant over every step in the ledger "
-                 "(resumes included). delta_total adds the batch-truncation bound." + (
-                     " Group-wise clipping: " + ", ".join(
-                         f"{k} clipped to {v:g} x" for k, v in
-                         summary["class_clip_scales"].items() if v != 1.0)
-                     + f" the clip norm, the others to it; the noise is at the largest, "
-                     f"sensitivity {summary['sensitivity']:g}."
-                     if "class_clip_scales" in summary else "") + (
-                     " DPSGD-F: each class's clip bound from its noisy counts of examples above "
-                     "and within the clip norm (noise multiplier "
-                     f"{summary['dpsgd_f_noise_multiplier']:g}), the sum's noise at the largest "
-                     f"bound with multiplier {summary['sum_noise_multiplier']:.4g}; the ledger's "
-                     "multiplier covers both." if "dpsgd_f_noise_multiplier" in summary else "")
+                 "(resumes included). delta_total adds the batch-truncation bound."
+                 + _class_clipping_note(summary)
                  if cfg.dp.mechanism == "dp_sgd" else
                  "DP-MF with the banded square root factorization (Kalinin and Lampert 2024): "
                  "the data shuffled once and passed in that order every epoch, no "

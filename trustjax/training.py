@@ -252,6 +252,18 @@ def evaluate_sums(eval_step: Callable, params: Params, arrays: Mapping[str, np.n
   return totals
 
 
+def evaluate_classes(class_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
+                     batch_size: int, names: Sequence[str], mesh=None) -> tuple[dict, dict]:
+  """Each class's accuracy (its recall) and examples in `arrays`, from `class_step` (a jitted
+  `models.class_metrics`) summed by `evaluate_sums`: ({name: accuracy} for the classes with
+  examples, {name: examples})."""
+  sums = evaluate_sums(class_step, params, arrays, batch_size, mesh)
+  counts = sums["class_count"]
+  acc = sums["class_correct"] / np.maximum(counts, 1)
+  return ({n: float(a) for n, a, k in zip(names, acc, counts) if k > 0},
+          dict(zip(names, map(int, counts))))
+
+
 def evaluate(eval_step: Callable, params: Params, arrays: Mapping[str, np.ndarray],
              batch_size: int, mesh=None) -> dict:
   """Sums metrics over padded batches, then divides by the count: {"loss", "accuracy", "count"}.

@@ -435,11 +435,9 @@ def _backdoor(cfg, s, task: FederatedTask):
 def class_accuracy(task: FederatedTask, model, params, mesh=None) -> dict:
   """Each class's accuracy (its recall) on the pooled held-out examples `task.test`, by name;
   classes without held-out examples are left out."""
-  sums = training.evaluate_sums(jax.jit(models.class_metrics(model, task.num_classes)), params,
-                                task.test, EVAL_BATCH, mesh)
   names = task.class_names or [str(c) for c in range(task.num_classes)]
-  return {n: float(c / k) for n, c, k in zip(names, sums["class_correct"], sums["class_count"])
-          if k > 0}
+  return training.evaluate_classes(jax.jit(models.class_metrics(model, task.num_classes)), params,
+                                   task.test, EVAL_BATCH, names, mesh)[0]
 
 
 def _centralized(cfg, s, task, params, loss_fn, eval_step, workdir, show_progress):
