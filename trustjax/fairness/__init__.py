@@ -1,9 +1,12 @@
 """Fairness: intrinsic association tests on embeddings (WEAT, SEAT, CEAT), extrinsic group
-metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups), prediction
+metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups), threshold
+post-processing (Hardt et al. 2016) and the exponentiated-gradient reduction (Agarwal et al.
+2018) for group parity, prediction
 sensitivity, counterfactual augmentation and counterfactual distillation, and the gender
 polarity and sentiment of generated text (BOLD's measures)."""
 
-from trustjax.fairness import association, counterfactual, generation, group, sensitivity
+from trustjax.fairness import (association, counterfactual, generation, group, postprocessing,
+                               reductions, sensitivity)
 from trustjax.fairness.association import (WEAT_TESTS, CEATResult, association as association_scores, ceat,
                                            seat, weat_effect_and_variance, weat_effect_size,
                                            weat_p_value)
@@ -20,3 +23,7 @@ from trustjax.fairness.sensitivity import (accumulated_prediction_sensitivity,
 from trustjax.fairness.generation import (gender_counts, gender_polarity,
                                          group_generation_measures, sentiment_labels,
                                          vader_compound)
+from trustjax.fairness.postprocessing import (ThresholdRule, expected_rates, fit_thresholds,
+                                             threshold_predict, threshold_probabilities)
+from trustjax.fairness.reductions import (Learner, ReductionResult, exponentiated_gradient,
+                                         reduction_probabilities)

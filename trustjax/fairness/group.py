@@ -29,16 +29,27 @@ def _binary(name, v) -> np.ndarray:
   return v.astype(np.float32)
 
 
-def group_rates(y_true, y_pred, *, sensitive_features, sample_weight=None) -> dict:
+def group_rates(y_true, y_pred, *, sensitive_features, sample_weight=None,
+                probabilities: bool = False) -> dict:
   """Per group and overall: count, selection rate P[y_pred = 1], true-positive rate
   P[y_pred = 1 | y = 1], false-positive rate P[y_pred = 1 | y = 0] and accuracy.
+
+  With `probabilities=True`, `y_pred` holds each example's P(y_pred = 1) in [0, 1] (a
+  randomised predictor, e.g. `postprocessing.threshold_probabilities`) and the rates are their
+  expectations (every rate is linear in the predictions).
 
   Returns:
     {"groups": [g] names, "count", "selection_rate", "tpr", "fpr", "accuracy": float [g]
      arrays, and "overall": the same five for everyone}. A rate whose denominator is empty in
     a group is NaN there.
   """
-  y, p = _binary("y_true", y_true), _binary("y_pred", y_pred)
+  y = _binary("y_true", y_true)
+  if probabilities:
+    p = np.asarray(y_pred, np.float32).reshape(-1)
+    if not ((p >= 0) & (p <= 1)).all():
+      raise ValueError("y_pred must hold probabilities in [0, 1] when probabilities=True")
+  else:
+    p = _binary("y_pred", y_pred)
   names, ids = _groups(sensitive_features)
   if not (len(y) == len(p) == len(ids)):
     raise ValueError(f"y_true, y_pred and sensitive_features differ in length: "
@@ -60,7 +71,7 @@ def _rates(y, p, w, ids, num_groups):
   count, pos, neg = seg(w), seg(w * y), seg(w * (1 - y))
   return {"count": count, "selection_rate": ratio(seg(w * p), count),
           "tpr": ratio(seg(w * p * y), pos), "fpr": ratio(seg(w * p * (1 - y)), neg),
-          "accuracy": ratio(seg(w * (p == y)), count)}
+          "accuracy": ratio(seg(w * (p * y + (1 - p) * (1 - y))), count)}
 
 
 def _check_method(method: str) -> None:

@@ -1,0 +1,254 @@
+"""Post-processing for group fairness: per-group randomised thresholds on a fixed score.
+
+Hardt, Price and Srebro, "Equality of Opportunity in Supervised Learning", NeurIPS 2016: given
+a trained model's scores and each example's group, choose for every group a (possibly
+randomised) threshold rule so that a group-rate constraint holds exactly on the fitting data
+while accuracy is as high as such rules allow. For each group, every threshold between two of
+its distinct scores gives a point (constraint metric x, objective y) (for equalized odds
+(FPR, TPR), the ROC curve); randomising between two thresholds reaches any point on the segment
+between them, so the attainable set is the upper convex hull of those points.
+
+- Single-rate constraints (`demographic_parity`: equal selection rates; `true_positive_rate_parity`
+  and the other rate parities): on a grid of common values x, the objective summed over groups
+  (weighted by group size) is maximised; each group then mixes the two hull vertices around x.
+- `equalized_odds` (equal TPR and FPR): at each grid FPR x every group can reach the lowest of
+  the groups' hull TPRs, by mixing its hull point with the constant prediction "1 with
+  probability x" (the ROC diagonal, also at FPR x); the x with the best objective is chosen.
+
+The fitted `ThresholdRule` is data (arrays per group); `threshold_probabilities` gives each
+example's P(y_hat = 1) and `threshold_predict` draws the randomised predictions. The rule and its
+probabilities equal fairlearn's `ThresholdOptimizer` (same threshold operations, grid and tie
+conventions; tested), for scores where larger means more positive (fairlearn's `flip=False`, its
+default) and without its `tol` relaxation. The fitting runs on the host in float64 (a sort per
+group and one pass along the hull); prediction compares with the thresholds in float64 too, so
+that a midpoint between two float32 scores is not rounded onto one of them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from trustjax.fairness import group as group_metrics
+
+# Each single-rate constraint equalises one rate across groups.
+_RATE_OF_CONSTRAINT = {
+    "demographic_parity": "selection_rate",
+    "true_positive_rate_parity": "true_positive_rate",
+    "false_positive_rate_parity": "false_positive_rate",
+    "true_negative_rate_parity": "true_negative_rate",
+    "false_negative_rate_parity": "false_negative_rate",
+}
+CONSTRAINTS = tuple(_RATE_OF_CONSTRAINT) + ("equalized_odds",)
+OBJECTIVES = ("accuracy", "balanced_accuracy")
+
+
+class ThresholdRule(NamedTuple):
+  """Per-group randomised threshold rule (`fit_thresholds`). Row g is group `groups[g]`; an
+  example of that group with score s is predicted 1 with probability
+  (1 - p_ignore[g]) * (weights[g, 0] [s > thresholds[g, 0]] + weights[g, 1] [s > thresholds[g, 1]])
+  + p_ignore[g] * constant.
+  """
+  groups: np.ndarray  # str [G], the sensitive-feature values (as strings), sorted
+  thresholds: np.ndarray  # float64 [G, 2]; +inf predicts no one, -inf everyone
+  weights: np.ndarray  # float64 [G, 2], each row sums to 1
+  p_ignore: np.ndarray  # float64 [G], the share given to the constant prediction
+  constant: float  # P(y_hat = 1) of the constant prediction (equalized odds: the common FPR)
+  constraint: str
+  objective: str
+  value: float  # the equalised rate (equalized odds: the common FPR)
+  objective_value: float  # the objective on the fitting data, in expectation
+
+
+def _confusion(y: np.ndarray, s: np.ndarray):
+  """True and false positives of "predict 1 iff score > t" for t = +inf, the midpoints between
+  consecutive distinct scores (descending), and -inf: ([m + 1] each, and the thresholds)."""
+  order = np.argsort(-s, kind="stable")
+  s, y = s[order], y[order]
+  desc, first = np.unique(-s, return_index=True)  # distinct scores, descending; first rows
+  desc = -desc
+  ends = np.concatenate([[0], first[1:], [len(s)]])  # rows above each threshold
+  tp = np.concatenate([[0], np.cumsum(y)])[ends]
+  fp = ends - tp
+  thresholds = np.concatenate([[np.inf], (desc[:-1] + desc[1:]) / 2, [-np.inf]])
+  return tp.astype(np.float64), fp.astype(np.float64), thresholds
+
+
+def _metric(name: str, tp, fp, pos: float, neg: float) -> np.ndarray:
+  n = pos + neg
+  if name == "selection_rate":
+    return (tp + fp) / n
+  if name == "true_positive_rate":
+    return tp / pos
+  if name == "false_positive_rate":
+    return fp / neg
+  if name == "true_negative_rate":
+    return (neg - fp) / neg
+  if name == "false_negative_rate":
+    return (pos - tp) / pos
+  if name == "accuracy":
+    return (tp + (neg - fp)) / n
+  # balanced_accuracy
+  return 0.5 * tp / pos + 0.5 * (neg - fp) / neg
+
+
+def _upper_hull(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Indices of the upper convex hull of the points (x, y), by increasing x (Andrew's monotone
+  chain; of points with equal x only the highest is a candidate; collinear points dropped)."""
+  order = np.lexsort((-y, x))
+  keep = np.concatenate([[True], np.diff(x[order]) != 0])  # the highest y of each x
+  hull: list[int] = []
+  for i in order[keep]:
+    while len(hull) >= 2:
+      a, b = hull[-2], hull[-1]
+      if (y[b] - y[a]) * (x[i] - x[a]) <= (y[i] - y[a]) * (x[b] - x[a]):
+        hull.pop()
+      else:
+        break
+    hull.append(int(i))
+  return np.asarray(hull)
+
+
+class _Curve(NamedTuple):
+  y: np.ndarray  # [grid] the hull's value at each grid x
+  lo: np.ndarray  # [grid] the thresholds of the two hull vertices around x
+  hi: np.ndarray
+  w_lo: np.ndarray  # [grid] the weight of the lower vertex (1 - that of the upper)
+
+
+def _hull_on_grid(x, y, thresholds, grid) -> _Curve:
+  """The upper hull of (x, y) evaluated at each grid value g, with x[i] < g <= x[i + 1] picking
+  the segment (g at the first vertex's x: weight 1 on it)."""
+  h = _upper_hull(x, y)
+  hx, hy, ht = x[h], y[h], thresholds[h]
+  i = np.clip(np.searchsorted(hx, grid, side="left") - 1, 0, len(hx) - 2)
+  w_lo = (hx[i + 1] - grid) / (hx[i + 1] - hx[i])
+  return _Curve(w_lo * hy[i] + (1 - w_lo) * hy[i + 1], ht[i], ht[i + 1], w_lo)
+
+
+def _check_inputs(y_true, scores, sensitive_features):
+  y = np.asarray(y_true).reshape(-1)
+  s = np.asarray(scores, np.float64).reshape(-1)
+  names, ids = group_metrics._groups(sensitive_features)  # pylint: disable=protected-access
+  if not len(y) == len(s) == len(ids):
+    raise ValueError(f"y_true, scores and sensitive_features differ in length: {len(y)}, "
+                     f"{len(s)}, {len(ids)}")
+  if not len(y):
+    raise ValueError("no examples")
+  if not np.isin(y, (0, 1)).all():
+    raise ValueError("y_true must hold 0/1 labels")
+  if not np.isfinite(s).all():
+    raise ValueError(f"scores must be finite; {int((~np.isfinite(s)).sum())} are not")
+  return y.astype(np.float64), s, names, ids
+
+
+def fit_thresholds(y_true, scores, *, sensitive_features,
+                   constraint: str = "demographic_parity", objective: str = "accuracy",
+                   grid_size: int = 1000) -> ThresholdRule:
+  """Fits per-group randomised thresholds that satisfy `constraint` exactly on this data.
+
+  Args:
+    y_true: [n] 0/1 labels.
+    scores: [n] a trained model's scores, larger = more positive (e.g. P(y = 1)).
+    sensitive_features: [n] each example's group (any values; compared as strings).
+    constraint: one of `CONSTRAINTS`.
+    objective: "accuracy" or "balanced_accuracy". For the single-rate constraints it is taken
+      per group and weighted by group size (exact for accuracy; for balanced accuracy the
+      same approximation fairlearn makes); for equalized odds it is that of the pooled data.
+    grid_size: the common rate is searched on linspace(0, 1, grid_size + 1).
+
+  Returns:
+    A `ThresholdRule`.
+
+  References:
+    Hardt, Price and Srebro, "Equality of Opportunity in Supervised Learning", NeurIPS 2016.
+  """
+  if constraint not in CONSTRAINTS:
+    raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective=!r}")
+  if int(grid_size) != grid_size or grid_size < 1:
+    raise ValueError(f"grid_size must be a positive integer, got {grid_size=}")
+  y, s, names, ids = _check_inputs(y_true, scores, sensitive_features)
+  grid = np.linspace(0.0, 1.0, int(grid_size) + 1)
+  x_name = _RATE_OF_CONSTRAINT.get(constraint, "false_positive_rate")
+  y_name = objective if constraint != "equalized_odds" else "true_positive_rate"
+  needs_both = not (constraint == "demographic_parity" and objective == "accuracy")
+  curves, sizes = [], []
+  for g, name in enumerate(names):
+    yg, sg = y[ids == g], s[ids == g]
+    pos, neg = float(yg.sum()), float(len(yg) - yg.sum())
+    if needs_both and (pos == 0 or neg == 0):
+      raise ValueError(f"group {str(name)!r} has only {'negative' if pos == 0 else 'positive'} "
+                       f"labels; {constraint} with {objective} needs both in every group")
+    tp, fp, thr = _confusion(yg, sg)
+    curves.append(_hull_on_grid(_metric(x_name, tp, fp, pos, neg),
+                                _metric(y_name, tp, fp, pos, neg), thr, grid))
+    sizes.append(len(yg))
+  hull_y = np.stack([c.y for c in curves])  # [G, grid]
+  if constraint == "equalized_odds":
+    pos, neg = float(y.sum()), float(len(y) - y.sum())
+    tpr = hull_y.min(axis=0)  # every group can come down to the lowest TPR at that FPR
+    tp, fp = pos * tpr, neg * grid
+    total = np.around(_metric(objective, tp, fp, pos, neg), 15)
+    best = int(np.argmax(total))
+    x, y_best = grid[best], tpr[best]
+    h = hull_y[:, best]
+    # Mix each group's hull point (x, h) with the diagonal point (x, x) to bring its TPR to
+    # y_best; both have FPR x.
+    p_ignore = np.where(h == x, 0.0, (h - y_best) / np.where(h == x, 1.0, h - x))
+    constant = float(x)
+  else:
+    total = (np.asarray(sizes, np.float64)[:, None] / len(y) * hull_y).sum(axis=0)
+    best = int(np.argmax(total))
+    p_ignore, constant = np.zeros(len(names)), 0.0
+  w_lo = np.array([c.w_lo[best] for c in curves])
+  return ThresholdRule(
+      groups=names,
+      thresholds=np.array([[c.lo[best], c.hi[best]] for c in curves]),
+      weights=np.stack([w_lo, 1.0 - w_lo], axis=1),
+      p_ignore=p_ignore, constant=constant, constraint=constraint, objective=objective,
+      value=float(grid[best]), objective_value=float(total[best]))
+
+
+def _rule_ids(rule: ThresholdRule, sensitive_features) -> np.ndarray:
+  values = np.asarray(sensitive_features, dtype=object).astype(str).reshape(-1)
+  ids = np.searchsorted(rule.groups, values)
+  ok = (ids < len(rule.groups)) & (rule.groups[np.minimum(ids, len(rule.groups) - 1)] == values)
+  if not ok.all():
+    unknown = sorted(map(str, set(values[~ok])))
+    raise ValueError(f"groups the rule was not fitted on: {unknown[:10]}")
+  return ids
+
+
+def threshold_probabilities(rule: ThresholdRule, scores, *, sensitive_features) -> np.ndarray:
+  """P(y_hat = 1) for each example under `rule`: float64 [n]."""
+  s = np.asarray(scores, np.float64).reshape(-1)
+  g = _rule_ids(rule, sensitive_features)
+  if len(g) != len(s):
+    raise ValueError(f"scores and sensitive_features differ in length: {len(s)}, {len(g)}")
+  q = (rule.weights[g] * (s[:, None] > rule.thresholds[g])).sum(axis=1)
+  return (1.0 - rule.p_ignore[g]) * q + rule.p_ignore[g] * rule.constant
+
+
+def threshold_predict(rule: ThresholdRule, scores, *, sensitive_features,
+                      rng: jax.Array | int = 0) -> np.ndarray:
+  """The randomised 0/1 predictions of `rule` (one independent draw per example): int [n]."""
+  p = threshold_probabilities(rule, scores, sensitive_features=sensitive_features)
+  key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+  u = np.asarray(jax.random.uniform(key, p.shape), np.float64)
+  return (u < p).astype(np.int32)
+
+
+def expected_rates(y_true, prob, *, sensitive_features) -> dict:
+  """The group rates (`group.group_rates`) of a randomised predictor in expectation, from each
+  example's P(y_hat = 1), with its demographic parity and equalized odds differences
+  (between groups) and accuracy."""
+  r = group_metrics.group_rates(y_true, prob, sensitive_features=sensitive_features,
+                                probabilities=True)
+  gap = lambda k: float(np.nanmax(r[k]) - np.nanmin(r[k]))
+  return {**r, "demographic_parity_difference": gap("selection_rate"),
+          "equalized_odds_difference": max(gap("tpr"), gap("fpr")),
+          "accuracy": r["overall"]["accuracy"]}
