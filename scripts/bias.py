@@ -2,7 +2,9 @@
 
   python scripts/bias.py --config configs/bias_toxicity.py [--config.seeds='(0,1)' ...]
 
-Writes results/<run_name>/: config.json, summary.json, report.md and plots/bias_aucs.png.
+Writes results/<run_name>/: config.json, summary.json, report.md and plots/bias_aucs.png
+(with post-processing also plots/postprocessing.png). Prints the summary table and the
+mitigations' tables.
 """
 
 import os
@@ -20,6 +22,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/bia
 
 if __name__ == "__main__":
   run_app(make_main(_CONFIG, experiments.run,
-                    lambda summary, cfg: experiments.summary_table(summary),
+                    experiments.printed_tables,
                     "configs/bias_toxicity.py"),
           "trustjax/fairness/experiments.py:default_config")

@@ -36,6 +36,34 @@ def test_bias_metrics_recomputed_from_the_scores():
       y[has], (s[has] > 0.5).astype(int), sensitive_features=np.array(ids, object)[has]))
 
 
+def test_postprocessing_on_a_biased_scorer_closes_the_gaps_on_the_held_out_half():
+  rng = np.random.default_rng(0)
+  ds, ids = toxicity.load_madlibs(shared_data("toxicity_bias"))
+  y = ds.labels
+  gay = np.array([i == "gay" for i in ids])
+  s = 1 / (1 + np.exp(-(rng.normal(size=len(y)) + 1.5 * y - 0.75 + 2.0 * gay)))
+  fit = experiments.fit_half(ids, y)
+  terms = experiments._terms(ids)  # pylint: disable=protected-access
+  for t in ("gay", "old"):  # each (term, label) cell halved, rounding down
+    for label in (0, 1):
+      cell = (terms == t) & (y == label)
+      assert fit[cell].sum() == cell.sum() // 2
+  assert not fit[terms == ""].any()
+  m = experiments.postprocess_metrics(y, s, ids, 0.5, ("demographic_parity", "equalized_odds"))
+  held = (terms != "") & ~fit
+  pred = (s[held] > 0.5).astype(int)
+  assert m["heldout_equalized_odds_difference"] == pytest.approx(
+      group.equalized_odds_difference(y[held], pred, sensitive_features=terms[held]), abs=1e-6)
+  assert m["heldout_accuracy"] == pytest.approx(np.mean(pred == y[held]), abs=1e-6)
+  # "gay" raises every score: the plain threshold's gaps are large; per-term thresholds fitted
+  # on the other half bring them to sampling noise on this half, for some accuracy.
+  assert m["heldout_demographic_parity_difference"] > 0.3
+  assert m["heldout_equalized_odds_difference"] > 0.3
+  assert m["demographic_parity_demographic_parity_difference"] < 0.15
+  assert m["equalized_odds_equalized_odds_difference"] < 0.15
+  assert 0.5 < m["equalized_odds_accuracy"] < m["heldout_accuracy"] + 0.02
+
+
 def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
   cfg = _config(tmp_path)
   summary = experiments.run(cfg, show_progress=False)
@@ -47,6 +75,22 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     assert r["train_examples"] == 1492 and len(r["per_identity"]) == 50
     assert 0.0 <= r["mean_bpsn_auc"] <= 1.0 and 0.0 <= r["overall_auc"] <= 1.0
   assert "| nonfuzzed |" in (work / "report.md").read_text()
+  # Post-processing (the config asks for demographic parity and equalized odds): the held-out
+  # half's rows are in the summary and the report, and each constraint narrows its own gap.
+  assert summary["postprocess"] == ["demographic_parity", "equalized_odds"]
+  assert summary["postprocess_fit_examples"] + summary["postprocess_heldout_examples"] == sum(
+      i is not None for i in toxicity.load_madlibs(shared_data("toxicity_bias"))[1])
+  for r in summary["train_sets"].values():
+    for c in ("demographic_parity", "equalized_odds"):
+      assert r[f"{c}_{c}_difference"] < r[f"heldout_{c}_difference"]
+  assert "| nonfuzzed | equalized_odds |" in (work / "report.md").read_text()
+  assert (work / "plots" / "postprocessing.png").exists()
+  rates = summary["train_sets"]["fuzzed"]["postprocess_rates"]
+  assert len(rates["groups"]) == 50 and set(rates) == {"groups", "heldout", "demographic_parity",
+                                                         "equalized_odds"}
+  eo = summary["train_sets"]["fuzzed"]["equalized_odds_equalized_odds_difference"]
+  assert max(np.ptp(rates["equalized_odds"]["tpr"]), np.ptp(rates["equalized_odds"]["fpr"])) == (
+      pytest.approx(eo, abs=1e-6))  # one seed: the mean rates are that seed's
   # A rerun reads every finished (training set, seed) from the run folder; more seeds train only
   # the new ones; another config is refused.
   trained = []
@@ -70,7 +114,12 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     ("model.name", "bert", "model.name"), ("data.max_train", -1, "max_train must be >= 0"),
     ("data.eval_per_identity", -2, "eval_per_identity must be >= 0"),
     ("aps_per_identity", -1, "aps_per_identity must be >= 0"),
-    ("train.learning_rate", 0.0, "train.learning_rate must be positive")])
+    ("train.learning_rate", 0.0, "train.learning_rate must be positive"),
+    ("postprocess", ("parity",), "postprocess must list"),
+    ("data.eval_per_identity", 1, "postprocess and inprocess halve"),
+    ("inprocess", ("demographic_parity",), "needs model.name='minilm'"),
+    ("inprocess_eps", 0.0, "inprocess_eps, inprocess_l2 and inprocess_min_group must be"),
+    ("inprocess_min_group", 0, "inprocess_eps, inprocess_l2 and inprocess_min_group must be")])
 def test_bad_bias_config_is_named(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     experiments.run(_config(tmp_path, **{field: value}), show_progress=False)
@@ -85,6 +134,7 @@ def test_bias_script_prints_the_table(tmp_path):
        "--config.data.train_sets=('fuzzed',)"],
       cwd=REPO, capture_output=True, text=True, check=True)
   assert "| fuzzed |" in out.stdout
+  assert "| fuzzed | equalized_odds |" in out.stdout  # the post-processing table too
   assert "+-" not in out.stdout  # one seed: no spread to show
 
 
@@ -139,6 +189,21 @@ def test_minilm_inputs_mark_the_identity_terms_word_pieces(tmp_path):
                              atol=1e-6)
 
 
+def test_comment_groups_keep_terms_with_both_labels():
+  texts = (["the gay man is awful"] * 6 + ["a gay friend"] * 6 + ["african american art"] * 7
+           + ["an american toxic rant"] * 2 + ["old news"] * 3 + ["nothing here"] * 4)
+  labels = np.array([1] * 6 + [0] * 6 + [0] * 7 + [1] * 2 + [0] * 3 + [1] * 4)
+  assert experiments.mentioned_terms(["African American and gay, not americans"]) == [
+      ["african american", "gay"]]  # two-word terms first; whole words only
+  g = experiments.comment_groups(texts, labels, 2)
+  # "gay" has 6 and 6; "african american" and "american" lack toxic or non-toxic comments, and
+  # "old" lacks toxic ones, so they form "other identity" (which has both labels).
+  assert g.tolist() == (["gay"] * 12 + ["other identity"] * 12 + ["none"] * 4)
+  g = experiments.comment_groups(texts[:12] + texts[-7:],
+                                 np.concatenate([labels[:12], labels[-7:]]), 2)
+  assert g.tolist() == ["gay"] * 12 + ["none"] * 7  # "other identity" (non-toxic only) joins none
+
+
 def test_per_identity_sample_keeps_both_labels_of_every_term():
   ds, ids = toxicity.load_madlibs(shared_data("toxicity_bias"))
   idx = experiments.per_identity_sample(ids, ds.labels, 3)
@@ -155,9 +220,24 @@ def test_per_identity_sample_keeps_both_labels_of_every_term():
 def test_minilm_bias_study_runs_on_a_sample(tmp_path):
   cfg = _config(tmp_path, **{"model.name": "minilm", "model.mlp_dim": 16,
                              "data.train_sets": ("nonfuzzed",), "data.max_train": 80,
-                             "data.eval_per_identity": 2, "aps_per_identity": 1})
+                             "data.eval_per_identity": 2, "aps_per_identity": 1,
+                             "inprocess": ("demographic_parity", "equalized_odds")})
   summary = experiments.run(cfg, show_progress=False)
   r = summary["train_sets"]["nonfuzzed"]
+  # In-processing on the training comments' embeddings: every rule is measured on the madlibs
+  # held-out half, and each reduction meets its constraint on the comments.
+  rules = r["inprocess"]
+  assert list(rules) == ["logistic regression", "+ demographic_parity thresholds",
+                         "+ equalized_odds thresholds",
+                         "exponentiated gradient, demographic_parity",
+                         "exponentiated gradient, equalized_odds"]
+  assert sum(r["inprocess_groups"].values()) == 80
+  for c in ("demographic_parity", "equalized_odds"):
+    eg = rules[f"exponentiated gradient, {c}"]
+    assert eg["train_violation"] <= 1e-9 and eg["classifiers"] >= 1
+    assert 0.0 <= eg["accuracy"] <= 1.0
+  report = (tmp_path / cfg.run_name / "report.md").read_text()
+  assert "| exponentiated gradient, equalized_odds |" in report
   assert summary["eval_examples"] == 51 * 4 and summary["aps_examples"] == 51 * 2
   assert r["train_examples"] == 80 and len(r["per_identity"]) == 50
   assert all(np.isfinite(v["aps"]) and v["aps"] >= 0 for v in r["per_identity"].values())

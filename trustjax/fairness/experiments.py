@@ -13,6 +13,17 @@ their embeddings are scaled, averaged over the term's sentences), and over ident
 generalized means of the AUCs and the threshold gaps (demographic parity and equalized odds
 differences).
 
+Mitigations. With `postprocess` (constraints of `postprocessing.fit_thresholds`), each model's
+scores are post-processed (Hardt et al. 2016): per-identity randomised thresholds are fitted on
+a fixed random half of the sentences that name an identity (each (term, label) cell halved),
+and the other half reports accuracy and the demographic parity and equalized odds differences,
+in expectation over the randomisation, beside the plain threshold on that half. With
+`inprocess` (constraints of `reductions.exponentiated_gradient`; the "minilm" model only, whose
+inputs are features), logistic regressions on each training set's comment embeddings are
+trained without and with the constraint over the comments' identity groups (Agarwal et al.
+2018; `comment_groups`), and measured on the same held-out half beside the unconstrained one
+post-processed.
+
 The classifier (`model.name`) is a token model trained from scratch on a hash vocabulary
 ("bag_of_embeddings", "transformer") or an MLP head on frozen all-MiniLM-L6-v2 sentence
 embeddings ("minilm"), whose sensitivity is taken through the encoder's word-piece embeddings.
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from typing import Callable, NamedTuple, Sequence
 
@@ -35,7 +47,7 @@ from trustjax import data as tjdata
 from trustjax import models, reporting, training
 from trustjax.data import toxicity
 from trustjax.experiments import classifier_from_config
-from trustjax.fairness import group, sensitivity
+from trustjax.fairness import group, postprocessing, reductions, sensitivity
 from trustjax.stats import mean_and_sd, roc_auc
 
 TRAIN_SETS = ("nonfuzzed", "fuzzed")
@@ -61,6 +73,22 @@ def _check(cfg) -> None:
                      f"{cfg.train.learning_rate=}")
   if not 0.0 < cfg.threshold < 1.0:
     raise ValueError(f"threshold must lie in (0, 1), got {cfg.threshold=}")
+  bad = [c for c in cfg.postprocess if c not in postprocessing.CONSTRAINTS]
+  if bad:
+    raise ValueError(f"postprocess must list some of {postprocessing.CONSTRAINTS}, got {bad}")
+  bad = [c for c in cfg.inprocess if c not in reductions.CONSTRAINTS]
+  if bad:
+    raise ValueError(f"inprocess must list some of {reductions.CONSTRAINTS}, got {bad}")
+  if cfg.inprocess and cfg.model.name != "minilm":
+    raise ValueError(f"inprocess trains on sentence embeddings: it needs model.name='minilm', "
+                     f"got {cfg.model.name!r}")
+  if not (cfg.inprocess_eps > 0 and cfg.inprocess_l2 > 0 and cfg.inprocess_min_group >= 1):
+    raise ValueError(f"inprocess_eps, inprocess_l2 and inprocess_min_group must be positive, "
+                     f"got {cfg.inprocess_eps=}, {cfg.inprocess_l2=}, "
+                     f"{cfg.inprocess_min_group=}")
+  if (cfg.postprocess or cfg.inprocess) and cfg.data.eval_per_identity == 1:
+    raise ValueError("postprocess and inprocess halve each (identity term, label) cell: they "
+                     "need data.eval_per_identity = 0 (all) or >= 2, got 1")
   for k, v in (("data.eval_per_identity", cfg.data.eval_per_identity),
                ("data.max_train", cfg.data.max_train), ("aps_per_identity", cfg.aps_per_identity)):
     if v < 0:
@@ -204,6 +232,162 @@ def bias_metrics(y: np.ndarray, scores: np.ndarray, identities: list, threshold:
   return out
 
 
+def fit_half(identities: list, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+  """bool [n]: a fixed random half of each (identity term, label) cell of the sentences that
+  name a term (the rounded-down half), on which post-processing is fitted; the rest of those
+  sentences evaluate it."""
+  rng = np.random.default_rng(seed)
+  ident = _terms(identities)
+  out = np.zeros(len(ident), bool)
+  for term in sorted(set(ident) - {""}):
+    for label in (0, 1):
+      rows = np.flatnonzero((ident == term) & (labels == label))
+      out[rng.permutation(rows)[:len(rows) // 2]] = True
+  return out
+
+
+def postprocess_metrics(y: np.ndarray, scores: np.ndarray, identities: list, threshold: float,
+                        constraints) -> dict:
+  """Threshold post-processing per identity term (`postprocessing.fit_thresholds`, accuracy
+  objective) fitted on `fit_half` and measured on the other half of the sentences with a term:
+  "heldout_{accuracy,demographic_parity_difference,equalized_odds_difference}" for the plain
+  threshold and "{constraint}_{...}" for each constraint (expected values), and
+  "postprocess_rates": each rule's per-identity held-out TPR and FPR ("groups" names them)."""
+  ident = _terms(identities)
+  fit = fit_half(identities, y)
+  held = (ident != "") & ~fit
+  out = {}
+  keys = ("accuracy", "demographic_parity_difference", "equalized_odds_difference")
+  plain = postprocessing.expected_rates(y[held], (scores[held] > threshold).astype(np.float64),
+                                        sensitive_features=ident[held])
+  out.update({f"heldout_{k}": plain[k] for k in keys})
+  rates = {"groups": [str(g) for g in plain["groups"]],
+           "heldout": {k: plain[k].tolist() for k in ("tpr", "fpr")}}
+  for c in constraints:
+    rule = postprocessing.fit_thresholds(y[fit], scores[fit], sensitive_features=ident[fit],
+                                         constraint=c)
+    prob = postprocessing.threshold_probabilities(rule, scores[held],
+                                                  sensitive_features=ident[held])
+    r = postprocessing.expected_rates(y[held], prob, sensitive_features=ident[held])
+    out.update({f"{c}_{k}": r[k] for k in keys})
+    out[f"{c}_fit_accuracy"] = rule.objective_value
+    rates[c] = {k: r[k].tolist() for k in ("tpr", "fpr")}
+  out["postprocess_rates"] = rates
+  return out
+
+
+def mentioned_terms(texts: Sequence[str]) -> list[list[str]]:
+  """The identity terms (`toxicity.IDENTITY_TERMS`) each text mentions as whole words, two-word
+  terms first and taken out of the text, so "african american" is not also "american"."""
+  pats = [(t, re.compile(r"\b" + re.escape(t) + r"\b")) for t in toxicity.IDENTITY_TERMS]
+  out = []
+  for text in texts:
+    text, found = text.lower(), []
+    for term, pat in pats:
+      if pat.search(text):
+        found.append(term)
+        text = pat.sub(" ", text)
+    out.append(found)
+  return out
+
+
+def comment_groups(texts: Sequence[str], labels: np.ndarray, min_count: int) -> np.ndarray:
+  """str [n]: each training comment's group for in-processing: of the terms it mentions, the
+  one mentioned by most comments among those with at least `min_count` toxic and `min_count`
+  non-toxic comments (and keeps that many after the assignment); "other identity" when it
+  mentions only other terms, "none" when none. "other identity" joins "none" if it lacks
+  either label."""
+  terms = mentioned_terms(texts)
+  count: dict[str, list[int]] = {}
+  for found, label in zip(terms, labels):
+    for t in found:
+      count.setdefault(t, [0, 0])[int(label)] += 1
+  kept = sorted((t for t, c in count.items() if min(c) >= min_count), key=lambda t: -sum(count[t]))
+  rank = {t: i for i, t in enumerate(kept)}
+  out = np.array(["none"] * len(terms), dtype=object)
+  for i, found in enumerate(terms):
+    ranked = sorted((rank[t], t) for t in found if t in rank)
+    out[i] = ranked[0][1] if ranked else ("other identity" if found else "none")
+  for t in kept:  # a term left with too few of either label (its comments went to commoner
+    rows = out == t  # terms) joins "other identity"
+    if min(int((labels[rows] == 0).sum()), int((labels[rows] == 1).sum())) < min_count:
+      out[rows] = "other identity"
+  other = out == "other identity"
+  if other.any() and len(set(labels[other].tolist())) < 2:
+    out[other] = "none"
+  return out.astype(str)
+
+
+def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
+                      train_groups: np.ndarray, features: np.ndarray, y: np.ndarray,
+                      identities: list, cfg) -> dict:
+  """Logistic regressions on the training comments' sentence embeddings: unconstrained, and
+  trained under each of `cfg.inprocess` over the comments' identity groups (`comment_groups`)
+  by the exponentiated-gradient reduction; the unconstrained one also post-processed on the
+  madlibs fit half (each of `cfg.postprocess`). Per rule: the madlibs held-out half's accuracy
+  and gaps (expected values); for the reductions their training error and violation, the
+  number of classifiers mixed and the iterations."""
+  ident = _terms(identities)
+  fit = fit_half(identities, y)
+  held = (ident != "") & ~fit
+  keys = ("accuracy", "demographic_parity_difference", "equalized_odds_difference")
+  learner = reductions.logistic_regression(l2=cfg.inprocess_l2)
+  theta = np.asarray(learner.fit(train_features, train_labels.astype(np.float32),
+                                 np.ones(len(train_labels), np.float32)))
+  score = lambda x: np.asarray(x, np.float64) @ theta[:-1] + theta[-1]
+
+  def measure(prob):
+    r = postprocessing.expected_rates(y[held], prob, sensitive_features=ident[held])
+    return {k: r[k] for k in keys}
+  out = {"logistic regression": measure((score(features[held]) > 0).astype(np.float64))}
+  for c in cfg.postprocess:
+    rule = postprocessing.fit_thresholds(y[fit], score(features[fit]),
+                                         sensitive_features=ident[fit], constraint=c)
+    out[f"+ {c} thresholds"] = measure(postprocessing.threshold_probabilities(
+        rule, score(features[held]), sensitive_features=ident[held]))
+  for c in cfg.inprocess:
+    res = reductions.exponentiated_gradient(learner, train_features, train_labels,
+                                            sensitive_features=train_groups, constraint=c,
+                                            eps=cfg.inprocess_eps)
+    out[f"exponentiated gradient, {c}"] = {
+        **measure(reductions.reduction_probabilities(res, features[held])),
+        "train_error": res.error, "train_violation": res.violation,
+        "classifiers": int((res.weights > 0).sum()), "iterations": len(res.gaps)}
+  return out
+
+
+def _mean_rates(runs: list) -> dict:
+  """Each rule's per-identity held-out TPR and FPR, averaged over seeds."""
+  first = runs[0]["postprocess_rates"]
+  return {"groups": first["groups"],
+          **{rule: {k: np.mean([r["postprocess_rates"][rule][k] for r in runs], 0).tolist()
+                    for k in ("tpr", "fpr")} for rule in first if rule != "groups"}}
+
+
+def _plot_postprocessing(train_sets: dict, threshold: float, path: str) -> None:
+  """Per training set, each identity term's held-out (FPR, TPR) under each rule: the plain
+  threshold's terms spread over ROC space, equalized odds gathers them in one point."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, axes = plt.subplots(1, len(train_sets), figsize=(4.5 * len(train_sets), 4.3),
+                           squeeze=False, sharey=True)
+  for ax, (name, r) in zip(axes[0], train_sets.items()):
+    rates = r["postprocess_rates"]
+    for i, rule in enumerate(k for k in rates if k != "groups"):
+      label = f"P(toxic) > {threshold}" if rule == "heldout" else rule
+      ax.plot(rates[rule]["fpr"], rates[rule]["tpr"], "o", ms=3.5, alpha=0.7, color=f"C{i}",
+              label=label)
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="false-positive rate",
+           title=f"trained on {name}")
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel("true-positive rate")
+  axes[0][0].legend(fontsize=8, title="one point per identity term", title_fontsize=8)
+  reporting.save_figure(fig, path)
+
+
 def _plot(per_set: dict, path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -252,11 +436,14 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                                            show_progress=show_progress)
       aps = np.full(len(y), np.nan)
       aps[aps_idx] = aps_sample
-      return bias_metrics(y, scores, identities, cfg.threshold, cfg.generalized_mean_p, aps=aps)
+      out = bias_metrics(y, scores, identities, cfg.threshold, cfg.generalized_mean_p, aps=aps)
+      if cfg.postprocess:
+        out.update(postprocess_metrics(y, scores, identities, cfg.threshold, cfg.postprocess))
+      return out
 
     runs = [reporting.cached(workdir, f"{name}_seed_{seed}", functools.partial(one_seed, seed))
             for seed in cfg.seeds]
-    keys = [k for k in runs[0] if k != "per_identity"]
+    keys = [k for k in runs[0] if k not in ("per_identity", "postprocess_rates")]
     agg = mean_and_sd(runs, keys)
     per_set[name] = {t: {k: float(np.mean([r["per_identity"][t][k] for r in runs]))
                          for k in runs[0]["per_identity"][t]}
@@ -264,10 +451,27 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
     summary["train_sets"][name] = {**agg, "per_identity": per_set[name],
                                    "train_examples": len(train),
                                    "train_toxic_fraction": float(train.labels.mean())}
+    if cfg.postprocess:
+      summary["train_sets"][name]["postprocess_rates"] = _mean_rates(runs)
+    if cfg.inprocess:  # deterministic: once per training set, not per seed
+      groups = comment_groups(train.texts, train.labels, cfg.inprocess_min_group)
+      summary["train_sets"][name]["inprocess"] = reporting.cached(
+          workdir, f"{name}_inprocess", functools.partial(
+              inprocess_metrics, np.asarray(arrays()["inputs"]), train.labels, groups,
+              np.asarray(inputs.eval_inputs), y, identities, cfg))
+      summary["train_sets"][name]["inprocess_groups"] = {
+          g: int((groups == g).sum()) for g in sorted(set(groups.tolist()))}
   summary.update(eval_examples=len(madlibs), aps_examples=len(aps_idx), seeds=list(cfg.seeds),
                  backend=jax.default_backend())
+  if cfg.postprocess or cfg.inprocess:
+    fit = fit_half(identities, y)
+    summary.update(postprocess=list(cfg.postprocess), postprocess_fit_examples=int(fit.sum()),
+                   postprocess_heldout_examples=int(((_terms(identities) != "") & ~fit).sum()))
   reporting.write_json(os.path.join(workdir, "summary.json"), summary)
   _plot(per_set, os.path.join(workdir, "plots", "bias_aucs.png"))
+  if cfg.postprocess:
+    _plot_postprocessing(summary["train_sets"], cfg.threshold,
+                         os.path.join(workdir, "plots", "postprocessing.png"))
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(report(cfg, summary))
   return summary
@@ -282,6 +486,43 @@ def summary_table(summary: dict) -> str:
         "overall_auc", "mean_subgroup_auc", "mean_bpsn_auc", "mean_bnsp_auc",
         "demographic_parity_difference", "equalized_odds_difference", "aps")])
   return reporting.markdown_table(cols, rows)
+
+
+def postprocess_table(summary: dict, constraints, threshold: float) -> str:
+  """Held-out accuracy and gaps: the plain threshold, then each post-processing constraint."""
+  cols = ["trained on", "rule", "held-out accuracy", "demographic parity diff.",
+          "equalized odds diff."]
+  rows = []
+  for name, r in summary["train_sets"].items():
+    for prefix, label in [("heldout", f"P(toxic) > {threshold}")] + [(c, c) for c in constraints]:
+      rows.append([name, label] + [reporting.mean_sd_cell(r, f"{prefix}_{k}",
+                                                          len(summary["seeds"])) for k in (
+          "accuracy", "demographic_parity_difference", "equalized_odds_difference")])
+  return reporting.markdown_table(cols, rows)
+
+
+def inprocess_table(summary: dict) -> str:
+  """Per training set and rule: the madlibs held-out half's accuracy and gaps, and the
+  reductions' violation on the training comments."""
+  cols = ["trained on", "logistic regression", "held-out accuracy", "demographic parity diff.",
+          "equalized odds diff.", "training violation"]
+  rows = []
+  for name, s in summary["train_sets"].items():
+    for rule, r in s["inprocess"].items():
+      rows.append([name, rule] + [f"{r[k]:.3f}" for k in (
+          "accuracy", "demographic_parity_difference", "equalized_odds_difference")] + [
+              f"{r['train_violation']:.4f}" if "train_violation" in r else "-"])
+  return reporting.markdown_table(cols, rows)
+
+
+def printed_tables(summary: dict, cfg) -> str:
+  """What `scripts/bias.py` prints: the summary table, then the mitigations' tables."""
+  parts = [summary_table(summary)]
+  if cfg.postprocess:
+    parts.append(postprocess_table(summary, cfg.postprocess, cfg.threshold))
+  if cfg.inprocess:
+    parts.append(inprocess_table(summary))
+  return "\n\n".join(parts)
 
 
 def report(cfg, summary: dict) -> str:
@@ -300,6 +541,26 @@ def report(cfg, summary: dict) -> str:
       f"{cfg.generalized_mean_p}; threshold gaps at P(toxic) > {cfg.threshold}; APS: mean "
       "|d P(toxic) / dt| when the identity term's embeddings are scaled by (1 + t).", "",
       summary_table(summary), "",
+      *(["## Post-processing (Hardt et al. 2016)", "",
+         "Per-identity randomised thresholds (`fairness.postprocessing.fit_thresholds`, accuracy "
+         f"objective) fitted on {summary['postprocess_fit_examples']:,} of the sentences that name "
+         "an identity (each term and label halved, fixed seed) and measured on the other "
+         f"{summary['postprocess_heldout_examples']:,}, in expectation over the randomisation:",
+         "",
+         postprocess_table(summary, cfg.postprocess, cfg.threshold), "",
+         "![per-identity rates](plots/postprocessing.png)", ""]
+        if cfg.postprocess else []),
+      *(["## In-processing (Agarwal et al. 2018)", "",
+         f"Logistic regressions (L2 {cfg.inprocess_l2}) on the training comments' frozen "
+         "sentence embeddings, unconstrained (also post-processed on the madlibs fit half) and "
+         "trained by the exponentiated-gradient reduction over the comments' identity groups "
+         f"(allowed violation {cfg.inprocess_eps}; groups: each term with at least "
+         f"{cfg.inprocess_min_group} toxic and non-toxic comments, other identities, none: "
+         + "; ".join(f"{n} " + ", ".join(f"{g} {k}" for g, k in s["inprocess_groups"].items())
+                     for n, s in summary["train_sets"].items())
+         + "), measured on the madlibs held-out half; deterministic, one run each. The "
+         "training violation is the largest constraint moment minus the allowance on the "
+         "comments (<= 0: met).", "", inprocess_table(summary), ""] if cfg.inprocess else []),
       "## Per identity" + reporting.over_seeds(summary["seeds"]), "",
       reporting.markdown_table(cols, rows), "", "![bias AUCs](plots/bias_aucs.png)", ""])
 
@@ -313,6 +574,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.threshold = 0.5  # P(toxic) above which a sentence is called toxic
   c.generalized_mean_p = -5.0
   c.aps_per_identity = 0  # sentences per identity term and label whose APS is measured (0 = all)
+  # Post-processing constraints (fairness.postprocessing.CONSTRAINTS), fitted per identity term on
+  # half of the madlibs sentences and measured on the rest; () = none.
+  c.postprocess = ()
+  # In-processing constraints (fairness.reductions.CONSTRAINTS; model "minilm" only): logistic
+  # regressions on the training comments' embeddings, trained by the exponentiated-gradient
+  # reduction over the comments' identity groups (the terms with at least inprocess_min_group
+  # toxic and non-toxic comments, other identities, none) with allowed violation
+  # inprocess_eps, measured on the madlibs held-out half; () = none.
+  c.inprocess = ()
+  c.inprocess_eps = 0.01
+  c.inprocess_l2 = 1.0
+  c.inprocess_min_group = 5
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # Dixon et al.'s eval_datasets folder
   c.data.train_sets = TRAIN_SETS  # nonfuzzed | fuzzed
