@@ -6,6 +6,7 @@ from fairlearn import metrics as flm
 from sklearn.metrics import roc_auc_score
 
 from trustjax import fairness
+from trustjax.fairness import group
 
 
 def _data(seed, n=600, weighted=False):
@@ -97,3 +98,51 @@ def test_generalized_mean_is_the_power_mean():
   for eps in (1e-6, 1e-9):
     assert fairness.generalized_mean_bias(z + [0, eps, 0]) < 10 * eps
   assert fairness.generalized_mean_bias(z, p=1) == pytest.approx(z.mean())
+
+
+def _frame_data(seed=0, n=400):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 2, n)
+  pred = np.where(rng.random(n) < 0.75, y, 1 - y)
+  sex = rng.choice(np.array(["f", "m"]), n)
+  age = rng.choice(np.array(["young", "mid", "old"]), n, p=[0.5, 0.3, 0.2])
+  return y, pred, sex, age, rng.random(n) + 0.5
+
+
+@pytest.mark.parametrize("intersect", [False, True])
+def test_metric_frame_equals_fairlearns(intersect):
+  from sklearn.metrics import (  # pylint: disable=import-outside-toplevel
+      accuracy_score, precision_score, recall_score)
+
+  y, pred, sex, age, w = _frame_data()
+  metrics = {"accuracy": accuracy_score, "recall": recall_score, "precision": precision_score,
+             "selection_rate": flm.selection_rate}
+  sf = {"sex": sex, "age": age} if intersect else sex
+  params = {"accuracy": {"sample_weight": w}}
+  ours = group.metric_frame(metrics, y, pred, sensitive_features=sf, sample_params=params)
+  ref = flm.MetricFrame(metrics=metrics, y_true=y, y_pred=pred, sensitive_features=sf,
+                    sample_params=params)
+  for k in metrics:
+    assert ours.overall[k] == pytest.approx(ref.overall[k], abs=1e-12)
+    for g, v in ours.by_group.items():
+      assert v[k] == pytest.approx(ref.by_group[k][g], abs=1e-12)
+    for method in ("between_groups", "to_overall"):
+      assert ours.difference(method)[k] == pytest.approx(ref.difference(method)[k], abs=1e-12)
+      assert ours.ratio(method)[k] == pytest.approx(ref.ratio(method)[k], abs=1e-12)
+    assert ours.group_min()[k] == pytest.approx(ref.group_min()[k], abs=1e-12)
+    assert ours.group_max()[k] == pytest.approx(ref.group_max()[k], abs=1e-12)
+  assert len(ours.by_group) == (6 if intersect else 2)
+  assert sum(ours.counts.values()) == len(y)
+
+
+def test_metric_frame_rates_agree_with_group_rates_and_bad_input_is_named():
+  y, pred, sex, _, _ = _frame_data(1)
+  frame = group.metric_frame(lambda t, p: np.mean(p), y, pred, sensitive_features=sex)
+  rates = group.group_rates(y, pred, sensitive_features=sex)
+  np.testing.assert_allclose([v["<lambda>"] for v in frame.by_group.values()],
+                             rates["selection_rate"], rtol=1e-6)
+  with pytest.raises(ValueError, match="differ in length"):
+    group.metric_frame(np.mean, y[:5], pred, sensitive_features=sex)
+  with pytest.raises(ValueError, match="not given: \\['recall'\\]"):
+    group.metric_frame({"acc": np.mean}, y, pred, sensitive_features=sex,
+                       sample_params={"recall": {}})

@@ -1,4 +1,5 @@
-"""Extrinsic fairness: group rates and their gaps, and the bias AUCs of identity subgroups.
+"""Extrinsic fairness: group rates and their gaps, any metric per group (`metric_frame`), and
+the bias AUCs of identity subgroups.
 
 Group metrics take fairlearn's signatures (`y_true, y_pred, *, sensitive_features, method`) and
 give its numbers (tested against fairlearn). Rates are weighted sums with a denominator per
@@ -6,6 +7,8 @@ group, computed with `jax.ops.segment_sum` so they also run inside jitted evalua
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +151,89 @@ def equal_opportunity_difference(y_true, y_pred, *, sensitive_features,
   r = group_rates(y_true, y_pred, sensitive_features=sensitive_features,
                   sample_weight=sample_weight)
   return _gap(r["tpr"], r["overall"]["tpr"], method)
+
+
+# ----------------------------------------------------------------------------- any metric
+
+
+class MetricFrame(NamedTuple):
+  """Metrics overall and per group (`metric_frame`); the summaries follow fairlearn's
+  `MetricFrame` (differences and ratios between groups or to the overall value)."""
+  overall: dict  # {metric: value}
+  by_group: dict  # {group: {metric: value}}; a group is a value, or a tuple of values when
+  # several sensitive features intersect
+  counts: dict  # {group: examples}
+
+  def _column(self, name: str) -> np.ndarray:
+    return np.array([v[name] for v in self.by_group.values()], np.float64)
+
+  def group_min(self) -> dict:
+    return {k: float(np.nanmin(self._column(k))) for k in self.overall}
+
+  def group_max(self) -> dict:
+    return {k: float(np.nanmax(self._column(k))) for k in self.overall}
+
+  def difference(self, method: str = "between_groups") -> dict:
+    """Per metric, the largest gap between two groups or between a group and the overall."""
+    return {k: _gap(self._column(k), v, method) for k, v in self.overall.items()}
+
+  def ratio(self, method: str = "between_groups") -> dict:
+    """Per metric, the smallest ratio (at most 1) between groups or to the overall."""
+    return {k: _ratio(self._column(k), v, method) for k, v in self.overall.items()}
+
+
+def metric_frame(metrics, y_true, y_pred, *, sensitive_features,
+                 sample_params: dict | None = None) -> MetricFrame:
+  """Evaluates each metric on everyone and on each group.
+
+  Args:
+    metrics: a callable `fn(y_true, y_pred, **params) -> float` or a dict name -> callable
+      (e.g. scikit-learn's metrics, or `stats.roc_auc` with scores as `y_pred`).
+    y_true, y_pred: [n] arrays (labels, predictions or scores).
+    sensitive_features: [n] group values, or a dict name -> [n] values (or an [n, k] array)
+      whose combinations are the groups (intersectional: every combination present).
+    sample_params: per metric name, a dict of [n] arrays sliced with the group (e.g.
+      {"accuracy": {"sample_weight": w}}).
+
+  Returns:
+    A `MetricFrame`.
+
+  References:
+    Bird et al., "Fairlearn: A toolkit for assessing and improving fairness in AI", 2020
+    (`MetricFrame`).
+  """
+  fns = metrics if isinstance(metrics, dict) else {getattr(metrics, "__name__", "metric"):
+                                                   metrics}
+  yt, yp = np.asarray(y_true), np.asarray(y_pred)
+  if isinstance(sensitive_features, dict):
+    columns = [np.asarray(v, dtype=object).astype(str).reshape(-1)
+               for v in sensitive_features.values()]
+  else:
+    sf = np.asarray(sensitive_features, dtype=object)
+    columns = ([sf.astype(str).reshape(-1)] if sf.ndim == 1 else
+               [sf[:, j].astype(str) for j in range(sf.shape[1])])
+  if not all(len(c) == len(yt) == len(yp) for c in columns):
+    raise ValueError(f"y_true, y_pred and sensitive_features differ in length: {len(yt)}, "
+                     f"{len(yp)}, {[len(c) for c in columns]}")
+  params = sample_params or {}
+  unknown = sorted(set(params) - set(fns))
+  if unknown:
+    raise ValueError(f"sample_params names metrics that are not given: {unknown}")
+
+  def evaluate(rows):
+    return {k: float(f(yt[rows], yp[rows], **{p: np.asarray(v)[rows]
+                                             for p, v in params.get(k, {}).items()}))
+            for k, f in fns.items()}
+  keys = list(zip(*columns))
+  groups = sorted(set(keys))
+  by_group, counts = {}, {}
+  lookup = {g: i for i, g in enumerate(groups)}
+  ids = np.array([lookup[k] for k in keys])
+  for i, g in enumerate(groups):
+    rows = ids == i
+    name = g[0] if len(columns) == 1 else g
+    by_group[name], counts[name] = evaluate(rows), int(rows.sum())
+  return MetricFrame(evaluate(np.ones(len(yt), bool)), by_group, counts)
 
 
 # ----------------------------------------------------------------------------- bias AUCs
