@@ -228,7 +228,7 @@ def test_minilm_bias_study_runs_on_a_sample(tmp_path):
   # held-out half, and each reduction meets its constraint on the comments.
   rules = r["inprocess"]
   assert list(rules) == ["logistic regression", "+ demographic_parity thresholds",
-                         "+ equalized_odds thresholds",
+                         "+ equalized_odds thresholds", "decorrelated embeddings",
                          "exponentiated gradient, demographic_parity",
                          "exponentiated gradient, equalized_odds"]
   assert sum(r["inprocess_groups"].values()) == 80

@@ -47,7 +47,7 @@ from trustjax import data as tjdata
 from trustjax import models, reporting, training
 from trustjax.data import toxicity
 from trustjax.experiments import classifier_from_config
-from trustjax.fairness import group, postprocessing, reductions, sensitivity
+from trustjax.fairness import group, postprocessing, preprocessing, reductions, sensitivity
 from trustjax.stats import mean_and_sd, roc_auc
 
 TRAIN_SETS = ("nonfuzzed", "fuzzed")
@@ -321,12 +321,13 @@ def comment_groups(texts: Sequence[str], labels: np.ndarray, min_count: int) -> 
 def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
                       train_groups: np.ndarray, features: np.ndarray, y: np.ndarray,
                       identities: list, cfg) -> dict:
-  """Logistic regressions on the training comments' sentence embeddings: unconstrained, and
-  trained under each of `cfg.inprocess` over the comments' identity groups (`comment_groups`)
-  by the exponentiated-gradient reduction; the unconstrained one also post-processed on the
-  madlibs fit half (each of `cfg.postprocess`). Per rule: the madlibs held-out half's accuracy
-  and gaps (expected values); for the reductions their training error and violation, the
-  number of classifiers mixed and the iterations."""
+  """Logistic regressions on the training comments' sentence embeddings: unconstrained (also
+  post-processed on the madlibs fit half, each of `cfg.postprocess`), on the embeddings
+  decorrelated from the comments' identity groups (`preprocessing`; a madlibs sentence takes
+  its term's group, "other identity" when no comment group has the term), and trained under
+  each of `cfg.inprocess` over those groups by the exponentiated-gradient reduction. Per rule:
+  the madlibs held-out half's accuracy and gaps (expected values); for the reductions their
+  training error and violation, the number of classifiers mixed and the iterations."""
   ident = _terms(identities)
   fit = fit_half(identities, y)
   held = (ident != "") & ~fit
@@ -345,6 +346,20 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
                                          sensitive_features=ident[fit], constraint=c)
     out[f"+ {c} thresholds"] = measure(postprocessing.threshold_probabilities(
         rule, score(features[held]), sensitive_features=ident[held]))
+  # Pre-processing: the comments' embeddings decorrelated from their groups; each madlibs
+  # sentence takes its term's group ("other identity" for a term no comment group has).
+  remover = preprocessing.fit_correlation_remover(train_features, sensitive_features=train_groups)
+  known = set(remover.groups.tolist())
+  other = "other identity" if "other identity" in known else "none"
+  held_groups = np.array([t if t in known else other for t in ident[held]])
+  theta_d = np.asarray(learner.fit(
+      np.asarray(preprocessing.remove_correlation(remover, train_features,
+                                                  sensitive_features=train_groups), np.float32),
+      train_labels.astype(np.float32), np.ones(len(train_labels), np.float32)))
+  x_held = preprocessing.remove_correlation(remover, features[held],
+                                            sensitive_features=held_groups)
+  out["decorrelated embeddings"] = measure((x_held @ theta_d[:-1] + theta_d[-1] > 0).astype(
+      np.float64))
   for c in cfg.inprocess:
     res = reductions.exponentiated_gradient(learner, train_features, train_labels,
                                             sensitive_features=train_groups, constraint=c,
@@ -552,8 +567,9 @@ def report(cfg, summary: dict) -> str:
         if cfg.postprocess else []),
       *(["## In-processing (Agarwal et al. 2018)", "",
          f"Logistic regressions (L2 {cfg.inprocess_l2}) on the training comments' frozen "
-         "sentence embeddings, unconstrained (also post-processed on the madlibs fit half) and "
-         "trained by the exponentiated-gradient reduction over the comments' identity groups "
+         "sentence embeddings, unconstrained (also post-processed on the madlibs fit half), "
+         "on the embeddings decorrelated from the comments' identity groups (pre-processing), "
+         "and trained by the exponentiated-gradient reduction over those groups "
          f"(allowed violation {cfg.inprocess_eps}; groups: each term with at least "
          f"{cfg.inprocess_min_group} toxic and non-toxic comments, other identities, none: "
          + "; ".join(f"{n} " + ", ".join(f"{g} {k}" for g, k in s["inprocess_groups"].items())
