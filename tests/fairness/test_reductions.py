@@ -4,6 +4,7 @@ and the constraint it guarantees."""
 
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -123,3 +124,27 @@ def test_bad_input_is_named(kw, message):
                               **args)
   with pytest.raises(ValueError, match="l2 must be positive"):
     rd.logistic_regression(l2=0.0)
+
+
+def test_flax_learner_weights_act_as_repeated_examples():
+  from trustjax import models  # pylint: disable=import-outside-toplevel
+
+  X, y, g = _data(4, n=300)
+  learner = rd.flax_learner(models.MLPClassifier(hidden=(16,), num_classes=2), steps=50)
+  w = np.random.default_rng(5).integers(1, 4, len(y))
+  # Integer weights = each example repeated that many times (the weighted mean is the mean
+  # over the repeated rows): the same full-batch steps from the same initialisation.
+  weighted = learner.fit(X, y.astype(np.float32), w.astype(np.float32))
+  rows = np.repeat(np.arange(len(y)), w)
+  repeated = learner.fit(X[rows], y[rows].astype(np.float32), np.ones(len(rows), np.float32))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), weighted,
+               repeated)
+  pred = np.asarray(learner.predict(weighted, X))
+  assert np.mean(pred == y) > 0.8  # it learns the labels
+  # ... and serves the reduction: the constraint holds on the training data.
+  res = rd.exponentiated_gradient(learner, X, y, sensitive_features=g, eps=0.02)
+  prob = rd.reduction_probabilities(res, X)
+  for v in ("a", "b", "c"):
+    assert abs(prob[g == v].mean() - prob.mean()) <= 0.02 + 1e-9
+  with pytest.raises(ValueError, match="steps and learning_rate"):
+    rd.flax_learner(models.MLPClassifier(hidden=(4,), num_classes=2), steps=0)

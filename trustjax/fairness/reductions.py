@@ -9,14 +9,16 @@ overall one, both signs; equalized odds: the same within each label). The lambda
 exponentiated gradient; the Q-player best-responds, which is a weighted classification problem
 (each example relabelled by the sign of its Lagrangian cost of predicting 1 and weighted by its
 size), solved by any `Learner`: a pure pair (fit, predict) over arrays, e.g.
-`logistic_regression` (jitted Newton steps). The loop stops when the duality gap of the averaged
-iterates falls below nu; the returned mixture is the linear program's best over every classifier
+`logistic_regression` (jitted Newton steps) or `flax_learner` (any Flax classifier). The loop
+stops when the duality gap of the averaged iterates falls below nu; the returned mixture is the linear program's best over every classifier
 found (the smallest err(Q) + B max(0, max_k gamma_k(Q) - eps)), which is never worse than the
 average. Step size eta = eta0 / B and nu = 0.5 sd(|h_0 - y|) / sqrt(n) follow fairlearn's
 defaults (its `ExponentiatedGradient`; the tests compare the two with the same learner).
 
 Everything but the learner runs on the host in float64: the moments are group means and the
-loop holds one prediction vector per classifier found.
+loop holds one prediction vector per classifier found. The constraints hold on the training
+sample: a learner that can fit that sample without errors meets equalized odds there by itself
+(TPR 1 and FPR 0 in every group), and the reduction then leaves it unconstrained.
 """
 
 from __future__ import annotations
@@ -76,6 +78,45 @@ def logistic_regression(l2: float = 1.0, steps: int = 15) -> Learner:
   @jax.jit
   def predict(theta, X):
     return (jnp.asarray(X, jnp.float32) @ theta[:-1] + theta[-1] > 0).astype(jnp.float32)
+
+  return Learner(fit, predict)
+
+
+def flax_learner(model, *, steps: int = 300, learning_rate: float = 1e-2,
+                 seed: int = 0) -> Learner:
+  """Any Flax classifier with two output logits as a `Learner`: full-batch Adam on the weighted
+  cross-entropy sum_i w_i CE_i / sum_i w_i for `steps` steps from the same initialisation
+  (`seed`) every fit, all in one jitted `lax.scan`; predicts the larger logit. Deterministic,
+  so the reduction's best responses are reproducible; a non-convex model's best response is
+  only as good as its training."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  if steps < 1 or not learning_rate > 0:
+    raise ValueError(f"steps and learning_rate must be positive, got {steps=}, "
+                     f"{learning_rate=}")
+  opt = optax.adam(learning_rate)
+
+  @jax.jit
+  def fit(X, labels, weights):
+    X = jnp.asarray(X)
+    params = model.init(jax.random.PRNGKey(seed), X[:1])["params"]
+
+    def loss(p):
+      ce = optax.softmax_cross_entropy_with_integer_labels(
+          model.apply({"params": p}, X).astype(jnp.float32), labels.astype(jnp.int32))
+      return (weights * ce).sum() / weights.sum()
+
+    def step(carry, _):
+      p, state = carry
+      updates, state = opt.update(jax.grad(loss)(p), state, p)
+      return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+    return params
+
+  @jax.jit
+  def predict(params, X):
+    return jnp.argmax(model.apply({"params": params}, jnp.asarray(X)), -1).astype(jnp.float32)
 
   return Learner(fit, predict)
 
