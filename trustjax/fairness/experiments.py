@@ -82,10 +82,14 @@ def _check(cfg) -> None:
   if cfg.inprocess and cfg.model.name != "minilm":
     raise ValueError(f"inprocess trains on sentence embeddings: it needs model.name='minilm', "
                      f"got {cfg.model.name!r}")
-  if not (cfg.inprocess_eps > 0 and cfg.inprocess_l2 > 0 and cfg.inprocess_min_group >= 1):
-    raise ValueError(f"inprocess_eps, inprocess_l2 and inprocess_min_group must be positive, "
-                     f"got {cfg.inprocess_eps=}, {cfg.inprocess_l2=}, "
-                     f"{cfg.inprocess_min_group=}")
+  if cfg.inprocess_learner not in ("logistic_regression", "mlp"):
+    raise ValueError(f"inprocess_learner must be 'logistic_regression' or 'mlp', got "
+                     f"{cfg.inprocess_learner!r}")
+  if not (cfg.inprocess_eps > 0 and cfg.inprocess_l2 > 0 and cfg.inprocess_min_group >= 1
+          and cfg.inprocess_steps >= 1):
+    raise ValueError(f"inprocess_eps, inprocess_l2, inprocess_min_group and inprocess_steps "
+                     f"must be positive, got {cfg.inprocess_eps=}, {cfg.inprocess_l2=}, "
+                     f"{cfg.inprocess_min_group=}, {cfg.inprocess_steps=}")
   if (cfg.postprocess or cfg.inprocess) and cfg.data.eval_per_identity == 1:
     raise ValueError("postprocess and inprocess halve each (identity term, label) cell: they "
                      "need data.eval_per_identity = 0 (all) or >= 2, got 1")
@@ -318,10 +322,23 @@ def comment_groups(texts: Sequence[str], labels: np.ndarray, min_count: int) -> 
   return out.astype(str)
 
 
+def inprocess_learner(cfg):
+  """The in-processing model (`cfg.inprocess_learner`) as a `reductions.Learner` and a score
+  function (params, x) -> float64 [n], positive where it predicts toxic."""
+  if cfg.inprocess_learner == "logistic_regression":
+    learner = reductions.logistic_regression(l2=cfg.inprocess_l2)
+    return learner, lambda p, x: np.asarray(x, np.float64) @ np.asarray(p)[:-1] + float(p[-1])
+  model = models.MLPClassifier(hidden=(cfg.model.mlp_dim,), num_classes=2)
+  learner = reductions.flax_learner(model, steps=cfg.inprocess_steps,
+                                    learning_rate=cfg.train.learning_rate)
+  logit = jax.jit(lambda p, x: jnp.diff(model.apply({"params": p}, x), axis=-1)[:, 0])
+  return learner, lambda p, x: np.asarray(logit(p, jnp.asarray(x, jnp.float32)), np.float64)
+
+
 def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
                       train_groups: np.ndarray, features: np.ndarray, y: np.ndarray,
                       identities: list, cfg) -> dict:
-  """Logistic regressions on the training comments' sentence embeddings: unconstrained (also
+  """Models (`inprocess_learner`) on the training comments' sentence embeddings: unconstrained (also
   post-processed on the madlibs fit half, each of `cfg.postprocess`), on the embeddings
   decorrelated from the comments' identity groups (`preprocessing`; a madlibs sentence takes
   its term's group, "other identity" when no comment group has the term), and trained under
@@ -332,15 +349,15 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
   fit = fit_half(identities, y)
   held = (ident != "") & ~fit
   keys = ("accuracy", "demographic_parity_difference", "equalized_odds_difference")
-  learner = reductions.logistic_regression(l2=cfg.inprocess_l2)
-  theta = np.asarray(learner.fit(train_features, train_labels.astype(np.float32),
-                                 np.ones(len(train_labels), np.float32)))
-  score = lambda x: np.asarray(x, np.float64) @ theta[:-1] + theta[-1]
+  learner, score_fn = inprocess_learner(cfg)
+  ones = np.ones(len(train_labels), np.float32)
+  params = learner.fit(train_features, train_labels.astype(np.float32), ones)
+  score = lambda x: score_fn(params, x)
 
   def measure(prob):
     r = postprocessing.expected_rates(y[held], prob, sensitive_features=ident[held])
     return {k: r[k] for k in keys}
-  out = {"logistic regression": measure((score(features[held]) > 0).astype(np.float64))}
+  out = {"unconstrained": measure((score(features[held]) > 0).astype(np.float64))}
   for c in cfg.postprocess:
     rule = postprocessing.fit_thresholds(y[fit], score(features[fit]),
                                          sensitive_features=ident[fit], constraint=c)
@@ -352,14 +369,14 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
   known = set(remover.groups.tolist())
   other = "other identity" if "other identity" in known else "none"
   held_groups = np.array([t if t in known else other for t in ident[held]])
-  theta_d = np.asarray(learner.fit(
+  decorrelated = learner.fit(
       np.asarray(preprocessing.remove_correlation(remover, train_features,
                                                   sensitive_features=train_groups), np.float32),
-      train_labels.astype(np.float32), np.ones(len(train_labels), np.float32)))
+      train_labels.astype(np.float32), ones)
   x_held = preprocessing.remove_correlation(remover, features[held],
                                             sensitive_features=held_groups)
-  out["decorrelated embeddings"] = measure((x_held @ theta_d[:-1] + theta_d[-1] > 0).astype(
-      np.float64))
+  out["decorrelated embeddings"] = measure(
+      (score_fn(decorrelated, x_held) > 0).astype(np.float64))
   for c in cfg.inprocess:
     res = reductions.exponentiated_gradient(learner, train_features, train_labels,
                                             sensitive_features=train_groups, constraint=c,
@@ -519,7 +536,7 @@ def postprocess_table(summary: dict, constraints, threshold: float) -> str:
 def inprocess_table(summary: dict) -> str:
   """Per training set and rule: the madlibs held-out half's accuracy and gaps, and the
   reductions' violation on the training comments."""
-  cols = ["trained on", "logistic regression", "held-out accuracy", "demographic parity diff.",
+  cols = ["trained on", "model", "held-out accuracy", "demographic parity diff.",
           "equalized odds diff.", "training violation"]
   rows = []
   for name, s in summary["train_sets"].items():
@@ -528,6 +545,13 @@ def inprocess_table(summary: dict) -> str:
           "accuracy", "demographic_parity_difference", "equalized_odds_difference")] + [
               f"{r['train_violation']:.4f}" if "train_violation" in r else "-"])
   return reporting.markdown_table(cols, rows)
+
+
+def _learner_note(cfg) -> str:
+  if cfg.inprocess_learner == "logistic_regression":
+    return f"Logistic regressions (L2 {cfg.inprocess_l2})"
+  return (f"MLPs of width {cfg.model.mlp_dim} (full-batch Adam {cfg.train.learning_rate}, "
+          f"{cfg.inprocess_steps} steps)")
 
 
 def printed_tables(summary: dict, cfg) -> str:
@@ -566,7 +590,7 @@ def report(cfg, summary: dict) -> str:
          "![per-identity rates](plots/postprocessing.png)", ""]
         if cfg.postprocess else []),
       *(["## In-processing (Agarwal et al. 2018)", "",
-         f"Logistic regressions (L2 {cfg.inprocess_l2}) on the training comments' frozen "
+         f"{_learner_note(cfg)} on the training comments' frozen "
          "sentence embeddings, unconstrained (also post-processed on the madlibs fit half), "
          "on the embeddings decorrelated from the comments' identity groups (pre-processing), "
          "and trained by the exponentiated-gradient reduction over those groups "
@@ -602,6 +626,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.inprocess_eps = 0.01
   c.inprocess_l2 = 1.0
   c.inprocess_min_group = 5
+  # The model trained with and without the constraints: "logistic_regression" (L2
+  # inprocess_l2, Newton steps) or "mlp" (the head's width model.mlp_dim; full-batch Adam at
+  # train.learning_rate for inprocess_steps steps).
+  c.inprocess_learner = "logistic_regression"
+  c.inprocess_steps = 300
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # Dixon et al.'s eval_datasets folder
   c.data.train_sets = TRAIN_SETS  # nonfuzzed | fuzzed
