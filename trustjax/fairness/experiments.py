@@ -250,6 +250,37 @@ def fit_half(identities: list, labels: np.ndarray, seed: int = 0) -> np.ndarray:
   return out
 
 
+_HELD_KEYS = ("accuracy", "demographic_parity_difference", "equalized_odds_difference")
+
+
+class _Split(NamedTuple):
+  """The sentences' terms and the post-processing halves of those that name one."""
+  terms: np.ndarray  # str [n], "" for none
+  fit: np.ndarray  # bool [n] `fit_half`
+  held: np.ndarray  # bool [n] the other sentences with a term
+
+
+def _split(identities: list, y: np.ndarray) -> _Split:
+  terms, fit = _terms(identities), fit_half(identities, y)
+  return _Split(terms, fit, (terms != "") & ~fit)
+
+
+def _held_rates(y: np.ndarray, split: _Split, prob: np.ndarray) -> dict:
+  """`postprocessing.expected_rates` on the held-out half, from its P(y_hat = 1)."""
+  return postprocessing.expected_rates(y[split.held], prob,
+                                       sensitive_features=split.terms[split.held])
+
+
+def _post_processed(y: np.ndarray, split: _Split, fit_scores: np.ndarray,
+                    held_scores: np.ndarray, constraint: str):
+  """Per-term thresholds fitted on the fit half's scores; the rule and its held-out rates."""
+  rule = postprocessing.fit_thresholds(y[split.fit], fit_scores,
+                                       sensitive_features=split.terms[split.fit],
+                                       constraint=constraint)
+  return rule, _held_rates(y, split, postprocessing.threshold_probabilities(
+      rule, held_scores, sensitive_features=split.terms[split.held]))
+
+
 def postprocess_metrics(y: np.ndarray, scores: np.ndarray, identities: list, threshold: float,
                         constraints) -> dict:
   """Threshold post-processing per identity term (`postprocessing.fit_thresholds`, accuracy
@@ -257,23 +288,14 @@ def postprocess_metrics(y: np.ndarray, scores: np.ndarray, identities: list, thr
   "heldout_{accuracy,demographic_parity_difference,equalized_odds_difference}" for the plain
   threshold and "{constraint}_{...}" for each constraint (expected values), and
   "postprocess_rates": each rule's per-identity held-out TPR and FPR ("groups" names them)."""
-  ident = _terms(identities)
-  fit = fit_half(identities, y)
-  held = (ident != "") & ~fit
-  out = {}
-  keys = ("accuracy", "demographic_parity_difference", "equalized_odds_difference")
-  plain = postprocessing.expected_rates(y[held], (scores[held] > threshold).astype(np.float64),
-                                        sensitive_features=ident[held])
-  out.update({f"heldout_{k}": plain[k] for k in keys})
+  split = _split(identities, y)
+  plain = _held_rates(y, split, (scores[split.held] > threshold).astype(np.float64))
+  out = {f"heldout_{k}": plain[k] for k in _HELD_KEYS}
   rates = {"groups": [str(g) for g in plain["groups"]],
            "heldout": {k: plain[k].tolist() for k in ("tpr", "fpr")}}
   for c in constraints:
-    rule = postprocessing.fit_thresholds(y[fit], scores[fit], sensitive_features=ident[fit],
-                                         constraint=c)
-    prob = postprocessing.threshold_probabilities(rule, scores[held],
-                                                  sensitive_features=ident[held])
-    r = postprocessing.expected_rates(y[held], prob, sensitive_features=ident[held])
-    out.update({f"{c}_{k}": r[k] for k in keys})
+    rule, r = _post_processed(y, split, scores[split.fit], scores[split.held], c)
+    out.update({f"{c}_{k}": r[k] for k in _HELD_KEYS})
     out[f"{c}_fit_accuracy"] = rule.objective_value
     rates[c] = {k: r[k].tolist() for k in ("tpr", "fpr")}
   out["postprocess_rates"] = rates
@@ -345,34 +367,28 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
   each of `cfg.inprocess` over those groups by the exponentiated-gradient reduction. Per rule:
   the madlibs held-out half's accuracy and gaps (expected values); for the reductions their
   training error and violation, the number of classifiers mixed and the iterations."""
-  ident = _terms(identities)
-  fit = fit_half(identities, y)
-  held = (ident != "") & ~fit
-  keys = ("accuracy", "demographic_parity_difference", "equalized_odds_difference")
+  split = _split(identities, y)
+  held = split.held
+  pick = lambda r: {k: r[k] for k in _HELD_KEYS}
+  measure = lambda prob: pick(_held_rates(y, split, prob))
   learner, score_fn = inprocess_learner(cfg)
-  ones = np.ones(len(train_labels), np.float32)
-  params = learner.fit(train_features, train_labels.astype(np.float32), ones)
-  score = lambda x: score_fn(params, x)
-
-  def measure(prob):
-    r = postprocessing.expected_rates(y[held], prob, sensitive_features=ident[held])
-    return {k: r[k] for k in keys}
-  out = {"unconstrained": measure((score(features[held]) > 0).astype(np.float64))}
+  labels, ones = train_labels.astype(np.float32), np.ones(len(train_labels), np.float32)
+  params = learner.fit(train_features, labels, ones)
+  fit_scores = score_fn(params, features[split.fit])
+  held_scores = score_fn(params, features[held])
+  out = {"unconstrained": measure((held_scores > 0).astype(np.float64))}
   for c in cfg.postprocess:
-    rule = postprocessing.fit_thresholds(y[fit], score(features[fit]),
-                                         sensitive_features=ident[fit], constraint=c)
-    out[f"+ {c} thresholds"] = measure(postprocessing.threshold_probabilities(
-        rule, score(features[held]), sensitive_features=ident[held]))
+    out[f"+ {c} thresholds"] = pick(_post_processed(y, split, fit_scores, held_scores, c)[1])
   # Pre-processing: the comments' embeddings decorrelated from their groups; each madlibs
   # sentence takes its term's group ("other identity" for a term no comment group has).
   remover = preprocessing.fit_correlation_remover(train_features, sensitive_features=train_groups)
   known = set(remover.groups.tolist())
   other = "other identity" if "other identity" in known else "none"
-  held_groups = np.array([t if t in known else other for t in ident[held]])
+  held_groups = np.array([t if t in known else other for t in split.terms[held]])
   decorrelated = learner.fit(
       np.asarray(preprocessing.remove_correlation(remover, train_features,
                                                   sensitive_features=train_groups), np.float32),
-      train_labels.astype(np.float32), ones)
+      labels, ones)
   x_held = preprocessing.remove_correlation(remover, features[held],
                                             sensitive_features=held_groups)
   out["decorrelated embeddings"] = measure(
@@ -496,9 +512,10 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   summary.update(eval_examples=len(madlibs), aps_examples=len(aps_idx), seeds=list(cfg.seeds),
                  backend=jax.default_backend())
   if cfg.postprocess or cfg.inprocess:
-    fit = fit_half(identities, y)
-    summary.update(postprocess=list(cfg.postprocess), postprocess_fit_examples=int(fit.sum()),
-                   postprocess_heldout_examples=int(((_terms(identities) != "") & ~fit).sum()))
+    split = _split(identities, y)
+    summary.update(postprocess=list(cfg.postprocess),
+                   postprocess_fit_examples=int(split.fit.sum()),
+                   postprocess_heldout_examples=int(split.held.sum()))
   reporting.write_json(os.path.join(workdir, "summary.json"), summary)
   _plot(per_set, os.path.join(workdir, "plots", "bias_aucs.png"))
   if cfg.postprocess:

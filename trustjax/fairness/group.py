@@ -25,6 +25,18 @@ def _groups(sensitive_features) -> tuple[np.ndarray, np.ndarray]:
   return names, ids.reshape(-1)
 
 
+def fitted_group_ids(names: np.ndarray, sensitive_features, what: str) -> np.ndarray:
+  """int [n]: each value's index in `names` (sorted strings, as `_groups` returns them from the
+  fitting data); values never fitted are refused, naming them and `what` was fitted."""
+  values = np.asarray(sensitive_features, dtype=object).astype(str).reshape(-1)
+  ids = np.searchsorted(names, values)
+  ok = (ids < len(names)) & (names[np.minimum(ids, len(names) - 1)] == values)
+  if not ok.all():
+    unknown = sorted(map(str, set(values[~ok])))
+    raise ValueError(f"groups the {what} was not fitted on: {unknown[:10]}")
+  return ids
+
+
 def _binary(name, v) -> np.ndarray:
   v = np.asarray(v).reshape(-1)
   if not np.isin(v, (0, 1)).all():

@@ -213,20 +213,10 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
       value=float(grid[best]), objective_value=float(total[best]))
 
 
-def _rule_ids(rule: ThresholdRule, sensitive_features) -> np.ndarray:
-  values = np.asarray(sensitive_features, dtype=object).astype(str).reshape(-1)
-  ids = np.searchsorted(rule.groups, values)
-  ok = (ids < len(rule.groups)) & (rule.groups[np.minimum(ids, len(rule.groups) - 1)] == values)
-  if not ok.all():
-    unknown = sorted(map(str, set(values[~ok])))
-    raise ValueError(f"groups the rule was not fitted on: {unknown[:10]}")
-  return ids
-
-
 def threshold_probabilities(rule: ThresholdRule, scores, *, sensitive_features) -> np.ndarray:
   """P(y_hat = 1) for each example under `rule`: float64 [n]."""
   s = np.asarray(scores, np.float64).reshape(-1)
-  g = _rule_ids(rule, sensitive_features)
+  g = group_metrics.fitted_group_ids(rule.groups, sensitive_features, "rule")
   if len(g) != len(s):
     raise ValueError(f"scores and sensitive_features differ in length: {len(s)}, {len(g)}")
   q = (rule.weights[g] * (s[:, None] > rule.thresholds[g])).sum(axis=1)
@@ -248,7 +238,8 @@ def expected_rates(y_true, prob, *, sensitive_features) -> dict:
   (between groups) and accuracy."""
   r = group_metrics.group_rates(y_true, prob, sensitive_features=sensitive_features,
                                 probabilities=True)
-  gap = lambda k: float(np.nanmax(r[k]) - np.nanmin(r[k]))
+  between = group_metrics._gap  # pylint: disable=protected-access
+  gap = lambda k: between(r[k], r["overall"][k], "between_groups")
   return {**r, "demographic_parity_difference": gap("selection_rate"),
           "equalized_odds_difference": max(gap("tpr"), gap("fpr")),
           "accuracy": r["overall"]["accuracy"]}

@@ -29,12 +29,7 @@ class CorrelationRemover(NamedTuple):
 
 
 def _one_hot(groups: np.ndarray, sensitive_features) -> np.ndarray:
-  values = np.asarray(sensitive_features, dtype=object).astype(str).reshape(-1)
-  ids = np.searchsorted(groups, values)
-  ok = (ids < len(groups)) & (groups[np.minimum(ids, len(groups) - 1)] == values)
-  if not ok.all():
-    unknown = sorted(map(str, set(values[~ok])))
-    raise ValueError(f"groups the remover was not fitted on: {unknown[:10]}")
+  ids = group_metrics.fitted_group_ids(groups, sensitive_features, "remover")
   return np.eye(len(groups))[ids]
 
 

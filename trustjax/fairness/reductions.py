@@ -224,6 +224,9 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
   def lagrangian(err, gam, lam):
     return err + lam @ (gam - eps)
 
+  def error(h: np.ndarray) -> float:  # err(h) for predictions or P(y_hat = 1) h
+    return float(np.mean(np.abs(h - y)))
+
   def best_h(lam: np.ndarray) -> int:
     """The index of the best response to lam among the classifiers found (a new fit added if it
     beats them)."""
@@ -233,7 +236,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     w = (w * n / w.sum() if w.sum() > 0 else np.ones(n)).astype(np.float32)
     params = learner.fit(Xj, jnp.asarray(labels), jnp.asarray(w))
     h = np.asarray(learner.predict(params, Xj), np.float64)
-    err, gam = float(np.mean(np.abs(h - y))), mom.gamma(h)
+    err, gam = error(h), mom.gamma(h)
     value = lagrangian(err, gam, lam)
     if hyps:
       old = [lagrangian(e, g, lam) for e, g in zip(errs, gams)]
@@ -264,7 +267,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
   def gap(q: np.ndarray, lam: np.ndarray) -> float:
     """The duality gap of (Q, lambda): how far each is from a best response to the other."""
     h = q @ np.stack(preds)
-    err, gam = float(np.mean(np.abs(h - y))), mom.gamma(h)
+    err, gam = error(h), mom.gamma(h)
     value = lagrangian(err, gam, lam)
     high = err + bound * max(0.0, float((gam - eps).max()))  # lambda's best response
     k = best_h(lam)
@@ -295,7 +298,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
   w, lam_lp = best_mixture()  # never worse than the average in err(Q) + B max(0, violation)
   h = w @ np.stack(preds)
   params = jax.tree.map(lambda *a: jnp.stack(a), *hyps)
-  return ReductionResult(learner, params, w, float(np.mean(np.abs(h - y))),
+  return ReductionResult(learner, params, w, error(h),
                          float((mom.gamma(h) - eps).max()), np.asarray(gaps),
                          lam_lp, mom.names)
 
