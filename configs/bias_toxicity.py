@@ -37,6 +37,7 @@ def get_config(arg: str = ""):
     c.train.epochs = 20.0
     c.aps_per_identity = 50
     c.inprocess = ("demographic_parity", "equalized_odds")
+    c.inprocess_grid = 29  # equalized odds' whole L1 unit ball over 8 groups' 14 basis cells
   if "runlocal" in parts:
     c.run_name += "_runlocal"
     c.seeds = (0,)

@@ -120,7 +120,8 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     ("inprocess", ("demographic_parity",), "needs model.name='minilm'"),
     ("inprocess_eps", 0.0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
     ("inprocess_min_group", 0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
-    ("inprocess_learner", "svm", "inprocess_learner must be")])
+    ("inprocess_learner", "svm", "inprocess_learner must be"),
+    ("inprocess_grid", -1, "inprocess_grid must be >= 0")])
 def test_bad_bias_config_is_named(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     experiments.run(_config(tmp_path, **{field: value}), show_progress=False)
@@ -258,14 +259,29 @@ def test_inprocess_metrics_with_either_learner(tmp_path, learner):
   y = np.tile(np.repeat([0, 1], 20), 3)
   x = (rng.normal(size=(120, 8)) + shift(np.array(ids)) + y[:, None]).astype(np.float32)
   cfg = override(_config(tmp_path), inprocess=("demographic_parity", "equalized_odds"),
-                 inprocess_learner=learner, inprocess_steps=100, **{"model.mlp_dim": 8})
+                 inprocess_learner=learner, inprocess_steps=100, inprocess_grid=5,
+                 **{"model.mlp_dim": 8})
   out = experiments.inprocess_metrics(train_x, train_y, groups, x, y, ids, cfg)
   assert list(out) == ["unconstrained", "+ demographic_parity thresholds",
                        "+ equalized_odds thresholds", "decorrelated embeddings",
                        "exponentiated gradient, demographic_parity",
-                       "exponentiated gradient, equalized_odds"]
+                       "exponentiated gradient, equalized_odds",
+                       "grid search, demographic_parity", "grid search, equalized_odds"]
   for c in ("demographic_parity", "equalized_odds"):
     assert out[f"exponentiated gradient, {c}"]["train_violation"] <= 1e-9
+    gs = out[f"grid search, {c}"]
+    assert 0 <= gs["grid_point"] < 5 and 0.0 <= gs["accuracy"] <= 1.0
+    assert gs["train_violation"] == pytest.approx(gs["train_largest_moment"] - 0.01, abs=1e-12)
+  # Demographic parity's grid over 3 groups (2 basis cells) at size 5 is the L1 unit ball,
+  # lambda = 0 included, so the selected point's (error + largest moment) / 2 is at most the
+  # unconstrained model's on the training comments (its rates measured by a float64 loop).
+  learner_fn, _ = experiments.inprocess_learner(cfg)
+  plain = np.asarray(learner_fn.predict(learner_fn.fit(
+      train_x, train_y.astype(np.float32), np.ones(400, np.float32)), train_x), np.float64)
+  gap = max(abs(plain[groups == v].mean() - plain.mean()) for v in set(groups))
+  gs = out["grid search, demographic_parity"]
+  assert (gs["train_error"] + gs["train_largest_moment"]
+          <= np.mean(plain != train_y) + gap + 1e-9)
   # The term shifts the features, so the unconstrained model's selection rates differ by term;
   # the reduction for demographic parity narrows that gap on the held-out sentences.
   assert (out["exponentiated gradient, demographic_parity"]["demographic_parity_difference"]

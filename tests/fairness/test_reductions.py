@@ -1,6 +1,8 @@
-"""The exponentiated-gradient reduction (Agarwal et al. 2018) against fairlearn's
-ExponentiatedGradient with the same learner, its Lagrangian costs against finite differences,
-and the constraint it guarantees."""
+"""The reductions of Agarwal et al. (2018): exponentiated gradient and grid search against
+fairlearn's ExponentiatedGradient and GridSearch with the same learner, for every constraint;
+the moments against float64 loops and their Lagrangian costs against finite differences; the
+constraint exponentiated gradient guarantees; fairlearn's grid against a brute-force
+enumeration."""
 
 import warnings
 
@@ -8,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from trustjax.fairness import group, postprocessing as pp, reductions as rd
+from trustjax.fairness import group, reductions as rd
 
 
 def _data(seed: int = 0, n: int = 2000):
@@ -35,6 +37,19 @@ def test_logistic_regression_equals_scikit_learns_weighted_fit():
     assert np.mean(np.asarray(lr.predict(theta, X)) != ref.predict(X)) <= 1e-3
 
 
+def _loop_moments(y, groups, h, constraint):
+  """gamma by a float64 loop over the cells: each cell's mean utility (the prediction, or for
+  error-rate parity the error |h - y|) minus its reference population's."""
+  util = np.abs(h - y) if constraint == "error_rate_parity" else h
+  labels = {"equalized_odds": (0, 1), "true_positive_rate_parity": (1,),
+            "false_positive_rate_parity": (0,)}.get(constraint)
+  out = []
+  for v in sorted(set(groups)):
+    for ref in ([np.ones(len(y), bool)] if labels is None else [y == lab for lab in labels]):
+      out.append(util[ref & (groups == v)].mean() - util[ref].mean())
+  return np.array(out)
+
+
 @pytest.mark.parametrize("constraint", rd.CONSTRAINTS)
 def test_the_best_response_costs_are_the_lagrangians_derivative(constraint):
   rng = np.random.default_rng(2)
@@ -44,28 +59,32 @@ def test_the_best_response_costs_are_the_lagrangians_derivative(constraint):
   names, ids = group._groups(groups)  # pylint: disable=protected-access
   mom = rd._moments(y, names, ids, constraint)  # pylint: disable=protected-access
   lam = rng.random(2 * len(mom.cell_count))
-  h = rng.random(n)
-  # gamma by a float64 loop over the cells: each cell's mean minus its reference's
-  cells = [(ids == i) for i in range(len(names))] if constraint == "demographic_parity" else [
-      (ids == i) & (y == label) for i in range(len(names)) for label in (0, 1)]
-  refs = [np.ones(n, bool)] * len(names) if constraint == "demographic_parity" else [
-      y == label for _ in range(len(names)) for label in (0, 1)]
-  want = np.array([h[c].mean() - h[r].mean() for c, r in zip(cells, refs)])
-  np.testing.assert_allclose(mom.gamma(h), np.concatenate([want, -want]), atol=1e-12)
+  for h in (rng.random(n), rng.integers(0, 2, n).astype(float)):
+    want = _loop_moments(y, groups, h, constraint)
+    np.testing.assert_allclose(mom.gamma(h), np.concatenate([want, -want]), atol=1e-12)
   e = np.eye(n)
   diff = np.array([lam @ (mom.gamma(h + e[i]) - mom.gamma(h)) for i in range(n)])
   np.testing.assert_allclose(mom.signed_cost(lam), diff, atol=1e-12)
 
 
+_FAIRLEARN_MOMENTS = {"demographic_parity": "DemographicParity",
+                      "equalized_odds": "EqualizedOdds",
+                      "true_positive_rate_parity": "TruePositiveRateParity",
+                      "false_positive_rate_parity": "FalsePositiveRateParity",
+                      "error_rate_parity": "ErrorRateParity"}
+
+
+def _moment(constraint, eps):
+  import fairlearn.reductions  # pylint: disable=import-outside-toplevel
+  return getattr(fairlearn.reductions, _FAIRLEARN_MOMENTS[constraint])(difference_bound=eps)
+
+
 def _fairlearn(X, y, g, constraint, eps, l2):
-  from fairlearn.reductions import (  # pylint: disable=import-outside-toplevel
-      DemographicParity, EqualizedOdds, ExponentiatedGradient)
+  from fairlearn.reductions import ExponentiatedGradient  # pylint: disable=import-outside-toplevel
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
 
-  moment = {"demographic_parity": DemographicParity,
-            "equalized_odds": EqualizedOdds}[constraint](difference_bound=eps)
-  eg = ExponentiatedGradient(LogisticRegression(C=1 / l2, tol=1e-10, max_iter=10000), moment,
-                             eps=eps)
+  eg = ExponentiatedGradient(LogisticRegression(C=1 / l2, tol=1e-10, max_iter=10000),
+                             _moment(constraint, eps), eps=eps)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     eg.fit(X, y, sensitive_features=g)
@@ -79,25 +98,22 @@ def test_matches_fairlearns_exponentiated_gradient_with_the_same_learner(constra
                                   constraint=constraint, eps=0.01)
   prob = rd.reduction_probabilities(res, X)
   ref = _fairlearn(X, y, g, constraint, 0.01, 1.0)
-  ours, theirs = (pp.expected_rates(y, p, sensitive_features=g) for p in (prob, ref))
-  key = f"{constraint}_difference"
-  assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-4)
-  assert ours[key] == pytest.approx(theirs[key], abs=1e-4)
-  assert np.mean(np.abs(prob - ref) > 1e-3) < 0.01  # the same randomised classifier, bar a few
-  # points the two solvers' coefficients put on different sides of the boundary
-  assert res.error == pytest.approx(np.mean(np.where(y == 1, 1 - prob, prob)), abs=1e-6)
-  # The constraint holds: every cell's rate within eps of its reference (a float64 loop).
-  for v in ("a", "b", "c"):
-    for ref_rows in ([np.ones(len(y), bool)] if constraint == "demographic_parity" else
-                     [y == 0, y == 1]):
-      cell = ref_rows & (g == v)
-      assert abs(prob[cell].mean() - prob[ref_rows].mean()) <= 0.01 + 1e-9
+  error = lambda p: np.mean(np.where(y == 1, 1 - p, p))
+  gap = lambda p: np.abs(_loop_moments(y, g, p, constraint)).max()
+  assert error(prob) == pytest.approx(error(ref), abs=1e-4)
+  assert gap(prob) == pytest.approx(gap(ref), abs=1e-4)
+  if constraint != "error_rate_parity":  # (there the two linear programs' optima differ in the
+    # mixture, at the same error and gap)
+    assert np.mean(np.abs(prob - ref) > 1e-3) < 0.01  # the same randomised classifier, bar a
+    # few points the two solvers' coefficients put on different sides of the boundary
+  assert res.error == pytest.approx(error(prob), abs=1e-6)
+  # The constraint holds: every cell's mean within eps of its reference (a float64 loop) ...
+  assert gap(prob) <= 0.01 + 1e-9
   assert res.violation <= 1e-9 and res.gaps[-1] < res.gaps[0]
   # ... which the unconstrained learner breaks, at a lower error.
   lr = rd.logistic_regression(l2=1.0)
   plain = np.asarray(lr.predict(lr.fit(X, y.astype(np.float32), np.ones(len(y), np.float32)), X))
-  unconstrained = pp.expected_rates(y, plain, sensitive_features=g)
-  assert unconstrained[key] > 0.1 and unconstrained["accuracy"] > ours["accuracy"]
+  assert gap(plain) > 2 * 0.01 and error(plain) < error(prob)
 
 
 def test_a_loose_constraint_returns_the_unconstrained_learner():
@@ -148,3 +164,83 @@ def test_flax_learner_weights_act_as_repeated_examples():
     assert abs(prob[g == v].mean() - prob.mean()) <= 0.02 + 1e-9
   with pytest.raises(ValueError, match="steps and learning_rate"):
     rd.flax_learner(models.MLPClassifier(hidden=(4,), num_classes=2), steps=0)
+
+
+def _first_rows_in_order(X, y, g):
+  """The rows reordered so that the groups first appear as a, b, c and the first label is 0:
+  fairlearn's grid basis follows the order of first appearance (groups and labels), ours the
+  sorted order."""
+  first = [int(np.flatnonzero((g == v) & (y == (0 if v == "a" else y[g == v][0])))[0])
+           for v in "abc"]
+  order = np.concatenate([first, np.setdiff1d(np.arange(len(y)), first)])
+  return X[order], y[order], g[order]
+
+
+@pytest.mark.parametrize("constraint", rd.CONSTRAINTS)
+def test_grid_search_matches_fairlearns_with_the_same_learner(constraint):
+  from fairlearn.reductions import GridSearch  # pylint: disable=import-outside-toplevel
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+
+  X, y, g = _first_rows_in_order(*_data(6))
+  res = rd.grid_search(rd.logistic_regression(l2=1.0), X, y, sensitive_features=g,
+                       constraint=constraint, grid_size=12)
+  gs = GridSearch(LogisticRegression(C=1.0, tol=1e-10, max_iter=10000), _moment(constraint, 0.01),
+                  grid_size=12)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    gs.fit(X, y, sensitive_features=g)
+  # fairlearn indexes each multiplier by (sign, event, group); ours by sign, then cell.
+  cols = []
+  for sign, event, grp in gs.lambda_vecs_.index:
+    name = grp if event == "all" else f"{grp}, y={event.split('=')[1]}"
+    cols.append(("+-".index(sign)) * len(res.cells) + res.cells.index(name))
+  theirs = np.zeros_like(res.lambdas)
+  theirs[:, cols] = gs.lambda_vecs_.to_numpy().T
+  np.testing.assert_array_equal(res.lambdas, theirs)  # the same grid, point for point
+  assert res.best == gs.best_idx_
+  # Each point's error and largest moment (a boundary point or two may differ: float32 Newton
+  # against scikit-learn's float64 solver).
+  np.testing.assert_allclose(res.errors, gs.objectives_, atol=1.5e-3)
+  np.testing.assert_allclose(res.gammas.max(1), gs.gammas_.max().to_numpy(), atol=1.5e-3)
+  # ... and ours against the float64 loop of the selected classifier's moments.
+  h = rd.grid_search_predict(res, X)
+  want = _loop_moments(y, g, h, constraint)
+  np.testing.assert_allclose(res.gammas[res.best], np.concatenate([want, -want]), atol=1e-12)
+  assert res.errors[res.best] == pytest.approx(np.mean(h != y), abs=1e-12)
+  # Where the grid holds lambda = 0, that point is the unconstrained fit (weights 1, labels y).
+  for zero in np.flatnonzero(~res.lambdas.any(axis=1)):
+    lr = rd.logistic_regression(l2=1.0)
+    plain = lr.predict(lr.fit(X, y.astype(np.float32), np.ones(len(y), np.float32)), X)
+    np.testing.assert_array_equal(rd.grid_search_predict(res, X, int(zero)), plain)
+
+
+def test_the_grid_is_the_smallest_l1_ball_with_enough_points():
+  import itertools  # pylint: disable=import-outside-toplevel
+
+  for dim, size in ((1, 3), (2, 10), (2, 13), (3, 20), (4, 7)):
+    grid, m = rd._integer_grid(dim, size)  # pylint: disable=protected-access
+    ball = lambda r: sorted(p for p in itertools.product(range(-r, r + 1), repeat=dim)
+                            if sum(map(abs, p)) <= r)
+    assert len(ball(m)) >= size and (m == 0 or len(ball(m - 1)) < size)
+    assert [tuple(p) for p in grid.astype(int)] == ball(m)[:size]  # lexicographic order
+
+
+def test_grid_search_constant_points_and_bad_input():
+  X = np.random.default_rng(7).normal(size=(8, 2)).astype(np.float32)
+  g = np.array(["x", "y"] * 4)
+  # All labels 1 and lambda = 0: every relabelled example says 1, so the point is that constant.
+  res = rd.grid_search(rd.logistic_regression(), X, np.ones(8), sensitive_features=g,
+                       grid=np.zeros((1, 4)))
+  assert res.params == [None] and res.constants[0] == 1.0 and res.errors[0] == 0.0
+  np.testing.assert_array_equal(rd.grid_search_predict(res, X), np.ones(8))
+  y = np.array([0, 1] * 4)
+  for kw, message in [({"constraint_weight": 1.5}, "constraint_weight must be in"),
+                      ({"grid_size": 0}, "grid_size must be"),
+                      ({"grid": -np.ones((2, 4))},
+                       r"grid must be non-negative with shape \[G, 4\]"),
+                      ({"grid": np.zeros((2, 3))}, "got shape"),
+                      ({"sensitive_features": np.array(["x"] * 8)}, "needs at least two groups")]:
+    with pytest.raises(ValueError, match=message):
+      rd.grid_search(rd.logistic_regression(), X, y, **{"sensitive_features": g, **kw})
+  with pytest.raises(ValueError, match="index must be in"):
+    rd.grid_search_predict(res, X, index=3)

@@ -1,7 +1,7 @@
 """Fairness: intrinsic association tests on embeddings (WEAT, SEAT, CEAT), extrinsic group
 metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups), threshold
-post-processing (Hardt et al. 2016), the exponentiated-gradient reduction (Agarwal et al.
-2018) and linear decorrelation for group parity, prediction
+post-processing (Hardt et al. 2016), the exponentiated-gradient and grid-search reductions
+(Agarwal et al. 2018) and linear decorrelation for group parity, prediction
 sensitivity, counterfactual augmentation and counterfactual distillation, and the gender
 polarity and sentiment of generated text (BOLD's measures)."""
 
@@ -26,7 +26,8 @@ from trustjax.fairness.generation import (gender_counts, gender_polarity,
                                          vader_compound)
 from trustjax.fairness.postprocessing import (ThresholdRule, expected_rates, fit_thresholds,
                                              threshold_predict, threshold_probabilities)
-from trustjax.fairness.reductions import (Learner, ReductionResult, exponentiated_gradient,
-                                         reduction_probabilities)
+from trustjax.fairness.reductions import (GridSearchResult, Learner, ReductionResult,
+                                         exponentiated_gradient, grid_search,
+                                         grid_search_predict, reduction_probabilities)
 from trustjax.fairness.preprocessing import (CorrelationRemover, fit_correlation_remover,
                                             remove_correlation)

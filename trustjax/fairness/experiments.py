@@ -21,8 +21,8 @@ in expectation over the randomisation, beside the plain threshold on that half. 
 `inprocess` (constraints of `reductions.exponentiated_gradient`; the "minilm" model only, whose
 inputs are features), logistic regressions on each training set's comment embeddings are
 trained without and with the constraint over the comments' identity groups (Agarwal et al.
-2018; `comment_groups`), and measured on the same held-out half beside the unconstrained one
-post-processed.
+2018; `comment_groups`; with `inprocess_grid`, also by grid search), and measured on the same
+held-out half beside the unconstrained one post-processed.
 
 The classifier (`model.name`) is a token model trained from scratch on a hash vocabulary
 ("bag_of_embeddings", "transformer") or an MLP head on frozen all-MiniLM-L6-v2 sentence
@@ -85,6 +85,9 @@ def _check(cfg) -> None:
   if cfg.inprocess_learner not in ("logistic_regression", "mlp"):
     raise ValueError(f"inprocess_learner must be 'logistic_regression' or 'mlp', got "
                      f"{cfg.inprocess_learner!r}")
+  if cfg.inprocess_grid < 0:
+    raise ValueError(f"inprocess_grid must be >= 0 (0: no grid search), got "
+                     f"{cfg.inprocess_grid=}")
   if not (cfg.inprocess_eps > 0 and cfg.inprocess_l2 > 0 and cfg.inprocess_min_group >= 1
           and cfg.inprocess_steps >= 1):
     raise ValueError(f"inprocess_eps, inprocess_l2, inprocess_min_group and inprocess_steps "
@@ -364,9 +367,11 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
   post-processed on the madlibs fit half, each of `cfg.postprocess`), on the embeddings
   decorrelated from the comments' identity groups (`preprocessing`; a madlibs sentence takes
   its term's group, "other identity" when no comment group has the term), and trained under
-  each of `cfg.inprocess` over those groups by the exponentiated-gradient reduction. Per rule:
-  the madlibs held-out half's accuracy and gaps (expected values); for the reductions their
-  training error and violation, the number of classifiers mixed and the iterations."""
+  each of `cfg.inprocess` over those groups by the exponentiated-gradient reduction (and, with
+  `cfg.inprocess_grid`, by grid search). Per rule: the madlibs held-out half's accuracy and gaps
+  (expected values); for the reductions their training error and violation (largest moment
+  minus `cfg.inprocess_eps`), the number of classifiers mixed and the iterations (the grid
+  search: the selected point and its multipliers' L1 norm)."""
   split = _split(identities, y)
   held = split.held
   pick = lambda r: {k: r[k] for k in _HELD_KEYS}
@@ -401,6 +406,16 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
         **measure(reductions.reduction_probabilities(res, features[held])),
         "train_error": res.error, "train_violation": res.violation,
         "classifiers": int((res.weights > 0).sum()), "iterations": len(res.gaps)}
+  for c in cfg.inprocess if cfg.inprocess_grid else ():
+    res = reductions.grid_search(learner, train_features, train_labels,
+                                 sensitive_features=train_groups, constraint=c,
+                                 grid_size=cfg.inprocess_grid)
+    top = float(res.gammas[res.best].max())
+    out[f"grid search, {c}"] = {
+        **measure(reductions.grid_search_predict(res, features[held])),
+        "train_error": float(res.errors[res.best]), "train_violation": top - cfg.inprocess_eps,
+        "train_largest_moment": top, "grid_point": res.best,
+        "grid_point_norm": float(res.lambdas[res.best].sum())}
   return out
 
 
@@ -611,6 +626,9 @@ def report(cfg, summary: dict) -> str:
          "sentence embeddings, unconstrained (also post-processed on the madlibs fit half), "
          "on the embeddings decorrelated from the comments' identity groups (pre-processing), "
          "and trained by the exponentiated-gradient reduction over those groups "
+         + (f"(and by grid search over {cfg.inprocess_grid} multiplier vectors, which selects "
+            "one deterministic classifier and has no allowance) " if cfg.inprocess_grid else "")
+         + 
          f"(allowed violation {cfg.inprocess_eps}; groups: each term with at least "
          f"{cfg.inprocess_min_group} toxic and non-toxic comments, other identities, none: "
          + "; ".join(f"{n} " + ", ".join(f"{g} {k}" for g, k in s["inprocess_groups"].items())
@@ -648,6 +666,9 @@ def default_config() -> ml_collections.ConfigDict:
   # train.learning_rate for inprocess_steps steps).
   c.inprocess_learner = "logistic_regression"
   c.inprocess_steps = 300
+  # Also fairlearn's grid search (reductions.grid_search) for each of `inprocess`, over this
+  # many multiplier vectors (grid limit 2, constraint weight 0.5); 0 = none.
+  c.inprocess_grid = 0
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # Dixon et al.'s eval_datasets folder
   c.data.train_sets = TRAIN_SETS  # nonfuzzed | fuzzed

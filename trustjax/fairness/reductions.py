@@ -1,19 +1,28 @@
-"""In-processing for group fairness: the exponentiated-gradient reduction.
+"""In-processing for group fairness: the reductions of Agarwal et al. (2018).
 
 Agarwal, Beygelzimer, Dudik, Langford and Wallach, "A Reductions Approach to Fair
 Classification", ICML 2018. Fair classification over a class of classifiers H becomes a saddle
 point of the Lagrangian L(Q, lambda) = err(Q) + lambda^T (gamma(Q) - eps) over randomised
 classifiers Q (distributions over H) and multipliers lambda >= 0 with ||lambda||_1 <= B, where
 gamma holds the constraint's moments (demographic parity: each group's selection rate minus the
-overall one, both signs; equalized odds: the same within each label). The lambda-player runs
-exponentiated gradient; the Q-player best-responds, which is a weighted classification problem
-(each example relabelled by the sign of its Lagrangian cost of predicting 1 and weighted by its
-size), solved by any `Learner`: a pure pair (fit, predict) over arrays, e.g.
-`logistic_regression` (jitted Newton steps) or `flax_learner` (any Flax classifier). The loop
-stops when the duality gap of the averaged iterates falls below nu; the returned mixture is the linear program's best over every classifier
-found (the smallest err(Q) + B max(0, max_k gamma_k(Q) - eps)), which is never worse than the
-average. Step size eta = eta0 / B and nu = 0.5 sd(|h_0 - y|) / sqrt(n) follow fairlearn's
-defaults (its `ExponentiatedGradient`; the tests compare the two with the same learner).
+overall one, both signs; equalized odds: the same within each label; true or false positive
+rate parity: within one label; error-rate parity: each group's error rate minus the overall
+one). For a fixed lambda the best classifier is a weighted classification problem (each example
+relabelled by the sign of its Lagrangian cost of predicting 1 and weighted by its size), solved
+by any `Learner`: a pure pair (fit, predict) over arrays, e.g. `logistic_regression` (jitted
+Newton steps) or `flax_learner` (any Flax classifier).
+
+`exponentiated_gradient` (the paper's Algorithm 1) runs exponentiated gradient on lambda
+against those best responses. The loop stops when the duality gap of the averaged iterates
+falls below nu; the returned mixture is the linear program's best over every classifier found
+(the smallest err(Q) + B max(0, max_k gamma_k(Q) - eps)), which is never worse than the average.
+Step size eta = eta0 / B and nu = 0.5 sd(|h_0 - y|) / sqrt(n) follow fairlearn's defaults (its
+`ExponentiatedGradient`; the tests compare the two with the same learner).
+
+`grid_search` (the paper's Section 3.4, for few constraints) fits one deterministic classifier
+per point of a grid of multipliers and keeps the one with the smallest
+(1 - w) err(h) + w max_k gamma_k(h): no randomisation, and no guarantee that the constraint
+holds. Its grid is fairlearn's `GridSearch` grid (the tests compare the two).
 
 Everything but the learner runs on the host in float64: the moments are group means and the
 loop holds one prediction vector per classifier found. The constraints hold on the training
@@ -32,7 +41,8 @@ from scipy.optimize import linprog
 
 from trustjax.fairness import group as group_metrics
 
-CONSTRAINTS = ("demographic_parity", "equalized_odds")
+CONSTRAINTS = ("demographic_parity", "equalized_odds", "true_positive_rate_parity",
+               "false_positive_rate_parity", "error_rate_parity")
 
 
 class Learner(NamedTuple):
@@ -122,19 +132,28 @@ def flax_learner(model, *, steps: int = 300, learning_rate: float = 1e-2,
 
 
 class _Moments(NamedTuple):
-  """The constraint's cells (DP: groups; EO: (group, label)) and the reference population each
-  cell's rate is compared with (DP: everyone; EO: the same label)."""
-  cell: np.ndarray  # int [n] each example's cell
+  """The constraint's cells and the reference population each cell's mean utility is compared
+  with: demographic parity, groups against everyone; equalized odds, (group, label) against the
+  same label; true (false) positive rate parity, the groups' positives (negatives) against all
+  positives (negatives); error-rate parity, groups against everyone. Example i's utility is
+  offset_i + slope_i h_i (the prediction h_i for the rate constraints; the error
+  y_i + (1 - 2 y_i) h_i for error-rate parity), as in Agarwal et al.'s g(X, A, Y, h(X))."""
+  cell: np.ndarray  # int [n] each example's cell, -1 where it is in none
   cell_ref: np.ndarray  # int [C] each cell's reference
-  ref: np.ndarray  # int [n] each example's reference
+  ref: np.ndarray  # int [n] each example's reference, -1 where it is in none
   cell_count: np.ndarray  # float [C]
   ref_count: np.ndarray  # float [R]
   names: list  # [C] readable cell names
+  offset: np.ndarray  # float [n]
+  slope: np.ndarray  # float [n]
+  cell_group: np.ndarray  # int [C] each cell's group (an index into the sorted group names)
 
   def gamma(self, h: np.ndarray) -> np.ndarray:
-    """[2C]: each cell's rate minus its reference's, then the negatives."""
-    cell = np.bincount(self.cell, h, len(self.cell_count)) / self.cell_count
-    ref = np.bincount(self.ref, h, len(self.ref_count)) / self.ref_count
+    """[2C]: each cell's mean utility minus its reference's, then the negatives."""
+    m = self.cell >= 0
+    util = (self.offset + self.slope * h)[m]
+    cell = np.bincount(self.cell[m], util, len(self.cell_count)) / self.cell_count
+    ref = np.bincount(self.ref[m], util, len(self.ref_count)) / self.ref_count
     g = cell - ref[self.cell_ref]
     return np.concatenate([g, -g])
 
@@ -143,23 +162,61 @@ class _Moments(NamedTuple):
     c = len(self.cell_count)
     net = lam[:c] - lam[c:]
     per_ref = np.bincount(self.cell_ref, net, len(self.ref_count)) / self.ref_count
-    return net[self.cell] / self.cell_count[self.cell] - per_ref[self.ref]
+    m = self.cell >= 0
+    cell, ref = np.where(m, self.cell, 0), np.where(m, self.ref, 0)
+    return np.where(m, self.slope * (net[cell] / self.cell_count[cell] - per_ref[ref]), 0.0)
+
+  def basis(self) -> np.ndarray:
+    """int [D]: the cells whose multipliers span every distinct Lagrangian, each reference's
+    cells but its last group's (within a reference the multipliers' weighted sum of a shift
+    changes nothing, so the last group's can be taken as 0); references first, then groups,
+    in sorted order."""
+    return np.array([k for r in range(len(self.ref_count))
+                     for k in sorted(np.flatnonzero(self.cell_ref == r),
+                                     key=lambda k: self.cell_group[k])[:-1]], dtype=int)
 
 
 def _moments(y: np.ndarray, names: np.ndarray, ids: np.ndarray, constraint: str) -> _Moments:
-  n = len(y)
-  if constraint == "demographic_parity":
-    cell, cell_ref, ref = ids, np.zeros(len(names), int), np.zeros(n, int)
-    cell_names = [str(g) for g in names]
+  n, k = len(y), len(names)
+  label = y.astype(int)
+  offset, slope = np.zeros(n), np.ones(n)
+  group_names = [str(g) for g in names]
+  if constraint == "equalized_odds":
+    cell, cell_ref, ref = 2 * ids + label, np.tile([0, 1], k), label
+    cell_names = [f"{g}, y={v}" for g in group_names for v in (0, 1)]
+    cell_group = np.repeat(np.arange(k), 2)
   else:
-    cell, cell_ref, ref = 2 * ids + y.astype(int), np.tile([0, 1], len(names)), y.astype(int)
-    cell_names = [f"{g}, y={label}" for g in names for label in (0, 1)]
-  counts = np.bincount(cell, minlength=len(cell_ref)).astype(np.float64)
+    cell, cell_ref, ref = ids.copy(), np.zeros(k, int), np.zeros(n, int)
+    cell_names, cell_group = list(group_names), np.arange(k)
+    if constraint in ("true_positive_rate_parity", "false_positive_rate_parity"):
+      v = int(constraint == "true_positive_rate_parity")
+      cell, ref = np.where(label == v, cell, -1), np.where(label == v, ref, -1)
+      cell_names = [f"{g}, y={v}" for g in group_names]
+    elif constraint == "error_rate_parity":
+      offset, slope = y.astype(np.float64), 1.0 - 2.0 * y
+  m = cell >= 0
+  counts = np.bincount(cell[m], minlength=len(cell_ref)).astype(np.float64)
   if (counts == 0).any():
     raise ValueError(f"{constraint} needs examples in every cell; empty: "
                      f"{[cell_names[i] for i in np.flatnonzero(counts == 0)][:10]}")
   return _Moments(cell, cell_ref, ref, counts,
-                  np.bincount(ref, minlength=cell_ref.max() + 1).astype(np.float64), cell_names)
+                  np.bincount(ref[m], minlength=cell_ref.max() + 1).astype(np.float64),
+                  cell_names, offset, slope, cell_group)
+
+
+def _problem(X, y_true, sensitive_features, constraint: str) -> tuple[np.ndarray, _Moments]:
+  """Checks a reduction's inputs; returns the labels (float64 [n]) and the moments."""
+  if constraint not in CONSTRAINTS:
+    raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
+  y = np.asarray(y_true).reshape(-1)
+  if not np.isin(y, (0, 1)).all():
+    raise ValueError("y_true must hold 0/1 labels")
+  names, ids = group_metrics._groups(sensitive_features)  # pylint: disable=protected-access
+  if not len(y) == len(ids) == len(X):
+    raise ValueError(f"X, y_true and sensitive_features differ in length: {len(X)}, {len(y)}, "
+                     f"{len(ids)}")
+  y = y.astype(np.float64)
+  return y, _moments(y, names, ids, constraint)
 
 
 class ReductionResult(NamedTuple):
@@ -186,8 +243,10 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     X: [n, ...] features, passed to the learner as they are.
     y_true: [n] 0/1 labels.
     sensitive_features: [n] each example's group.
-    constraint: "demographic_parity" (|P(h=1 | A=a) - P(h=1)| <= eps for each group a) or
-      "equalized_odds" (the same conditioned on each label).
+    constraint: "demographic_parity" (|P(h=1 | A=a) - P(h=1)| <= eps for each group a),
+      "equalized_odds" (the same conditioned on each label), "true_positive_rate_parity" or
+      "false_positive_rate_parity" (conditioned on y = 1 or y = 0 only), or
+      "error_rate_parity" (|P(h != y | A=a) - P(h != y)| <= eps).
     eps: the allowed violation; the multipliers' bound is B = 1 / eps.
     max_iter: most exponentiated-gradient iterations.
     nu: stop once the duality gap is below nu (after `min_iter` iterations); default
@@ -201,22 +260,12 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     Agarwal, Beygelzimer, Dudik, Langford and Wallach, "A Reductions Approach to Fair
     Classification", ICML 2018 (Algorithm 1).
   """
-  if constraint not in CONSTRAINTS:
-    raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
   if not eps > 0:
     raise ValueError(f"eps must be positive, got {eps=}")
   if max_iter < 1 or min_iter < 0:
     raise ValueError(f"max_iter must be >= 1 and min_iter >= 0, got {max_iter=}, {min_iter=}")
-  y = np.asarray(y_true).reshape(-1)
-  if not np.isin(y, (0, 1)).all():
-    raise ValueError("y_true must hold 0/1 labels")
-  names, ids = group_metrics._groups(sensitive_features)  # pylint: disable=protected-access
-  if not len(y) == len(ids) == len(X):
-    raise ValueError(f"X, y_true and sensitive_features differ in length: {len(X)}, {len(y)}, "
-                     f"{len(ids)}")
-  y = y.astype(np.float64)
+  y, mom = _problem(X, y_true, sensitive_features, constraint)
   n, bound = len(y), 1.0 / eps
-  mom = _moments(y, names, ids, constraint)
   Xj = jnp.asarray(X)
   base_cost = (1.0 - 2.0 * y) / n  # d err(h) / d h_i
   hyps, preds, errs, gams = [], [], [], []
@@ -307,3 +356,129 @@ def reduction_probabilities(result: ReductionResult, X) -> np.ndarray:
   """P(y_hat = 1) of the randomised classifier for each example: float64 [n]."""
   hs = jax.vmap(result.learner.predict, in_axes=(0, None))(result.params, jnp.asarray(X))
   return result.weights @ np.asarray(hs, np.float64)
+
+
+def _integer_grid(dim: int, size: int) -> tuple[np.ndarray, int]:
+  """The first `size` integer points x with ||x||_1 <= m, for the smallest m that has that
+  many, in lexicographic order (each coordinate from -m' to m', m' what the earlier ones leave);
+  and m. fairlearn's `GridSearch` grid (no forced norm, negative coefficients allowed), started
+  from its lower bound on m."""
+  def points(d, budget):
+    if d == 0:
+      yield ()
+      return
+    for v in range(-budget, budget + 1):
+      for rest in points(d - 1, budget - abs(v)):
+        yield (v,) + rest
+
+  m = max(0, int(np.floor((size / 2.0 ** dim) ** (1.0 / dim) - 1)))
+  while True:
+    grid = []
+    for p in points(dim, m):
+      grid.append(p)
+      if len(grid) == size:
+        return np.array(grid, dtype=np.float64), m
+    m += 1
+
+
+def _multiplier_grid(mom: _Moments, *, grid_size: int = 10, grid_limit: float = 2.0) -> np.ndarray:
+  """float64 [grid_size, 2C]: `grid_size` multiplier vectors lambda (positive parts first, then
+  negative, as `gamma` orders its moments) on the basis cells (`_Moments.basis`), with
+  coefficients of L1 norm at most grid_limit on an even integer lattice."""
+  basis = mom.basis()
+  coef, m = _integer_grid(len(basis), grid_size)
+  coef = coef * (grid_limit / m) if m > 0 else coef
+  c = len(mom.cell_count)
+  lam = np.zeros((grid_size, 2 * c))
+  lam[:, basis] = np.maximum(coef, 0.0)
+  lam[:, c + basis] = np.maximum(-coef, 0.0)
+  return lam
+
+
+class GridSearchResult(NamedTuple):
+  """One deterministic classifier per grid point and the one selected (`best`)."""
+  learner: Learner
+  params: list  # [G] each point's fitted params, None where its relabelled data held one class
+  constants: np.ndarray  # float64 [G] that one class's prediction there, NaN where fitted
+  best: int  # the selected point
+  lambdas: np.ndarray  # float64 [G, 2C] the grid of multipliers
+  errors: np.ndarray  # float64 [G] err(h) on the training data
+  gammas: np.ndarray  # float64 [G, 2C] the moments (each cell's gap, both signs)
+  cells: list  # [C] the constraint's cells
+
+
+def grid_search(learner: Learner, X, y_true, *, sensitive_features,
+                constraint: str = "demographic_parity", constraint_weight: float = 0.5,
+                grid_size: int = 10, grid_limit: float = 2.0,
+                grid: np.ndarray | None = None) -> GridSearchResult:
+  """Fits one classifier per multiplier vector of a grid and selects the one with the smallest
+  (1 - constraint_weight) err(h) + constraint_weight max_k gamma_k(h).
+
+  At each grid point lambda the classifier is the learner's fit of the relabelled problem: each
+  example's label is 1 where predicting 1 lowers err(h) + lambda^T gamma(h) and its weight is the
+  size of that change times n (fairlearn's unnormalised weights; the same for every point, so
+  a regularised learner sees the same data scale as fairlearn's). Where every relabelled example
+  has the same label the point's classifier is that constant, unfitted (as fairlearn does).
+
+  Args:
+    learner: the weighted classifier class H (`Learner`).
+    X, y_true, sensitive_features, constraint: as for `exponentiated_gradient`.
+    constraint_weight: w in [0, 1], the selection's weight on the largest moment.
+    grid_size: the number of grid points (fairlearn's default 10).
+    grid_limit: the largest L1 norm of a point's basis coefficients.
+    grid: optional float [G, 2C] multipliers to use instead, laid out as the result's `lambdas`
+      (each cell's positive part in `cells` order, then the negative parts).
+
+  Returns:
+    A `GridSearchResult`; `grid_search_predict` gives the selected classifier's predictions.
+
+  References:
+    Agarwal, Beygelzimer, Dudik, Langford and Wallach, "A Reductions Approach to Fair
+    Classification", ICML 2018 (Section 3.4).
+  """
+  if not 0.0 <= constraint_weight <= 1.0:
+    raise ValueError(f"constraint_weight must be in [0, 1], got {constraint_weight=}")
+  if grid is None and (grid_size < 1 or not grid_limit > 0):
+    raise ValueError(f"grid_size must be >= 1 and grid_limit positive, got {grid_size=}, "
+                     f"{grid_limit=}")
+  y, mom = _problem(X, y_true, sensitive_features, constraint)
+  if len(mom.basis()) == 0:
+    raise ValueError(f"{constraint} needs at least two groups, got cells {mom.names}")
+  n = len(y)
+  if grid is None:
+    lambdas = _multiplier_grid(mom, grid_size=grid_size, grid_limit=grid_limit)
+  else:
+    lambdas = np.asarray(grid, np.float64)
+    if lambdas.ndim != 2 or lambdas.shape[1] != 2 * len(mom.cell_count) or (lambdas < 0).any():
+      raise ValueError(f"grid must be non-negative with shape [G, {2 * len(mom.cell_count)}], "
+                       f"got shape {lambdas.shape}")
+  Xj = jnp.asarray(X)
+  params, constants, errors, gammas = [], [], [], []
+  for lam in lambdas:
+    cost = (1.0 - 2.0 * y) / n + mom.signed_cost(lam)
+    labels = (cost < 0).astype(np.float32)
+    if labels.min() == labels.max():
+      params.append(None)
+      constants.append(float(labels[0]))
+      h = np.full(n, float(labels[0]))
+    else:
+      p = learner.fit(Xj, jnp.asarray(labels), jnp.asarray(np.abs(cost) * n, jnp.float32))
+      params.append(p)
+      constants.append(np.nan)
+      h = np.asarray(learner.predict(p, Xj), np.float64)
+    errors.append(float(np.mean(np.abs(h - y))))
+    gammas.append(mom.gamma(h))
+  errors, gammas = np.asarray(errors), np.stack(gammas)
+  losses = (1.0 - constraint_weight) * errors + constraint_weight * gammas.max(axis=1)
+  return GridSearchResult(learner, params, np.asarray(constants), int(np.argmin(losses)),
+                          lambdas, errors, gammas, mom.names)
+
+
+def grid_search_predict(result: GridSearchResult, X, index: int | None = None) -> np.ndarray:
+  """0/1 predictions (float64 [n]) of the selected classifier, or of grid point `index`."""
+  i = result.best if index is None else index
+  if not 0 <= i < len(result.params):
+    raise ValueError(f"index must be in [0, {len(result.params)}), got {index=}")
+  if result.params[i] is None:
+    return np.full(len(X), result.constants[i])
+  return np.asarray(result.learner.predict(result.params[i], jnp.asarray(X)), np.float64)
