@@ -135,6 +135,70 @@ def test_metric_frame_equals_fairlearns(intersect):
   assert sum(ours.counts.values()) == len(y)
 
 
+@pytest.mark.parametrize("intersect", [False, True])
+def test_metric_frame_bootstrap_equals_fairlearns(intersect):
+  from sklearn.metrics import (  # pylint: disable=import-outside-toplevel
+      accuracy_score, recall_score)
+
+  y, pred, sex, age, w = _frame_data(2)
+  metrics = {"accuracy": accuracy_score, "recall": recall_score,
+             "selection_rate": flm.selection_rate}
+  sf = {"sex": sex, "age": age} if intersect else sex
+  kw = {"sample_params": {"accuracy": {"sample_weight": w}}, "n_boot": 40,
+        "ci_quantiles": (0.05, 0.5, 0.95), "random_state": 3}
+  ours = group.metric_frame(metrics, y, pred, sensitive_features=sf, **kw)
+  ref = flm.MetricFrame(metrics=metrics, y_true=y, y_pred=pred, sensitive_features=sf,
+                        **{**kw, "ci_quantiles": list(kw["ci_quantiles"])})
+  for k in metrics:
+    theirs = lambda series, k=k: np.array([s[k] for s in series])  # fairlearn's, per quantile
+    np.testing.assert_allclose(ours.overall_ci[k], theirs(ref.overall_ci), atol=1e-12)
+    for method in ("between_groups", "to_overall"):
+      np.testing.assert_allclose(ours.difference_ci(method)[k], theirs(ref.difference_ci(method)),
+                                 atol=1e-12)
+      np.testing.assert_allclose(ours.ratio_ci(method)[k], theirs(ref.ratio_ci(method)),
+                                 atol=1e-12)
+    np.testing.assert_allclose(ours.group_min_ci()[k], theirs(ref.group_min_ci()), atol=1e-12)
+    np.testing.assert_allclose(ours.group_max_ci()[k], theirs(ref.group_max_ci()), atol=1e-12)
+    for g, v in ours.by_group_ci.items():
+      np.testing.assert_allclose(v[k], [s[k][g] for s in ref.by_group_ci], atol=1e-12)
+  lo, mid, hi = ours.overall_ci["accuracy"]
+  assert lo < ours.overall["accuracy"] < hi and lo < mid < hi
+
+
+def test_metric_frame_bootstrap_on_given_resamples_against_a_loop():
+  y, pred, _, _, _ = _frame_data(3, n=60)
+  # A group of 3 rows is missing from some resamples: its quantiles use the others only.
+  g = np.array(["big"] * 57 + ["tiny"] * 3)
+  rows = group.bootstrap_resamples(60, 200, random_state=1)
+  assert rows.shape == (200, 60) and rows.min() >= 0 and rows.max() < 60
+  misses = np.array([not (g[r] == "tiny").any() for r in rows])
+  assert 0 < misses.sum() < 200  # (the seed was chosen so that both happen)
+  acc = lambda t, p: float(np.mean(t == p))
+  frame = group.metric_frame({"acc": acc}, y, pred, sensitive_features=g, resamples=rows,
+                             ci_quantiles=(0.1, 0.9))
+  loop = np.array([acc(y[r], pred[r]) for r in rows])
+  np.testing.assert_allclose(frame.overall_ci["acc"], np.quantile(loop, [0.1, 0.9]), atol=1e-12)
+  tiny = np.array([acc(y[r][g[r] == "tiny"], pred[r][g[r] == "tiny"])
+                   for r, m in zip(rows, misses) if not m])
+  np.testing.assert_allclose(frame.by_group_ci["tiny"]["acc"], np.quantile(tiny, [0.1, 0.9]),
+                             atol=1e-12)
+  # Where a resample misses the tiny group, its difference is over the big group alone (0).
+  gaps = np.array([0.0 if m else abs(acc(y[r][g[r] == "big"], pred[r][g[r] == "big"])
+                                     - acc(y[r][g[r] == "tiny"], pred[r][g[r] == "tiny"]))
+                   for r, m in zip(rows, misses)])
+  np.testing.assert_allclose(frame.difference_ci()["acc"], np.quantile(gaps, [0.1, 0.9]),
+                             atol=1e-12)
+  with pytest.raises(ValueError, match="no bootstrap"):
+    _ = group.metric_frame({"acc": acc}, y, pred, sensitive_features=g).overall_ci
+  for kw in ({"n_boot": 10}, {"ci_quantiles": (0.5,)}, {"ci_quantiles": (1.5,), "n_boot": 3},
+             {"n_boot": 3, "resamples": rows, "ci_quantiles": (0.5,)}):
+    with pytest.raises(ValueError, match="bootstrap intervals need ci_quantiles"):
+      group.metric_frame({"acc": acc}, y, pred, sensitive_features=g, **kw)
+  with pytest.raises(ValueError, match=r"resamples must be \[n_boot, 60\]"):
+    group.metric_frame({"acc": acc}, y, pred, sensitive_features=g, resamples=rows[:, :5],
+                       ci_quantiles=(0.5,))
+
+
 def test_metric_frame_rates_agree_with_group_rates_and_bad_input_is_named():
   y, pred, sex, _, _ = _frame_data(1)
   frame = group.metric_frame(lambda t, p: np.mean(p), y, pred, sensitive_features=sex)

@@ -175,9 +175,51 @@ class MetricFrame(NamedTuple):
   by_group: dict  # {group: {metric: value}}; a group is a value, or a tuple of values when
   # several sensitive features intersect
   counts: dict  # {group: examples}
+  ci_quantiles: tuple | None = None  # the bootstrap intervals' quantiles (`n_boot`)
+  samples: tuple | None = None  # one MetricFrame per bootstrap resample
 
   def _column(self, name: str) -> np.ndarray:
     return np.array([v[name] for v in self.by_group.values()], np.float64)
+
+  def _ci(self, summary) -> dict:
+    """Per metric, the quantiles over the resamples of summary(frame) (a {metric: value})."""
+    if self.samples is None:
+      raise ValueError("no bootstrap: pass n_boot and ci_quantiles to metric_frame")
+    values = [summary(f) for f in self.samples]
+    return {k: np.quantile([v[k] for v in values], self.ci_quantiles).tolist()
+            for k in self.overall}
+
+  @property
+  def overall_ci(self) -> dict:
+    """{metric: [value at each of ci_quantiles]} over the bootstrap resamples."""
+    return self._ci(lambda f: f.overall)
+
+  @property
+  def by_group_ci(self) -> dict:
+    """{group: {metric: [value at each quantile]}}; a resample that misses a group leaves it
+    out of that group's quantiles (NaN if every resample does)."""
+    if self.samples is None:
+      raise ValueError("no bootstrap: pass n_boot and ci_quantiles to metric_frame")
+    nan = {k: np.nan for k in self.overall}
+    return {g: {k: np.nanquantile([f.by_group.get(g, nan)[k] for f in self.samples],
+                                  self.ci_quantiles).tolist() for k in self.overall}
+            for g in self.by_group}
+
+  def group_min_ci(self) -> dict:
+    return self._ci(lambda f: f.group_min())
+
+  def group_max_ci(self) -> dict:
+    return self._ci(lambda f: f.group_max())
+
+  def difference_ci(self, method: str = "between_groups") -> dict:
+    """Quantiles of `difference(method)` over the resamples."""
+    _check_method(method)
+    return self._ci(lambda f: f.difference(method))
+
+  def ratio_ci(self, method: str = "between_groups") -> dict:
+    """Quantiles of `ratio(method)` over the resamples."""
+    _check_method(method)
+    return self._ci(lambda f: f.ratio(method))
 
   def group_min(self) -> dict:
     return {k: float(np.nanmin(self._column(k))) for k in self.overall}
@@ -194,9 +236,23 @@ class MetricFrame(NamedTuple):
     return {k: _ratio(self._column(k), v, method) for k, v in self.overall.items()}
 
 
+def bootstrap_resamples(n: int, n_boot: int, random_state: int = 0) -> np.ndarray:
+  """int [n_boot, n]: row indices of `n_boot` resamples of n rows with replacement, drawn as
+  fairlearn's `MetricFrame` draws them for an integer `random_state` (one uint32 seed per
+  resample from numpy's default generator, then a `RandomState` choice of n of n rows), so the
+  same random_state gives fairlearn's intervals."""
+  if n < 1 or n_boot < 1:
+    raise ValueError(f"n and n_boot must be >= 1, got {n=}, {n_boot=}")
+  seeds = np.random.default_rng(int(random_state)).integers(
+      0, np.iinfo(np.uint32).max, size=n_boot, dtype=np.uint32)
+  return np.stack([np.random.RandomState(s).choice(n, size=n, replace=True) for s in seeds])
+
+
 def metric_frame(metrics, y_true, y_pred, *, sensitive_features,
-                 sample_params: dict | None = None) -> MetricFrame:
-  """Evaluates each metric on everyone and on each group.
+                 sample_params: dict | None = None, n_boot: int | None = None,
+                 ci_quantiles=None, random_state: int = 0,
+                 resamples: np.ndarray | None = None) -> MetricFrame:
+  """Evaluates each metric on everyone and on each group, with bootstrap intervals on request.
 
   Args:
     metrics: a callable `fn(y_true, y_pred, **params) -> float` or a dict name -> callable
@@ -206,6 +262,14 @@ def metric_frame(metrics, y_true, y_pred, *, sensitive_features,
       whose combinations are the groups (intersectional: every combination present).
     sample_params: per metric name, a dict of [n] arrays sliced with the group (e.g.
       {"accuracy": {"sample_weight": w}}).
+    n_boot, ci_quantiles: with both, the frame is recomputed on `n_boot` resamples of the rows
+      (with replacement, groups not stratified: a group's size varies between resamples) and
+      its `*_ci` members give each summary's quantiles over them (numpy's linear quantiles),
+      as fairlearn's `MetricFrame(n_boot=, ci_quantiles=)` does; e.g. ci_quantiles=(0.025,
+      0.975) for a 95% percentile interval.
+    random_state: the resamples' seed (`bootstrap_resamples`).
+    resamples: int [n_boot, n] row indices to use instead (e.g. the same resamples for two
+      models' predictions, for a paired comparison); needs ci_quantiles.
 
   Returns:
     A `MetricFrame`.
@@ -245,7 +309,29 @@ def metric_frame(metrics, y_true, y_pred, *, sensitive_features,
     rows = ids == i
     name = g[0] if len(columns) == 1 else g
     by_group[name], counts[name] = evaluate(rows), int(rows.sum())
-  return MetricFrame(evaluate(np.ones(len(yt), bool)), by_group, counts)
+  frame = MetricFrame(evaluate(np.ones(len(yt), bool)), by_group, counts)
+  if n_boot is None and resamples is None and ci_quantiles is None:
+    return frame
+  q = tuple(float(v) for v in np.atleast_1d(ci_quantiles)) if ci_quantiles is not None else ()
+  if not q or not all(0.0 <= v <= 1.0 for v in q) or (n_boot is None) == (resamples is None):
+    raise ValueError("bootstrap intervals need ci_quantiles in [0, 1] and one of n_boot or "
+                     f"resamples, got {ci_quantiles=}, {n_boot=}, resamples "
+                     f"{'given' if resamples is not None else None}")
+  if resamples is None:
+    resamples = bootstrap_resamples(len(yt), n_boot, random_state)
+  resamples = np.asarray(resamples)
+  if resamples.ndim != 2 or resamples.shape[1] != len(yt):
+    raise ValueError(f"resamples must be [n_boot, {len(yt)}] row indices, got shape "
+                     f"{resamples.shape}")
+  samples = []
+  for rows in resamples:
+    sf = ({k: c[rows] for k, c in zip(sensitive_features, columns)}
+          if isinstance(sensitive_features, dict) else np.stack([c[rows] for c in columns], 1))
+    samples.append(metric_frame(
+        fns, yt[rows], yp[rows], sensitive_features=sf,
+        sample_params={k: {p: np.asarray(v)[rows] for p, v in ps.items()}
+                       for k, ps in params.items()}))
+  return frame._replace(ci_quantiles=q, samples=tuple(samples))
 
 
 # ----------------------------------------------------------------------------- bias AUCs
