@@ -121,7 +121,7 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     ("inprocess_eps", 0.0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
     ("inprocess_min_group", 0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
     ("inprocess_learner", "svm", "inprocess_learner must be"),
-    ("inprocess_grid", -1, "inprocess_grid must be >= 0")])
+    ("inprocess_grid_limits", (0.5, 0.0), "inprocess_grid_limits must be positive")])
 def test_bad_bias_config_is_named(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     experiments.run(_config(tmp_path, **{field: value}), show_progress=False)
@@ -223,7 +223,8 @@ def test_minilm_bias_study_runs_on_a_sample(tmp_path):
   cfg = _config(tmp_path, **{"model.name": "minilm", "model.mlp_dim": 16,
                              "data.train_sets": ("nonfuzzed",), "data.max_train": 80,
                              "data.eval_per_identity": 2, "aps_per_identity": 1,
-                             "inprocess": ("demographic_parity", "equalized_odds")})
+                             "inprocess": ("demographic_parity", "equalized_odds"),
+                             "inprocess_grid_limits": (1.0,)})
   summary = experiments.run(cfg, show_progress=False)
   r = summary["train_sets"]["nonfuzzed"]
   # In-processing on the training comments' embeddings: every rule is measured on the madlibs
@@ -232,14 +233,21 @@ def test_minilm_bias_study_runs_on_a_sample(tmp_path):
   assert list(rules) == ["unconstrained", "+ demographic_parity thresholds",
                          "+ equalized_odds thresholds", "decorrelated embeddings",
                          "exponentiated gradient, demographic_parity",
-                         "exponentiated gradient, equalized_odds"]
+                         "exponentiated gradient, equalized_odds",
+                         "grid search, demographic_parity", "grid search, equalized_odds"]
   assert sum(r["inprocess_groups"].values()) == 80
   for c in ("demographic_parity", "equalized_odds"):
     eg = rules[f"exponentiated gradient, {c}"]
     assert eg["train_violation"] <= 1e-9 and eg["classifiers"] >= 1
     assert 0.0 <= eg["accuracy"] <= 1.0
+    gs = rules[f"grid search, {c}"]
+    basis = (len(r["inprocess_groups"]) - 1) * (2 if c == "equalized_odds" else 1)
+    assert len(gs["grid_train_errors"]) == 2 * basis + 1  # 0 and +-1 on each basis cell
+    assert gs["train_error"] == gs["grid_train_errors"][gs["grid_point"]]
   report = (tmp_path / cfg.run_name / "report.md").read_text()
   assert "| exponentiated gradient, equalized_odds |" in report
+  assert "| grid search, equalized_odds |" in report and "plots/grid_search.png" in report
+  assert (tmp_path / cfg.run_name / "plots" / "grid_search.png").stat().st_size > 0
   assert summary["eval_examples"] == 51 * 4 and summary["aps_examples"] == 51 * 2
   assert r["train_examples"] == 80 and len(r["per_identity"]) == 50
   assert all(np.isfinite(v["aps"]) and v["aps"] >= 0 for v in r["per_identity"].values())
@@ -259,7 +267,7 @@ def test_inprocess_metrics_with_either_learner(tmp_path, learner):
   y = np.tile(np.repeat([0, 1], 20), 3)
   x = (rng.normal(size=(120, 8)) + shift(np.array(ids)) + y[:, None]).astype(np.float32)
   cfg = override(_config(tmp_path), inprocess=("demographic_parity", "equalized_odds"),
-                 inprocess_learner=learner, inprocess_steps=100, inprocess_grid=5,
+                 inprocess_learner=learner, inprocess_steps=100, inprocess_grid_limits=(2.0, 0.5),
                  **{"model.mlp_dim": 8})
   out = experiments.inprocess_metrics(train_x, train_y, groups, x, y, ids, cfg)
   assert list(out) == ["unconstrained", "+ demographic_parity thresholds",
@@ -270,10 +278,12 @@ def test_inprocess_metrics_with_either_learner(tmp_path, learner):
   for c in ("demographic_parity", "equalized_odds"):
     assert out[f"exponentiated gradient, {c}"]["train_violation"] <= 1e-9
     gs = out[f"grid search, {c}"]
-    assert 0 <= gs["grid_point"] < 5 and 0.0 <= gs["accuracy"] <= 1.0
+    # 0 and +-limit on each of 2 (demographic parity) or 4 basis cells, at two limits
+    points = 1 + 2 * 2 * (4 if c == "equalized_odds" else 2)
+    assert len(gs["grid_train_errors"]) == points and 0 <= gs["grid_point"] < points
+    assert 0.0 <= gs["accuracy"] <= 1.0
     assert gs["train_violation"] == pytest.approx(gs["train_largest_moment"] - 0.01, abs=1e-12)
-  # Demographic parity's grid over 3 groups (2 basis cells) at size 5 is the L1 unit ball,
-  # lambda = 0 included, so the selected point's (error + largest moment) / 2 is at most the
+  # The grid holds lambda = 0, so the selected point's (error + largest moment) / 2 is at most the
   # unconstrained model's on the training comments (its rates measured by a float64 loop).
   learner_fn, _ = experiments.inprocess_learner(cfg)
   plain = np.asarray(learner_fn.predict(learner_fn.fit(

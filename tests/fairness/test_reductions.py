@@ -244,3 +244,25 @@ def test_grid_search_constant_points_and_bad_input():
       rd.grid_search(rd.logistic_regression(), X, y, **{"sensitive_features": g, **kw})
   with pytest.raises(ValueError, match="index must be in"):
     rd.grid_search_predict(res, X, index=3)
+
+
+def test_multiplier_grid_unit_balls_and_scales():
+  X, y, g = _data(8, n=300)
+  for constraint, basis in (("demographic_parity", 2), ("equalized_odds", 4)):
+    grid = rd.multiplier_grid(y, sensitive_features=g, constraint=constraint, grid_size=None,
+                              grid_limit=0.5)
+    c = grid.shape[1] // 2
+    signed = grid[:, :c] - grid[:, c:]
+    # 0 and +-0.5 on each basis cell (each label's groups but the last, "c"): 2D + 1 points
+    assert grid.shape[0] == 2 * basis + 1 and (grid >= 0).all()
+    assert sorted(np.abs(signed).sum(1).tolist()) == [0.0] + [0.5] * (2 * basis)
+    assert (np.count_nonzero(signed, axis=1) <= 1).all() and not (grid[:, :c] * grid[:, c:]).any()
+    last = [i for i, name in enumerate(rd._moments(  # pylint: disable=protected-access
+        y.astype(float), *group._groups(g), constraint).names) if name.startswith("c")]
+    assert not signed[:, last].any()
+    # grid_search on that grid fits exactly those points
+    res = rd.grid_search(rd.logistic_regression(), X, y, sensitive_features=g,
+                         constraint=constraint, grid=grid)
+    np.testing.assert_array_equal(res.lambdas, grid)
+    with pytest.raises(ValueError, match="grid_limit positive"):
+      rd.multiplier_grid(y, sensitive_features=g, constraint=constraint, grid_limit=0.0)

@@ -21,8 +21,8 @@ in expectation over the randomisation, beside the plain threshold on that half. 
 `inprocess` (constraints of `reductions.exponentiated_gradient`; the "minilm" model only, whose
 inputs are features), logistic regressions on each training set's comment embeddings are
 trained without and with the constraint over the comments' identity groups (Agarwal et al.
-2018; `comment_groups`; with `inprocess_grid`, also by grid search), and measured on the same
-held-out half beside the unconstrained one post-processed.
+2018; `comment_groups`; with `inprocess_grid_limits`, also by grid search), and measured on the
+same held-out half beside the unconstrained one post-processed.
 
 The classifier (`model.name`) is a token model trained from scratch on a hash vocabulary
 ("bag_of_embeddings", "transformer") or an MLP head on frozen all-MiniLM-L6-v2 sentence
@@ -85,9 +85,8 @@ def _check(cfg) -> None:
   if cfg.inprocess_learner not in ("logistic_regression", "mlp"):
     raise ValueError(f"inprocess_learner must be 'logistic_regression' or 'mlp', got "
                      f"{cfg.inprocess_learner!r}")
-  if cfg.inprocess_grid < 0:
-    raise ValueError(f"inprocess_grid must be >= 0 (0: no grid search), got "
-                     f"{cfg.inprocess_grid=}")
+  if not all(v > 0 for v in cfg.inprocess_grid_limits):
+    raise ValueError(f"inprocess_grid_limits must be positive, got {cfg.inprocess_grid_limits=}")
   if not (cfg.inprocess_eps > 0 and cfg.inprocess_l2 > 0 and cfg.inprocess_min_group >= 1
           and cfg.inprocess_steps >= 1):
     raise ValueError(f"inprocess_eps, inprocess_l2, inprocess_min_group and inprocess_steps "
@@ -368,9 +367,9 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
   decorrelated from the comments' identity groups (`preprocessing`; a madlibs sentence takes
   its term's group, "other identity" when no comment group has the term), and trained under
   each of `cfg.inprocess` over those groups by the exponentiated-gradient reduction (and, with
-  `cfg.inprocess_grid`, by grid search). Per rule: the madlibs held-out half's accuracy and gaps
-  (expected values); for the reductions their training error and violation (largest moment
-  minus `cfg.inprocess_eps`), the number of classifiers mixed and the iterations (the grid
+  `cfg.inprocess_grid_limits`, by grid search). Per rule: the madlibs held-out half's accuracy
+  and gaps (expected values); for the reductions their training error and violation (largest
+  moment minus `cfg.inprocess_eps`), the number of classifiers mixed and the iterations (the grid
   search: the selected point and its multipliers' L1 norm)."""
   split = _split(identities, y)
   held = split.held
@@ -406,16 +405,21 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
         **measure(reductions.reduction_probabilities(res, features[held])),
         "train_error": res.error, "train_violation": res.violation,
         "classifiers": int((res.weights > 0).sum()), "iterations": len(res.gaps)}
-  for c in cfg.inprocess if cfg.inprocess_grid else ():
+  for c in cfg.inprocess if cfg.inprocess_grid_limits else ():
+    grids = [reductions.multiplier_grid(train_labels, sensitive_features=train_groups,
+                                        constraint=c, grid_size=None, grid_limit=v)
+             for v in cfg.inprocess_grid_limits]
+    grid = np.concatenate([grids[0]] + [g[g.any(axis=1)] for g in grids[1:]])  # one lambda = 0
     res = reductions.grid_search(learner, train_features, train_labels,
-                                 sensitive_features=train_groups, constraint=c,
-                                 grid_size=cfg.inprocess_grid)
+                                 sensitive_features=train_groups, constraint=c, grid=grid)
     top = float(res.gammas[res.best].max())
     out[f"grid search, {c}"] = {
         **measure(reductions.grid_search_predict(res, features[held])),
         "train_error": float(res.errors[res.best]), "train_violation": top - cfg.inprocess_eps,
         "train_largest_moment": top, "grid_point": res.best,
-        "grid_point_norm": float(res.lambdas[res.best].sum())}
+        "grid_point_norm": float(res.lambdas[res.best].sum()),
+        "grid_train_errors": res.errors.tolist(),
+        "grid_train_largest_moments": res.gammas.max(axis=1).tolist()}
   return out
 
 
@@ -448,6 +452,37 @@ def _plot_postprocessing(train_sets: dict, threshold: float, path: str) -> None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("true-positive rate")
   axes[0][0].legend(fontsize=8, title="one point per identity term", title_fontsize=8)
+  reporting.save_figure(fig, path)
+
+
+def _plot_grid_search(train_sets: dict, path: str) -> None:
+  """Per training set and constraint, every grid point's training error against its largest
+  moment on the comments, the selected point ringed, beside the exponentiated-gradient
+  mixture: the trade-off the grid explores."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  first = next(iter(train_sets.values()))["inprocess"]
+  constraints = [k.split(", ", 1)[1] for k in first if k.startswith("grid search, ")]
+  fig, axes = plt.subplots(len(train_sets), len(constraints), squeeze=False,
+                           figsize=(4.6 * len(constraints), 3.8 * len(train_sets)))
+  for row, (name, s) in zip(axes, train_sets.items()):
+    for ax, c in zip(row, constraints):
+      gs = s["inprocess"][f"grid search, {c}"]
+      ax.plot(gs["grid_train_largest_moments"], gs["grid_train_errors"], "o", ms=4, alpha=0.6,
+              color="C0", label="grid points")
+      ax.plot([gs["train_largest_moment"]], [gs["train_error"]], "o", ms=11, mfc="none",
+              color="C3", label="selected (w = 0.5)")
+      eg = s["inprocess"].get(f"exponentiated gradient, {c}")
+      if eg is not None:
+        eps = gs["train_largest_moment"] - gs["train_violation"]
+        ax.plot([eg["train_violation"] + eps], [eg["train_error"]], "*", ms=11, color="C2",
+                label="exponentiated gradient")
+      ax.set(xlabel="largest moment on the comments", ylabel="training error",
+             title=f"{name}: {c}")
+      ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
   reporting.save_figure(fig, path)
 
 
@@ -536,6 +571,8 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
   if cfg.postprocess:
     _plot_postprocessing(summary["train_sets"], cfg.threshold,
                          os.path.join(workdir, "plots", "postprocessing.png"))
+  if cfg.inprocess and cfg.inprocess_grid_limits:
+    _plot_grid_search(summary["train_sets"], os.path.join(workdir, "plots", "grid_search.png"))
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
     f.write(report(cfg, summary))
   return summary
@@ -626,8 +663,10 @@ def report(cfg, summary: dict) -> str:
          "sentence embeddings, unconstrained (also post-processed on the madlibs fit half), "
          "on the embeddings decorrelated from the comments' identity groups (pre-processing), "
          "and trained by the exponentiated-gradient reduction over those groups "
-         + (f"(and by grid search over {cfg.inprocess_grid} multiplier vectors, which selects "
-            "one deterministic classifier and has no allowance) " if cfg.inprocess_grid else "")
+         + ("(and by grid search over 0 and plus or minus each of "
+            f"{', '.join(map(str, cfg.inprocess_grid_limits))} on each basis cell's multiplier, "
+            "which selects one deterministic classifier by (training error + largest moment) / 2 "
+            "and has no allowance) " if cfg.inprocess_grid_limits else "")
          + 
          f"(allowed violation {cfg.inprocess_eps}; groups: each term with at least "
          f"{cfg.inprocess_min_group} toxic and non-toxic comments, other identities, none: "
@@ -635,7 +674,9 @@ def report(cfg, summary: dict) -> str:
                      for n, s in summary["train_sets"].items())
          + "), measured on the madlibs held-out half; deterministic, one run each. The "
          "training violation is the largest constraint moment minus the allowance on the "
-         "comments (<= 0: met).", "", inprocess_table(summary), ""] if cfg.inprocess else []),
+         "comments (<= 0: met).", "", inprocess_table(summary), "",
+         *(["![grid search](plots/grid_search.png)", ""] if cfg.inprocess_grid_limits else [])]
+        if cfg.inprocess else []),
       "## Per identity" + reporting.over_seeds(summary["seeds"]), "",
       reporting.markdown_table(cols, rows), "", "![bias AUCs](plots/bias_aucs.png)", ""])
 
@@ -666,9 +707,10 @@ def default_config() -> ml_collections.ConfigDict:
   # train.learning_rate for inprocess_steps steps).
   c.inprocess_learner = "logistic_regression"
   c.inprocess_steps = 300
-  # Also fairlearn's grid search (reductions.grid_search) for each of `inprocess`, over this
-  # many multiplier vectors (grid limit 2, constraint weight 0.5); 0 = none.
-  c.inprocess_grid = 0
+  # Also grid search (reductions.grid_search, constraint weight 0.5) for each of `inprocess`,
+  # over the union of the multiplier grids with grid_size=None (0 and +-limit on each basis
+  # cell) at each of these limits; () = none.
+  c.inprocess_grid_limits = ()
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # Dixon et al.'s eval_datasets folder
   c.data.train_sets = TRAIN_SETS  # nonfuzzed | fuzzed

@@ -381,18 +381,34 @@ def _integer_grid(dim: int, size: int) -> tuple[np.ndarray, int]:
     m += 1
 
 
-def _multiplier_grid(mom: _Moments, *, grid_size: int = 10, grid_limit: float = 2.0) -> np.ndarray:
-  """float64 [grid_size, 2C]: `grid_size` multiplier vectors lambda (positive parts first, then
-  negative, as `gamma` orders its moments) on the basis cells (`_Moments.basis`), with
-  coefficients of L1 norm at most grid_limit on an even integer lattice."""
+def _multiplier_grid(mom: _Moments, grid_size: int | None, grid_limit: float) -> np.ndarray:
   basis = mom.basis()
-  coef, m = _integer_grid(len(basis), grid_size)
+  if len(basis) == 0:
+    raise ValueError(f"the constraint needs at least two groups, got cells {mom.names}")
+  coef, m = _integer_grid(len(basis), 2 * len(basis) + 1 if grid_size is None else grid_size)
   coef = coef * (grid_limit / m) if m > 0 else coef
   c = len(mom.cell_count)
-  lam = np.zeros((grid_size, 2 * c))
+  lam = np.zeros((len(coef), 2 * c))
   lam[:, basis] = np.maximum(coef, 0.0)
   lam[:, c + basis] = np.maximum(-coef, 0.0)
   return lam
+
+
+def multiplier_grid(y_true, *, sensitive_features, constraint: str = "demographic_parity",
+                    grid_size: int | None = 10, grid_limit: float = 2.0) -> np.ndarray:
+  """float64 [G, 2C]: the multiplier vectors `grid_search` fits at, laid out as its `lambdas`
+  (each cell's positive part, then the negative parts). Each is a vector of coefficients on
+  the basis cells (each label's groups but the last, in sorted order) with L1 norm at most
+  `grid_limit`: the first `grid_size` points, in lexicographic order, of the integer lattice's
+  smallest L1 ball that has that many, scaled to `grid_limit` (fairlearn's `GridSearch` grid).
+  grid_size=None takes the unit ball's 2D + 1 points (0 and plus or minus grid_limit on each
+  of the D basis cells); the union of such grids at several limits is a grid over scales."""
+  if grid_size is not None and grid_size < 1 or not grid_limit > 0:
+    raise ValueError(f"grid_size must be >= 1 and grid_limit positive, got {grid_size=}, "
+                     f"{grid_limit=}")
+  _, mom = _problem(np.zeros(len(np.asarray(y_true).reshape(-1))), y_true, sensitive_features,
+                    constraint)
+  return _multiplier_grid(mom, grid_size, grid_limit)
 
 
 class GridSearchResult(NamedTuple):
@@ -409,7 +425,7 @@ class GridSearchResult(NamedTuple):
 
 def grid_search(learner: Learner, X, y_true, *, sensitive_features,
                 constraint: str = "demographic_parity", constraint_weight: float = 0.5,
-                grid_size: int = 10, grid_limit: float = 2.0,
+                grid_size: int | None = 10, grid_limit: float = 2.0,
                 grid: np.ndarray | None = None) -> GridSearchResult:
   """Fits one classifier per multiplier vector of a grid and selects the one with the smallest
   (1 - constraint_weight) err(h) + constraint_weight max_k gamma_k(h).
@@ -424,10 +440,12 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
     learner: the weighted classifier class H (`Learner`).
     X, y_true, sensitive_features, constraint: as for `exponentiated_gradient`.
     constraint_weight: w in [0, 1], the selection's weight on the largest moment.
-    grid_size: the number of grid points (fairlearn's default 10).
+    grid_size: the number of grid points (fairlearn's default 10); None: 0 and plus or minus
+      grid_limit on each basis cell (`multiplier_grid`).
     grid_limit: the largest L1 norm of a point's basis coefficients.
     grid: optional float [G, 2C] multipliers to use instead, laid out as the result's `lambdas`
-      (each cell's positive part in `cells` order, then the negative parts).
+      (each cell's positive part in `cells` order, then the negative parts), e.g. several
+      `multiplier_grid`s stacked.
 
   Returns:
     A `GridSearchResult`; `grid_search_predict` gives the selected classifier's predictions.
@@ -438,15 +456,13 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
   """
   if not 0.0 <= constraint_weight <= 1.0:
     raise ValueError(f"constraint_weight must be in [0, 1], got {constraint_weight=}")
-  if grid is None and (grid_size < 1 or not grid_limit > 0):
+  if grid is None and (grid_size is not None and grid_size < 1 or not grid_limit > 0):
     raise ValueError(f"grid_size must be >= 1 and grid_limit positive, got {grid_size=}, "
                      f"{grid_limit=}")
   y, mom = _problem(X, y_true, sensitive_features, constraint)
-  if len(mom.basis()) == 0:
-    raise ValueError(f"{constraint} needs at least two groups, got cells {mom.names}")
   n = len(y)
   if grid is None:
-    lambdas = _multiplier_grid(mom, grid_size=grid_size, grid_limit=grid_limit)
+    lambdas = _multiplier_grid(mom, grid_size, grid_limit)
   else:
     lambdas = np.asarray(grid, np.float64)
     if lambdas.ndim != 2 or lambdas.shape[1] != 2 * len(mom.cell_count) or (lambdas < 0).any():
