@@ -20,7 +20,7 @@ def _data(seed: int, n: int = 600, decimals: int = 6):
   return y, np.round(y + shift + rng.normal(size=n), decimals), g
 
 
-def _fairlearn(y, s, g, constraint, objective, grid_size):
+def _fairlearn(y, s, g, constraint, objective, grid_size, tol=None):
   from fairlearn.postprocessing import ThresholdOptimizer  # pylint: disable=import-outside-toplevel
   from sklearn.base import BaseEstimator, ClassifierMixin  # pylint: disable=import-outside-toplevel
 
@@ -34,7 +34,7 @@ def _fairlearn(y, s, g, constraint, objective, grid_size):
 
   opt = ThresholdOptimizer(estimator=Score().fit(None, None), constraints=constraint,
                            objective=f"{objective}_score", grid_size=grid_size, prefit=True,
-                           predict_method="predict")
+                           predict_method="predict", tol=tol)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     opt.fit(s[:, None], y, sensitive_features=g)
@@ -57,6 +57,36 @@ def test_probabilities_equal_fairlearns_threshold_optimizer(constraint, decimals
                                ref(s, g), rtol=0, atol=1e-12)
     np.testing.assert_allclose(pp.threshold_probabilities(rule, s_new, sensitive_features=g_new),
                                ref(s_new, g_new), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [0.02, 0.1, 0.5])
+@pytest.mark.parametrize("constraint", [c for c in pp.CONSTRAINTS if c != "equalized_odds"])
+def test_relaxed_constraints_equal_fairlearns_and_hold_within_tol(constraint, tol):
+  y, s, g = _data(11, decimals=2)
+  exact = pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint, grid_size=200)
+  for objective in pp.OBJECTIVES:
+    ref = _fairlearn(y, s, g, constraint, objective, grid_size=200, tol=tol)
+    rule = pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint,
+                             objective=objective, grid_size=200, tol=tol)
+    prob = pp.threshold_probabilities(rule, s, sensitive_features=g)
+    np.testing.assert_allclose(prob, ref(s, g), rtol=0, atol=1e-12)
+    # Each group's expected rate (a float64 loop) is the rate the rule reports, at most tol apart.
+    rates, acc = _loop_rates(y, prob, g)
+    metric = {"demographic_parity": lambda r: r[0], "true_positive_rate_parity": lambda r: r[1],
+              "false_positive_rate_parity": lambda r: r[2],
+              "true_negative_rate_parity": lambda r: 1 - r[2],
+              "false_negative_rate_parity": lambda r: 1 - r[1]}[constraint]
+    got = np.array([metric(r) for r in rates.values()])
+    np.testing.assert_allclose(got, rule.values, atol=1e-9)
+    assert np.ptp(got) <= tol + 1e-9 and rule.value == rule.values.min() and rule.tol == tol
+    if objective == "accuracy":  # relaxing can only help: the exact rule is one candidate
+      assert acc == pytest.approx(rule.objective_value, abs=1e-9)
+      assert rule.objective_value >= exact.objective_value - 1e-12
+      assert rule.objective_value > exact.objective_value and np.ptp(got) > 0  # (active here)
+  with pytest.raises(ValueError, match="tol must be in"):
+    pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint, tol=-0.1)
+  with pytest.raises(ValueError, match="not equalized_odds"):
+    pp.fit_thresholds(y, s, sensitive_features=g, constraint="equalized_odds", tol=0.1)
 
 
 def _loop_rates(y, prob, g):

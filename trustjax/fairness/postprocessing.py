@@ -19,9 +19,10 @@ The fitted `ThresholdRule` is data (arrays per group); `threshold_probabilities`
 example's P(y_hat = 1) and `threshold_predict` draws the randomised predictions. The rule and its
 probabilities equal fairlearn's `ThresholdOptimizer` (same threshold operations, grid and tie
 conventions; tested), for scores where larger means more positive (fairlearn's `flip=False`, its
-default) and without its `tol` relaxation. The fitting runs on the host in float64 (a sort per
-group and one pass along the hull); prediction compares with the thresholds in float64 too, so
-that a midpoint between two float32 scores is not rounded onto one of them.
+default); `tol` relaxes a single-rate constraint to rates at most tol apart, as fairlearn's does.
+The fitting runs on the host in float64 (a sort per group and one pass along the hull);
+prediction compares with the thresholds in float64 too, so that a midpoint between two float32
+scores is not rounded onto one of them.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ class ThresholdRule(NamedTuple):
   constant: float  # P(y_hat = 1) of the constant prediction (equalized odds: the common FPR)
   constraint: str
   objective: str
-  value: float  # the equalised rate (equalized odds: the common FPR)
+  value: float  # the equalised rate (equalized odds: the common FPR; with tol the lowest)
   objective_value: float  # the objective on the fitting data, in expectation
+  values: np.ndarray | None = None  # float64 [G] each group's rate (all `value` without tol)
+  tol: float | None = None  # the allowed spread of the groups' rates (None: exact)
 
 
 def _confusion(y: np.ndarray, s: np.ndarray):
@@ -128,6 +131,24 @@ def _hull_on_grid(x, y, thresholds, grid) -> _Curve:
   return _Curve(w_lo * hy[i] + (1 - w_lo) * hy[i + 1], ht[i], ht[i + 1], w_lo)
 
 
+def _relaxed_choice(grid: np.ndarray, weighted: np.ndarray, tol: float):
+  """Per group a grid index, all within a window of width tol on the grid, maximising the sum
+  of weighted[g, index_g]: for each window end, each group's best index in the window (ties to
+  the larger rate); the best window wins, ties to the smaller spread of rates and then the
+  later window (fairlearn's `maximize_objective_with_tolerance` conventions)."""
+  best, best_total, best_spread = None, -np.inf, np.inf
+  start = 0
+  for end in range(len(grid)):
+    while grid[end] - grid[start] > tol:
+      start += 1
+    idx = end - np.argmax(weighted[:, start:end + 1][:, ::-1], axis=1)
+    total = sum(float(weighted[g, i]) for g, i in enumerate(idx))  # in group order
+    spread = float(np.ptp(grid[idx]))
+    if total > best_total or (total == best_total and spread <= best_spread):
+      best, best_total, best_spread = idx, total, spread
+  return best, best_total
+
+
 def _check_inputs(y_true, scores, sensitive_features):
   y = np.asarray(y_true).reshape(-1)
   s = np.asarray(scores, np.float64).reshape(-1)
@@ -146,7 +167,7 @@ def _check_inputs(y_true, scores, sensitive_features):
 
 def fit_thresholds(y_true, scores, *, sensitive_features,
                    constraint: str = "demographic_parity", objective: str = "accuracy",
-                   grid_size: int = 1000) -> ThresholdRule:
+                   grid_size: int = 1000, tol: float | None = None) -> ThresholdRule:
   """Fits per-group randomised thresholds that satisfy `constraint` exactly on this data.
 
   Args:
@@ -158,6 +179,9 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
       per group and weighted by group size (exact for accuracy; for balanced accuracy the
       same approximation fairlearn makes); for equalized odds it is that of the pooled data.
     grid_size: the common rate is searched on linspace(0, 1, grid_size + 1).
+    tol: relaxes a single-rate constraint: each group takes its own rate on that grid, the
+      groups' rates at most tol apart (largest minus smallest), maximising the same objective
+      (fairlearn's `ThresholdOptimizer(tol=)`); None or 0 = equal rates. Not for equalized odds.
 
   Returns:
     A `ThresholdRule`.
@@ -171,6 +195,10 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective=!r}")
   if int(grid_size) != grid_size or grid_size < 1:
     raise ValueError(f"grid_size must be a positive integer, got {grid_size=}")
+  if tol is not None and not 0 <= tol <= 1:
+    raise ValueError(f"tol must be in [0, 1] (or None), got {tol=}")
+  if tol and constraint == "equalized_odds":
+    raise ValueError("tol relaxes single-rate constraints only, not equalized_odds")
   y, s, names, ids = _check_inputs(y_true, scores, sensitive_features)
   grid = np.linspace(0.0, 1.0, int(grid_size) + 1)
   x_name = _RATE_OF_CONSTRAINT.get(constraint, "false_positive_rate")
@@ -200,17 +228,24 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
     # y_best; both have FPR x.
     p_ignore = np.where(h == x, 0.0, (h - y_best) / np.where(h == x, 1.0, h - x))
     constant = float(x)
+    per_group, objective_value = np.full(len(names), best), total[best]
   else:
-    total = (np.asarray(sizes, np.float64)[:, None] / len(y) * hull_y).sum(axis=0)
-    best = int(np.argmax(total))
+    weighted = np.asarray(sizes, np.float64)[:, None] / len(y) * hull_y
     p_ignore, constant = np.zeros(len(names)), 0.0
-  w_lo = np.array([c.w_lo[best] for c in curves])
+    if tol:
+      per_group, objective_value = _relaxed_choice(grid, weighted, tol)
+    else:
+      total = weighted.sum(axis=0)
+      best = int(np.argmax(total))
+      per_group, objective_value = np.full(len(names), best), total[best]
+  w_lo = np.array([c.w_lo[i] for c, i in zip(curves, per_group)])
   return ThresholdRule(
       groups=names,
-      thresholds=np.array([[c.lo[best], c.hi[best]] for c in curves]),
+      thresholds=np.array([[c.lo[i], c.hi[i]] for c, i in zip(curves, per_group)]),
       weights=np.stack([w_lo, 1.0 - w_lo], axis=1),
       p_ignore=p_ignore, constant=constant, constraint=constraint, objective=objective,
-      value=float(grid[best]), objective_value=float(total[best]))
+      value=float(grid[per_group].min()), objective_value=float(objective_value),
+      values=grid[per_group].astype(np.float64), tol=float(tol) if tol else None)
 
 
 def threshold_probabilities(rule: ThresholdRule, scores, *, sensitive_features) -> np.ndarray:
