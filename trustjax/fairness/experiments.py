@@ -663,16 +663,16 @@ def report(cfg, summary: dict) -> str:
          "sentence embeddings, unconstrained (also post-processed on the madlibs fit half), "
          "on the embeddings decorrelated from the comments' identity groups (pre-processing), "
          "and trained by the exponentiated-gradient reduction over those groups "
-         + ("(and by grid search over 0 and plus or minus each of "
-            f"{', '.join(map(str, cfg.inprocess_grid_limits))} on each basis cell's multiplier, "
-            "which selects one deterministic classifier by (training error + largest moment) / 2 "
-            "and has no allowance) " if cfg.inprocess_grid_limits else "")
-         + 
          f"(allowed violation {cfg.inprocess_eps}; groups: each term with at least "
          f"{cfg.inprocess_min_group} toxic and non-toxic comments, other identities, none: "
          + "; ".join(f"{n} " + ", ".join(f"{g} {k}" for g, k in s["inprocess_groups"].items())
                      for n, s in summary["train_sets"].items())
-         + "), measured on the madlibs held-out half; deterministic, one run each. The "
+         + ")"
+         + (", and by grid search over 0 and plus or minus each of "
+            f"{', '.join(map(str, cfg.inprocess_grid_limits))} on each basis cell's multiplier "
+            "(one deterministic classifier, selected by (training error + largest moment) / 2; "
+            "no allowance)" if cfg.inprocess_grid_limits else "")
+         + ", measured on the madlibs held-out half; deterministic, one run each. The "
          "training violation is the largest constraint moment minus the allowance on the "
          "comments (<= 0: met).", "", inprocess_table(summary), "",
          *(["![grid search](plots/grid_search.png)", ""] if cfg.inprocess_grid_limits else [])]
