@@ -307,7 +307,7 @@ def metric_frame(metrics, y_true, y_pred, *, sensitive_features,
   ids = np.array([lookup[k] for k in keys])
   for i, g in enumerate(groups):
     rows = ids == i
-    name = g[0] if len(columns) == 1 else g
+    name = str(g[0]) if len(columns) == 1 else tuple(map(str, g))  # plain strings
     by_group[name], counts[name] = evaluate(rows), int(rows.sum())
   frame = MetricFrame(evaluate(np.ones(len(yt), bool)), by_group, counts)
   if n_boot is None and resamples is None and ci_quantiles is None:
