@@ -181,11 +181,14 @@ class MetricFrame(NamedTuple):
   def _column(self, name: str) -> np.ndarray:
     return np.array([v[name] for v in self.by_group.values()], np.float64)
 
-  def _ci(self, summary) -> dict:
-    """Per metric, the quantiles over the resamples of summary(frame) (a {metric: value})."""
+  def _resamples(self) -> tuple:
     if self.samples is None:
       raise ValueError("no bootstrap: pass n_boot and ci_quantiles to metric_frame")
-    values = [summary(f) for f in self.samples]
+    return self.samples
+
+  def _ci(self, summary) -> dict:
+    """Per metric, the quantiles over the resamples of summary(frame) (a {metric: value})."""
+    values = [summary(f) for f in self._resamples()]
     return {k: np.quantile([v[k] for v in values], self.ci_quantiles).tolist()
             for k in self.overall}
 
@@ -198,10 +201,8 @@ class MetricFrame(NamedTuple):
   def by_group_ci(self) -> dict:
     """{group: {metric: [value at each quantile]}}; a resample that misses a group leaves it
     out of that group's quantiles (NaN if every resample does)."""
-    if self.samples is None:
-      raise ValueError("no bootstrap: pass n_boot and ci_quantiles to metric_frame")
-    nan = {k: np.nan for k in self.overall}
-    return {g: {k: np.nanquantile([f.by_group.get(g, nan)[k] for f in self.samples],
+    samples, nan = self._resamples(), {k: np.nan for k in self.overall}
+    return {g: {k: np.nanquantile([f.by_group.get(g, nan)[k] for f in samples],
                                   self.ci_quantiles).tolist() for k in self.overall}
             for g in self.by_group}
 

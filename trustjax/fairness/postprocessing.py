@@ -228,16 +228,15 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
     # y_best; both have FPR x.
     p_ignore = np.where(h == x, 0.0, (h - y_best) / np.where(h == x, 1.0, h - x))
     constant = float(x)
-    per_group, objective_value = np.full(len(names), best), total[best]
   else:
     weighted = np.asarray(sizes, np.float64)[:, None] / len(y) * hull_y
+    total = weighted.sum(axis=0)
+    best = int(np.argmax(total))
     p_ignore, constant = np.zeros(len(names)), 0.0
-    if tol:
-      per_group, objective_value = _relaxed_choice(grid, weighted, tol)
-    else:
-      total = weighted.sum(axis=0)
-      best = int(np.argmax(total))
-      per_group, objective_value = np.full(len(names), best), total[best]
+  if tol:  # (single-rate constraints only, checked above)
+    per_group, objective_value = _relaxed_choice(grid, weighted, tol)
+  else:
+    per_group, objective_value = np.full(len(names), best), total[best]
   w_lo = np.array([c.w_lo[i] for c, i in zip(curves, per_group)])
   return ThresholdRule(
       groups=names,

@@ -219,6 +219,17 @@ def _problem(X, y_true, sensitive_features, constraint: str) -> tuple[np.ndarray
   return y, _moments(y, names, ids, constraint)
 
 
+def _cost(y: np.ndarray, mom: _Moments, lam: np.ndarray) -> np.ndarray:
+  """[n]: d (err(h) + lambda . gamma(h)) / d h_i, example i's Lagrangian cost of h_i = 1; the
+  relabelled problem's label is cost < 0 and its weight |cost|."""
+  return (1.0 - 2.0 * y) / len(y) + mom.signed_cost(lam)
+
+
+def _error(h: np.ndarray, y: np.ndarray) -> float:
+  """err(h) for 0/1 predictions or P(y_hat = 1) h."""
+  return float(np.mean(np.abs(h - y)))
+
+
 class ReductionResult(NamedTuple):
   """A randomised classifier: classifier j (params stacked on a leading axis) drawn with
   probability weights[j]."""
@@ -267,25 +278,21 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
   y, mom = _problem(X, y_true, sensitive_features, constraint)
   n, bound = len(y), 1.0 / eps
   Xj = jnp.asarray(X)
-  base_cost = (1.0 - 2.0 * y) / n  # d err(h) / d h_i
   hyps, preds, errs, gams = [], [], [], []
 
   def lagrangian(err, gam, lam):
     return err + lam @ (gam - eps)
 
-  def error(h: np.ndarray) -> float:  # err(h) for predictions or P(y_hat = 1) h
-    return float(np.mean(np.abs(h - y)))
-
   def best_h(lam: np.ndarray) -> int:
     """The index of the best response to lam among the classifiers found (a new fit added if it
     beats them)."""
-    cost = base_cost + mom.signed_cost(lam)
+    cost = _cost(y, mom, lam)
     labels = (cost < 0).astype(np.float32)
     w = np.abs(cost)
     w = (w * n / w.sum() if w.sum() > 0 else np.ones(n)).astype(np.float32)
     params = learner.fit(Xj, jnp.asarray(labels), jnp.asarray(w))
     h = np.asarray(learner.predict(params, Xj), np.float64)
-    err, gam = error(h), mom.gamma(h)
+    err, gam = _error(h, y), mom.gamma(h)
     value = lagrangian(err, gam, lam)
     if hyps:
       old = [lagrangian(e, g, lam) for e, g in zip(errs, gams)]
@@ -316,7 +323,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
   def gap(q: np.ndarray, lam: np.ndarray) -> float:
     """The duality gap of (Q, lambda): how far each is from a best response to the other."""
     h = q @ np.stack(preds)
-    err, gam = error(h), mom.gamma(h)
+    err, gam = _error(h, y), mom.gamma(h)
     value = lagrangian(err, gam, lam)
     high = err + bound * max(0.0, float((gam - eps).max()))  # lambda's best response
     k = best_h(lam)
@@ -347,7 +354,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
   w, lam_lp = best_mixture()  # never worse than the average in err(Q) + B max(0, violation)
   h = w @ np.stack(preds)
   params = jax.tree.map(lambda *a: jnp.stack(a), *hyps)
-  return ReductionResult(learner, params, w, error(h),
+  return ReductionResult(learner, params, w, _error(h, y),
                          float((mom.gamma(h) - eps).max()), np.asarray(gaps),
                          lam_lp, mom.names)
 
@@ -382,6 +389,9 @@ def _integer_grid(dim: int, size: int) -> tuple[np.ndarray, int]:
 
 
 def _multiplier_grid(mom: _Moments, grid_size: int | None, grid_limit: float) -> np.ndarray:
+  if grid_size is not None and grid_size < 1 or not grid_limit > 0:
+    raise ValueError(f"grid_size must be >= 1 and grid_limit positive, got {grid_size=}, "
+                     f"{grid_limit=}")
   basis = mom.basis()
   if len(basis) == 0:
     raise ValueError(f"the constraint needs at least two groups, got cells {mom.names}")
@@ -403,9 +413,6 @@ def multiplier_grid(y_true, *, sensitive_features, constraint: str = "demographi
   smallest L1 ball that has that many, scaled to `grid_limit` (fairlearn's `GridSearch` grid).
   grid_size=None takes the unit ball's 2D + 1 points (0 and plus or minus grid_limit on each
   of the D basis cells); the union of such grids at several limits is a grid over scales."""
-  if grid_size is not None and grid_size < 1 or not grid_limit > 0:
-    raise ValueError(f"grid_size must be >= 1 and grid_limit positive, got {grid_size=}, "
-                     f"{grid_limit=}")
   _, mom = _problem(np.zeros(len(np.asarray(y_true).reshape(-1))), y_true, sensitive_features,
                     constraint)
   return _multiplier_grid(mom, grid_size, grid_limit)
@@ -456,9 +463,6 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
   """
   if not 0.0 <= constraint_weight <= 1.0:
     raise ValueError(f"constraint_weight must be in [0, 1], got {constraint_weight=}")
-  if grid is None and (grid_size is not None and grid_size < 1 or not grid_limit > 0):
-    raise ValueError(f"grid_size must be >= 1 and grid_limit positive, got {grid_size=}, "
-                     f"{grid_limit=}")
   y, mom = _problem(X, y_true, sensitive_features, constraint)
   n = len(y)
   if grid is None:
@@ -471,7 +475,7 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
   Xj = jnp.asarray(X)
   params, constants, errors, gammas = [], [], [], []
   for lam in lambdas:
-    cost = (1.0 - 2.0 * y) / n + mom.signed_cost(lam)
+    cost = _cost(y, mom, lam)
     labels = (cost < 0).astype(np.float32)
     if labels.min() == labels.max():
       params.append(None)
@@ -482,7 +486,7 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
       params.append(p)
       constants.append(np.nan)
       h = np.asarray(learner.predict(p, Xj), np.float64)
-    errors.append(float(np.mean(np.abs(h - y))))
+    errors.append(_error(h, y))
     gammas.append(mom.gamma(h))
   errors, gammas = np.asarray(errors), np.stack(gammas)
   losses = (1.0 - constraint_weight) * errors + constraint_weight * gammas.max(axis=1)
