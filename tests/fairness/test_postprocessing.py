@@ -20,7 +20,7 @@ def _data(seed: int, n: int = 600, decimals: int = 6):
   return y, np.round(y + shift + rng.normal(size=n), decimals), g
 
 
-def _fairlearn(y, s, g, constraint, objective, grid_size, tol=None):
+def _fairlearn(y, s, g, constraint, objective, grid_size, tol=None, flip=False):
   from fairlearn.postprocessing import ThresholdOptimizer  # pylint: disable=import-outside-toplevel
   from sklearn.base import BaseEstimator, ClassifierMixin  # pylint: disable=import-outside-toplevel
 
@@ -32,9 +32,10 @@ def _fairlearn(y, s, g, constraint, objective, grid_size, tol=None):
     def predict(self, X):
       return np.asarray(X)[:, 0]
 
+  name = f"{objective}_score" if "accuracy" in objective else objective
   opt = ThresholdOptimizer(estimator=Score().fit(None, None), constraints=constraint,
-                           objective=f"{objective}_score", grid_size=grid_size, prefit=True,
-                           predict_method="predict", tol=tol)
+                           objective=name, grid_size=grid_size, prefit=True,
+                           predict_method="predict", tol=tol, flip=flip)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     opt.fit(s[:, None], y, sensitive_features=g)
@@ -42,21 +43,57 @@ def _fairlearn(y, s, g, constraint, objective, grid_size, tol=None):
   return lambda s2, g2: pmf(s2[:, None], sensitive_features=g2)[:, 1]
 
 
+@pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("decimals", [6, 1])
 @pytest.mark.parametrize("constraint", pp.CONSTRAINTS)
-def test_probabilities_equal_fairlearns_threshold_optimizer(constraint, decimals):
+def test_probabilities_equal_fairlearns_threshold_optimizer(constraint, decimals, flip):
+  """Every objective (the rate objectives are degenerate, all of a hull's points tied at its
+  ends, which pins the tie conventions), with group c's scores reversed under flip."""
   y, s, g = _data(decimals, decimals=decimals)
+  if flip:
+    s = np.where(g == "c", -s, s)
   rng = np.random.default_rng(1)
   s_new, g_new = np.round(rng.normal(size=200) + 0.3, 3), rng.choice(np.array(["a", "b", "c"]),
                                                                      200)
-  for objective in pp.OBJECTIVES:
-    ref = _fairlearn(y, s, g, constraint, objective, grid_size=200)
+  objectives = pp.EQUALIZED_ODDS_OBJECTIVES if constraint == "equalized_odds" else pp.OBJECTIVES
+  for objective in objectives:
+    ref = _fairlearn(y, s, g, constraint, objective, grid_size=200, flip=flip)
     rule = pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint,
-                             objective=objective, grid_size=200)
+                             objective=objective, grid_size=200, flip=flip)
     np.testing.assert_allclose(pp.threshold_probabilities(rule, s, sensitive_features=g),
                                ref(s, g), rtol=0, atol=1e-12)
     np.testing.assert_allclose(pp.threshold_probabilities(rule, s_new, sensitive_features=g_new),
                                ref(s_new, g_new), rtol=0, atol=1e-12)
+    assert (rule.flips is not None) == flip
+
+
+@pytest.mark.parametrize("constraint", ["demographic_parity", "equalized_odds"])
+def test_flip_uses_a_reversed_score_and_keeps_the_constraint(constraint):
+  """A group whose score ranks it backwards: without flip its rule can at best ignore the score,
+  with flip it uses the score reversed; the constraint holds exactly either way (a float64
+  loop over the randomised predictions' expectations)."""
+  y, s, g = _data(3)
+  s = np.where(g == "c", -s, s)
+  rules = {f: pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint, flip=f)
+           for f in (False, True)}
+  for f, rule in rules.items():
+    prob = pp.threshold_probabilities(rule, s, sensitive_features=g)
+    rates, acc = _loop_rates(y, prob, g)
+    assert acc == pytest.approx(rule.objective_value, abs=1e-9)
+    if constraint == "demographic_parity":
+      assert np.ptp([r[0] for r in rates.values()]) < 1e-9
+    else:
+      assert np.ptp([r[1] for r in rates.values()]) < 1e-9
+      assert np.ptp([r[2] for r in rates.values()]) < 1e-9
+  c = list(rules[True].groups).index("c")
+  assert rules[True].flips[c].any() and not rules[True].flips[[0, 1]].any()
+  assert rules[True].objective_value > rules[False].objective_value + 0.02
+  # The flipped rule predicts 1 below its threshold: with the scores negated back, group c's
+  # probabilities are those of an unflipped rule fitted on the original scores.
+  s0 = np.where(g == "c", -s, s)
+  prob = pp.threshold_probabilities(rules[True], s, sensitive_features=g)[g == "c"]
+  ranks = np.argsort(np.argsort(-s0[g == "c"], kind="stable"), kind="stable")
+  assert np.all(np.diff(prob[np.argsort(ranks)]) <= 1e-12)  # non-increasing down s0's order
 
 
 @pytest.mark.parametrize("tol", [0.02, 0.1, 0.5])
@@ -64,7 +101,7 @@ def test_probabilities_equal_fairlearns_threshold_optimizer(constraint, decimals
 def test_relaxed_constraints_equal_fairlearns_and_hold_within_tol(constraint, tol):
   y, s, g = _data(11, decimals=2)
   exact = pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint, grid_size=200)
-  for objective in pp.OBJECTIVES:
+  for objective in ("accuracy", "balanced_accuracy"):
     ref = _fairlearn(y, s, g, constraint, objective, grid_size=200, tol=tol)
     rule = pp.fit_thresholds(y, s, sensitive_features=g, constraint=constraint,
                              objective=objective, grid_size=200, tol=tol)
@@ -207,7 +244,11 @@ def test_expected_rates_equal_the_hard_metrics_and_a_loop():
     ({"scores": np.array([0.1, np.nan, 0.3, 0.4])}, "finite"),
     ({"scores": np.array([0.1, 0.2])}, "differ in length"),
     ({"y_true": np.array([1, 1, 1, 0]), "constraint": "equalized_odds"},
-     "group 'x' has only positive labels")])
+     "group 'x' has only positive labels"),
+    ({"y_true": np.array([0, 0, 1, 0]), "constraint": "true_positive_rate_parity"},
+     "needs positives in every group"),
+    ({"constraint": "equalized_odds", "objective": "selection_rate"},
+     "equalized_odds takes objective")])
 def test_bad_input_is_named(kw, message):
   args = {"y_true": np.array([0, 1, 1, 0]), "scores": np.array([0.1, 0.2, 0.3, 0.4]),
           "sensitive_features": np.array(["x", "x", "y", "y"]), **kw}

@@ -18,8 +18,10 @@ between them, so the attainable set is the upper convex hull of those points.
 The fitted `ThresholdRule` is data (arrays per group); `threshold_probabilities` gives each
 example's P(y_hat = 1) and `threshold_predict` draws the randomised predictions. The rule and its
 probabilities equal fairlearn's `ThresholdOptimizer` (same threshold operations, grid and tie
-conventions; tested), for scores where larger means more positive (fairlearn's `flip=False`, its
-default); `tol` relaxes a single-rate constraint to rates at most tol apart, as fairlearn's does.
+conventions; tested). By default larger scores mean more positive (fairlearn's `flip=False`);
+`flip=True` also offers each group the reversed rule "1 iff score < t" (its points reflected
+through the centre of the trade-off plane, so a score that ranks a group backwards is still
+used); `tol` relaxes a single-rate constraint to rates at most tol apart, as fairlearn's does.
 The fitting runs on the host in float64 (a sort per group and one pass along the hull);
 prediction compares with the thresholds in float64 too, so that a midpoint between two float32
 scores is not rounded onto one of them.
@@ -43,14 +45,21 @@ _RATE_OF_CONSTRAINT = {
     "false_negative_rate_parity": "false_negative_rate",
 }
 CONSTRAINTS = tuple(_RATE_OF_CONSTRAINT) + ("equalized_odds",)
-OBJECTIVES = ("accuracy", "balanced_accuracy")
+OBJECTIVES = ("accuracy", "balanced_accuracy", "selection_rate", "true_positive_rate",
+              "true_negative_rate")
+# Equalized odds needs an objective that does not fall as the true positive rate rises at a
+# fixed false positive rate (the common TPR is the groups' lowest).
+EQUALIZED_ODDS_OBJECTIVES = ("accuracy", "balanced_accuracy")
+# The counts each rate divides by: a group without positives (negatives) has no such rate.
+_NEEDS_POSITIVES = ("true_positive_rate", "false_negative_rate", "balanced_accuracy")
+_NEEDS_NEGATIVES = ("false_positive_rate", "true_negative_rate", "balanced_accuracy")
 
 
 class ThresholdRule(NamedTuple):
   """Per-group randomised threshold rule (`fit_thresholds`). Row g is group `groups[g]`; an
   example of that group with score s is predicted 1 with probability
   (1 - p_ignore[g]) * (weights[g, 0] [s > thresholds[g, 0]] + weights[g, 1] [s > thresholds[g, 1]])
-  + p_ignore[g] * constant.
+  + p_ignore[g] * constant, where [s > t] reads [s < t] for the operations that `flips` marks.
   """
   groups: np.ndarray  # str [G], the sensitive-feature values (as strings), sorted
   thresholds: np.ndarray  # float64 [G, 2]; +inf predicts no one, -inf everyone
@@ -63,6 +72,7 @@ class ThresholdRule(NamedTuple):
   objective_value: float  # the objective on the fitting data, in expectation
   values: np.ndarray | None = None  # float64 [G] each group's rate (all `value` without tol)
   tol: float | None = None  # the allowed spread of the groups' rates (None: exact)
+  flips: np.ndarray | None = None  # bool [G, 2] True: "1 iff score < threshold" (None: none)
 
 
 def _confusion(y: np.ndarray, s: np.ndarray):
@@ -99,11 +109,12 @@ def _metric(name: str, tp, fp, pos: float, neg: float) -> np.ndarray:
 
 def _upper_hull(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   """Indices of the upper convex hull of the points (x, y), by increasing x (Andrew's monotone
-  chain; of points with equal x only the highest is a candidate; collinear points dropped)."""
-  order = np.lexsort((-y, x))
-  keep = np.concatenate([[True], np.diff(x[order]) != 0])  # the highest y of each x
+  chain over the points sorted by x, then y, then position; a point equal to or on the line
+  through the last two vertices replaces the last, so of equal points the hull keeps the first
+  at its start and the last elsewhere, as fairlearn's chain does; only the start can hold two
+  vertices with the same x, and the grid never uses the lower one)."""
   hull: list[int] = []
-  for i in order[keep]:
+  for i in np.lexsort((y, x)):
     while len(hull) >= 2:
       a, b = hull[-2], hull[-1]
       if (y[b] - y[a]) * (x[i] - x[a]) <= (y[i] - y[a]) * (x[b] - x[a]):
@@ -123,12 +134,29 @@ class _Curve(NamedTuple):
 
 def _hull_on_grid(x, y, thresholds, grid) -> _Curve:
   """The upper hull of (x, y) evaluated at each grid value g, with x[i] < g <= x[i + 1] picking
-  the segment (g at the first vertex's x: weight 1 on it)."""
+  the segment (g at the first vertex's x: the last vertex there, weight 1 on it). `thresholds`
+  may carry any per-point payload along its first axis."""
   h = _upper_hull(x, y)
   hx, hy, ht = x[h], y[h], thresholds[h]
-  i = np.clip(np.searchsorted(hx, grid, side="left") - 1, 0, len(hx) - 2)
+  i = np.searchsorted(hx, grid, side="right") - 1
+  i[1:] -= grid[1:] == hx[i[1:]]
+  i = np.clip(i, 0, len(hx) - 2)
   w_lo = (hx[i + 1] - grid) / (hx[i + 1] - hx[i])
   return _Curve(w_lo * hy[i] + (1 - w_lo) * hy[i + 1], ht[i], ht[i + 1], w_lo)
+
+
+def _operations(y: np.ndarray, s: np.ndarray, flip: bool):
+  """Every threshold operation of one group: its true and false positives and [threshold,
+  flipped] rows. With flip, each threshold t of "1 iff score > t" is followed by "1 iff
+  score < t" (the complementary predictions), in the order fairlearn lists them."""
+  tp, fp, thr = _confusion(y, s)
+  ops = np.stack([thr, np.zeros_like(thr)], axis=1)
+  if not flip:
+    return tp, fp, ops
+  pos, neg = tp[-1], fp[-1]  # the threshold -inf selects everyone
+  inter = lambda a, b: np.stack([a, b], axis=1).reshape(-1)
+  return (inter(tp, pos - tp), inter(fp, neg - fp),
+          np.stack([inter(thr, thr), inter(np.zeros_like(thr), np.ones_like(thr))], axis=1))
 
 
 def _relaxed_choice(grid: np.ndarray, weighted: np.ndarray, tol: float):
@@ -167,7 +195,8 @@ def _check_inputs(y_true, scores, sensitive_features):
 
 def fit_thresholds(y_true, scores, *, sensitive_features,
                    constraint: str = "demographic_parity", objective: str = "accuracy",
-                   grid_size: int = 1000, tol: float | None = None) -> ThresholdRule:
+                   grid_size: int = 1000, tol: float | None = None,
+                   flip: bool = False) -> ThresholdRule:
   """Fits per-group randomised thresholds that satisfy `constraint` exactly on this data.
 
   Args:
@@ -175,13 +204,17 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
     scores: [n] a trained model's scores, larger = more positive (e.g. P(y = 1)).
     sensitive_features: [n] each example's group (any values; compared as strings).
     constraint: one of `CONSTRAINTS`.
-    objective: "accuracy" or "balanced_accuracy". For the single-rate constraints it is taken
-      per group and weighted by group size (exact for accuracy; for balanced accuracy the
-      same approximation fairlearn makes); for equalized odds it is that of the pooled data.
+    objective: one of `OBJECTIVES` ("accuracy", "balanced_accuracy", or a rate to maximise:
+      "selection_rate", "true_positive_rate", "true_negative_rate"; equalized odds takes the
+      first two only). For the single-rate constraints it is taken per group and weighted by
+      group size (exact for accuracy and the selection rate; for the others the same
+      approximation fairlearn makes); for equalized odds it is that of the pooled data.
     grid_size: the common rate is searched on linspace(0, 1, grid_size + 1).
     tol: relaxes a single-rate constraint: each group takes its own rate on that grid, the
       groups' rates at most tol apart (largest minus smallest), maximising the same objective
       (fairlearn's `ThresholdOptimizer(tol=)`); None or 0 = equal rates. Not for equalized odds.
+    flip: also consider, in every group, the reversed rules "1 iff score < t" (fairlearn's
+      `flip=True`); where one of them lies on a group's hull, `ThresholdRule.flips` marks it.
 
   Returns:
     A `ThresholdRule`.
@@ -193,6 +226,9 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
   if objective not in OBJECTIVES:
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective=!r}")
+  if constraint == "equalized_odds" and objective not in EQUALIZED_ODDS_OBJECTIVES:
+    raise ValueError(f"equalized_odds takes objective {EQUALIZED_ODDS_OBJECTIVES[0]!r} or "
+                     f"{EQUALIZED_ODDS_OBJECTIVES[1]!r}, got {objective=!r}")
   if int(grid_size) != grid_size or grid_size < 1:
     raise ValueError(f"grid_size must be a positive integer, got {grid_size=}")
   if tol is not None and not 0 <= tol <= 1:
@@ -203,17 +239,19 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
   grid = np.linspace(0.0, 1.0, int(grid_size) + 1)
   x_name = _RATE_OF_CONSTRAINT.get(constraint, "false_positive_rate")
   y_name = objective if constraint != "equalized_odds" else "true_positive_rate"
-  needs_both = not (constraint == "demographic_parity" and objective == "accuracy")
+  needs_pos = x_name in _NEEDS_POSITIVES or y_name in _NEEDS_POSITIVES
+  needs_neg = x_name in _NEEDS_NEGATIVES or y_name in _NEEDS_NEGATIVES
   curves, sizes = [], []
   for g, name in enumerate(names):
     yg, sg = y[ids == g], s[ids == g]
     pos, neg = float(yg.sum()), float(len(yg) - yg.sum())
-    if needs_both and (pos == 0 or neg == 0):
+    if (needs_pos and pos == 0) or (needs_neg and neg == 0):
       raise ValueError(f"group {str(name)!r} has only {'negative' if pos == 0 else 'positive'} "
-                       f"labels; {constraint} with {objective} needs both in every group")
-    tp, fp, thr = _confusion(yg, sg)
+                       f"labels; {constraint} with {objective} needs "
+                       f"{'positives' if pos == 0 else 'negatives'} in every group")
+    tp, fp, ops = _operations(yg, sg, flip)
     curves.append(_hull_on_grid(_metric(x_name, tp, fp, pos, neg),
-                                _metric(y_name, tp, fp, pos, neg), thr, grid))
+                                _metric(y_name, tp, fp, pos, neg), ops, grid))
     sizes.append(len(yg))
   hull_y = np.stack([c.y for c in curves])  # [G, grid]
   if constraint == "equalized_odds":
@@ -238,13 +276,15 @@ def fit_thresholds(y_true, scores, *, sensitive_features,
   else:
     per_group, objective_value = np.full(len(names), best), total[best]
   w_lo = np.array([c.w_lo[i] for c, i in zip(curves, per_group)])
+  ops = np.array([[c.lo[i], c.hi[i]] for c, i in zip(curves, per_group)])  # [G, 2, 2]
   return ThresholdRule(
       groups=names,
-      thresholds=np.array([[c.lo[i], c.hi[i]] for c, i in zip(curves, per_group)]),
+      thresholds=ops[..., 0],
       weights=np.stack([w_lo, 1.0 - w_lo], axis=1),
       p_ignore=p_ignore, constant=constant, constraint=constraint, objective=objective,
       value=float(grid[per_group].min()), objective_value=float(objective_value),
-      values=grid[per_group].astype(np.float64), tol=float(tol) if tol else None)
+      values=grid[per_group].astype(np.float64), tol=float(tol) if tol else None,
+      flips=ops[..., 1] == 1 if flip else None)
 
 
 def threshold_probabilities(rule: ThresholdRule, scores, *, sensitive_features) -> np.ndarray:
@@ -253,7 +293,10 @@ def threshold_probabilities(rule: ThresholdRule, scores, *, sensitive_features) 
   g = group_metrics.fitted_group_ids(rule.groups, sensitive_features, "rule")
   if len(g) != len(s):
     raise ValueError(f"scores and sensitive_features differ in length: {len(s)}, {len(g)}")
-  q = (rule.weights[g] * (s[:, None] > rule.thresholds[g])).sum(axis=1)
+  above = s[:, None] > rule.thresholds[g]
+  if rule.flips is not None:
+    above = np.where(rule.flips[g], s[:, None] < rule.thresholds[g], above)
+  q = (rule.weights[g] * above).sum(axis=1)
   return (1.0 - rule.p_ignore[g]) * q + rule.p_ignore[g] * rule.constant
 
 
