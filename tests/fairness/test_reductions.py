@@ -37,31 +37,45 @@ def test_logistic_regression_equals_scikit_learns_weighted_fit():
     assert np.mean(np.asarray(lr.predict(theta, X)) != ref.predict(X)) <= 1e-3
 
 
-def _loop_moments(y, groups, h, constraint):
-  """gamma by a float64 loop over the cells: each cell's mean utility (the prediction, or for
-  error-rate parity the error |h - y|) minus its reference population's."""
+def _loop_means(y, groups, h, constraint):
+  """By a float64 loop over the cells: each cell's mean utility (the prediction, or for
+  error-rate parity the error |h - y|) and its reference population's."""
   util = np.abs(h - y) if constraint == "error_rate_parity" else h
   labels = {"equalized_odds": (0, 1), "true_positive_rate_parity": (1,),
             "false_positive_rate_parity": (0,)}.get(constraint)
-  out = []
+  cell, ref_mean = [], []
   for v in sorted(set(groups)):
     for ref in ([np.ones(len(y), bool)] if labels is None else [y == lab for lab in labels]):
-      out.append(util[ref & (groups == v)].mean() - util[ref].mean())
-  return np.array(out)
+      cell.append(util[ref & (groups == v)].mean())
+      ref_mean.append(util[ref].mean())
+  return np.array(cell), np.array(ref_mean)
 
 
+def _loop_moments(y, groups, h, constraint):
+  """gamma's first half by the loop: each cell's mean minus its reference's."""
+  cell, ref = _loop_means(y, groups, h, constraint)
+  return cell - ref
+
+
+def _loop_ratio_moments(y, groups, h, constraint, ratio):
+  """The ratio form's gamma by the loop: r m_a - m, then r m - m_a."""
+  cell, ref = _loop_means(y, groups, h, constraint)
+  return np.concatenate([ratio * cell - ref, ratio * ref - cell])
+
+
+@pytest.mark.parametrize("ratio", [None, 0.8])
 @pytest.mark.parametrize("constraint", rd.CONSTRAINTS)
-def test_the_best_response_costs_are_the_lagrangians_derivative(constraint):
+def test_the_best_response_costs_are_the_lagrangians_derivative(constraint, ratio):
   rng = np.random.default_rng(2)
   n = 60
   y = rng.integers(0, 2, n).astype(float)
   groups = rng.choice(np.array(["a", "b", "c"]), n)
-  names, ids = group._groups(groups)  # pylint: disable=protected-access
-  mom = rd._moments(y, names, ids, constraint)  # pylint: disable=protected-access
+  _, mom = rd._problem(np.zeros(n), y, groups, constraint,  # pylint: disable=protected-access
+                       ratio)
   lam = rng.random(2 * len(mom.cell_count))
   for h in (rng.random(n), rng.integers(0, 2, n).astype(float)):
-    want = _loop_moments(y, groups, h, constraint)
-    np.testing.assert_allclose(mom.gamma(h), np.concatenate([want, -want]), atol=1e-12)
+    want = _loop_ratio_moments(y, groups, h, constraint, ratio or 1.0)
+    np.testing.assert_allclose(mom.gamma(h), want, atol=1e-12)
   e = np.eye(n)
   diff = np.array([lam @ (mom.gamma(h + e[i]) - mom.gamma(h)) for i in range(n)])
   np.testing.assert_allclose(mom.signed_cost(lam), diff, atol=1e-12)
@@ -74,17 +88,19 @@ _FAIRLEARN_MOMENTS = {"demographic_parity": "DemographicParity",
                       "error_rate_parity": "ErrorRateParity"}
 
 
-def _moment(constraint, eps):
+def _moment(constraint, eps, ratio=None):
   import fairlearn.reductions  # pylint: disable=import-outside-toplevel
-  return getattr(fairlearn.reductions, _FAIRLEARN_MOMENTS[constraint])(difference_bound=eps)
+  cls = getattr(fairlearn.reductions, _FAIRLEARN_MOMENTS[constraint])
+  return cls(difference_bound=eps) if ratio is None else cls(ratio_bound=ratio,
+                                                             ratio_bound_slack=eps)
 
 
-def _fairlearn(X, y, g, constraint, eps, l2):
+def _fairlearn(X, y, g, constraint, eps, l2, ratio=None):
   from fairlearn.reductions import ExponentiatedGradient  # pylint: disable=import-outside-toplevel
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
 
   eg = ExponentiatedGradient(LogisticRegression(C=1 / l2, tol=1e-10, max_iter=10000),
-                             _moment(constraint, eps), eps=eps)
+                             _moment(constraint, eps, ratio), eps=eps)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     eg.fit(X, y, sensitive_features=g)
@@ -116,6 +132,40 @@ def test_matches_fairlearns_exponentiated_gradient_with_the_same_learner(constra
   assert gap(plain) > 2 * 0.01 and error(plain) < error(prob)
 
 
+@pytest.mark.parametrize("constraint", rd.CONSTRAINTS)
+def test_the_ratio_form_holds_and_matches_fairlearns_error(constraint):
+  """ratio_bound r = 0.95 (binding for every constraint on this data): r m_a - m and r m - m_a
+  within eps for every cell (a float64 loop), at fairlearn's error (its ratio_bound with slack
+  eps) within 2e-3. Unlike the difference form the two mixtures differ on more than a few
+  points: without the shift-invariance projection, the two loops' classifier sets part ways
+  (fairlearn's gap check also fits 2, 5 and 10 times the multipliers)."""
+  X, y, g = _data()
+  r, eps = 0.95, 0.01
+  res = rd.exponentiated_gradient(rd.logistic_regression(l2=1.0), X, y, sensitive_features=g,
+                                  constraint=constraint, eps=eps, ratio_bound=r)
+  prob = rd.reduction_probabilities(res, X)
+  ref = _fairlearn(X, y, g, constraint, eps, 1.0, ratio=r)
+  error = lambda p: np.mean(np.where(y == 1, 1 - p, p))
+  worst = lambda p: _loop_ratio_moments(y, g, p, constraint, r).max()
+  assert error(prob) == pytest.approx(error(ref), abs=2e-3)
+  assert worst(prob) <= eps + 1e-9 and worst(ref) <= eps + 1e-9
+  assert res.violation == pytest.approx(worst(prob) - eps, abs=1e-9) and res.error == \
+      pytest.approx(error(prob), abs=1e-6)
+  lr = rd.logistic_regression(l2=1.0)
+  plain = np.asarray(lr.predict(lr.fit(X, y.astype(np.float32), np.ones(len(y), np.float32)), X))
+  assert worst(plain) > 2 * eps and error(plain) < error(prob)
+  # The four-fifths rule (r = 0.8) for demographic parity, read off a loop over the groups'
+  # expected selection rates: each within [0.8, 1 / 0.8] of the overall rate up to the slack.
+  if constraint == "demographic_parity":
+    res8 = rd.exponentiated_gradient(rd.logistic_regression(l2=1.0), X, y, sensitive_features=g,
+                                     eps=eps, ratio_bound=0.8)
+    p8 = rd.reduction_probabilities(res8, X)
+    rates = np.array([p8[g == v].mean() for v in "abc"])
+    assert (rates / p8.mean() >= 0.8 - eps / p8.mean() - 1e-9).all()
+    assert (p8.mean() / rates >= 0.8 - eps / rates - 1e-9).all()
+    assert rates.min() / p8.mean() < 0.85  # (binding: a group near the bound)
+
+
 def test_a_loose_constraint_returns_the_unconstrained_learner():
   X, y, g = _data(3)
   lr = rd.logistic_regression(l2=1.0)
@@ -129,6 +179,7 @@ def test_a_loose_constraint_returns_the_unconstrained_learner():
 @pytest.mark.parametrize("kw,message", [
     ({"constraint": "parity"}, "constraint must be one of"), ({"eps": 0.0}, "eps must be"),
     ({"max_iter": 0}, "max_iter must be"), ({"y_true": np.array([0, 2, 1, 0])}, "0/1 labels"),
+    ({"ratio_bound": 1.2}, r"ratio_bound must be in \(0, 1\]"),
     ({"X": np.zeros((3, 2))}, "differ in length"),
     ({"y_true": np.array([1, 1, 0, 0]), "constraint": "equalized_odds"},
      r"empty: \['x, y=0', 'y, y=1'\]")])
@@ -176,16 +227,17 @@ def _first_rows_in_order(X, y, g):
   return X[order], y[order], g[order]
 
 
+@pytest.mark.parametrize("ratio", [None, 0.8])
 @pytest.mark.parametrize("constraint", rd.CONSTRAINTS)
-def test_grid_search_matches_fairlearns_with_the_same_learner(constraint):
+def test_grid_search_matches_fairlearns_with_the_same_learner(constraint, ratio):
   from fairlearn.reductions import GridSearch  # pylint: disable=import-outside-toplevel
   from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
 
   X, y, g = _first_rows_in_order(*_data(6))
   res = rd.grid_search(rd.logistic_regression(l2=1.0), X, y, sensitive_features=g,
-                       constraint=constraint, grid_size=12)
-  gs = GridSearch(LogisticRegression(C=1.0, tol=1e-10, max_iter=10000), _moment(constraint, 0.01),
-                  grid_size=12)
+                       constraint=constraint, grid_size=12, ratio_bound=ratio)
+  gs = GridSearch(LogisticRegression(C=1.0, tol=1e-10, max_iter=10000),
+                  _moment(constraint, 0.01, ratio), grid_size=12)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     gs.fit(X, y, sensitive_features=g)
@@ -204,8 +256,8 @@ def test_grid_search_matches_fairlearns_with_the_same_learner(constraint):
   np.testing.assert_allclose(res.gammas.max(1), gs.gammas_.max().to_numpy(), atol=1.5e-3)
   # ... and ours against the float64 loop of the selected classifier's moments.
   h = rd.grid_search_predict(res, X)
-  want = _loop_moments(y, g, h, constraint)
-  np.testing.assert_allclose(res.gammas[res.best], np.concatenate([want, -want]), atol=1e-12)
+  want = _loop_ratio_moments(y, g, h, constraint, ratio or 1.0)
+  np.testing.assert_allclose(res.gammas[res.best], want, atol=1e-12)
   assert res.errors[res.best] == pytest.approx(np.mean(h != y), abs=1e-12)
   # Where the grid holds lambda = 0, that point is the unconstrained fit (weights 1, labels y).
   for zero in np.flatnonzero(~res.lambdas.any(axis=1)):

@@ -7,7 +7,8 @@ classifiers Q (distributions over H) and multipliers lambda >= 0 with ||lambda||
 gamma holds the constraint's moments (demographic parity: each group's selection rate minus the
 overall one, both signs; equalized odds: the same within each label; true or false positive
 rate parity: within one label; error-rate parity: each group's error rate minus the overall
-one). For a fixed lambda the best classifier is a weighted classification problem (each example
+one; with `ratio_bound` r, r times the group's minus the overall and r times the overall minus
+the group's, which bound their ratio, as fairlearn's `ratio_bound` does). For a fixed lambda the best classifier is a weighted classification problem (each example
 relabelled by the sign of its Lagrangian cost of predicting 1 and weighted by its size), solved
 by any `Learner`: a pure pair (fit, predict) over arrays, e.g. `logistic_regression` (jitted
 Newton steps) or `flax_learner` (any Flax classifier).
@@ -147,24 +148,27 @@ class _Moments(NamedTuple):
   offset: np.ndarray  # float [n]
   slope: np.ndarray  # float [n]
   cell_group: np.ndarray  # int [C] each cell's group (an index into the sorted group names)
+  ratio: float = 1.0  # r of the ratio form; 1: the difference form
 
   def gamma(self, h: np.ndarray) -> np.ndarray:
-    """[2C]: each cell's mean utility minus its reference's, then the negatives."""
+    """[2C]: r times each cell's mean utility minus its reference's, then r times the
+    reference's minus the cell's (r = 1: the differences, both signs)."""
     m = self.cell >= 0
     util = (self.offset + self.slope * h)[m]
     cell = np.bincount(self.cell[m], util, len(self.cell_count)) / self.cell_count
     ref = np.bincount(self.ref[m], util, len(self.ref_count)) / self.ref_count
-    g = cell - ref[self.cell_ref]
-    return np.concatenate([g, -g])
+    ref = ref[self.cell_ref]
+    return np.concatenate([self.ratio * cell - ref, self.ratio * ref - cell])
 
   def signed_cost(self, lam: np.ndarray) -> np.ndarray:
     """[n]: d (lambda . gamma(h)) / d h_i, the constraint part of example i's cost of h_i = 1."""
-    c = len(self.cell_count)
-    net = lam[:c] - lam[c:]
-    per_ref = np.bincount(self.cell_ref, net, len(self.ref_count)) / self.ref_count
+    c, r = len(self.cell_count), self.ratio
+    on_cell = r * lam[:c] - lam[c:]  # each cell's multiplier on its own mean
+    on_ref = np.bincount(self.cell_ref, r * lam[c:] - lam[:c], len(self.ref_count))
     m = self.cell >= 0
     cell, ref = np.where(m, self.cell, 0), np.where(m, self.ref, 0)
-    return np.where(m, self.slope * (net[cell] / self.cell_count[cell] - per_ref[ref]), 0.0)
+    return np.where(m, self.slope * (on_cell[cell] / self.cell_count[cell]
+                                     + on_ref[ref] / self.ref_count[ref]), 0.0)
 
   def basis(self) -> np.ndarray:
     """int [D]: the cells whose multipliers span every distinct Lagrangian, each reference's
@@ -176,7 +180,8 @@ class _Moments(NamedTuple):
                                      key=lambda k: self.cell_group[k])[:-1]], dtype=int)
 
 
-def _moments(y: np.ndarray, names: np.ndarray, ids: np.ndarray, constraint: str) -> _Moments:
+def _moments(y: np.ndarray, names: np.ndarray, ids: np.ndarray, constraint: str,
+             ratio: float = 1.0) -> _Moments:
   n, k = len(y), len(names)
   label = y.astype(int)
   offset, slope = np.zeros(n), np.ones(n)
@@ -201,13 +206,16 @@ def _moments(y: np.ndarray, names: np.ndarray, ids: np.ndarray, constraint: str)
                      f"{[cell_names[i] for i in np.flatnonzero(counts == 0)][:10]}")
   return _Moments(cell, cell_ref, ref, counts,
                   np.bincount(ref[m], minlength=cell_ref.max() + 1).astype(np.float64),
-                  cell_names, offset, slope, cell_group)
+                  cell_names, offset, slope, cell_group, float(ratio))
 
 
-def _problem(X, y_true, sensitive_features, constraint: str) -> tuple[np.ndarray, _Moments]:
+def _problem(X, y_true, sensitive_features, constraint: str,
+             ratio_bound: float | None = None) -> tuple[np.ndarray, _Moments]:
   """Checks a reduction's inputs; returns the labels (float64 [n]) and the moments."""
   if constraint not in CONSTRAINTS:
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
+  if ratio_bound is not None and not 0 < ratio_bound <= 1:
+    raise ValueError(f"ratio_bound must be in (0, 1] (or None), got {ratio_bound=}")
   y = np.asarray(y_true).reshape(-1)
   if not np.isin(y, (0, 1)).all():
     raise ValueError("y_true must hold 0/1 labels")
@@ -216,7 +224,7 @@ def _problem(X, y_true, sensitive_features, constraint: str) -> tuple[np.ndarray
     raise ValueError(f"X, y_true and sensitive_features differ in length: {len(X)}, {len(y)}, "
                      f"{len(ids)}")
   y = y.astype(np.float64)
-  return y, _moments(y, names, ids, constraint)
+  return y, _moments(y, names, ids, constraint, 1.0 if ratio_bound is None else ratio_bound)
 
 
 def _cost(y: np.ndarray, mom: _Moments, lam: np.ndarray) -> np.ndarray:
@@ -246,7 +254,8 @@ class ReductionResult(NamedTuple):
 def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
                            constraint: str = "demographic_parity", eps: float = 0.01,
                            max_iter: int = 50, nu: float | None = None, eta0: float = 2.0,
-                           min_iter: int = 5) -> ReductionResult:
+                           min_iter: int = 5, ratio_bound: float | None = None
+                           ) -> ReductionResult:
   """Trains a randomised classifier whose `constraint` moments stay within eps on the data.
 
   Args:
@@ -259,6 +268,12 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
       "false_positive_rate_parity" (conditioned on y = 1 or y = 0 only), or
       "error_rate_parity" (|P(h != y | A=a) - P(h != y)| <= eps).
     eps: the allowed violation; the multipliers' bound is B = 1 / eps.
+    ratio_bound: r in (0, 1] for the ratio form of the same constraint (fairlearn's
+      `ratio_bound`): r m_a - m <= eps and r m - m_a <= eps for each cell's mean m_a and its
+      reference's m, i.e. m_a / m within [r, 1 / r] up to the slack eps (fairlearn's
+      `ratio_bound_slack`; here positive, as it also sets B). r = 0.8 with demographic
+      parity is the "four-fifths rule" against the overall selection rate. None: the
+      difference form |m_a - m| <= eps.
     max_iter: most exponentiated-gradient iterations.
     nu: stop once the duality gap is below nu (after `min_iter` iterations); default
       0.5 sd(|h_0 - y|) / sqrt(n) with h_0 the first best response.
@@ -275,7 +290,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     raise ValueError(f"eps must be positive, got {eps=}")
   if max_iter < 1 or min_iter < 0:
     raise ValueError(f"max_iter must be >= 1 and min_iter >= 0, got {max_iter=}, {min_iter=}")
-  y, mom = _problem(X, y_true, sensitive_features, constraint)
+  y, mom = _problem(X, y_true, sensitive_features, constraint, ratio_bound)
   n, bound = len(y), 1.0 / eps
   Xj = jnp.asarray(X)
   hyps, preds, errs, gams = [], [], [], []
@@ -433,7 +448,8 @@ class GridSearchResult(NamedTuple):
 def grid_search(learner: Learner, X, y_true, *, sensitive_features,
                 constraint: str = "demographic_parity", constraint_weight: float = 0.5,
                 grid_size: int | None = 10, grid_limit: float = 2.0,
-                grid: np.ndarray | None = None) -> GridSearchResult:
+                grid: np.ndarray | None = None,
+                ratio_bound: float | None = None) -> GridSearchResult:
   """Fits one classifier per multiplier vector of a grid and selects the one with the smallest
   (1 - constraint_weight) err(h) + constraint_weight max_k gamma_k(h).
 
@@ -453,6 +469,9 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
     grid: optional float [G, 2C] multipliers to use instead, laid out as the result's `lambdas`
       (each cell's positive part in `cells` order, then the negative parts), e.g. several
       `multiplier_grid`s stacked.
+    ratio_bound: the ratio form's r (as for `exponentiated_gradient`): the moments become
+      r m_a - m and r m - m_a, in the relabelling and in the selection; the grid is the same
+      (fairlearn's, whose basis leaves out each label's last group for either form).
 
   Returns:
     A `GridSearchResult`; `grid_search_predict` gives the selected classifier's predictions.
@@ -463,7 +482,7 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
   """
   if not 0.0 <= constraint_weight <= 1.0:
     raise ValueError(f"constraint_weight must be in [0, 1], got {constraint_weight=}")
-  y, mom = _problem(X, y_true, sensitive_features, constraint)
+  y, mom = _problem(X, y_true, sensitive_features, constraint, ratio_bound)
   n = len(y)
   if grid is None:
     lambdas = _multiplier_grid(mom, grid_size, grid_limit)
