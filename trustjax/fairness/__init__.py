@@ -1,12 +1,15 @@
 """Fairness: intrinsic association tests on embeddings (WEAT, SEAT, CEAT), extrinsic group
 metrics (rate gaps with fairlearn's signatures, the bias AUCs of identity subgroups), threshold
 post-processing (Hardt et al. 2016), the exponentiated-gradient and grid-search reductions
-(Agarwal et al. 2018) and linear decorrelation for group parity, prediction
+(Agarwal et al. 2018), adversarial debiasing (Zhang et al. 2018) and linear decorrelation for
+group parity, prediction
 sensitivity, counterfactual augmentation and counterfactual distillation, and the gender
 polarity and sentiment of generated text (BOLD's measures)."""
 
-from trustjax.fairness import (association, counterfactual, generation, group, postprocessing,
-                               preprocessing, reductions, sensitivity)
+from trustjax.fairness import (adversarial, association, counterfactual, generation, group,
+                               postprocessing, preprocessing, reductions, sensitivity)
+from trustjax.fairness.adversarial import (AdversarialResult, adversarial_probabilities,
+                                          fit_adversarial)
 from trustjax.fairness.association import (WEAT_TESTS, CEATResult, association as association_scores, ceat,
                                            seat, weat_effect_and_variance, weat_effect_size,
                                            weat_p_value)

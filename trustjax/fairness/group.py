@@ -37,6 +37,19 @@ def fitted_group_ids(names: np.ndarray, sensitive_features, what: str) -> np.nda
   return ids
 
 
+def labelled_groups(X, y_true, sensitive_features):
+  """A mitigation's training inputs checked: the 0/1 labels (float64 [n]), the sorted group
+  names and each example's group index, with X, labels and groups of one length."""
+  y = np.asarray(y_true).reshape(-1)
+  if not np.isin(y, (0, 1)).all():
+    raise ValueError("y_true must hold 0/1 labels")
+  names, ids = _groups(sensitive_features)
+  if not len(y) == len(ids) == len(X):
+    raise ValueError(f"X, y_true and sensitive_features differ in length: {len(X)}, {len(y)}, "
+                     f"{len(ids)}")
+  return y.astype(np.float64), names, ids
+
+
 def _binary(name, v) -> np.ndarray:
   v = np.asarray(v).reshape(-1)
   if not np.isin(v, (0, 1)).all():

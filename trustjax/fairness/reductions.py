@@ -216,14 +216,7 @@ def _problem(X, y_true, sensitive_features, constraint: str,
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
   if ratio_bound is not None and not 0 < ratio_bound <= 1:
     raise ValueError(f"ratio_bound must be in (0, 1] (or None), got {ratio_bound=}")
-  y = np.asarray(y_true).reshape(-1)
-  if not np.isin(y, (0, 1)).all():
-    raise ValueError("y_true must hold 0/1 labels")
-  names, ids = group_metrics._groups(sensitive_features)  # pylint: disable=protected-access
-  if not len(y) == len(ids) == len(X):
-    raise ValueError(f"X, y_true and sensitive_features differ in length: {len(X)}, {len(y)}, "
-                     f"{len(ids)}")
-  y = y.astype(np.float64)
+  y, names, ids = group_metrics.labelled_groups(X, y_true, sensitive_features)
   return y, _moments(y, names, ids, constraint, 1.0 if ratio_bound is None else ratio_bound)
 
 
