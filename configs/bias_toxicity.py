@@ -14,7 +14,8 @@ The "minilm" model reads all-MiniLM-L6-v2 sentence embeddings (the `gt-all-minil
 package, `models.load_bert`), frozen, and trains an MLP head on them; its prediction sensitivity
 is taken through the encoder on 100 sentences per identity term (50 toxic, 50 not), and
 logistic regressions on the embeddings of the post-processing fit half are trained with and
-without the exponentiated-gradient reduction (Agarwal et al. 2018) for both constraints.
+without the exponentiated-gradient reduction (Agarwal et al. 2018) for both constraints, and
+against an adversary of the comments' identity groups (Zhang et al. 2018).
 """
 
 from trustjax.fairness.experiments import default_config
@@ -38,6 +39,7 @@ def get_config(arg: str = ""):
     c.aps_per_identity = 50
     c.inprocess = ("demographic_parity", "equalized_odds")
     c.inprocess_grid_limits = (2.0, 0.5, 0.1, 0.02)  # fairlearn's limit 2 and smaller scales
+    c.adversarial = ("demographic_parity", "equalized_odds")  # Zhang et al. 2018, alpha 1
   if "runlocal" in parts:
     c.run_name += "_runlocal"
     c.seeds = (0,)

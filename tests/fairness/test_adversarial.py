@@ -43,6 +43,9 @@ def test_debias_gradient_is_zhang_et_als_direction(per_leaf):
     assert have @ a / np.linalg.norm(a) == pytest.approx(-alpha * np.linalg.norm(a), rel=1e-4)
   zero = adv.debias_gradient(gp, jax.tree.map(np.zeros_like, ga), alpha, per_leaf=per_leaf)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), zero, gp)
+  plain = adv.debias_gradient(gp, ga, alpha, per_leaf=per_leaf, project=False)
+  jax.tree.map(lambda x, p, a: np.testing.assert_allclose(x, p - alpha * a, rtol=1e-5,
+                                                          atol=1e-6), plain, gp, ga)
 
 
 @pytest.mark.parametrize("constraint", adv.CONSTRAINTS)
@@ -116,6 +119,25 @@ def test_the_adversary_narrows_the_parity_gap():
   # the adversary, unable to read the group from the output, ends near its entropy ln 2
   assert fair.adversary_loss[-1] > 0.95 * np.log(2) > plain.adversary_loss[-1]
   assert fair.predictor_loss.shape == (40,)
+  # With no projection and alpha 0 the adversary changes nothing: the predictor equals one
+  # trained by a loop of plain Adam steps on the same shuffled batches (same key split).
+  alone = adv.fit_adversarial(model, X[:200], y[:200], sensitive_features=g[:200], alpha=0.0,
+                              project=False, epochs=3, batch_size=64, learning_rate=3e-3)
+  import optax  # pylint: disable=import-outside-toplevel
+  key_p, _, key_order = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = model.init(key_p, X[:1])["params"]
+  opt = optax.adam(3e-3)
+  state = opt.init(params)
+  for key in jax.random.split(key_order, 3):
+    order = np.asarray(jax.random.permutation(key, 200))
+    for start in range(0, 200, 64):
+      rows = order[start:start + 64]
+      loss = lambda p, rows=rows: optax.sigmoid_binary_cross_entropy(
+          model.apply({"params": p}, X[rows])[:, 0], y[rows].astype(np.float32)).mean()
+      up, state = opt.update(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, up)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               alone.params, params)
 
 
 def test_more_groups_padding_and_bad_input():

@@ -121,7 +121,10 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     ("inprocess_eps", 0.0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
     ("inprocess_min_group", 0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
     ("inprocess_learner", "svm", "inprocess_learner must be"),
-    ("inprocess_grid_limits", (0.5, 0.0), "inprocess_grid_limits must be positive")])
+    ("inprocess_grid_limits", (0.5, 0.0), "inprocess_grid_limits must be positive"),
+    ("adversarial", ("parity",), "adversarial must list"),
+    ("adversarial", ("equalized_odds",), "adversarial trains on sentence embeddings"),
+    ("adversarial_epochs", 0, "adversarial_alpha must be >= 0 and adversarial_epochs")])
 def test_bad_bias_config_is_named(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     experiments.run(_config(tmp_path, **{field: value}), show_progress=False)
@@ -224,9 +227,13 @@ def test_minilm_bias_study_runs_on_a_sample(tmp_path):
                              "data.train_sets": ("nonfuzzed",), "data.max_train": 80,
                              "data.eval_per_identity": 2, "aps_per_identity": 1,
                              "inprocess": ("demographic_parity", "equalized_odds"),
-                             "inprocess_grid_limits": (1.0,)})
+                             "inprocess_grid_limits": (1.0,),
+                             "adversarial": ("equalized_odds",), "adversarial_epochs": 2})
   summary = experiments.run(cfg, show_progress=False)
   r = summary["train_sets"]["nonfuzzed"]
+  assert list(r["adversarial"]) == ["no adversary (same training)", "adversarial, equalized_odds"]
+  assert all(0.0 <= v["accuracy"] <= 1.0 and v["adversary_loss"] > 0
+             for v in r["adversarial"].values())
   # In-processing on the training comments' embeddings: every rule is measured on the madlibs
   # held-out half, and each reduction meets its constraint on the comments.
   rules = r["inprocess"]
@@ -247,6 +254,7 @@ def test_minilm_bias_study_runs_on_a_sample(tmp_path):
   report = (tmp_path / cfg.run_name / "report.md").read_text()
   assert "| exponentiated gradient, equalized_odds |" in report
   assert "| grid search, equalized_odds |" in report and "plots/grid_search.png" in report
+  assert "## Adversarial debiasing" in report and "| adversarial, equalized_odds |" in report
   assert (tmp_path / cfg.run_name / "plots" / "grid_search.png").stat().st_size > 0
   assert summary["eval_examples"] == 51 * 4 and summary["aps_examples"] == 51 * 2
   assert r["train_examples"] == 80 and len(r["per_identity"]) == 50
@@ -254,10 +262,9 @@ def test_minilm_bias_study_runs_on_a_sample(tmp_path):
   assert 0.0 <= r["overall_auc"] <= 1.0 and np.isfinite(r["aps"])
 
 
-@pytest.mark.parametrize("learner", ["logistic_regression", "mlp"])
-def test_inprocess_metrics_with_either_learner(tmp_path, learner):
-  """Synthetic features: the comments' group shifts the features and the toxic rate, and the
-  madlibs-like sentences carry their term in the features too."""
+def _synthetic_features():
+  """The comments' group shifts the features and the toxic rate, and the madlibs-like sentences
+  carry their term in the features too: (train_x, train_y, groups, x, y, identities)."""
   rng = np.random.default_rng(0)
   groups = rng.choice(np.array(["gay", "jewish", "none"]), 400)
   train_y = (rng.random(400) < np.where(groups == "gay", 0.6, 0.15)).astype(int)
@@ -266,6 +273,13 @@ def test_inprocess_metrics_with_either_learner(tmp_path, learner):
   ids = [t for t in ("gay", "jewish", "old") for _ in range(40)]
   y = np.tile(np.repeat([0, 1], 20), 3)
   x = (rng.normal(size=(120, 8)) + shift(np.array(ids)) + y[:, None]).astype(np.float32)
+  return train_x, train_y, groups, x, y, ids
+
+
+@pytest.mark.parametrize("learner", ["logistic_regression", "mlp"])
+def test_inprocess_metrics_with_either_learner(tmp_path, learner):
+  """Synthetic features (`_synthetic_features`)."""
+  train_x, train_y, groups, x, y, ids = _synthetic_features()
   cfg = override(_config(tmp_path), inprocess=("demographic_parity", "equalized_odds"),
                  inprocess_learner=learner, inprocess_steps=100, inprocess_grid_limits=(2.0, 0.5),
                  **{"model.mlp_dim": 8})
@@ -296,3 +310,23 @@ def test_inprocess_metrics_with_either_learner(tmp_path, learner):
   # the reduction for demographic parity narrows that gap on the held-out sentences.
   assert (out["exponentiated gradient, demographic_parity"]["demographic_parity_difference"]
           < out["unconstrained"]["demographic_parity_difference"])
+
+
+def test_adversarial_metrics_on_synthetic_features(tmp_path):
+  """Synthetic features (`_synthetic_features`): the adversary for demographic parity narrows
+  the held-out parity gap against the same training without it (two seeds, means), and its
+  loss ends higher."""
+  train_x, train_y, groups, x, y, ids = _synthetic_features()
+  cfg = override(_config(tmp_path), adversarial=("demographic_parity", "equalized_odds"),
+                 adversarial_epochs=30, seeds=(0, 1), inprocess_learner="mlp",
+                 **{"model.mlp_dim": 8, "train.learning_rate": 3e-3})
+  out = experiments.adversarial_metrics(train_x, train_y, groups, x, y, ids, cfg)
+  assert list(out) == ["no adversary (same training)", "adversarial, demographic_parity",
+                       "adversarial, equalized_odds"]
+  plain, fair = out["no adversary (same training)"], out["adversarial, demographic_parity"]
+  assert fair["demographic_parity_difference"] < 0.5 * plain["demographic_parity_difference"]
+  assert fair["adversary_loss"] > plain["adversary_loss"]
+  assert plain["accuracy_sd"] >= 0 and set(plain) >= {"train_error", "train_error_sd"}
+  table = experiments.adversarial_table({"seeds": [0, 1],
+                                         "train_sets": {"nonfuzzed": {"adversarial": out}}})
+  assert "| nonfuzzed | adversarial, equalized_odds |" in table and " +- " in table

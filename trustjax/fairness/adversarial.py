@@ -39,14 +39,16 @@ from trustjax.fairness import group as group_metrics
 CONSTRAINTS = ("demographic_parity", "equalized_odds")
 
 
-def debias_gradient(grad_p, grad_a, alpha: float, *, per_leaf: bool = False):
+def debias_gradient(grad_p, grad_a, alpha: float, *, per_leaf: bool = False,
+                    project: bool = True):
   """Zhang et al.'s predictor update direction: grad_p minus its projection on grad_a minus
   alpha grad_a, for pytrees of the predictor's gradients of L_P (grad_p) and of the adversary's
-  loss L_A (grad_a). The projection is over the whole tree as one vector, or per leaf."""
+  loss L_A (grad_a). The projection is over the whole tree as one vector, or per leaf;
+  project=False leaves it out (grad_p - alpha grad_a; with alpha 0 the adversary is ignored)."""
   tiny = jnp.finfo(jnp.float32).tiny
 
   def direction(gp, ga, unit_dot):
-    return gp - unit_dot * ga - alpha * ga
+    return gp - (unit_dot * ga if project else 0.0) - alpha * ga
 
   if per_leaf:
     def leaf(gp, ga):
@@ -102,8 +104,9 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
                     constraint: str = "demographic_parity", alpha: float = 1.0,
                     adversary: nn.Module | None = None, epochs: int = 50,
                     batch_size: int = 64, learning_rate: float = 1e-3,
-                    optimizer: str = "adam", per_leaf: bool = False, shuffle: bool = True,
-                    seed: int = 0, params=None, adversary_params=None) -> AdversarialResult:
+                    optimizer: str = "adam", per_leaf: bool = False, project: bool = True,
+                    shuffle: bool = True, seed: int = 0, params=None,
+                    adversary_params=None) -> AdversarialResult:
   """Trains `predictor` on (X, y) against an adversary predicting the group.
 
   Args:
@@ -123,6 +126,8 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
       the same for both players. Each epoch visits every example once, in a new random order
       if `shuffle`; the last batch is padded (padded rows weigh nothing).
     per_leaf: project leaf by leaf (fairlearn's choice) instead of over all weights.
+    project: False drops the projection (an ablation; with alpha 0 the predictor trains as it
+      would alone, with the same optimizer and batches: a baseline).
     seed: the initialisation and shuffling key.
     params, adversary_params: optional initial parameters instead of fresh ones.
 
@@ -179,7 +184,8 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
       lp, grad_p = jax.value_and_grad(lp_fn)(params_p)
       la, (grad_a_pred, grad_a_adv) = jax.value_and_grad(la_fn, argnums=(0, 1))(params_p,
                                                                                params_a)
-      direction = debias_gradient(grad_p, grad_a_pred, alpha, per_leaf=per_leaf)
+      direction = debias_gradient(grad_p, grad_a_pred, alpha, per_leaf=per_leaf,
+                                  project=project)
       up, state_p = opt_p.update(direction, state_p, params_p)
       ua, state_a = opt_a.update(grad_a_adv, state_a, params_a)
       return ((optax.apply_updates(params_p, up), optax.apply_updates(params_a, ua), state_p,

@@ -22,7 +22,10 @@ in expectation over the randomisation, beside the plain threshold on that half. 
 inputs are features), logistic regressions on each training set's comment embeddings are
 trained without and with the constraint over the comments' identity groups (Agarwal et al.
 2018; `comment_groups`; with `inprocess_grid_limits`, also by grid search), and measured on the
-same held-out half beside the unconstrained one post-processed.
+same held-out half beside the unconstrained one post-processed. With `adversarial`
+(constraints of `adversarial.fit_adversarial`), the same model class is trained against an
+adversary of those groups (Zhang et al. 2018), once per seed, beside the same training without
+the adversary.
 
 The classifier (`model.name`) is a token model trained from scratch on a hash vocabulary
 ("bag_of_embeddings", "transformer") or an MLP head on frozen all-MiniLM-L6-v2 sentence
@@ -47,7 +50,8 @@ from trustjax import data as tjdata
 from trustjax import models, reporting, training
 from trustjax.data import toxicity
 from trustjax.experiments import classifier_from_config
-from trustjax.fairness import group, postprocessing, preprocessing, reductions, sensitivity
+from trustjax.fairness import (adversarial, group, postprocessing, preprocessing, reductions,
+                               sensitivity)
 from trustjax.stats import mean_and_sd, roc_auc
 
 TRAIN_SETS = ("nonfuzzed", "fuzzed")
@@ -76,12 +80,17 @@ def _check(cfg) -> None:
   bad = [c for c in cfg.postprocess if c not in postprocessing.CONSTRAINTS]
   if bad:
     raise ValueError(f"postprocess must list some of {postprocessing.CONSTRAINTS}, got {bad}")
-  bad = [c for c in cfg.inprocess if c not in reductions.CONSTRAINTS]
-  if bad:
-    raise ValueError(f"inprocess must list some of {reductions.CONSTRAINTS}, got {bad}")
-  if cfg.inprocess and cfg.model.name != "minilm":
-    raise ValueError(f"inprocess trains on sentence embeddings: it needs model.name='minilm', "
-                     f"got {cfg.model.name!r}")
+  for field, allowed in (("inprocess", reductions.CONSTRAINTS),
+                         ("adversarial", adversarial.CONSTRAINTS)):
+    bad = [c for c in cfg[field] if c not in allowed]
+    if bad:
+      raise ValueError(f"{field} must list some of {allowed}, got {bad}")
+    if cfg[field] and cfg.model.name != "minilm":
+      raise ValueError(f"{field} trains on sentence embeddings: it needs model.name='minilm', "
+                       f"got {cfg.model.name!r}")
+  if not (cfg.adversarial_alpha >= 0 and cfg.adversarial_epochs >= 1):
+    raise ValueError(f"adversarial_alpha must be >= 0 and adversarial_epochs >= 1, got "
+                     f"{cfg.adversarial_alpha=}, {cfg.adversarial_epochs=}")
   if cfg.inprocess_learner not in ("logistic_regression", "mlp"):
     raise ValueError(f"inprocess_learner must be 'logistic_regression' or 'mlp', got "
                      f"{cfg.inprocess_learner!r}")
@@ -92,7 +101,7 @@ def _check(cfg) -> None:
     raise ValueError(f"inprocess_eps, inprocess_l2, inprocess_min_group and inprocess_steps "
                      f"must be positive, got {cfg.inprocess_eps=}, {cfg.inprocess_l2=}, "
                      f"{cfg.inprocess_min_group=}, {cfg.inprocess_steps=}")
-  if (cfg.postprocess or cfg.inprocess) and cfg.data.eval_per_identity == 1:
+  if (cfg.postprocess or cfg.inprocess or cfg.adversarial) and cfg.data.eval_per_identity == 1:
     raise ValueError("postprocess and inprocess halve each (identity term, label) cell: they "
                      "need data.eval_per_identity = 0 (all) or >= 2, got 1")
   for k, v in (("data.eval_per_identity", cfg.data.eval_per_identity),
@@ -423,6 +432,40 @@ def inprocess_metrics(train_features: np.ndarray, train_labels: np.ndarray,
   return out
 
 
+def adversarial_metrics(train_features: np.ndarray, train_labels: np.ndarray,
+                        train_groups: np.ndarray, features: np.ndarray, y: np.ndarray,
+                        identities: list, cfg) -> dict:
+  """The in-processing model class (`cfg.inprocess_learner`: a linear layer or an MLP of width
+  `cfg.model.mlp_dim`, one logit) trained on the comments' embeddings by minibatch Adam
+  (`cfg.train.batch_size`, `cfg.train.learning_rate`, `cfg.adversarial_epochs` epochs) without
+  an adversary, and against one that predicts the comment groups (`fit_adversarial`, alpha
+  `cfg.adversarial_alpha`) for each of `cfg.adversarial`. Per rule, over `cfg.seeds`: the
+  madlibs held-out half's accuracy and gaps (P(toxic) > 0.5), the training error and the
+  adversary's last-epoch loss, mean and sd."""
+  split = _split(identities, y)
+  hidden = () if cfg.inprocess_learner == "logistic_regression" else (cfg.model.mlp_dim,)
+  predictor = models.MLPClassifier(hidden=hidden, num_classes=1)
+  rules = {"no adversary (same training)": {"alpha": 0.0, "project": False},
+           **{f"adversarial, {c}": {"constraint": c, "alpha": cfg.adversarial_alpha}
+              for c in cfg.adversarial}}
+  keys = (*_HELD_KEYS, "train_error", "adversary_loss")
+  out = {}
+  for rule, kw in rules.items():
+    runs = []
+    for seed in cfg.seeds:
+      res = adversarial.fit_adversarial(
+          predictor, train_features, train_labels, sensitive_features=train_groups,
+          epochs=cfg.adversarial_epochs, batch_size=cfg.train.batch_size,
+          learning_rate=cfg.train.learning_rate, seed=seed, **kw)
+      held = adversarial.adversarial_probabilities(res, features[split.held]) > 0.5
+      train = adversarial.adversarial_probabilities(res, train_features) > 0.5
+      runs.append({**_held_rates(y, split, held.astype(np.float64)),
+                   "train_error": float(np.mean(train != train_labels)),
+                   "adversary_loss": float(res.adversary_loss[-1])})
+    out[rule] = mean_and_sd(runs, keys)
+  return out
+
+
 def _mean_rates(runs: list) -> dict:
   """Each rule's per-identity held-out TPR and FPR, averaged over seeds."""
   first = runs[0]["postprocess_rates"]
@@ -551,17 +594,23 @@ def run(cfg: ml_collections.ConfigDict, *, show_progress: bool = True) -> dict:
                                    "train_toxic_fraction": float(train.labels.mean())}
     if cfg.postprocess:
       summary["train_sets"][name]["postprocess_rates"] = _mean_rates(runs)
-    if cfg.inprocess:  # deterministic: once per training set, not per seed
+    if cfg.inprocess or cfg.adversarial:
       groups = comment_groups(train.texts, train.labels, cfg.inprocess_min_group)
+    if cfg.inprocess:  # deterministic: once per training set, not per seed
       summary["train_sets"][name]["inprocess"] = reporting.cached(
           workdir, f"{name}_inprocess", functools.partial(
               inprocess_metrics, np.asarray(arrays()["inputs"]), train.labels, groups,
               np.asarray(inputs.eval_inputs), y, identities, cfg))
       summary["train_sets"][name]["inprocess_groups"] = {
           g: int((groups == g).sum()) for g in sorted(set(groups.tolist()))}
+    if cfg.adversarial:  # a part of its own: seeds inside, after the reductions
+      summary["train_sets"][name]["adversarial"] = reporting.cached(
+          workdir, f"{name}_adversarial", functools.partial(
+              adversarial_metrics, np.asarray(arrays()["inputs"]), train.labels, groups,
+              np.asarray(inputs.eval_inputs), y, identities, cfg))
   summary.update(eval_examples=len(madlibs), aps_examples=len(aps_idx), seeds=list(cfg.seeds),
                  backend=jax.default_backend())
-  if cfg.postprocess or cfg.inprocess:
+  if cfg.postprocess or cfg.inprocess or cfg.adversarial:
     split = _split(identities, y)
     summary.update(postprocess=list(cfg.postprocess),
                    postprocess_fit_examples=int(split.fit.sum()),
@@ -616,6 +665,19 @@ def inprocess_table(summary: dict) -> str:
   return reporting.markdown_table(cols, rows)
 
 
+def adversarial_table(summary: dict) -> str:
+  """Per training set and rule: the held-out accuracy and gaps, the training error and the
+  adversary's last loss, mean +- sd over seeds."""
+  cols = ["trained on", "model", "held-out accuracy", "demographic parity diff.",
+          "equalized odds diff.", "training error", "adversary loss"]
+  runs = len(summary["seeds"])
+  rows = [[name, rule] + [reporting.mean_sd_cell(r, k, runs) for k in (
+      *_HELD_KEYS, "train_error", "adversary_loss")]
+          for name, s in summary["train_sets"].items()
+          for rule, r in s["adversarial"].items()]
+  return reporting.markdown_table(cols, rows)
+
+
 def _learner_note(cfg) -> str:
   if cfg.inprocess_learner == "logistic_regression":
     return f"Logistic regressions (L2 {cfg.inprocess_l2})"
@@ -630,6 +692,8 @@ def printed_tables(summary: dict, cfg) -> str:
     parts.append(postprocess_table(summary, cfg.postprocess, cfg.threshold))
   if cfg.inprocess:
     parts.append(inprocess_table(summary))
+  if cfg.adversarial:
+    parts.append(adversarial_table(summary))
   return "\n\n".join(parts)
 
 
@@ -677,6 +741,18 @@ def report(cfg, summary: dict) -> str:
          "comments (<= 0: met).", "", inprocess_table(summary), "",
          *(["![grid search](plots/grid_search.png)", ""] if cfg.inprocess_grid_limits else [])]
         if cfg.inprocess else []),
+      *(["## Adversarial debiasing (Zhang et al. 2018)", "",
+         ("Linear layers" if cfg.inprocess_learner == "logistic_regression"
+          else f"MLPs of width {cfg.model.mlp_dim}")
+         + " with one logit on the training comments' frozen sentence embeddings, minibatch Adam "
+         f"(batch {cfg.train.batch_size}, learning rate {cfg.train.learning_rate}, "
+         f"{cfg.adversarial_epochs} epochs), without an adversary and against one that "
+         "predicts the comments' identity groups from P(toxic) (demographic parity) or from it and "
+         f"the label (equalized odds), alpha {cfg.adversarial_alpha}; held-out half as above, "
+         f"P(toxic) > 0.5; {reporting.seeds_note(summary['seeds'])}. The adversary's loss is "
+         "its last epoch's cross-entropy (higher: it reads the group less well).", "",
+         adversarial_table(summary), ""]
+        if cfg.adversarial else []),
       "## Per identity" + reporting.over_seeds(summary["seeds"]), "",
       reporting.markdown_table(cols, rows), "", "![bias AUCs](plots/bias_aucs.png)", ""])
 
@@ -711,6 +787,13 @@ def default_config() -> ml_collections.ConfigDict:
   # over the union of the multiplier grids with grid_size=None (0 and +-limit on each basis
   # cell) at each of these limits; () = none.
   c.inprocess_grid_limits = ()
+  # Adversarial debiasing (fairness.adversarial.CONSTRAINTS; model "minilm" only): the
+  # inprocess_learner's model class (one logit) trained by minibatch Adam (train.batch_size,
+  # train.learning_rate) for adversarial_epochs epochs without an adversary and against one
+  # that predicts the comment groups, with weight adversarial_alpha, once per seed; () = none.
+  c.adversarial = ()
+  c.adversarial_alpha = 1.0
+  c.adversarial_epochs = 50
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""  # Dixon et al.'s eval_datasets folder
   c.data.train_sets = TRAIN_SETS  # nonfuzzed | fuzzed

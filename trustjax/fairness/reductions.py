@@ -8,7 +8,8 @@ gamma holds the constraint's moments (demographic parity: each group's selection
 overall one, both signs; equalized odds: the same within each label; true or false positive
 rate parity: within one label; error-rate parity: each group's error rate minus the overall
 one; with `ratio_bound` r, r times the group's minus the overall and r times the overall minus
-the group's, which bound their ratio, as fairlearn's `ratio_bound` does). For a fixed lambda the best classifier is a weighted classification problem (each example
+the group's, which bound their ratio, as fairlearn's `ratio_bound` does). For a fixed lambda
+the best classifier is a weighted classification problem (each example
 relabelled by the sign of its Lagrangian cost of predicting 1 and weighted by its size), solved
 by any `Learner`: a pure pair (fit, predict) over arrays, e.g. `logistic_regression` (jitted
 Newton steps) or `flax_learner` (any Flax classifier).
