@@ -162,3 +162,23 @@ def test_more_groups_padding_and_bad_input():
     adv.fit_adversarial(nn.Dense(3), X, y, sensitive_features=g3, epochs=1)
   with pytest.raises(ValueError, match="0/1 labels"):
     adv.fit_adversarial(nn.Dense(1), X, y + 1, sensitive_features=g3, epochs=1)
+
+
+def test_schedules_of_the_step_count():
+  """alpha and the learning rate as functions of the step count: a constant schedule equals
+  the constant, and alpha(t) = 0 at step 0 and 5 after acts as alpha 0 for the first step
+  only."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  X, y, g = _data(5, n=200)
+  kw = dict(sensitive_features=g, batch_size=200, shuffle=False)
+  run = lambda **k: adv.fit_adversarial(nn.Dense(1), X, y, **{**kw, **k}).params
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  same(run(alpha=lambda t: 2.0, epochs=3), run(alpha=2.0, epochs=3))
+  same(run(learning_rate=optax.constant_schedule(3e-3), epochs=3),
+       run(learning_rate=3e-3, epochs=3))
+  late = lambda t: jax.numpy.where(t < 1, 0.0, 5.0)
+  same(run(alpha=late, epochs=1), run(alpha=0.0, epochs=1))
+  differ = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),
+                        run(alpha=late, epochs=2), run(alpha=0.0, epochs=2))
+  assert max(jax.tree.leaves(differ)) > 1e-6

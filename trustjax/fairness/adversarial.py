@@ -16,9 +16,10 @@ the same forward pass, each with its own optax optimizer.
 softmax cross-entropy) against any Flax adversary on the predicted probability (default: one
 hidden layer of 16 ReLU units), all epochs in one jitted `lax.scan` over shuffled, padded
 minibatches (padded rows weigh nothing). The two-player game need not converge: runs can
-oscillate or collapse, so check the result's parity and accuracy (the paper's convergence
-argument assumes decaying steps and a growing alpha, which this constant schedule does not
-do). The projection is taken over all of the
+oscillate or collapse, so check the result's parity and accuracy. The paper's convergence
+argument assumes a decaying step size and a growing alpha: both may be schedules of the step
+count (e.g. `learning_rate=lambda t: 1e-2 / (1 + t / 100)`, `alpha=lambda t: jnp.sqrt(1.0 + t
+/ 100)`); the defaults are constant. The projection is taken over all of the
 predictor's weights as one vector (the paper's W), or leaf by leaf (`per_leaf=True`, what
 fairlearn's `AdversarialFairnessClassifier` does; the tests compare one step with fairlearn's
 PyTorch engine on a model whose leaves are vectors, where the two agree).
@@ -26,7 +27,7 @@ PyTorch engine on a model whose leaves are vectors, where the two agree).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -101,9 +102,10 @@ def _optimizer(name: str, learning_rate: float):
 
 
 def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
-                    constraint: str = "demographic_parity", alpha: float = 1.0,
-                    adversary: nn.Module | None = None, epochs: int = 50,
-                    batch_size: int = 64, learning_rate: float = 1e-3,
+                    constraint: str = "demographic_parity",
+                    alpha: float | Callable = 1.0, adversary: nn.Module | None = None,
+                    epochs: int = 50, batch_size: int = 64,
+                    learning_rate: float | Callable = 1e-3,
                     optimizer: str = "adam", per_leaf: bool = False, project: bool = True,
                     shuffle: bool = True, seed: int = 0, params=None,
                     adversary_params=None) -> AdversarialResult:
@@ -116,14 +118,16 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
     constraint: "demographic_parity" (the adversary sees P(y_hat = 1)) or "equalized_odds"
       (it also sees the label y, so what it can learn is the group beyond the label).
     alpha: the weight of the term that pushes the predictor against the adversary; 0 keeps
-      only the projection.
+      only the projection. A float, or a function of the step count (0, 1, ...; a jax
+      scalar) for a schedule.
     adversary: a Flax module [n, 1 or 2] -> logits: one for two groups, else one per group;
       default one hidden layer of 16 ReLU units. (fairlearn's default is linear; a logistic
       regression on P(y_hat = 1) cannot see a group whose probabilities differ in spread
       rather than in mean, and in this project's probes it left most of the parity gap
       while its loss sat at chance.)
     epochs, batch_size, learning_rate, optimizer ("adam" or "sgd"): the training schedule,
-      the same for both players. Each epoch visits every example once, in a new random order
+      the same for both players; learning_rate may be an optax schedule (a function of the
+      step count). Each epoch visits every example once, in a new random order
       if `shuffle`; the last batch is padded (padded rows weigh nothing).
     per_leaf: project leaf by leaf (fairlearn's choice) instead of over all weights.
     project: False drops the projection (an ablation; with alpha 0 the predictor trains as it
@@ -140,9 +144,9 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
   """
   if constraint not in CONSTRAINTS:
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
-  if not alpha >= 0:
-    raise ValueError(f"alpha must be >= 0, got {alpha=}")
-  if epochs < 1 or batch_size < 1 or not learning_rate > 0:
+  if not callable(alpha) and not alpha >= 0:
+    raise ValueError(f"alpha must be >= 0 (or a schedule), got {alpha=}")
+  if epochs < 1 or batch_size < 1 or not (callable(learning_rate) or learning_rate > 0):
     raise ValueError(f"epochs, batch_size and learning_rate must be positive, got {epochs=}, "
                      f"{batch_size=}, {learning_rate=}")
   X = np.asarray(X, np.float32)
@@ -175,7 +179,7 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
   @jax.jit
   def train(params_p, params_a, X, y, a):
     def step(carry, idx):
-      params_p, params_a, state_p, state_a = carry
+      params_p, params_a, state_p, state_a, count = carry
       w = (idx >= 0).astype(jnp.float32)
       rows = jnp.maximum(idx, 0)
       xb, yb, ab = X[rows], y[rows], a[rows]
@@ -184,12 +188,13 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
       lp, grad_p = jax.value_and_grad(lp_fn)(params_p)
       la, (grad_a_pred, grad_a_adv) = jax.value_and_grad(la_fn, argnums=(0, 1))(params_p,
                                                                                params_a)
-      direction = debias_gradient(grad_p, grad_a_pred, alpha, per_leaf=per_leaf,
+      weight = alpha(count) if callable(alpha) else alpha
+      direction = debias_gradient(grad_p, grad_a_pred, weight, per_leaf=per_leaf,
                                   project=project)
       up, state_p = opt_p.update(direction, state_p, params_p)
       ua, state_a = opt_a.update(grad_a_adv, state_a, params_a)
       return ((optax.apply_updates(params_p, up), optax.apply_updates(params_a, ua), state_p,
-               state_a), (lp, la))
+               state_a, count + 1), (lp, la))
 
     def epoch(carry, key):
       order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
@@ -197,9 +202,9 @@ def fit_adversarial(predictor: nn.Module, X, y_true, *, sensitive_features,
       carry, (lp, la) = jax.lax.scan(step, carry, idx.reshape(num_batches, batch_size))
       return carry, (lp.mean(), la.mean())
 
-    carry = (params_p, params_a, opt_p.init(params_p), opt_a.init(params_a))
-    (params_p, params_a, _, _), (lp, la) = jax.lax.scan(epoch, carry,
-                                                        jax.random.split(key_order, epochs))
+    carry = (params_p, params_a, opt_p.init(params_p), opt_a.init(params_a), jnp.int32(0))
+    (params_p, params_a, *_), (lp, la) = jax.lax.scan(epoch, carry,
+                                                      jax.random.split(key_order, epochs))
     return params_p, params_a, lp, la
 
   params, adversary_params, lp, la = train(params, adversary_params, jnp.asarray(X),
