@@ -19,7 +19,11 @@ against those best responses. The loop stops when the duality gap of the average
 falls below nu; the returned mixture is the linear program's best over every classifier found
 (the smallest err(Q) + B max(0, max_k gamma_k(Q) - eps)), which is never worse than the average.
 Step size eta = eta0 / B and nu = 0.5 sd(|h_0 - y|) / sqrt(n) follow fairlearn's defaults (its
-`ExponentiatedGradient`; the tests compare the two with the same learner).
+`ExponentiatedGradient`; the tests compare the two with the same learner), and so does the gap
+check: Q's side of the gap also takes the learner's responses to 2, 5 and 10 times lambda
+while the gap stays below nu, each new classifier joining the linear program. With
+`control_features` every constraint holds within each stratum (its cells are (stratum, group)
+pairs compared with their stratum).
 
 `grid_search` (the paper's Section 3.4, for few constraints) fits one deterministic classifier
 per point of a grid of multipliers and keeps the one with the smallest
@@ -182,43 +186,58 @@ class _Moments(NamedTuple):
 
 
 def _moments(y: np.ndarray, names: np.ndarray, ids: np.ndarray, constraint: str,
-             ratio: float = 1.0) -> _Moments:
+             ratio: float = 1.0, controls: tuple | None = None) -> _Moments:
+  """The constraint's cells: (control stratum, group, event) with the event the label for
+  equalized odds, else one event (the rows of one label for true/false positive rate parity);
+  each cell's reference is its (stratum, event). `controls` is (stratum names, each row's
+  stratum) or None (one stratum)."""
   n, k = len(y), len(names)
   label = y.astype(int)
   offset, slope = np.zeros(n), np.ones(n)
   group_names = [str(g) for g in names]
   if constraint == "equalized_odds":
-    cell, cell_ref, ref = 2 * ids + label, np.tile([0, 1], k), label
-    cell_names = [f"{g}, y={v}" for g in group_names for v in (0, 1)]
-    cell_group = np.repeat(np.arange(k), 2)
+    events, event, suffix = 2, label, lambda e: f", y={e}"
+  elif constraint in ("true_positive_rate_parity", "false_positive_rate_parity"):
+    v = int(constraint == "true_positive_rate_parity")
+    events, event, suffix = 1, np.where(label == v, 0, -1), lambda e: f", y={v}"
   else:
-    cell, cell_ref, ref = ids.copy(), np.zeros(k, int), np.zeros(n, int)
-    cell_names, cell_group = list(group_names), np.arange(k)
-    if constraint in ("true_positive_rate_parity", "false_positive_rate_parity"):
-      v = int(constraint == "true_positive_rate_parity")
-      cell, ref = np.where(label == v, cell, -1), np.where(label == v, ref, -1)
-      cell_names = [f"{g}, y={v}" for g in group_names]
-    elif constraint == "error_rate_parity":
+    events, event, suffix = 1, np.zeros(n, int), lambda e: ""
+    if constraint == "error_rate_parity":
       offset, slope = y.astype(np.float64), 1.0 - 2.0 * y
-  m = cell >= 0
-  counts = np.bincount(cell[m], minlength=len(cell_ref)).astype(np.float64)
+  strata, stratum = (np.array([""]), np.zeros(n, int)) if controls is None else controls
+  m = event >= 0
+  cell = np.where(m, (stratum * k + ids) * events + event, -1)
+  ref = np.where(m, stratum * events + event, -1)
+  idx = np.arange(len(strata) * k * events)
+  cell_ref = (idx // (k * events)) * events + idx % events
+  cell_group = (idx // events) % k
+  prefix = (lambda c: "") if controls is None else (lambda c: f"{strata[c // (k * events)]}: ")
+  cell_names = [f"{prefix(c)}{group_names[cell_group[c]]}{suffix(c % events)}" for c in idx]
+  counts = np.bincount(cell[m], minlength=len(idx)).astype(np.float64)
   if (counts == 0).any():
     raise ValueError(f"{constraint} needs examples in every cell; empty: "
                      f"{[cell_names[i] for i in np.flatnonzero(counts == 0)][:10]}")
   return _Moments(cell, cell_ref, ref, counts,
-                  np.bincount(ref[m], minlength=cell_ref.max() + 1).astype(np.float64),
+                  np.bincount(ref[m], minlength=len(strata) * events).astype(np.float64),
                   cell_names, offset, slope, cell_group, float(ratio))
 
 
 def _problem(X, y_true, sensitive_features, constraint: str,
-             ratio_bound: float | None = None) -> tuple[np.ndarray, _Moments]:
+             ratio_bound: float | None = None,
+             control_features=None) -> tuple[np.ndarray, _Moments]:
   """Checks a reduction's inputs; returns the labels (float64 [n]) and the moments."""
   if constraint not in CONSTRAINTS:
     raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint=!r}")
   if ratio_bound is not None and not 0 < ratio_bound <= 1:
     raise ValueError(f"ratio_bound must be in (0, 1] (or None), got {ratio_bound=}")
   y, names, ids = group_metrics.labelled_groups(X, y_true, sensitive_features)
-  return y, _moments(y, names, ids, constraint, 1.0 if ratio_bound is None else ratio_bound)
+  controls = None
+  if control_features is not None:
+    controls = group_metrics._groups(control_features)  # pylint: disable=protected-access
+    if len(controls[1]) != len(y):
+      raise ValueError(f"control_features has {len(controls[1])} rows, y_true {len(y)}")
+  return y, _moments(y, names, ids, constraint, 1.0 if ratio_bound is None else ratio_bound,
+                     controls)
 
 
 def _cost(y: np.ndarray, mom: _Moments, lam: np.ndarray) -> np.ndarray:
@@ -248,8 +267,8 @@ class ReductionResult(NamedTuple):
 def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
                            constraint: str = "demographic_parity", eps: float = 0.01,
                            max_iter: int = 50, nu: float | None = None, eta0: float = 2.0,
-                           min_iter: int = 5, ratio_bound: float | None = None
-                           ) -> ReductionResult:
+                           min_iter: int = 5, ratio_bound: float | None = None,
+                           control_features=None) -> ReductionResult:
   """Trains a randomised classifier whose `constraint` moments stay within eps on the data.
 
   Args:
@@ -268,6 +287,10 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
       `ratio_bound_slack`; here positive, as it also sets B). r = 0.8 with demographic
       parity is the "four-fifths rule" against the overall selection rate. None: the
       difference form |m_a - m| <= eps.
+    control_features: optional [n] strata (any values, compared as strings): the constraint
+      then holds within each stratum, each group's rate against its stratum's (fairlearn's
+      `control_features`; e.g. demographic parity conditioned on a qualification). Every
+      (stratum, group) cell (and label, for equalized odds) needs examples.
     max_iter: most exponentiated-gradient iterations.
     nu: stop once the duality gap is below nu (after `min_iter` iterations); default
       0.5 sd(|h_0 - y|) / sqrt(n) with h_0 the first best response.
@@ -284,7 +307,7 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     raise ValueError(f"eps must be positive, got {eps=}")
   if max_iter < 1 or min_iter < 0:
     raise ValueError(f"max_iter must be >= 1 and min_iter >= 0, got {max_iter=}, {min_iter=}")
-  y, mom = _problem(X, y_true, sensitive_features, constraint, ratio_bound)
+  y, mom = _problem(X, y_true, sensitive_features, constraint, ratio_bound, control_features)
   n, bound = len(y), 1.0 / eps
   Xj = jnp.asarray(X)
   hyps, preds, errs, gams = [], [], [], []
@@ -335,8 +358,13 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     err, gam = _error(h, y), mom.gamma(h)
     value = lagrangian(err, gam, lam)
     high = err + bound * max(0.0, float((gam - eps).max()))  # lambda's best response
-    k = best_h(lam)
-    return max(value - lagrangian(errs[k], gams[k], lam), high - value)  # and Q's
+    low = value
+    for mul in (1.0, 2.0, 5.0, 10.0):  # Q's: the learner's response to lambda, and (as
+      k = best_h(mul * lam)  # fairlearn probes) to larger multiples while the gap stays small
+      low = min(low, lagrangian(errs[k], gams[k], lam))
+      if max(value - low, high - value) > nu + 1e-8:
+        break
+    return max(value - low, high - value)
 
   theta = np.zeros(2 * len(mom.cell_count))
   counts: dict[int, float] = {}
@@ -414,16 +442,18 @@ def _multiplier_grid(mom: _Moments, grid_size: int | None, grid_limit: float) ->
 
 
 def multiplier_grid(y_true, *, sensitive_features, constraint: str = "demographic_parity",
-                    grid_size: int | None = 10, grid_limit: float = 2.0) -> np.ndarray:
+                    grid_size: int | None = 10, grid_limit: float = 2.0,
+                    control_features=None) -> np.ndarray:
   """float64 [G, 2C]: the multiplier vectors `grid_search` fits at, laid out as its `lambdas`
   (each cell's positive part, then the negative parts). Each is a vector of coefficients on
   the basis cells (each label's groups but the last, in sorted order) with L1 norm at most
   `grid_limit`: the first `grid_size` points, in lexicographic order, of the integer lattice's
   smallest L1 ball that has that many, scaled to `grid_limit` (fairlearn's `GridSearch` grid).
   grid_size=None takes the unit ball's 2D + 1 points (0 and plus or minus grid_limit on each
-  of the D basis cells); the union of such grids at several limits is a grid over scales."""
+  of the D basis cells); the union of such grids at several limits is a grid over scales.
+  With control_features the basis is each (stratum, label)'s groups but the last."""
   _, mom = _problem(np.zeros(len(np.asarray(y_true).reshape(-1))), y_true, sensitive_features,
-                    constraint)
+                    constraint, control_features=control_features)
   return _multiplier_grid(mom, grid_size, grid_limit)
 
 
@@ -442,8 +472,8 @@ class GridSearchResult(NamedTuple):
 def grid_search(learner: Learner, X, y_true, *, sensitive_features,
                 constraint: str = "demographic_parity", constraint_weight: float = 0.5,
                 grid_size: int | None = 10, grid_limit: float = 2.0,
-                grid: np.ndarray | None = None,
-                ratio_bound: float | None = None) -> GridSearchResult:
+                grid: np.ndarray | None = None, ratio_bound: float | None = None,
+                control_features=None) -> GridSearchResult:
   """Fits one classifier per multiplier vector of a grid and selects the one with the smallest
   (1 - constraint_weight) err(h) + constraint_weight max_k gamma_k(h).
 
@@ -466,6 +496,8 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
     ratio_bound: the ratio form's r (as for `exponentiated_gradient`): the moments become
       r m_a - m and r m - m_a, in the relabelling and in the selection; the grid is the same
       (fairlearn's, whose basis leaves out each label's last group for either form).
+    control_features: strata within which the constraint holds (as for
+      `exponentiated_gradient`).
 
   Returns:
     A `GridSearchResult`; `grid_search_predict` gives the selected classifier's predictions.
@@ -476,7 +508,7 @@ def grid_search(learner: Learner, X, y_true, *, sensitive_features,
   """
   if not 0.0 <= constraint_weight <= 1.0:
     raise ValueError(f"constraint_weight must be in [0, 1], got {constraint_weight=}")
-  y, mom = _problem(X, y_true, sensitive_features, constraint, ratio_bound)
+  y, mom = _problem(X, y_true, sensitive_features, constraint, ratio_bound, control_features)
   n = len(y)
   if grid is None:
     lambdas = _multiplier_grid(mom, grid_size, grid_limit)
