@@ -358,9 +358,11 @@ def exponentiated_gradient(learner: Learner, X, y_true, *, sensitive_features,
     err, gam = _error(h, y), mom.gamma(h)
     value = lagrangian(err, gam, lam)
     high = err + bound * max(0.0, float((gam - eps).max()))  # lambda's best response
+    # Q's side: the learner's response to lambda and, as fairlearn probes, to larger
+    # multiples of it while the gap stays below nu (each new classifier joins the pool).
     low = value
-    for mul in (1.0, 2.0, 5.0, 10.0):  # Q's: the learner's response to lambda, and (as
-      k = best_h(mul * lam)  # fairlearn probes) to larger multiples while the gap stays small
+    for mul in (1.0, 2.0, 5.0, 10.0):
+      k = best_h(mul * lam)
       low = min(low, lagrangian(errs[k], gams[k], lam))
       if max(value - low, high - value) > nu + 1e-8:
         break
