@@ -118,7 +118,7 @@ def test_bias_study_runs_writes_its_report_and_resumes(tmp_path, monkeypatch):
     ("aps_per_identity", -1, "aps_per_identity must be >= 0"),
     ("train.learning_rate", 0.0, "train.learning_rate must be positive"),
     ("postprocess", ("parity",), "postprocess must list"),
-    ("data.eval_per_identity", 1, "postprocess and inprocess halve"),
+    ("data.eval_per_identity", 1, "postprocess, inprocess and adversarial halve"),
     ("inprocess", ("demographic_parity",), "needs model.name='minilm'"),
     ("inprocess_eps", 0.0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),
     ("inprocess_min_group", 0, "inprocess_eps, inprocess_l2, inprocess_min_group and"),

@@ -102,8 +102,8 @@ def _check(cfg) -> None:
                      f"must be positive, got {cfg.inprocess_eps=}, {cfg.inprocess_l2=}, "
                      f"{cfg.inprocess_min_group=}, {cfg.inprocess_steps=}")
   if (cfg.postprocess or cfg.inprocess or cfg.adversarial) and cfg.data.eval_per_identity == 1:
-    raise ValueError("postprocess and inprocess halve each (identity term, label) cell: they "
-                     "need data.eval_per_identity = 0 (all) or >= 2, got 1")
+    raise ValueError("postprocess, inprocess and adversarial halve each (identity term, label) "
+                     "cell: they need data.eval_per_identity = 0 (all) or >= 2, got 1")
   for k, v in (("data.eval_per_identity", cfg.data.eval_per_identity),
                ("data.max_train", cfg.data.max_train), ("aps_per_identity", cfg.aps_per_identity)):
     if v < 0:
